@@ -1,0 +1,66 @@
+"""Shared benchmark plumbing: the prompt text, RSS sampling, JSON and PNG output."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def corpus_text() -> str:
+    """CPython's own ``pydoc_data.topics``: deterministic English/code text, ~113k tokens."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+class PeakRssSampler:
+    """Samples this process's RSS in a thread; ``peak_mb`` is the maximum seen while active."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self._process = psutil.Process()
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "PeakRssSampler":
+        self.peak_bytes = self._process.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self._sample()
+
+    def _sample(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self._interval_s)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_bytes / 2**20
+
+
+def current_rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def plot_path_for(json_path: Path) -> Path:
+    return json_path.with_suffix(".png")

@@ -1,0 +1,126 @@
+"""``inferos bench engine``: our engine against og.Generator on the same greedy prompt.
+
+Timing: both engines are loaded in this process, warmed up, then run
+alternately (og, ours, og, ours, ...) so drift on a busy machine hits both
+alike; medians are reported. Peak RSS: each engine is loaded and run once more
+in a fresh child process of its own (RSS never shrinks back after an engine is
+freed, so in-process peaks would charge one engine for the other).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+from pathlib import Path
+from typing import Any
+
+from lemonade_inferos.bench.common import PeakRssSampler, corpus_text, plot_path_for, write_json
+from lemonade_inferos.engine.og_engine import OgEngine
+from lemonade_inferos.engine.ort_engine import OrtEngine
+from lemonade_inferos.engine.sampling import SamplingParams
+from lemonade_inferos.engine.session import SessionPolicy
+from lemonade_inferos.engine.types import GenerationStats
+
+ENGINES = ("og", "inferos")
+
+
+def _make_engine(name: str, model_dir: Path, policy: SessionPolicy | None) -> Any:
+    return OgEngine(model_dir) if name == "og" else OrtEngine(model_dir, policy)
+
+
+def _run_once(engine: Any, prompt: list[int], new_tokens: int) -> tuple[list[int], GenerationStats]:
+    stats = GenerationStats()
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    tokens = [t for chunk in engine.generate(prompt, params, stats=stats) for t in chunk.token_ids]
+    return tokens, stats
+
+
+def _summarize(prompt_len: int, stats: list[GenerationStats]) -> dict[str, Any]:
+    prefill_s = [s.prompt_ms / 1000 for s in stats]
+    return {
+        "prefill_tps": statistics.median(prompt_len / p for p in prefill_s),
+        "decode_tps": statistics.median(s.predicted_per_second for s in stats),
+        "ttft_s": statistics.median(s.ttft_s for s in stats),
+        "runs": [{"prefill_s": p, "ttft_s": s.ttft_s, "decode_tps": s.predicted_per_second,
+                  "new_tokens": s.predicted_n} for p, s in zip(prefill_s, stats)],
+    }
+
+
+def _peak_rss_child(name: str, model_dir: str, prompt: list[int], new_tokens: int, policy_json: str,
+                    queue: Any) -> None:
+    policy = SessionPolicy.model_validate_json(policy_json)
+    with PeakRssSampler() as rss:
+        engine = _make_engine(name, Path(model_dir), policy)
+        _run_once(engine, prompt, new_tokens)
+    queue.put(rss.peak_mb)
+
+
+def measure_peak_rss(name: str, model_dir: Path, prompt: list[int], new_tokens: int,
+                     policy: SessionPolicy) -> float:
+    """Peak RSS (MiB) of a fresh process that loads ``name`` and runs the prompt once."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_rss_child,
+                       args=(name, str(model_dir), prompt, new_tokens, policy.model_dump_json(), queue))
+    proc.start()
+    peak = queue.get(timeout=600)
+    proc.join()
+    return float(peak)
+
+
+def run_engine_bench(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int = 3,
+                     policy: SessionPolicy | None = None) -> dict[str, Any]:
+    """Measure both engines; returns the JSON document (see ``inferos bench engine --help``)."""
+    policy = policy or SessionPolicy()
+    engines = {name: _make_engine(name, model_dir, policy) for name in ENGINES}
+    prompt = engines["inferos"].tokenizer.encode(corpus_text())[:prompt_tokens]
+    for engine in engines.values():
+        _run_once(engine, prompt[:32], 4)  # warm-up: first-run allocations are not what we measure
+    stats: dict[str, list[GenerationStats]] = {name: [] for name in ENGINES}
+    tokens: dict[str, list[int]] = {}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            run_tokens, run_stats = _run_once(engine, prompt, new_tokens)
+            tokens.setdefault(name, run_tokens)
+            stats[name].append(run_stats)
+    results: dict[str, Any] = {"model": str(model_dir), "prompt_tokens": len(prompt), "new_tokens": new_tokens,
+                               "repeats": repeats}
+    for name in ENGINES:
+        results[name] = _summarize(len(prompt), stats[name])
+    results["inferos"]["session"] = engines["inferos"].report.to_dict()
+    del engines
+    for name in ENGINES:
+        results[name]["peak_rss_mb"] = measure_peak_rss(name, model_dir, prompt, new_tokens, policy)
+    results["identical_tokens"] = sum(a == b for a, b in zip(tokens["og"], tokens["inferos"]))
+    results["compared_tokens"] = max(len(tokens["og"]), len(tokens["inferos"]))
+    results["decode_speedup"] = results["inferos"]["decode_tps"] / results["og"]["decode_tps"]
+    results["prefill_speedup"] = results["inferos"]["prefill_tps"] / results["og"]["prefill_tps"]
+    return results
+
+
+def plot_engine_bench(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("prefill_tps", "prefill tok/s"), ("decode_tps", "decode tok/s"), ("ttft_s", "TTFT (s)"),
+               ("peak_rss_mb", "peak RSS (MiB)")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(14, 3.6))
+    for ax, (key, label) in zip(axes, metrics):
+        bars = ax.bar(["og.Generator", "inferos"], [results[e][key] for e in ENGINES], color=["#999999", "#2a7ab9"])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(label)
+    fig.suptitle(f"{Path(results['model']).name}: {results['prompt_tokens']} prompt + {results['new_tokens']} new "
+                 f"tokens, decode x{results['decode_speedup']:.2f}, identical {results['identical_tokens']}/"
+                 f"{results['compared_tokens']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_engine(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, json_path: Path,
+                 policy: SessionPolicy | None = None) -> dict[str, Any]:
+    results = run_engine_bench(model_dir, prompt_tokens, new_tokens, repeats, policy)
+    write_json(json_path, results)
+    plot_engine_bench(results, plot_path_for(json_path))
+    return results

@@ -1,0 +1,166 @@
+"""The ``inferos`` command: the plugin's own tools (models, benchmarks, quick generation).
+
+    inferos model build smollm2-135m --weights int4
+    inferos model list
+    inferos generate smollm2-135m "Why is the sky blue?"
+    inferos bench engine --model smollm2-135m --prompt-tokens 512 --new-tokens 128 --json out/engine.json
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from lemonade_inferos import __version__
+from lemonade_inferos.errors import InferosError
+
+console = Console(stderr=True)
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our typed errors into a one-line message and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except InferosError as exc:
+            console.print(f"[red]error:[/red] {escape(exc.message)}", soft_wrap=True)
+            sys.exit(1)
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="inferos")
+@click.option("--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Logging verbosity.")
+def cli(log_level: str) -> None:
+    """Infer-OS for Lemonade: models, benchmarks and evaluations."""
+    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.group()
+def model() -> None:
+    """Build and list onnxruntime-genai model folders."""
+
+
+@model.command("build")
+@click.argument("name")
+@click.option("--weights", type=click.Choice(["fp32", "int4"]), default="fp32", show_default=True,
+              help="Weight precision of the ONNX model.")
+@click.option("--kv", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="KV format: int8 builds ORT's native static per-channel INT8 KV variant.")
+@click.option("--force", is_flag=True, help="Rebuild even when a verified build exists.")
+@handle_errors
+def model_build(name: str, weights: str, kv: str, force: bool) -> None:
+    """Build NAME (e.g. smollm2-135m) offline from its packaged GGUF into the model cache."""
+    from lemonade_inferos.engine.build import BuildSpec, build_model
+
+    spec = BuildSpec(name, weights, kv)
+    with console.status(f"building {spec.variant}") as status:
+        path = build_model(spec, progress=lambda msg: (status.update(msg), console.log(msg)), force=force)
+    click.echo(str(path))
+
+
+@model.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def model_list(as_json: bool) -> None:
+    """List built models in the cache (INFEROS_HOME)."""
+    from lemonade_inferos.engine.build import list_built_models
+
+    rows = list_built_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "size", "path")
+    for row in rows:
+        table.add_row(str(row["name"]), f"{int(row['size_bytes']) / 2**20:.0f} MiB", str(row["path"]))
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("model_name")
+@click.argument("prompt")
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--top-p", default=1.0)
+@click.option("--top-k", default=0)
+@click.option("--seed", type=int, default=None)
+@click.option("--engine", "engine_name", type=click.Choice(["inferos", "og"]), default="inferos")
+@click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
+@handle_errors
+def generate(model_name: str, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
+             seed: int | None, engine_name: str, raw: bool) -> None:
+    """Stream a reply to PROMPT from MODEL_NAME (a model name or folder)."""
+    from lemonade_inferos.engine.build import resolve_model
+    from lemonade_inferos.engine.og_engine import OgEngine
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+    from lemonade_inferos.engine.sampling import SamplingParams
+    from lemonade_inferos.engine.types import GenerationStats
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    engine = OrtEngine(folder) if engine_name == "inferos" else OgEngine(folder)
+    text = prompt if raw else engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    stats = GenerationStats()
+    for chunk in engine.generate(engine.tokenizer.encode(text), params, stats=stats):
+        click.echo(chunk.text, nl=False)
+    click.echo()
+    console.print(f"[dim]{stats.prompt_n} prompt tokens, {stats.predicted_n} generated, TTFT {stats.ttft_s:.3f}s, "
+                  f"{stats.predicted_per_second or 0:.1f} tok/s, finish={stats.finish_reason}[/dim]")
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks: JSON plus a PNG plot, measured against a baseline in the same run."""
+
+
+@bench.command("engine")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
+@click.option("--prompt-tokens", default=512, show_default=True)
+@click.option("--new-tokens", default=128, show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per engine (median reported).")
+@click.option("--threads", default=0, show_default=True, help="intra-op threads for our engine (0: ORT default).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/engine.json"),
+              show_default=True, help="Where to write the JSON; the PNG goes beside it.")
+@handle_errors
+def bench_engine_cmd(model_name: str, prompt_tokens: int, new_tokens: int, repeats: int, threads: int,
+                     json_path: Path) -> None:
+    """Our engine vs og.Generator: prefill/decode tok/s, TTFT, peak RSS, identical greedy tokens."""
+    from lemonade_inferos.bench.engine import bench_engine
+    from lemonade_inferos.engine.build import resolve_model
+    from lemonade_inferos.engine.session import SessionPolicy
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    results = bench_engine(folder, prompt_tokens, new_tokens, repeats, json_path,
+                           SessionPolicy(intra_op_num_threads=threads))
+    table = Table("engine", "prefill tok/s", "decode tok/s", "TTFT s", "peak RSS MiB")
+    for name in ("og", "inferos"):
+        r = results[name]
+        table.add_row(name, f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.1f}", f"{r['ttft_s']:.3f}",
+                      f"{r['peak_rss_mb']:.0f}")
+    Console().print(table)
+    Console().print(f"decode x{results['decode_speedup']:.2f}, prefill x{results['prefill_speedup']:.2f}, "
+                    f"identical greedy tokens {results['identical_tokens']}/{results['compared_tokens']}; "
+                    f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The inference engine: model folders, sessions, the decode loop and its baseline."""

@@ -1,0 +1,200 @@
+"""The KV cache interface the decode loop talks to, and the plain dense cache.
+
+The loop never touches K/V itself. Each step it asks the cache to
+``reserve`` room for the new tokens (the cache may grow, or evict, or say no),
+binds the cache's buffers as both ``past_key_values.N`` and ``present.N``
+(ONNX Runtime's GroupQueryAttention writes the new K/V in place when past and
+present share one buffer), runs the model, then calls ``commit``.
+
+Buffer layout per layer, shape ``[1, kv_heads, capacity, head_size]``::
+
+    | token 0 ... token num_tokens-1 | free ... capacity |
+      (each with its true RoPE position, kept in ``positions``)
+
+Positions are kept per token because a cache that evicts (kvcache/) leaves
+gaps: the model must still see new tokens at their true positions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+
+class CacheFullError(Exception):
+    """The cache cannot hold the requested tokens and may not evict."""
+
+    def __init__(self, needed: int, limit: int) -> None:
+        super().__init__(f"KV cache needs {needed} tokens but holds at most {limit}")
+        self.needed = needed
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape facts shared by every cache of one model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    max_tokens: int
+    dtype: np.dtype = np.dtype(np.float32)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies across all layers, keys and values, at the working dtype."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_size * self.dtype.itemsize
+
+
+class KVCache(ABC):
+    """What the engine needs from a cache: buffers to bind, room to reserve, tokens to commit."""
+
+    layout: KVLayout
+
+    @property
+    @abstractmethod
+    def num_tokens(self) -> int:
+        """Tokens held in the working buffers: the past length the model sees."""
+
+    @property
+    @abstractmethod
+    def token_ids(self) -> list[int]:
+        """Ids of every token committed since the last reset (evicted ones included), in order."""
+
+    @property
+    @abstractmethod
+    def buffers_version(self) -> int:
+        """Changes whenever the buffers are reallocated, so the engine knows to rebind."""
+
+    @abstractmethod
+    def ort_values(self) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
+        """Per layer, the (key, value) buffers as OrtValues over the cache's own memory."""
+
+    @abstractmethod
+    def reserve(self, num_new: int) -> None:
+        """Make room for ``num_new`` more tokens.
+
+        Raises:
+            CacheFullError: there is no room and this cache may not evict.
+        """
+
+    def plan_capacity(self, num_tokens: int) -> None:
+        """Hint: about ``num_tokens`` will be held; allocate once instead of growing step by step."""
+
+    @abstractmethod
+    def new_positions(self, num_new: int) -> np.ndarray:
+        """True RoPE positions for the next ``num_new`` tokens, shape ``[1, num_new]``."""
+
+    @abstractmethod
+    def commit(self, token_ids: Sequence[int]) -> None:
+        """The model has written K/V for ``token_ids`` after the current tokens."""
+
+    @abstractmethod
+    def truncate(self, num_tokens: int) -> None:
+        """Keep only the first ``num_tokens`` committed tokens (prefix reuse)."""
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+
+class DenseKVCache(KVCache):
+    """Full-precision, contiguous, no eviction: the plain cache every plan is compared with.
+
+    Buffers start at ``initial_tokens`` and double up to ``layout.max_tokens``
+    (the model's context length), so short chats do not pay for 8K tokens.
+    """
+
+    def __init__(self, layout: KVLayout, initial_tokens: int = 256) -> None:
+        self.layout = layout
+        self._capacity = 0
+        self._version = 0
+        self._keys: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._ort_values: list[tuple[ort.OrtValue, ort.OrtValue]] = []
+        self._token_ids: list[int] = []
+        self._positions = np.zeros(0, dtype=np.int64)
+        self._num_tokens = 0
+        self._grow_to(min(initial_tokens, layout.max_tokens))
+
+    # -- KVCache -------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._token_ids
+
+    @property
+    def buffers_version(self) -> int:
+        return self._version
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def ort_values(self) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
+        return self._ort_values
+
+    def reserve(self, num_new: int) -> None:
+        needed = self._num_tokens + num_new
+        if needed > self.layout.max_tokens:
+            raise CacheFullError(needed, self.layout.max_tokens)
+        if needed > self._capacity:
+            self._grow_to(min(self.layout.max_tokens, max(needed, 2 * self._capacity)))
+
+    def plan_capacity(self, num_tokens: int) -> None:
+        target = min(self.layout.max_tokens, num_tokens)
+        if target > self._capacity:
+            self._grow_to(target)
+
+    def new_positions(self, num_new: int) -> np.ndarray:
+        start = int(self._positions[self._num_tokens - 1]) + 1 if self._num_tokens else 0
+        return np.arange(start, start + num_new, dtype=np.int64)[None, :]
+
+    def commit(self, token_ids: Sequence[int]) -> None:
+        num_new = len(token_ids)
+        positions = self.new_positions(num_new)[0]
+        self._positions[self._num_tokens:self._num_tokens + num_new] = positions
+        self._num_tokens += num_new
+        self._token_ids.extend(int(t) for t in token_ids)
+
+    def truncate(self, num_tokens: int) -> None:
+        assert num_tokens <= self._num_tokens, "truncate beyond length: this indicates a bug in the caller"
+        self._num_tokens = num_tokens
+        del self._token_ids[num_tokens:]
+
+    # -- dense specifics -------------------------------------------------------------------
+    def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of layer ``index``'s keys and values, ``[kv_heads, num_tokens, head_size]``."""
+        return (self._keys[index][0, :, :self._num_tokens], self._values[index][0, :, :self._num_tokens])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for K/V (the whole capacity, not only the filled part)."""
+        return sum(k.nbytes + v.nbytes for k, v in zip(self._keys, self._values))
+
+    def _grow_to(self, capacity: int) -> None:
+        layout = self.layout
+        shape = (1, layout.num_kv_heads, capacity, layout.head_size)
+        new_keys, new_values = [], []
+        for index in range(layout.num_layers):
+            key = np.zeros(shape, dtype=layout.dtype)
+            value = np.zeros(shape, dtype=layout.dtype)
+            if self._num_tokens:
+                key[:, :, :self._num_tokens] = self._keys[index][:, :, :self._num_tokens]
+                value[:, :, :self._num_tokens] = self._values[index][:, :, :self._num_tokens]
+            new_keys.append(key)
+            new_values.append(value)
+        positions = np.zeros(capacity, dtype=np.int64)
+        positions[:self._num_tokens] = self._positions[:self._num_tokens]
+        self._keys, self._values, self._positions = new_keys, new_values, positions
+        # OrtValues wrap the numpy memory without copying: the model writes straight into it.
+        self._ort_values = [(ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v))
+                            for k, v in zip(new_keys, new_values)]
+        self._capacity = capacity
+        self._version += 1

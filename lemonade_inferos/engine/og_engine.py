@@ -1,0 +1,85 @@
+"""The baseline: onnxruntime-genai's ``og.Generator``, what Lemonade runs today.
+
+Same interface and same tokenizer as :class:`OrtEngine`, so benchmarks and the
+host can swap one for the other (A/B in one process).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
+from lemonade_inferos.engine.sampling import SamplingParams
+from lemonade_inferos.engine.stopping import StopStringMatcher
+from lemonade_inferos.engine.tokenizer import ChatTokenizer, IncrementalDetokenizer
+from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
+from lemonade_inferos.errors import GenerationError, MissingExtraError
+
+
+def _import_og():
+    try:
+        import onnxruntime_genai as og
+    except ImportError as exc:
+        raise MissingExtraError("onnxruntime-genai is not installed: pip install 'lemonade-inferos[cpu]'") from exc
+    return og
+
+
+class OgEngine:
+    """og.Generator behind the :class:`~lemonade_inferos.engine.types.Engine` interface."""
+
+    name = "og"
+
+    def __init__(self, model: str | Path | ModelFolder) -> None:
+        og = _import_og()
+        self.folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
+        self.tokenizer = ChatTokenizer.from_folder(self.folder.path)
+        self._og = og
+        self.model = og.Model(str(self.folder.path))
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                 stats: GenerationStats | None = None) -> Iterator[GenerationChunk]:
+        og = self._og
+        stats = stats if stats is not None else GenerationStats()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise GenerationError("the prompt is empty", param="prompt")
+        max_length = min(len(prompt) + max(params.max_tokens, 1), self.folder.context_length)
+        if len(prompt) >= self.folder.context_length:
+            raise GenerationError(f"the prompt has {len(prompt)} tokens but the context holds "
+                                  f"{self.folder.context_length}; shorten it", param="messages")
+        search = {"max_length": max_length, "do_sample": not params.greedy,
+                  "repetition_penalty": params.repetition_penalty}
+        if not params.greedy:
+            search.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
+            if params.seed is not None:
+                search["random_seed"] = params.seed
+        og_params = og.GeneratorParams(self.model)
+        og_params.set_search_options(**search)
+        generator = og.Generator(self.model, og_params)
+        stats.prompt_n = len(prompt)
+        generator.append_tokens(prompt)
+        stats.prefill_end_time = time.perf_counter()
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stopper = StopStringMatcher(params.stop)
+        eos = set(self.folder.eos_token_ids)
+        finish = "length"
+        while stats.predicted_n < params.max_tokens and not generator.is_done():
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            stats.mark_token()
+            if token in eos and not params.ignore_eos:
+                finish = "stop"
+                break
+            text = stopper.feed(detok.push(token))
+            if stopper.stopped:
+                finish = "stop"
+                if text:
+                    yield GenerationChunk(text, [token])
+                break
+            yield GenerationChunk(text, [token])
+        tail = "" if stopper.stopped else stopper.flush()
+        stats.end_time = time.perf_counter()
+        stats.finish_reason = finish
+        yield GenerationChunk(tail, [], finish_reason=finish)

@@ -1,0 +1,222 @@
+"""Our engine: a plain ``onnxruntime.InferenceSession`` with IOBinding and our own loop.
+
+Why not og.Generator: the loop must own its KV cache (tiered, quantizing,
+evicting; see kvcache/), feed true positions, and reuse prefixes across
+requests. The loop stays small:
+
+    prefill:  for each chunk of the prompt not already cached -> reserve, run, commit
+    decode:   sample -> stream -> reserve 1, run, commit -> ...
+
+The cache's buffers are bound as both past and present, so ONNX Runtime
+writes new K/V in place and nothing is copied per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from lemonade_inferos.engine.graph import POSITION_IDS, prepare_graph
+from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout
+from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
+from lemonade_inferos.engine.sampling import Sampler, SamplingParams
+from lemonade_inferos.engine.session import AppliedSessionOptions, SessionPolicy, build_session_options
+from lemonade_inferos.engine.stopping import StopStringMatcher
+from lemonade_inferos.engine.tokenizer import ChatTokenizer, IncrementalDetokenizer
+from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
+from lemonade_inferos.errors import GenerationError
+
+log = logging.getLogger(__name__)
+
+CacheFactory = Callable[[KVLayout], KVCache]
+
+
+class _StepBinding:
+    """One request's IOBinding; rebinds K/V only when the cache reallocates its buffers."""
+
+    def __init__(self, engine: "OrtEngine", cache: KVCache) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.io = engine.session.io_binding()
+        self._bound_version = -1
+        self._mask = np.ones((1, cache.layout.max_tokens + 1), dtype=np.int64)
+        # decode writes one row of logits per step into the same buffer
+        self._step_logits = np.empty((1, 1, engine.folder.vocab_size), dtype=np.float32)
+
+    def run(self, token_ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        """Run the model on ``token_ids`` ``[1, n]`` after the cached tokens; commit them.
+
+        Returns:
+            logits ``[n, vocab]`` when ``all_logits`` else ``[vocab]`` for the last token.
+        """
+        engine, cache, io = self.engine, self.cache, self.io
+        num_new = token_ids.shape[1]
+        cache.reserve(num_new)
+        if cache.buffers_version != self._bound_version:
+            self._bind_cache()
+        names = engine.folder.input_names
+        io.bind_cpu_input(names["input_ids"], token_ids)
+        io.bind_cpu_input(names["attention_mask"], self._mask[:, :cache.num_tokens + num_new])
+        if engine.has_position_ids:
+            io.bind_cpu_input(POSITION_IDS, cache.new_positions(num_new))
+        logits = (self._step_logits if num_new == 1
+                  else np.empty((1, num_new, engine.folder.vocab_size), dtype=np.float32))
+        io.bind_output(engine.folder.output_names["logits"], "cpu", 0, np.float32, list(logits.shape),
+                       logits.ctypes.data)
+        engine.session.run_with_iobinding(io)
+        cache.commit(token_ids[0].tolist())
+        return logits[0] if all_logits else logits[0, -1]
+
+    def _bind_cache(self) -> None:
+        folder, io = self.engine.folder, self.io
+        for layer, (key, value) in enumerate(self.cache.ort_values()):
+            io.bind_ortvalue_input(folder.past_key_name(layer), key)
+            io.bind_ortvalue_input(folder.past_value_name(layer), value)
+            io.bind_ortvalue_output(folder.present_key_name(layer), key)
+            io.bind_ortvalue_output(folder.present_value_name(layer), value)
+        self._bound_version = self.cache.buffers_version
+
+
+class OrtEngine:
+    """Loads an onnxruntime-genai model folder and runs our own prefill/decode loop.
+
+    Args:
+        model: a model folder (path) or an already parsed :class:`ModelFolder`.
+        policy: session options; defaults to ONNX Runtime's defaults on the best provider.
+        prefill_chunk_tokens: longest prompt slice run at once (bounds logits memory).
+    """
+
+    name = "inferos"
+
+    def __init__(self, model: str | Path | ModelFolder, policy: SessionPolicy | None = None,
+                 prefill_chunk_tokens: int = 512) -> None:
+        self.folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
+        self.policy = policy or SessionPolicy()
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.tokenizer = ChatTokenizer.from_folder(self.folder.path)
+        options, self.applied_options = build_session_options(self.policy)
+        graph = prepare_graph(self.folder.onnx_path)
+        self.has_position_ids = graph.has_position_ids
+        self.session = ort.InferenceSession(graph.model, options, providers=self.applied_options.providers)
+        self.layout = KVLayout(num_layers=self.folder.num_layers, num_kv_heads=self.folder.num_kv_heads,
+                               head_size=self.folder.head_size, max_tokens=self.folder.context_length,
+                               dtype=self._kv_dtype())
+        log.info("loaded %s on %s (true positions: %s)", self.folder.path, self.session.get_providers(),
+                 self.has_position_ids)
+
+    @property
+    def report(self) -> AppliedSessionOptions:
+        return self.applied_options
+
+    def _kv_dtype(self) -> np.dtype:
+        past = next(i for i in self.session.get_inputs() if i.name == self.folder.past_key_name(0))
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+        return np.dtype(types.get(past.type, np.float32))
+
+    def new_cache(self) -> KVCache:
+        return DenseKVCache(self.layout)
+
+    # -- scoring -----------------------------------------------------------------------------
+    def forward(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
+        """Run ``token_ids`` after what ``cache`` holds and return every position's logits ``[n, vocab]``."""
+        ids = np.asarray(token_ids, dtype=np.int64)[None, :]
+        return _StepBinding(self, cache).run(ids, all_logits=True)
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None,
+                 cache: KVCache | None = None) -> Iterator[GenerationChunk]:
+        """Stream a completion of ``prompt_ids``.
+
+        Args:
+            prompt_ids: the full prompt; a ``cache`` already holding a prefix of it is reused.
+            params: sampling and stopping.
+            stats: filled with measured timings as generation proceeds.
+            cache: the KV cache to read and extend; a new dense cache when omitted.
+
+        Raises:
+            GenerationError: empty prompt, or a prompt longer than the cache can hold.
+        """
+        stats = stats if stats is not None else GenerationStats()
+        cache = cache if cache is not None else self.new_cache()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise GenerationError("the prompt is empty", param="prompt")
+        reused = cache_prefix_reuse(cache, prompt)
+        cache.plan_capacity(len(prompt) + params.max_tokens)
+        stats.prompt_n, stats.cache_n = len(prompt), reused
+        binding = _StepBinding(self, cache)
+        try:
+            logits = self._prefill(binding, prompt[reused:])
+        except CacheFullError as exc:
+            cache.truncate(reused)
+            raise GenerationError(
+                f"the prompt has {len(prompt)} tokens but the context holds {exc.limit}; shorten it",
+                param="messages", prompt_tokens=len(prompt), context_length=exc.limit) from exc
+        stats.prefill_end_time = time.perf_counter()
+        yield from self._decode(binding, logits, prompt, params, stats)
+
+    def _prefill(self, binding: _StepBinding, ids: list[int]) -> np.ndarray:
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk_tokens):
+            chunk = np.asarray(ids[start:start + self.prefill_chunk_tokens], dtype=np.int64)[None, :]
+            logits = binding.run(chunk, all_logits=False)
+        assert logits is not None, "prefill of zero tokens: this indicates a bug in cache_prefix_reuse"
+        return logits
+
+    def _decode(self, binding: _StepBinding, logits: np.ndarray, prompt: list[int], params: SamplingParams,
+                stats: GenerationStats) -> Iterator[GenerationChunk]:
+        sampler = Sampler(params, self.folder.vocab_size)
+        if params.repetition_penalty != 1.0:
+            sampler.observe(prompt)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stopper = StopStringMatcher(params.stop)
+        eos = set(self.folder.eos_token_ids)
+        step_ids = np.zeros((1, 1), dtype=np.int64)  # reused every step: no per-token allocations
+        finish = "length"
+        for index in range(params.max_tokens):
+            token = sampler.sample(logits)
+            stats.mark_token()
+            if token in eos and not params.ignore_eos:
+                finish = "stop"
+                break
+            text = stopper.feed(detok.push(token))
+            if stopper.stopped:
+                finish = "stop"
+                if text:
+                    yield GenerationChunk(text, [token])
+                break
+            yield GenerationChunk(text, [token])
+            if index + 1 == params.max_tokens:
+                break
+            step_ids[0, 0] = token
+            try:
+                logits = binding.run(step_ids, all_logits=False)
+            except CacheFullError:
+                break  # context exhausted and the cache may not evict: finish with "length"
+        tail = "" if stopper.stopped else stopper.flush()
+        stats.end_time = time.perf_counter()
+        stats.finish_reason = finish
+        yield GenerationChunk(tail, [], finish_reason=finish)
+
+
+def cache_prefix_reuse(cache: KVCache, prompt: list[int]) -> int:
+    """Keep the longest prefix of ``prompt`` the cache already holds (at least one token left to run).
+
+    A cache whose committed ids and held tokens differ (it has evicted) is reset:
+    its contents no longer line up with a prompt prefix.
+    """
+    held = cache.token_ids
+    if len(held) != cache.num_tokens:
+        cache.reset()
+        return 0
+    limit = min(len(held), len(prompt) - 1)
+    common = 0
+    while common < limit and held[common] == prompt[common]:
+        common += 1
+    cache.truncate(common)
+    return common

@@ -1,0 +1,91 @@
+"""Next-token selection from logits: greedy, temperature, top-k, top-p, repetition penalty.
+
+Runs in numpy on one row of logits per step. A seeded ``numpy.random.Generator``
+per request makes sampling reproducible: same seed, same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lemonade_inferos.errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` (or ``do_sample=False``) means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise GenerationError(f"max_tokens must be >= 0, got {self.max_tokens}", param="max_tokens")
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}", param="temperature")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0 (0 disables it), got {self.top_k}", param="top_k")
+        if self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+                                  param="repetition_penalty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """Stateful per request: owns the RNG and the set of tokens already seen."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+        self._seen = np.zeros(vocab_size, dtype=bool)
+
+    def observe(self, token_ids: list[int] | np.ndarray) -> None:
+        """Record prompt or generated tokens for the repetition penalty."""
+        self._seen[np.asarray(token_ids, dtype=np.int64)] = True
+
+    def sample(self, logits: np.ndarray) -> int:
+        """Pick the next token from one row of logits (shape ``[vocab]``)."""
+        params = self.params
+        if params.repetition_penalty != 1.0:
+            logits = logits.astype(np.float32, copy=True)
+            seen = self._seen[: logits.shape[0]]
+            penalized = logits[seen]
+            logits[seen] = np.where(penalized > 0, penalized / params.repetition_penalty,
+                                    penalized * params.repetition_penalty)
+        if params.greedy:
+            token = int(np.argmax(logits))
+        else:
+            token = self._sample_random(logits)
+        self._seen[token] = True
+        return token
+
+    def _sample_random(self, logits: np.ndarray) -> int:
+        params = self.params
+        scaled = logits.astype(np.float64) / params.temperature
+        if params.top_k and params.top_k < scaled.shape[0]:
+            candidate_ids = np.argpartition(-scaled, params.top_k - 1)[: params.top_k]
+        else:
+            candidate_ids = np.arange(scaled.shape[0])
+        candidate_logits = scaled[candidate_ids]
+        order = np.argsort(-candidate_logits, kind="stable")
+        candidate_ids, candidate_logits = candidate_ids[order], candidate_logits[order]
+        probs = np.exp(candidate_logits - candidate_logits[0])
+        probs /= probs.sum()
+        if params.top_p < 1.0:
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            cutoff = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
+            candidate_ids, probs = candidate_ids[:cutoff], probs[:cutoff] / probs[:cutoff].sum()
+        return int(candidate_ids[self._rng.choice(len(probs), p=probs)])

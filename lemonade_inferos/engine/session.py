@@ -1,0 +1,145 @@
+"""ONNX Runtime session and run options from a policy, with provider fallback.
+
+The target is Windows on Ryzen AI (DirectML iGPU, NPU); here the CPU provider
+is the tested path. A requested provider that is not installed is logged and
+reported in :class:`AppliedSessionOptions`, never a crash.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import onnxruntime as ort
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+DEVICE_TO_PROVIDER = {
+    "dml": "DmlExecutionProvider",
+    "npu": "VitisAIExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class SessionPolicy(BaseModel):
+    """The part of a policy that shapes an ONNX Runtime session.
+
+    ``devices`` are tried in order; CPU is always appended as the last resort.
+    """
+
+    devices: list[Literal["dml", "npu", "cuda", "cpu"]] = Field(default_factory=lambda: ["dml", "cpu"])
+    intra_op_num_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime use one thread per physical core")
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    enable_iobinding: bool = True
+    enable_cpu_mem_arena: bool = True
+    allow_spinning: bool = True
+    dml_pool_bytes: int | None = Field(None, ge=0)
+    host_pool_bytes: int | None = Field(None, ge=0)
+
+
+@dataclass
+class AppliedSessionOptions:
+    """What was asked, what was applied and why the rest was not: reported by the API."""
+
+    requested_providers: list[str]
+    providers: list[str]
+    missing_providers: list[str]
+    applied: dict[str, object] = field(default_factory=dict)
+    not_applied: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"requested_providers": self.requested_providers, "providers": self.providers,
+                "missing_providers": self.missing_providers, "applied": self.applied,
+                "not_applied": self.not_applied}
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def choose_providers(devices: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Order providers by preference, dropping those this ONNX Runtime build lacks.
+
+    Returns:
+        (requested, chosen, missing) provider names.
+    """
+    available = set(available_providers())
+    requested = [DEVICE_TO_PROVIDER[d] for d in devices]
+    if "CPUExecutionProvider" not in requested:
+        requested.append("CPUExecutionProvider")
+    chosen = [p for p in requested if p in available]
+    missing = [p for p in requested if p not in available]
+    for provider in missing:
+        _warn_once("execution provider %s is not available in this onnxruntime build; falling back to %s",
+                    provider, chosen[0] if chosen else "CPUExecutionProvider")
+    return requested, chosen or ["CPUExecutionProvider"], missing
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str, *args: object) -> None:
+    log.warning(message, *args)
+
+
+def build_session_options(policy: SessionPolicy) -> tuple[ort.SessionOptions, AppliedSessionOptions]:
+    """Translate a :class:`SessionPolicy` into ``ort.SessionOptions`` and a report."""
+    requested, providers, missing = choose_providers(list(policy.devices))
+    options = ort.SessionOptions()
+    report = AppliedSessionOptions(requested_providers=requested, providers=providers, missing_providers=missing)
+    options.graph_optimization_level = _OPT_LEVELS[policy.graph_optimization_level]
+    report.applied["graph_optimization_level"] = policy.graph_optimization_level
+    if policy.intra_op_num_threads:
+        options.intra_op_num_threads = policy.intra_op_num_threads
+    report.applied["intra_op_num_threads"] = policy.intra_op_num_threads or "ort-default"
+    options.enable_cpu_mem_arena = policy.enable_cpu_mem_arena
+    report.applied["enable_cpu_mem_arena"] = policy.enable_cpu_mem_arena
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if policy.allow_spinning else "0")
+    report.applied["allow_spinning"] = policy.allow_spinning
+    report.applied["enable_iobinding"] = policy.enable_iobinding
+    if "DmlExecutionProvider" in providers:
+        # DirectML needs sequential execution and no memory pattern (Microsoft's DML EP docs).
+        options.enable_mem_pattern = False
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if policy.dml_pool_bytes is not None:
+        report.not_applied["dml_pool_bytes"] = (
+            "DmlExecutionProvider exposes no pool-size option" if "DmlExecutionProvider" in providers
+            else "DmlExecutionProvider is not in use")
+    if policy.host_pool_bytes is not None:
+        _apply_host_pool(options, policy, report)
+    return options, report
+
+
+_registered_arena_bytes: int | None = None
+
+
+def _apply_host_pool(options: ort.SessionOptions, policy: SessionPolicy, report: AppliedSessionOptions) -> None:
+    """Cap the CPU arena with a shared environment allocator (one per process in ORT)."""
+    global _registered_arena_bytes
+    if not policy.enable_cpu_mem_arena:
+        report.not_applied["host_pool_bytes"] = "the CPU memory arena is disabled by enable_cpu_mem_arena"
+        return
+    if _registered_arena_bytes is None:
+        try:
+            mem_info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                         ort.OrtMemType.DEFAULT)
+            arena = ort.OrtArenaCfg({"max_mem": int(policy.host_pool_bytes), "arena_extend_strategy": 1})
+            ort.create_and_register_allocator(mem_info, arena)
+            _registered_arena_bytes = int(policy.host_pool_bytes)
+        except Exception as exc:  # ORT raises its own Fail type; report, do not crash
+            report.not_applied["host_pool_bytes"] = f"could not register a capped CPU arena: {exc}"
+            return
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    report.applied["host_pool_bytes"] = _registered_arena_bytes
+    if _registered_arena_bytes != policy.host_pool_bytes:
+        report.not_applied["host_pool_bytes_change"] = (
+            f"the process-wide CPU arena is already capped at {_registered_arena_bytes} bytes")

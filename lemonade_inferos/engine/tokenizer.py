@@ -1,0 +1,107 @@
+"""Tokenizer and chat template, both read from the model folder.
+
+``tokenizer.json`` is loaded with Hugging Face ``tokenizers`` and the chat
+template is rendered with Jinja2 the way transformers renders it, so no
+torch/transformers import is needed at serve time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from lemonade_inferos.errors import ModelFolderError
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@dataclass
+class ChatTokenizer:
+    """Encodes text, decodes ids and renders chat messages for one model."""
+
+    tokenizer: Tokenizer
+    chat_template: str | None
+    special_tokens: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "ChatTokenizer":
+        folder = Path(folder)
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises a bare Exception on parse errors
+            raise ModelFolderError(f"{folder / 'tokenizer.json'} cannot be loaded: {exc}",
+                                   file=str(folder / "tokenizer.json")) from exc
+        config: dict[str, Any] = {}
+        config_path = folder / "tokenizer_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        template = config.get("chat_template")
+        template_path = folder / "chat_template.jinja"
+        if template_path.is_file():
+            template = template_path.read_text(encoding="utf-8")
+        specials = {k: _token_text(v) for k, v in config.items()
+                    if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v}
+        return cls(tokenizer=tokenizer, chat_template=template, special_tokens=specials)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special-token strings in it map to their ids."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render OpenAI-style messages into the prompt text the model was trained on.
+
+        Raises:
+            ValueError: the model folder ships no chat template.
+        """
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; use the completions API with a raw prompt")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        template = env.from_string(self.chat_template)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               **self.special_tokens)
+
+    def token_text(self, token_id: int) -> str | None:
+        return self.tokenizer.id_to_token(token_id)
+
+
+def _token_text(value: Any) -> str:
+    return value["content"] if isinstance(value, dict) else str(value)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Decodes a short window of ids around the newest token (vLLM's
+    prefix/read offsets) so cost per token stays constant, and holds back a
+    delta that ends inside a multi-byte character (U+FFFD) until it completes.
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (possibly empty)."""
+        self._ids.append(token_id)
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset])
+        full_text = self._tokenizer.decode(self._ids[self._prefix_offset:])
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            return ""
+        delta = full_text[len(prefix_text):]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return delta

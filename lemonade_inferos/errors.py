@@ -1,0 +1,47 @@
+"""Typed errors the CLI and the server turn into clear messages.
+
+Each carries a machine-readable ``code`` (the design document's error shape is
+``{"error": {"code", "message", "details"}}``) and a message that says how to fix it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class InferosError(Exception):
+    """Base class: an error a user can act on."""
+
+    code = "inferos_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+class ModelFolderError(InferosError):
+    """A model folder or its genai_config.json is missing or malformed."""
+
+    code = "invalid_model_folder"
+
+
+class ModelNotFoundError(InferosError):
+    """A model name is neither a built-in model nor a folder on disk."""
+
+    code = "model_not_found"
+
+
+class MissingExtraError(InferosError):
+    """An optional dependency group is not installed."""
+
+    code = "missing_dependency"
+
+
+class GenerationError(InferosError, ValueError):
+    """A generation request cannot be served as asked (bad parameters, prompt too long)."""
+
+    code = "invalid_request"

@@ -1,0 +1,37 @@
+"""Shared fixtures: the real model, built once per test run into the cache (INFEROS_HOME)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lemonade_inferos.engine.build import BuildSpec, build_model
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """SmolLM2-135M-Instruct with fp32 weights, built offline from the packaged GGUF (cached)."""
+    return build_model(BuildSpec("smollm2-135m", "fp32", "fp32"))
+
+
+@pytest.fixture(scope="session")
+def ort_engine(model_dir: Path):
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+    from lemonade_inferos.engine.session import SessionPolicy
+
+    return OrtEngine(model_dir, SessionPolicy(devices=["cpu"]))
+
+
+@pytest.fixture(scope="session")
+def og_engine(model_dir: Path):
+    from lemonade_inferos.engine.og_engine import OgEngine
+
+    return OgEngine(model_dir)
+
+
+@pytest.fixture(scope="session")
+def corpus_ids(ort_engine) -> list[int]:
+    from lemonade_inferos.bench.common import corpus_text
+
+    return ort_engine.tokenizer.encode(corpus_text()[:200_000])
