@@ -158,6 +158,107 @@ def bench_engine_cmd(model_name: str, prompt_tokens: int, new_tokens: int, repea
                     f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 
+@bench.command("kv")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True)
+@click.option("--kv", "plan", default="dynamic", show_default=True, help="Plan of the tiered cache.")
+@click.option("--context", "contexts", multiple=True, type=int, default=(512, 2048), show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--native/--no-native", default=True, show_default=True,
+              help="Also run the native INT8-KV model variant (built if missing).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/kv.json"),
+              show_default=True)
+@handle_errors
+def bench_kv_cmd(model_name: str, plan: str, contexts: tuple[int, ...], new_tokens: int, repeats: int, native: bool,
+                 json_path: Path) -> None:
+    """Decode tok/s: tiered cache vs plain cache (and the native INT8-KV variant) at each context length."""
+    from lemonade_inferos.bench.kv import bench_kv
+    from lemonade_inferos.engine.build import BuildSpec, build_model, resolve_model
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    engine = OrtEngine(folder)
+    native_engine = None
+    if native:
+        manifest = folder / "inferos_build.json"
+        weights = json.loads(manifest.read_text())["spec"]["weights"] if manifest.is_file() else "fp32"
+        native_engine = OrtEngine(build_model(BuildSpec("smollm2-135m", weights, "int8"), progress=console.log))
+    results = bench_kv(engine, list(contexts), new_tokens, plan, repeats, json_path, native_engine)
+    table = Table("context", "mode", "decode tok/s", "x plain")
+    for context, row in results["contexts"].items():
+        for mode, r in row.items():
+            table.add_row(context, mode, f"{r['decode_tps']:.1f}", f"{r['ratio_vs_plain']:.2f}")
+    Console().print(table)
+    Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+@cli.group("eval")
+def eval_group() -> None:
+    """Quality of KV plans on CPython's pydoc_data.topics text (JSON plus a PNG)."""
+
+
+@eval_group.command("ppl")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
+@click.option("--kv", "plans", multiple=True, help="KV plan (repeatable): fp, int8, int4, dynamic, streaming, a kv.mode, "
+              "with @PRESSURE (dynamic@0.9) or -inverse/-recency importance ablations. Default: all five named plans.")
+@click.option("--context", default=2048, show_default=True, help="Tokens per scored segment.")
+@click.option("--segments", default=1, show_default=True, help="Consecutive segments of the corpus to score.")
+@click.option("--window", default=64, show_default=True, help="Recent window (full precision); also the chunk size.")
+@click.option("--pressure", default=0.0, show_default=True, help="External memory pressure for plans without @P.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/ppl.json"),
+              show_default=True)
+@handle_errors
+def eval_ppl_cmd(model_name: str, plans: tuple[str, ...], context: int, segments: int, window: int, pressure: float,
+                 json_path: Path) -> None:
+    """PPL, ΔPPL, KLD and top-1 agreement of KV plans against the full-precision cache, with bytes/token."""
+    from rich.progress import Progress
+
+    from lemonade_inferos.engine.build import resolve_model
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+    from lemonade_inferos.eval.ppl import DEFAULT_PLANS, eval_ppl, write_report
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    engine = OrtEngine(folder)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("scoring", total=None)
+        results = eval_ppl(engine, list(plans or DEFAULT_PLANS), context, window, segments, pressure,
+                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+    write_report(results, json_path, folder.name)
+    table = Table("plan", "PPL", "ΔPPL", "KLD", "top-1", "bytes/token", "vs FP16")
+    for r in results:
+        table.add_row(r["plan"], f"{r['ppl']:.4f}", f"{r['delta_ppl']:+.4f}", f"{r['kld']:.5f}", f"{r['top1']:.4f}",
+                      f"{r['kv_bytes_per_token']:.0f}", f"{r['compression_vs_fp16']:.1%}")
+    Console().print(table)
+    Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+@eval_group.command("long")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True)
+@click.option("--kv", "plan", default="dynamic", show_default=True)
+@click.option("--tokens", default=12288, show_default=True, help="Length of the continuous stream.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/long.json"),
+              show_default=True)
+@handle_errors
+def eval_long_cmd(model_name: str, plan: str, tokens: int, json_path: Path) -> None:
+    """Score a stream longer than the context window: PPL at tokens 8192-12288 vs 2048-4096."""
+    from rich.progress import Progress
+
+    from lemonade_inferos.bench.common import write_json
+    from lemonade_inferos.engine.build import resolve_model
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+    from lemonade_inferos.eval.ppl import eval_long_context
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    engine = OrtEngine(folder)
+    far = (min(8192, tokens // 3 * 2), tokens)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("scoring", total=None)
+        result = eval_long_context(engine, plan, tokens, far=far,
+                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
+    write_json(json_path, result)
+    Console().print(result)
+
+
 def main() -> None:
     cli()
 

@@ -1,0 +1,92 @@
+"""``inferos bench kv``: decode speed with the tiered cache against the plain cache, same run.
+
+For each context length the same corpus prompt is prefilled, then ``new_tokens``
+are decoded greedily with (a) the plain dense cache, (b) the tiered cache under
+the chosen plan, and (c) when built, the native INT8-KV model variant (ORT
+GroupQueryAttention with static per-channel scales) with a plain cache. Runs
+alternate between modes and medians are reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from lemonade_inferos.bench.common import corpus_text, write_json
+from lemonade_inferos.engine.ort_engine import OrtEngine
+from lemonade_inferos.engine.sampling import SamplingParams
+from lemonade_inferos.engine.types import GenerationStats
+from lemonade_inferos.kvcache.manager import TieredKVCache
+from lemonade_inferos.kvcache.plan import named_plan
+from lemonade_inferos.kvcache.rope import RopeTables
+
+
+def _decode(engine: OrtEngine, prompt: list[int], new_tokens: int, cache: Any) -> tuple[GenerationStats, Any]:
+    stats = GenerationStats()
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    for _ in engine.generate(prompt, params, stats=stats, cache=cache):
+        pass
+    return stats, cache
+
+
+def run_kv_bench(engine: OrtEngine, contexts: list[int], new_tokens: int, plan_name: str, repeats: int,
+                 native: OrtEngine | None = None) -> dict[str, Any]:
+    rope = RopeTables.from_onnx(engine.folder.onnx_path)
+    ids = engine.tokenizer.encode(corpus_text()[: max(contexts) * 8])
+    modes: dict[str, tuple[OrtEngine, Callable[[], Any]]] = {
+        "plain": (engine, engine.new_cache),
+        f"tiered:{plan_name}": (engine, lambda: TieredKVCache(engine.layout, named_plan(plan_name), rope)),
+    }
+    if native is not None:
+        modes["native_int8_kv"] = (native, native.new_cache)
+    results: dict[str, Any] = {"model": str(engine.folder.path), "plan": plan_name, "new_tokens": new_tokens,
+                               "repeats": repeats, "contexts": {}}
+    for context in contexts:
+        prompt = ids[:context]
+        runs: dict[str, list[GenerationStats]] = {m: [] for m in modes}
+        kv: dict[str, Any] = {}
+        for _ in range(repeats):
+            for mode, (eng, make_cache) in modes.items():
+                stats, cache = _decode(eng, prompt, new_tokens, make_cache())
+                runs[mode].append(stats)
+                if isinstance(cache, TieredKVCache):
+                    kv[mode] = cache.kv_stats().to_dict()
+        row = {mode: {"decode_tps": statistics.median(s.predicted_per_second for s in stats),
+                      "ttft_s": statistics.median(s.ttft_s for s in stats)} for mode, stats in runs.items()}
+        for mode in row:
+            row[mode]["ratio_vs_plain"] = row[mode]["decode_tps"] / row["plain"]["decode_tps"]
+            if mode in kv:
+                row[mode]["kv"] = kv[mode]
+        results["contexts"][str(context)] = row
+    return results
+
+
+def plot_kv_bench(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = list(results["contexts"])
+    modes = list(results["contexts"][contexts[0]])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        values = [results["contexts"][c][mode]["decode_tps"] for c in contexts]
+        bars = ax.bar([x + i * width for x in range(len(contexts))], values, width, label=mode)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(contexts))], [f"{c} ctx" for c in contexts])
+    ax.set_ylabel("decode tok/s")
+    ax.set_title(f"{Path(results['model']).name}: decode with {results['new_tokens']} new tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_kv(engine: OrtEngine, contexts: list[int], new_tokens: int, plan_name: str, repeats: int,
+             json_path: Path, native: OrtEngine | None = None) -> dict[str, Any]:
+    results = run_kv_bench(engine, contexts, new_tokens, plan_name, repeats, native)
+    write_json(json_path, results)
+    plot_kv_bench(results, json_path.with_suffix(".png"))
+    return results

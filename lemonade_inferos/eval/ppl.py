@@ -1,0 +1,149 @@
+"""``inferos eval ppl``: what a KV plan costs in quality and what it saves in bytes.
+
+Protocol: the first ``context`` tokens (times ``segments``) of CPython's
+``pydoc_data.topics`` are fed through a plain full-precision cache and through
+each plan's tiered cache in lockstep, in chunks no longer than the plan's
+recent window, so every chunk attends over history that the plan has already
+quantized or evicted. For every position we compare the plan's next-token
+distribution with the full-precision one: PPL (and ΔPPL), KL(fp || plan),
+top-1 agreement. Bytes per token are the plan's at-rest KV bytes over the
+tokens seen, against FP16 for the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lemonade_inferos.bench.common import corpus_text, write_json
+from lemonade_inferos.engine.ort_engine import OrtEngine
+from lemonade_inferos.eval.scoring import ScoreAccumulator, log_softmax
+from lemonade_inferos.kvcache.manager import TieredKVCache
+from lemonade_inferos.kvcache.plan import KVPlan, named_plan
+from lemonade_inferos.kvcache.rope import RopeTables
+
+DEFAULT_PLANS = ("fp", "int8", "int4", "dynamic", "streaming")
+
+
+def corpus_ids(engine: OrtEngine, num_tokens: int) -> list[int]:
+    text = corpus_text()
+    ids = engine.tokenizer.encode(text[: num_tokens * 8])
+    if len(ids) < num_tokens:
+        ids = engine.tokenizer.encode(text)
+    return ids[:num_tokens]
+
+
+def make_plan(name: str, recent_window: int, pressure: float) -> KVPlan:
+    """A named plan; suffixes ``@P`` set the memory pressure (``dynamic@0.9``) and ``-inverse``/``-recency``
+    swap the importance signal for ablation."""
+    base, _, at = name.partition("@")
+    signal = "key_norm"
+    for suffix, alt in (("-inverse", "inverse_key_norm"), ("-recency", "recency")):
+        if base.endswith(suffix):
+            base, signal = base[: -len(suffix)], alt
+    plan = named_plan(base, recent_window=recent_window)
+    return replace(plan, name=name, importance=signal, pressure=float(at) if at else pressure)
+
+
+def eval_ppl(engine: OrtEngine, plans: list[str], context: int = 2048, recent_window: int = 64,
+             segments: int = 1, pressure: float = 0.0, progress=lambda done, total: None) -> list[dict[str, Any]]:
+    """Score every plan against the full-precision cache; one result dict per plan."""
+    rope = RopeTables.from_onnx(engine.folder.onnx_path)
+    ids = corpus_ids(engine, context * segments + 1)
+    chunk = recent_window
+    built = [make_plan(p, recent_window, pressure) for p in plans]
+    scores = {p.name: ScoreAccumulator() for p in built}
+    caches: dict[str, TieredKVCache] = {}
+    stats: dict[str, list] = {p.name: [] for p in built}
+    total_chunks = segments * ((context + chunk - 1) // chunk)
+    done = 0
+    for segment in range(segments):
+        tokens = ids[segment * context: (segment + 1) * context + 1]
+        reference = engine.new_cache()
+        caches = {p.name: TieredKVCache(engine.layout, p, rope) for p in built}
+        for start in range(0, len(tokens) - 1, chunk):
+            piece = tokens[start:start + chunk]
+            targets = np.asarray(tokens[start + 1:start + 1 + len(piece)])
+            ref = log_softmax(engine.forward(piece, reference))[: len(targets)]
+            for name, cache in caches.items():
+                scores[name].add(log_softmax(engine.forward(piece, cache))[: len(targets)], ref, targets)
+            done += 1
+            progress(done, total_chunks)
+        for name, cache in caches.items():
+            stats[name].append(cache.kv_stats())
+    results = []
+    for plan in built:
+        kv = stats[plan.name]
+        kv_bytes = sum(s.kv_bytes for s in kv)
+        seen = sum(s.tokens_seen for s in kv)
+        results.append({
+            "plan": plan.name, **scores[plan.name].summary(),
+            "kv_bytes_per_token": kv_bytes / seen,
+            "fp16_bytes_per_token": sum(s.fp16_bytes for s in kv) / seen,
+            "model_dtype_bytes_per_token": sum(s.model_dtype_bytes for s in kv) / seen,
+            "compression_vs_fp16": kv_bytes / sum(s.fp16_bytes for s in kv),
+            "tokens_by_tier": kv[-1].tokens_by_tier, "pressure": plan.pressure,
+            "recent_window": plan.recent_window, "sink_tokens": plan.sink_tokens, "block_size": plan.block_size,
+            "importance": plan.importance, "context": context, "segments": segments, "chunk_tokens": chunk,
+            "quantize_seconds": sum(s.quantize_seconds for s in kv),
+        })
+    return results
+
+
+def plot_ppl(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        ax.scatter(r["kv_bytes_per_token"] / 1024, r["delta_ppl"], s=40)
+        ax.annotate(r["plan"], (r["kv_bytes_per_token"] / 1024, r["delta_ppl"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    fp16 = results[0]["fp16_bytes_per_token"] / 1024
+    ax.axvline(fp16, color="grey", linestyle="--", linewidth=1)
+    ax.text(fp16, ax.get_ylim()[1], " FP16", va="top", fontsize=8, color="grey")
+    ax.set_xlabel("KV bytes per token (KiB, at rest)")
+    ax.set_ylabel("ΔPPL vs full-precision cache")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: list[dict[str, Any]], json_path: Path, model_name: str) -> None:
+    document = {**results[0], "model": model_name, "plans": results}
+    write_json(json_path, document)
+    r0 = results[0]
+    plot_ppl(results, json_path.with_suffix(".png"),
+             f"{model_name}: {r0['context']} tokens x{r0['segments']} of pydoc_data.topics, chunks of "
+             f"{r0['chunk_tokens']}, window {r0['recent_window']}")
+
+
+def eval_long_context(engine: OrtEngine, plan_name: str = "dynamic", total_tokens: int = 12288,
+                      near: tuple[int, int] = (2048, 4096), far: tuple[int, int] = (8192, 12288),
+                      chunk: int = 256, progress=lambda done, total: None) -> dict[str, Any]:
+    """One continuous stream past the context length: PPL far away vs PPL near the start."""
+    rope = RopeTables.from_onnx(engine.folder.onnx_path)
+    plan = make_plan(plan_name, 64, 0.0)
+    ids = corpus_ids(engine, total_tokens + 1)
+    cache = TieredKVCache(engine.layout, plan, rope)
+    nll = np.zeros(len(ids) - 1)
+    total = (len(ids) - 1 + chunk - 1) // chunk
+    for index, start in enumerate(range(0, len(ids) - 1, chunk)):
+        piece = ids[start:start + chunk]
+        targets = np.asarray(ids[start + 1:start + 1 + len(piece)])
+        logprobs = log_softmax(engine.forward(piece, cache))[: len(targets)]
+        nll[start:start + len(targets)] = -logprobs[np.arange(len(targets)), targets]
+        progress(index + 1, total)
+    near_ppl = float(np.exp(nll[near[0]:near[1]].mean()))
+    far_ppl = float(np.exp(nll[far[0]:far[1]].mean()))
+    stats = cache.kv_stats()
+    return {"plan": plan.name, "near": list(near), "far": list(far), "near_ppl": near_ppl, "far_ppl": far_ppl,
+            "ratio": far_ppl / near_ppl, "context_length": engine.layout.max_tokens, "tokens": len(ids) - 1,
+            "tokens_held": stats.tokens_held, "blocks_evicted": stats.blocks_evicted, "rebases": stats.rebases}

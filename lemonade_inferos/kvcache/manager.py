@@ -1,0 +1,227 @@
+"""The tiered KV cache the engine reads and writes every step.
+
+Token layout of one sequence, per layer, in the working buffer ONNX Runtime reads::
+
+    | sinks | sealed blocks: L0 / L1 INT8 / L2 INT4 (evicted ones removed) | open tail | recent window |
+      first    each block_size tokens, quantized once when it leaves the      always full precision
+      tokens   window; its dequantized values replace the originals here
+
+The working buffer is the dense view GroupQueryAttention needs; the quantized
+bytes (the at-rest form, what the prefix store keeps between turns) live in the
+pool. Eviction removes tokens from the working buffer for real, so the model
+attends over fewer tokens; new tokens keep their true RoPE positions
+(``position_ids``) until the RoPE table runs out, then cached keys are
+re-indexed (see ``rope.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVLayout
+from lemonade_inferos.kvcache.block import KVBlock
+from lemonade_inferos.kvcache.codecs import get_codec
+from lemonade_inferos.kvcache.importance import block_scores, per_layer_rank
+from lemonade_inferos.kvcache.plan import (TIER_EVICTED, TIER_INT4, TIER_INT8, TIER_L0, TIER_NAMES, KVPlan)
+from lemonade_inferos.kvcache.pool import BlockPool
+from lemonade_inferos.kvcache.rope import RopeTables
+from lemonade_inferos.kvcache.stats import KVStats
+
+TIER_CODEC = {TIER_INT8: "int8", TIER_INT4: "int4"}
+
+
+class TieredKVCache(DenseKVCache):
+    """A :class:`DenseKVCache` whose history is quantized and evicted block by block under a :class:`KVPlan`.
+
+    Args:
+        layout: the model's KV shape.
+        plan: tiers, thresholds and window.
+        rope: the model's RoPE tables, needed to keep generating past the table length; without them the
+            cache refuses tokens past it.
+        pool: where block metadata and quantized bytes live (shared with the prefix store).
+        max_tier: the quality guard's cap (``TIER_INT8`` stops INT4 demotion, ``TIER_L0`` all quantization).
+    """
+
+    def __init__(self, layout: KVLayout, plan: KVPlan, rope: RopeTables | None = None,
+                 pool: BlockPool | None = None, initial_tokens: int = 256) -> None:
+        super().__init__(layout, initial_tokens)
+        self.plan = plan
+        self.rope = rope
+        self.pool = pool or BlockPool(layout.num_layers)
+        self.max_tier = TIER_INT4
+        self.blocks: list[KVBlock] = []
+        self._sealed_end = 0
+        self._next_block_index = 0
+        self._evicted_scores: list[np.ndarray] = []
+        self.stats = KVStats()
+        self._codecs = {tier: get_codec(name, plan.group_size) for tier, name in TIER_CODEC.items()}
+
+    # -- KVCache -----------------------------------------------------------------------------
+    def reserve(self, num_new: int) -> None:
+        while self.num_tokens + num_new > self.layout.max_tokens and self.plan.evicts and self.blocks:
+            self._evict(min(self.blocks, key=lambda b: float(b.importance.mean())))
+        if self.num_tokens + num_new > self.layout.max_tokens:
+            raise CacheFullError(self.num_tokens + num_new, self.layout.max_tokens)
+        if self.rope is not None and self._next_position() + num_new > self.rope.max_positions:
+            self._rebase_positions()
+        super().reserve(num_new)
+
+    def commit(self, token_ids) -> None:
+        super().commit(token_ids)
+        self._seal_ready_blocks()
+
+    def truncate(self, num_tokens: int) -> None:
+        keep = [b for b in self.blocks if b.end <= num_tokens]
+        for block in self.blocks[len(keep):]:
+            self.pool.free(block)
+        self.blocks = keep
+        self._sealed_end = min(self._sealed_end, keep[-1].end if keep else 0)
+        if num_tokens == 0:  # a new sequence: forget the old one's history and counters
+            self._evicted_scores.clear()
+            self._next_block_index = 0
+            self.stats = KVStats()
+        super().truncate(num_tokens)
+
+    def set_plan(self, plan: KVPlan) -> None:
+        """Adopt a new plan (e.g. new pressure); already-demoted blocks stay demoted."""
+        self.plan = plan
+        self._apply_plan()
+
+    # -- sealing and tiers ----------------------------------------------------------------------
+    def _next_position(self) -> int:
+        return int(self._positions[self._num_tokens - 1]) + 1 if self._num_tokens else 0
+
+    def _seal_ready_blocks(self) -> None:
+        plan = self.plan
+        if not (plan.quantizes or plan.evicts):
+            return
+        self._sealed_end = max(self._sealed_end, min(plan.sink_tokens, self._num_tokens))
+        sealed_any = False
+        while self._num_tokens - self._sealed_end >= plan.recent_window + plan.block_size:
+            self._seal(self._sealed_end)
+            sealed_any = True
+        if sealed_any:
+            self._apply_plan()
+
+    def _seal(self, start: int) -> None:
+        block = self.pool.allocate(self.plan.block_size)
+        block.start = start
+        keys = [k[0, :, start:block.end] for k in self._keys]
+        block.scores = block_scores(keys, self.plan.importance, self._next_block_index)
+        self._next_block_index += 1
+        self.blocks.append(block)
+        self._sealed_end = block.end
+        self.stats.blocks_sealed += 1
+
+    def pressure(self) -> float:
+        """Memory pressure the plan's gates compare against: the controller's, or how full the context is."""
+        return max(self.plan.pressure, self._num_tokens / self.layout.max_tokens)
+
+    def _apply_plan(self) -> None:
+        if not self.blocks:
+            return
+        plan, pressure = self.plan, self.pressure()
+        # rank among every block this sequence ever sealed (evicted ones included), so a threshold of 0.3
+        # means "the bottom 30% of the history" and sustained pressure cannot evict more than that
+        scores = np.stack([b.scores for b in self.blocks] + self._evicted_scores)
+        ranks = per_layer_rank(scores)[:len(self.blocks)]
+        for block, rank in zip(self.blocks, ranks):
+            block.importance = rank
+            target = np.full(rank.shape, TIER_L0, dtype=np.int8)
+            target[rank < plan.int8_below] = TIER_INT8
+            if pressure > plan.int4_pressure:
+                target[rank < plan.int4_below] = TIER_INT4
+            target = np.minimum(target, self.max_tier)
+            for tier in (TIER_INT8, TIER_INT4):
+                layers = np.nonzero((target == tier) & (block.tiers < tier))[0]  # one-way: never promote
+                if len(layers):
+                    self._quantize(block, layers, tier)
+        if plan.evicts and pressure > plan.evict_pressure:
+            for block in [b for b in self.blocks if float(b.importance.mean()) < plan.evict_below]:
+                self._evict(block)
+
+    def _quantize(self, block: KVBlock, layers: np.ndarray, tier: int) -> None:
+        """Quantize ``layers`` of a block from the working buffer and write the dequantized values back.
+
+        All layers go through the codec in one call (stacked along heads): one numpy pass per block.
+        """
+        started = time.perf_counter()
+        codec, heads = self._codecs[tier], self.layout.num_kv_heads
+        for buffers, axis, slot in ((self._keys, "token", 0), (self._values, "channel", 1)):
+            views = [buffers[int(layer)][0, :, block.start:block.end] for layer in layers]
+            stacked = np.concatenate(views, axis=0)                      # [len(layers) * H, T, D]
+            quantized = codec.quantize(stacked, axis)
+            restored = codec.dequantize(quantized)
+            for index, (layer, view) in enumerate(zip(layers, views)):
+                view[...] = restored[index * heads:(index + 1) * heads]
+                self.pool.store_half(block, int(layer), slot, quantized.slice_heads(index * heads, heads))
+        block.tiers[layers] = tier
+        self.stats.block_layers_quantized[codec.name] += len(layers)
+        self.stats.quantize_seconds += time.perf_counter() - started
+
+    def _evict(self, block: KVBlock) -> None:
+        """Remove a block's tokens from the working buffer (compaction) and release its bytes."""
+        start, end, n = block.start, block.end, self._num_tokens
+        for buf in (*self._keys, *self._values):
+            buf[0, :, start:n - (end - start)] = buf[0, :, end:n]
+        self._positions[start:n - (end - start)] = self._positions[end:n]
+        self._num_tokens -= end - start
+        index = self.blocks.index(block)
+        for later in self.blocks[index + 1:]:
+            later.start -= end - start
+        self._sealed_end -= end - start
+        del self.blocks[index]
+        self._evicted_scores.append(block.scores.copy())
+        block.tiers[:] = TIER_EVICTED
+        self.pool.free(block)
+        self.stats.blocks_evicted += 1
+
+    def _rebase_positions(self) -> None:
+        """Re-index held tokens to positions 0..n-1, rotating their keys to match (see rope.py)."""
+        assert self.rope is not None
+        n = self._num_tokens
+        delta = np.arange(n, dtype=np.int64) - self._positions[:n]
+        for keys in self._keys:
+            self.rope.rotate(keys[0, :, :n], delta)
+        self._positions[:n] = np.arange(n)
+        for block in self.blocks:  # the at-rest codes must describe the re-rotated keys
+            for tier in (TIER_INT8, TIER_INT4):
+                layers = np.nonzero(block.tiers == tier)[0]
+                if len(layers):
+                    block.tiers[layers] = TIER_L0
+                    self._quantize(block, layers, tier)
+        self.stats.rebases += 1
+
+    # -- reporting -----------------------------------------------------------------------------
+    def kv_stats(self) -> KVStats:
+        """Bytes and tokens by tier, measured from the pool's arrays and the block table."""
+        layout, stats = self.layout, self.stats
+        per_token_layer = 2 * layout.num_kv_heads * layout.head_size
+        tier_tokens = {tier: 0 for tier in (TIER_INT8, TIER_INT4)}
+        for block in self.blocks:
+            for tier in tier_tokens:
+                tier_tokens[tier] += int((block.tiers == tier).sum()) * block.num_tokens
+        quantized_token_layers = sum(tier_tokens.values())
+        l0_token_layers = self._num_tokens * layout.num_layers - quantized_token_layers
+        by_bits = self.pool.nbytes_by_bits()
+        stats.tokens_seen = len(self._token_ids)
+        stats.tokens_held = self._num_tokens
+        stats.tokens_by_tier = {
+            TIER_NAMES[TIER_L0]: l0_token_layers / layout.num_layers,
+            TIER_NAMES[TIER_INT8]: tier_tokens[TIER_INT8] / layout.num_layers,
+            TIER_NAMES[TIER_INT4]: tier_tokens[TIER_INT4] / layout.num_layers,
+            TIER_NAMES[TIER_EVICTED]: float(stats.tokens_seen - self._num_tokens),
+        }
+        stats.bytes_by_tier = {
+            TIER_NAMES[TIER_L0]: l0_token_layers * per_token_layer * layout.dtype.itemsize,
+            TIER_NAMES[TIER_INT8]: by_bits[8],
+            TIER_NAMES[TIER_INT4]: by_bits[4],
+        }
+        stats.kv_bytes = sum(stats.bytes_by_tier.values())
+        stats.working_buffer_bytes = self.nbytes
+        stats.fp16_bytes = stats.tokens_seen * layout.num_layers * per_token_layer * 2
+        stats.model_dtype_bytes = stats.tokens_seen * layout.num_layers * per_token_layer * layout.dtype.itemsize
+        return replace(stats)
