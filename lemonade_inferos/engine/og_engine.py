@@ -31,24 +31,25 @@ class OgEngine:
 
     name = "og"
 
-    def __init__(self, model: str | Path | ModelFolder) -> None:
+    def __init__(self, model: str | Path | ModelFolder, context_length: int | None = None) -> None:
         og = _import_og()
         self.folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
+        self.context_length = min(context_length or self.folder.context_length, self.folder.context_length)
         self.tokenizer = ChatTokenizer.from_folder(self.folder.path)
         self._og = og
         self.model = og.Model(str(self.folder.path))
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                 stats: GenerationStats | None = None) -> Iterator[GenerationChunk]:
+                 stats: GenerationStats | None = None, **_: object) -> Iterator[GenerationChunk]:
         og = self._og
         stats = stats if stats is not None else GenerationStats()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise GenerationError("the prompt is empty", param="prompt")
-        max_length = min(len(prompt) + max(params.max_tokens, 1), self.folder.context_length)
-        if len(prompt) >= self.folder.context_length:
+        max_length = min(len(prompt) + max(params.max_tokens, 1), self.context_length)
+        if len(prompt) >= self.context_length:
             raise GenerationError(f"the prompt has {len(prompt)} tokens but the context holds "
-                                  f"{self.folder.context_length}; shorten it", param="messages")
+                                  f"{self.context_length}; shorten it", param="messages")
         search = {"max_length": max_length, "do_sample": not params.greedy,
                   "repetition_penalty": params.repetition_penalty}
         if not params.greedy:

@@ -39,8 +39,9 @@ CacheFactory = Callable[[KVLayout], KVCache]
 class _StepBinding:
     """One request's IOBinding; rebinds K/V only when the cache reallocates its buffers."""
 
-    def __init__(self, engine: "OrtEngine", cache: KVCache) -> None:
+    def __init__(self, engine: "OrtEngine", cache: KVCache, run_options: ort.RunOptions | None = None) -> None:
         self.engine = engine
+        self.run_options = run_options
         self.cache = cache
         self.io = engine.session.io_binding()
         self._bound_version = -1
@@ -68,7 +69,7 @@ class _StepBinding:
                   else np.empty((1, num_new, engine.folder.vocab_size), dtype=np.float32))
         io.bind_output(engine.folder.output_names["logits"], "cpu", 0, np.float32, list(logits.shape),
                        logits.ctypes.data)
-        engine.session.run_with_iobinding(io)
+        engine.session.run_with_iobinding(io, self.run_options)
         cache.commit(token_ids[0].tolist())
         return logits[0] if all_logits else logits[0, -1]
 
@@ -89,12 +90,13 @@ class OrtEngine:
         model: a model folder (path) or an already parsed :class:`ModelFolder`.
         policy: session options; defaults to ONNX Runtime's defaults on the best provider.
         prefill_chunk_tokens: longest prompt slice run at once (bounds logits memory).
+        context_length: tokens a cache may hold (``--ctx-size``); at most the model's.
     """
 
     name = "inferos"
 
     def __init__(self, model: str | Path | ModelFolder, policy: SessionPolicy | None = None,
-                 prefill_chunk_tokens: int = 512) -> None:
+                 prefill_chunk_tokens: int = 512, context_length: int | None = None) -> None:
         self.folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
         self.policy = policy or SessionPolicy()
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -104,7 +106,8 @@ class OrtEngine:
         self.has_position_ids = graph.has_position_ids
         self.session = ort.InferenceSession(graph.model, options, providers=self.applied_options.providers)
         self.layout = KVLayout(num_layers=self.folder.num_layers, num_kv_heads=self.folder.num_kv_heads,
-                               head_size=self.folder.head_size, max_tokens=self.folder.context_length,
+                               head_size=self.folder.head_size,
+                               max_tokens=min(context_length or self.folder.context_length, self.folder.context_length),
                                dtype=self._kv_dtype())
         log.info("loaded %s on %s (true positions: %s)", self.folder.path, self.session.get_providers(),
                  self.has_position_ids)
@@ -129,7 +132,8 @@ class OrtEngine:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None,
-                 cache: KVCache | None = None) -> Iterator[GenerationChunk]:
+                 cache: KVCache | None = None, run_options: dict[str, str] | None = None
+                 ) -> Iterator[GenerationChunk]:
         """Stream a completion of ``prompt_ids``.
 
         Args:
@@ -137,6 +141,7 @@ class OrtEngine:
             params: sampling and stopping.
             stats: filled with measured timings as generation proceeds.
             cache: the KV cache to read and extend; a new dense cache when omitted.
+            run_options: ONNX Runtime run config entries (e.g. ``memory.enable_memory_arena_shrinkage``).
 
         Raises:
             GenerationError: empty prompt, or a prompt longer than the cache can hold.
@@ -149,7 +154,7 @@ class OrtEngine:
         reused = cache_prefix_reuse(cache, prompt)
         cache.plan_capacity(len(prompt) + params.max_tokens)
         stats.prompt_n, stats.cache_n = len(prompt), reused
-        binding = _StepBinding(self, cache)
+        binding = _StepBinding(self, cache, make_run_options(run_options))
         try:
             logits = self._prefill(binding, prompt[reused:])
         except CacheFullError as exc:
@@ -202,6 +207,16 @@ class OrtEngine:
         stats.end_time = time.perf_counter()
         stats.finish_reason = finish
         yield GenerationChunk(tail, [], finish_reason=finish)
+
+
+def make_run_options(entries: dict[str, str] | None) -> ort.RunOptions | None:
+    """``ort.RunOptions`` carrying config entries, or None when there are none."""
+    if not entries:
+        return None
+    options = ort.RunOptions()
+    for key, value in entries.items():
+        options.add_run_config_entry(key, str(value))
+    return options
 
 
 def cache_prefix_reuse(cache: KVCache, prompt: list[int]) -> int:

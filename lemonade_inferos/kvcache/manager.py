@@ -2,9 +2,9 @@
 
 Token layout of one sequence, per layer, in the working buffer ONNX Runtime reads::
 
-    | sinks | sealed blocks: L0 / L1 INT8 / L2 INT4 (evicted ones removed) | open tail | recent window |
-      first    each block_size tokens, quantized once when it leaves the      always full precision
-      tokens   window; its dequantized values replace the originals here
+    | sinks... | sealed blocks: L0 / L1 INT8 / L2 INT4 (evicted ones removed) | open tail | recent window |
+      block 0    each block_size tokens on a grid from token 0, quantized once    always full precision
+      (L0)       when it leaves the window; dequantized values replace the originals
 
 The working buffer is the dense view GroupQueryAttention needs; the quantized
 bytes (the at-rest form, what the prefix store keeps between turns) live in the
@@ -98,7 +98,9 @@ class TieredKVCache(DenseKVCache):
         plan = self.plan
         if not (plan.quantizes or plan.evicts):
             return
-        self._sealed_end = max(self._sealed_end, min(plan.sink_tokens, self._num_tokens))
+        # blocks sit on a grid from token 0 (the prefix store's grid); the block holding the sinks stays L0
+        first_block = -(-plan.sink_tokens // plan.block_size) * plan.block_size
+        self._sealed_end = max(self._sealed_end, min(first_block, self._num_tokens))
         sealed_any = False
         while self._num_tokens - self._sealed_end >= plan.recent_window + plan.block_size:
             self._seal(self._sealed_end)
@@ -194,6 +196,52 @@ class TieredKVCache(DenseKVCache):
                     block.tiers[layers] = TIER_L0
                     self._quantize(block, layers, tier)
         self.stats.rebases += 1
+
+    # -- prefix store support ------------------------------------------------------------------
+    def block_arrays(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of tokens ``[start, end)`` for all layers, stacked: ``[layers * H, T, D]``."""
+        keys = np.concatenate([k[0, :, start:end] for k in self._keys], axis=0)
+        values = np.concatenate([v[0, :, start:end] for v in self._values], axis=0)
+        return keys, values
+
+    def load_prefix(self, blocks: list[tuple], num_layers: int) -> None:
+        """Fill an empty cache with restored blocks ``(token_ids, tier, keys, values, qkeys, qvalues)``.
+
+        ``keys``/``values`` are dequantized and ``qkeys``/``qvalues`` the stored codes, all layers stacked
+        along heads.
+
+        The restored blocks (all but the one holding the sinks) become sealed blocks at their stored tier,
+        so they are not quantized again.
+        """
+        assert self.num_tokens == 0, "load_prefix into a non-empty cache: this indicates a bug in the caller"
+        block_size, heads = self.plan.block_size, self.layout.num_kv_heads
+        total = sum(len(ids) for ids, *_ in blocks)
+        self.plan_capacity(total)
+        self.reserve(total)
+        for index, (ids, tier, keys, values, _, _) in enumerate(blocks):
+            start = index * block_size
+            for layer in range(num_layers):
+                self._keys[layer][0, :, start:start + len(ids)] = keys[layer * heads:(layer + 1) * heads]
+                self._values[layer][0, :, start:start + len(ids)] = values[layer * heads:(layer + 1) * heads]
+        self._positions[:total] = np.arange(total)
+        self._num_tokens = total
+        self._token_ids = [t for ids, *_ in blocks for t in ids]
+        first_block = -(-self.plan.sink_tokens // block_size) * block_size
+        for index, (ids, tier, _, _, qkeys, qvalues) in enumerate(blocks):
+            start = index * block_size
+            if start < first_block:
+                continue
+            block = self.pool.allocate(len(ids))
+            block.start = start
+            block.tiers[:] = tier
+            for layer in range(num_layers):
+                self.pool.store(block, layer, qkeys.slice_heads(layer * heads, heads),
+                                qvalues.slice_heads(layer * heads, heads))
+            block.scores = block_scores([k[0, :, start:start + len(ids)] for k in self._keys],
+                                        self.plan.importance, self._next_block_index)
+            self._next_block_index += 1
+            self.blocks.append(block)
+        self._sealed_end = max(first_block, len(blocks) * block_size) if blocks else 0
 
     # -- reporting -----------------------------------------------------------------------------
     def kv_stats(self) -> KVStats:

@@ -30,10 +30,10 @@ def fill(cache: TieredKVCache, num_tokens: int, seed: int = 0, scale_by_token=No
 
 def test_blocks_are_sealed_only_outside_sinks_and_window():
     cache = TieredKVCache(LAYOUT, named_plan("int8", recent_window=64))
-    fill(cache, 4 + 64 + 31)
-    assert cache.blocks == []
+    fill(cache, 32 + 32 + 64 - 1)
+    assert cache.blocks == []  # block 0 holds the sinks and stays L0; block 1 is still in the window
     fill(cache, 1)
-    assert [(b.start, b.end) for b in cache.blocks] == [(4, 36)]
+    assert [(b.start, b.end) for b in cache.blocks] == [(32, 64)]
     assert (cache.blocks[0].tiers == TIER_INT8).all()
 
 
@@ -80,24 +80,24 @@ def test_guard_cap_stops_int4_demotion():
 def test_eviction_removes_tokens_and_keeps_the_rest_in_order_with_true_positions():
     plan = named_plan("int8", recent_window=32)  # seals blocks, never evicts by itself
     cache = TieredKVCache(LAYOUT, plan)
-    fill(cache, 4 + 32 + 3 * 32)
+    fill(cache, 32 + 32 + 3 * 32)
     before_keys = cache._keys[0][0, :, :cache.num_tokens].copy()
     victim = cache.blocks[1]
     start, end = victim.start, victim.end
     cache._evict(victim)
-    assert cache.num_tokens == 4 + 32 + 2 * 32
+    assert cache.num_tokens == 32 + 32 + 2 * 32
     kept = np.concatenate([before_keys[:, :start], before_keys[:, end:]], axis=1)
     np.testing.assert_array_equal(cache._keys[0][0, :, :cache.num_tokens], kept)
-    expected_positions = np.concatenate([np.arange(start), np.arange(end, 4 + 32 + 3 * 32)])
+    expected_positions = np.concatenate([np.arange(start), np.arange(end, 32 + 32 + 3 * 32)])
     np.testing.assert_array_equal(cache._positions[:cache.num_tokens], expected_positions)
-    assert cache.new_positions(1)[0, 0] == 4 + 32 + 3 * 32
-    assert [b.start for b in cache.blocks] == [4, 36]
+    assert cache.new_positions(1)[0, 0] == 32 + 32 + 3 * 32
+    assert [b.start for b in cache.blocks] == [32, 64]
 
 
 def test_streaming_plan_holds_only_sinks_window_and_open_tail():
     cache = TieredKVCache(LAYOUT, named_plan("streaming", recent_window=32))
     fill(cache, 500)
-    assert cache.num_tokens < 4 + 32 + 32 + 1
+    assert cache.num_tokens < 32 + 32 + 32 + 1
     assert len(cache.token_ids) == 500
     assert cache.kv_stats().tokens_by_tier["L3_evicted"] == 500 - cache.num_tokens
 

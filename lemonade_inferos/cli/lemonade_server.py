@@ -1,0 +1,227 @@
+"""``lemonade-server``: Lemonade's command line, served by our Python host.
+
+    lemonade-server serve --plugin inferos
+    lemonade-server run SmolLM2-135M-Instruct-CPU
+    lemonade-server pull SmolLM2-135M-Instruct-CPU
+    lemonade-server list | status | stop | delete MODEL
+
+Flags have environment twins: LEMONADE_HOST, LEMONADE_PORT, LEMONADE_CTX_SIZE, LEMONADE_API_KEY.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import httpx
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from lemonade_inferos.errors import InferosError
+from lemonade_inferos.paths import inferos_home
+
+console = Console(stderr=True)
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except InferosError as exc:
+            console.print(f"[red]error:[/red] {escape(exc.message)}", soft_wrap=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--host", default="127.0.0.1", envvar="LEMONADE_HOST", show_default=True,
+                     help="Address to bind (loopback by default)."),
+        click.option("--port", default=13305, type=int, envvar="LEMONADE_PORT", show_default=True),
+        click.option("--log-level", default="info", type=click.Choice(LOG_LEVELS), show_default=True),
+        click.option("--ctx-size", type=int, envvar="LEMONADE_CTX_SIZE", default=None,
+                     help="Context length of loaded models (default: the model's)."),
+        click.option("--max-loaded-models", type=int, default=1, show_default=True),
+        click.option("--no-tray", is_flag=True, help="Accepted for compatibility; there is no tray here."),
+        click.option("--plugin", "plugins", multiple=True,
+                     help="Plugin to load (repeatable), e.g. --plugin inferos. Without one: baseline og.Generator."),
+        click.option("--max-queue", type=int, default=16, show_default=True,
+                     help="Requests that may wait for a busy model before HTTP 503."),
+        click.option("--inferos-kv-mode", type=click.Choice(["dynamic", "latency_optimized", "throughput_optimized",
+                                                             "quality_optimized", "disabled"]), default=None,
+                     help="inferos: KV cache mode (policy kv.mode)."),
+        click.option("--inferos-recent-window", type=int, default=None, help="inferos: full-precision window."),
+        click.option("--inferos-prefix-cache-mb", type=float, default=None,
+                     help="inferos: memory budget of the multi-turn prefix store (default 256)."),
+        click.option("--inferos-control-port", type=int, default=None,
+                     help="inferos: control API port (default 7031, or INFEROS_AGENT_PORT)."),
+        click.option("--inferos-memory-limit", default=None, help="inferos: memory limit, e.g. 16GB."),
+        click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+                     help="inferos: policy config file (YAML or TOML)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _pid_file(port: int) -> Path:
+    path = inferos_home() / "run" / f"server-{port}.pid"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
+           plugins: tuple[str, ...], max_queue: int, plugin_config: dict[str, Any], config_path: Path | None) -> None:
+    import uvicorn
+
+    from lemonade_inferos.host.app import create_app
+    from lemonade_inferos.host.registry import ModelRegistry
+    from lemonade_inferos.host.settings import HostSettings
+    from lemonade_inferos.plugins import load_plugins
+
+    level = "DEBUG" if log_level == "trace" else log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = HostSettings(host=host, port=port, log_level=log_level, ctx_size=ctx_size,
+                            max_loaded_models=max_loaded_models, api_key=os.environ.get("LEMONADE_API_KEY") or None,
+                            plugins=list(plugins), max_queue=max_queue, plugin_config=plugin_config,
+                            config_path=config_path)
+    if model:
+        settings.default_model = model
+    registry = ModelRegistry()
+    if not registry.is_downloaded(settings.default_model):
+        with console.status(f"building {settings.default_model} (first use, offline)") as status:
+            registry.pull(settings.default_model, progress=lambda msg: (status.update(msg), console.log(msg)))
+    pm, manifests = load_plugins(list(plugins), {**plugin_config, "config": config_path})
+    app = create_app(settings, pm, manifests)
+    pid_file = _pid_file(port)
+    pid_file.write_text(str(os.getpid()))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level if log_level != "trace" else "trace")
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
+def _plugin_config(kwargs: dict[str, Any]) -> dict[str, Any]:
+    mapping = {"inferos_kv_mode": "kv_mode", "inferos_recent_window": "recent_window",
+               "inferos_prefix_cache_mb": "prefix_cache_mb", "inferos_control_port": "control_port",
+               "inferos_memory_limit": "memory_limit"}
+    return {mapping[k]: v for k, v in kwargs.items() if k in mapping and v is not None}
+
+
+@click.group()
+def cli() -> None:
+    """Lemonade-compatible LLM server (Python host with plugins)."""
+
+
+@cli.command()
+@server_options
+@handle_errors
+def serve(host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int, no_tray: bool,
+          plugins: tuple[str, ...], max_queue: int, config_path: Path | None, **inferos: Any) -> None:
+    """Start the server (default model: SmolLM2-135M-Instruct-CPU, built offline on first use)."""
+    _serve(None, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, _plugin_config(inferos),
+           config_path)
+
+
+@cli.command()
+@click.argument("model")
+@server_options
+@handle_errors
+def run(model: str, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
+        no_tray: bool, plugins: tuple[str, ...], max_queue: int, config_path: Path | None, **inferos: Any) -> None:
+    """Start the server with MODEL loaded."""
+    _serve(model, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, _plugin_config(inferos),
+           config_path)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--checkpoint", default=None, help="For user.* models: the onnxruntime-genai folder to register.")
+@click.option("--recipe", default=None, help="oga-cpu (default), oga-igpu, oga-hybrid or oga-npu.")
+@handle_errors
+def pull(model: str, checkpoint: str | None, recipe: str | None) -> None:
+    """Install MODEL: build a built-in model offline, or register a local folder as user.NAME."""
+    from lemonade_inferos.host.registry import ModelRegistry
+
+    with console.status(f"pulling {model}") as status:
+        path = ModelRegistry().pull(model, checkpoint, recipe, progress=lambda m: (status.update(m), console.log(m)))
+    click.echo(f"{model}: {path}")
+
+
+@cli.command("list")
+def list_models() -> None:
+    """List models in the registry and whether they are installed."""
+    from lemonade_inferos.host.registry import ModelRegistry
+
+    registry = ModelRegistry()
+    table = Table("model", "recipe", "installed", "checkpoint")
+    for name, info in registry.all().items():
+        table.add_row(name, info["recipe"], "yes" if registry.is_downloaded(name) else "no", str(info["checkpoint"]))
+    Console().print(table)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", envvar="LEMONADE_HOST")
+@click.option("--port", default=13305, type=int, envvar="LEMONADE_PORT")
+def status(host: str, port: int) -> None:
+    """Say whether a server is running on HOST:PORT, and which model it has loaded."""
+    try:
+        health = httpx.get(f"http://{host}:{port}/api/v1/health", timeout=5,
+                           headers=_auth_headers()).json()
+    except httpx.HTTPError:
+        click.echo(f"Server is not running on {host}:{port}")
+        sys.exit(1)
+    click.echo(f"Server is running on {host}:{port}, version {health.get('version')}, "
+               f"model loaded: {health.get('model_loaded')}, plugins: {health.get('inferos', {}).get('plugins')}")
+
+
+@cli.command()
+@click.option("--port", default=13305, type=int, envvar="LEMONADE_PORT")
+def stop(port: int) -> None:
+    """Stop the server started on PORT from this machine."""
+    pid_file = _pid_file(port)
+    if not pid_file.is_file():
+        click.echo(f"No server started by lemonade-server is running on port {port}")
+        sys.exit(1)
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM if hasattr(signal, "SIGTERM") else signal.SIGINT)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        click.echo(f"Server (pid {pid}) was not running; removed its stale pid file")
+        return
+    click.echo(f"Stopped server (pid {pid}) on port {port}")
+
+
+@cli.command()
+@click.argument("model")
+@handle_errors
+def delete(model: str) -> None:
+    """Delete MODEL's files (built-in) or its registration (user.*)."""
+    from lemonade_inferos.host.registry import ModelRegistry
+
+    ModelRegistry().delete(model)
+    click.echo(f"Deleted {model}")
+
+
+def _auth_headers() -> dict[str, str]:
+    key = os.environ.get("LEMONADE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

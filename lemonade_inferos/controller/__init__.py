@@ -1,0 +1,1 @@
+"""The embedded controller: policy, configuration, measurements, quality guard and the control API."""

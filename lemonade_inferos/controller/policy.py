@@ -1,0 +1,79 @@
+"""The policy schema of the design document, as pydantic models.
+
+``POST /v1/policy`` merges a partial document into the current policy; an
+invalid one raises and changes nothing. Ranges come from the design document:
+recent_window 16..512, thresholds 0..1, pool sizes >= 1 GiB, max_delta_ppl 0..2.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lemonade_inferos.controller.sizes import parse_size
+
+GIB = 1024**3
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LevelThresholds(_Strict):
+    L1_int8: float = Field(0.7, ge=0.0, le=1.0)
+    L2_int4: float = Field(0.5, ge=0.0, le=1.0)
+    L3_evict: float = Field(0.3, ge=0.0, le=1.0)
+
+
+class KVPolicy(_Strict):
+    mode: Literal["dynamic", "latency_optimized", "throughput_optimized", "quality_optimized", "disabled"] = "dynamic"
+    recent_window: int = Field(64, ge=16, le=512)
+    level_thresholds: LevelThresholds = Field(default_factory=LevelThresholds)
+
+
+class IOPolicy(_Strict):
+    enable_iobinding: bool = True
+    dml_pool_bytes: int = Field(2 * GIB, ge=GIB)
+    host_pool_bytes: int = Field(4 * GIB, ge=GIB)
+
+    @field_validator("dml_pool_bytes", "host_pool_bytes", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
+class SchedulerPolicy(_Strict):
+    mode: Literal["hybrid", "gpu_only", "npu_only"] = "hybrid"
+    prefill_device: Literal["dml", "npu", "cpu"] = "dml"
+    decode_device: Literal["npu", "dml", "cpu"] = "npu"
+
+
+class QualityPolicy(_Strict):
+    max_delta_ppl: float = Field(0.5, ge=0.0, le=2.0)
+    min_accept_rate: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class Policy(_Strict):
+    kv: KVPolicy = Field(default_factory=KVPolicy)
+    io: IOPolicy = Field(default_factory=IOPolicy)
+    scheduler: SchedulerPolicy = Field(default_factory=SchedulerPolicy)
+    quality: QualityPolicy = Field(default_factory=QualityPolicy)
+
+    def merged(self, update: dict[str, Any]) -> "Policy":
+        """A new policy with ``update`` (a partial policy document) merged in; validated as a whole.
+
+        Raises:
+            pydantic.ValidationError: the merged document is invalid (nothing changes).
+        """
+        return Policy.model_validate(_deep_merge(self.model_dump(), update))
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

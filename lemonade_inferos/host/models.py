@@ -1,0 +1,147 @@
+"""Loaded models: which are in memory, their engines, and the queue in front of each.
+
+Each loaded model serves one generation at a time (on a 2-core CPU, two
+concurrent decodes only slow each other down) behind a bounded queue: at most
+``max_queue`` requests wait; the next gets HTTP 503 ``server_busy``. Engines are
+created lazily: ours (``inferos``) when a plugin's plan asks for it, og.Generator
+(``og``) for baseline runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from lemonade_inferos.engine.model_folder import load_model_folder
+from lemonade_inferos.engine.og_engine import OgEngine
+from lemonade_inferos.engine.ort_engine import OrtEngine
+from lemonade_inferos.engine.session import SessionPolicy
+from lemonade_inferos.host.errors import APIError
+from lemonade_inferos.host.registry import ModelRegistry, devices_for_recipe
+from lemonade_inferos.host.settings import HostSettings
+
+log = logging.getLogger(__name__)
+
+
+class RequestGate:
+    """One generation at a time, at most ``max_queue`` waiting."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self.waiting = 0
+        self.busy = False
+        self._semaphore = asyncio.Semaphore(1)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.waiting >= self.max_queue:
+            raise APIError(503, "server_busy", f"{self.waiting} requests are already waiting for this model; "
+                           "retry later", queue=self.waiting)
+        self.waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self.waiting -= 1
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
+            self._semaphore.release()
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    info: dict[str, Any]
+    folder: Path
+    ctx_size: int
+    devices: list[str]
+    fallback_reason: str | None
+    gate: RequestGate
+    last_use: float = field(default_factory=time.time)
+    _engines: dict[str, Any] = field(default_factory=dict)
+
+    def engine(self, kind: str, session: SessionPolicy | None = None) -> Any:
+        """The ``inferos`` or ``og`` engine, created on first use (or when the session policy changes)."""
+        policy = session or SessionPolicy(devices=self.devices)
+        key = kind if kind == "og" else f"inferos:{policy.model_dump_json()}"
+        if key not in self._engines:
+            if kind == "og":
+                self._engines[key] = OgEngine(self.folder, context_length=self.ctx_size)
+            else:
+                for old in [k for k in self._engines if k.startswith("inferos:")]:
+                    del self._engines[old]  # one ORT session per model: a new policy replaces the old one
+                self._engines[key] = OrtEngine(self.folder, policy, context_length=self.ctx_size)
+        self.last_use = time.time()
+        return self._engines[key]
+
+    @property
+    def tokenizer(self):
+        from lemonade_inferos.engine.tokenizer import ChatTokenizer
+        if "tokenizer" not in self._engines:
+            self._engines["tokenizer"] = ChatTokenizer.from_folder(self.folder)
+        return self._engines["tokenizer"]
+
+    def health_entry(self) -> dict[str, Any]:
+        return {"model_name": self.name, "checkpoint": self.info.get("checkpoint"), "last_use": self.last_use,
+                "type": "llm", "device": " ".join(d for d in self.devices if d != "cpu") or "cpu",
+                "recipe": self.info.get("recipe", "oga-cpu"), "pinned": False, "is_busy": self.gate.busy,
+                "recipe_options": {"ctx_size": self.ctx_size},
+                "inferos": {"folder": str(self.folder), "fallback_reason": self.fallback_reason}}
+
+
+class ModelManager:
+    def __init__(self, registry: ModelRegistry, settings: HostSettings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.loaded: dict[str, LoadedModel] = {}
+        self.current: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def load(self, name: str, ctx_size: int | None = None, build_missing: bool = True) -> LoadedModel:
+        """Load ``name`` (building a built-in model on first use), unloading the least recently used if full."""
+        async with self._lock:
+            if name in self.loaded and (ctx_size is None or ctx_size == self.loaded[name].ctx_size):
+                self.current = name
+                return self.loaded[name]
+            info = self.registry.get(name)
+            if build_missing and not self.registry.is_downloaded(name):
+                log.info("building %s on first use", name)
+                await asyncio.to_thread(self.registry.pull, name, progress=lambda msg: log.info("%s", msg))
+            folder = self.registry.folder(name)
+            spec = await asyncio.to_thread(load_model_folder, folder)
+            ctx = min(ctx_size or self.settings.ctx_size or spec.context_length, spec.context_length)
+            devices, reason = devices_for_recipe(info.get("recipe", "oga-cpu"))
+            while len(self.loaded) >= self.settings.max_loaded_models:
+                oldest = min(self.loaded.values(), key=lambda m: m.last_use)
+                log.info("unloading %s to make room for %s", oldest.name, name)
+                del self.loaded[oldest.name]
+            self.loaded[name] = LoadedModel(name, info, folder, ctx, devices, reason,
+                                            RequestGate(self.settings.max_queue))
+            self.current = name
+            return self.loaded[name]
+
+    async def unload(self, name: str | None = None) -> list[str]:
+        async with self._lock:
+            names = [name] if name else list(self.loaded)
+            for n in names:
+                if n not in self.loaded:
+                    raise APIError(404, "model_not_loaded", f"model '{n}' is not loaded",
+                                   loaded=list(self.loaded))
+                del self.loaded[n]
+            if self.current not in self.loaded:
+                self.current = next(iter(self.loaded), None)
+            return names
+
+    async def resolve(self, name: str | None) -> LoadedModel:
+        """The model a request names (loading it), or the current one, or the default model."""
+        name = name or self.current or self.settings.default_model
+        model = self.loaded.get(name) or await self.load(name)
+        self.current = name
+        return model

@@ -1,0 +1,127 @@
+"""The model registry, in Lemonade's ``server_models.json`` shape.
+
+Built-in models build offline from a packaged GGUF (``pull`` builds them);
+``user.NAME`` models point at a local onnxruntime-genai folder and are kept in
+``INFEROS_HOME/user_models.json``. Lemonade's OGA recipes are accepted: here
+everything runs on ``oga-cpu``; ``oga-hybrid``/``oga-npu``/``oga-igpu`` fall
+back to CPU with a logged reason when their provider is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lemonade_inferos.engine.build import BuildSpec, build_model, is_built
+from lemonade_inferos.engine.model_folder import load_model_folder
+from lemonade_inferos.engine.session import available_providers
+from lemonade_inferos.errors import InferosError, ModelNotFoundError
+from lemonade_inferos.paths import inferos_home
+
+log = logging.getLogger(__name__)
+
+RECIPE_PROVIDER = {"oga-cpu": "CPUExecutionProvider", "oga-igpu": "DmlExecutionProvider",
+                   "oga-hybrid": "DmlExecutionProvider", "oga-npu": "VitisAIExecutionProvider"}
+RECIPE_DEVICES = {"oga-cpu": ["cpu"], "oga-igpu": ["dml", "cpu"], "oga-hybrid": ["npu", "dml", "cpu"],
+                  "oga-npu": ["npu", "cpu"]}
+
+BUILTIN_MODELS: dict[str, dict[str, Any]] = {
+    "SmolLM2-135M-Instruct-CPU": {
+        "checkpoint": "smollm2-135m", "build": {"model": "smollm2-135m", "weights": "fp32", "kv": "fp32"},
+        "recipe": "oga-cpu", "suggested": True, "size": 0.54, "labels": ["llm"],
+    },
+    "SmolLM2-135M-Instruct-INT4-CPU": {
+        "checkpoint": "smollm2-135m-int4", "build": {"model": "smollm2-135m", "weights": "int4", "kv": "fp32"},
+        "recipe": "oga-cpu", "suggested": True, "size": 0.2, "labels": ["llm"],
+    },
+}
+
+
+class ModelRegistry:
+    def __init__(self, user_models_path: Path | None = None) -> None:
+        self.user_models_path = user_models_path or inferos_home() / "user_models.json"
+
+    def _user_models(self) -> dict[str, dict[str, Any]]:
+        if not self.user_models_path.is_file():
+            return {}
+        return json.loads(self.user_models_path.read_text())
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        """Every model by name: built-in, then ``user.*``."""
+        models = {name: {"model_name": name, **info} for name, info in BUILTIN_MODELS.items()}
+        models.update({name: {"model_name": name, **info} for name, info in self._user_models().items()})
+        return models
+
+    def get(self, name: str) -> dict[str, Any]:
+        models = self.all()
+        if name not in models:
+            raise ModelNotFoundError(f"model '{name}' is not in the registry; available: {sorted(models)}",
+                                     model=name)
+        return models[name]
+
+    def is_downloaded(self, name: str) -> bool:
+        info = self.get(name)
+        if "build" in info:
+            return is_built(BuildSpec(**info["build"]))
+        return Path(info["checkpoint"]).is_dir()
+
+    def folder(self, name: str) -> Path:
+        info = self.get(name)
+        if "build" in info:
+            spec = BuildSpec(**info["build"])
+            if not is_built(spec):
+                raise ModelNotFoundError(f"model '{name}' is not pulled yet: lemonade-server pull {name}",
+                                         model=name)
+            return spec.output_dir
+        return Path(info["checkpoint"])
+
+    def pull(self, name: str, checkpoint: str | None = None, recipe: str | None = None,
+             progress=lambda msg: None) -> Path:
+        """Build a built-in model offline, or register a local OGA folder as ``user.NAME``."""
+        if name in BUILTIN_MODELS:
+            return build_model(BuildSpec(**BUILTIN_MODELS[name]["build"]), progress)
+        if not name.startswith("user."):
+            raise ModelNotFoundError(f"'{name}' is not a built-in model; register a local folder as 'user.{name}' "
+                                     "with a checkpoint path", model=name)
+        if not checkpoint:
+            raise InferosError(f"pulling {name} needs a checkpoint: the path of an onnxruntime-genai model folder")
+        folder = Path(checkpoint).expanduser().resolve()
+        load_model_folder(folder)  # validate before registering
+        recipe = recipe or "oga-cpu"
+        if recipe not in RECIPE_PROVIDER:
+            raise InferosError(f"recipe '{recipe}' is not served here; use one of {sorted(RECIPE_PROVIDER)}")
+        models = self._user_models()
+        models[name] = {"checkpoint": str(folder), "recipe": recipe, "suggested": False,
+                        "size": round(sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e9, 3),
+                        "labels": ["llm", "custom"]}
+        self._save(models)
+        return folder
+
+    def delete(self, name: str) -> None:
+        info = self.get(name)
+        if "build" in info:
+            shutil.rmtree(BuildSpec(**info["build"]).output_dir, ignore_errors=True)
+            return
+        models = self._user_models()
+        models.pop(name, None)
+        self._save(models)
+
+    def _save(self, models: dict[str, dict[str, Any]]) -> None:
+        self.user_models_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.user_models_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(models, indent=2))
+        tmp.replace(self.user_models_path)
+
+
+def devices_for_recipe(recipe: str) -> tuple[list[str], str | None]:
+    """Devices to try for a recipe, and the reason when it falls back to CPU here."""
+    devices = RECIPE_DEVICES.get(recipe, ["cpu"])
+    provider = RECIPE_PROVIDER.get(recipe, "CPUExecutionProvider")
+    if provider not in available_providers():
+        reason = f"recipe {recipe} wants {provider}, which this onnxruntime build lacks: running on CPU"
+        log.warning(reason)
+        return devices, reason
+    return devices, None

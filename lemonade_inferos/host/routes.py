@@ -1,0 +1,296 @@
+"""The API: OpenAI-compatible generation plus Lemonade's model and status endpoints.
+
+Mounted under /api/v1, /api/v0, /v1 and /v0 by the app factory.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+import psutil
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lemonade_inferos import __version__
+from lemonade_inferos.engine.sampling import SamplingParams
+from lemonade_inferos.engine.session import available_providers
+from lemonade_inferos.engine.types import GenerationChunk
+from lemonade_inferos.errors import GenerationError
+from lemonade_inferos.host import openai_format as fmt
+from lemonade_inferos.host.errors import APIError
+from lemonade_inferos.host.generate import new_request_id
+from lemonade_inferos.host.schemas import (ChatCompletionRequest, CompletionRequest, LoadRequest, ParamsRequest,
+                                          PullRequest, ResponsesRequest, SamplingFields)
+from lemonade_inferos.metrics.stats import InferenceStats
+
+LEMONADE_API_VERSION = "10.2.0"  # the Lemonade API level this host implements (GAIA needs >= 10.2.0)
+
+router = APIRouter()
+
+
+def _host(request: Request) -> Any:
+    return request.app.state.host
+
+
+def _sampling(body: SamplingFields, host: Any, max_tokens: int | None = None) -> SamplingParams:
+    defaults = host.default_params
+    max_new = max_tokens if max_tokens is not None else (body.max_completion_tokens if body.max_completion_tokens
+                                                         is not None else body.max_tokens)
+    return SamplingParams(
+        max_tokens=max_new if max_new is not None else defaults.get("max_new_tokens", 512),
+        temperature=body.temperature if body.temperature is not None else defaults.get("temperature", 0.0),
+        top_p=body.top_p if body.top_p is not None else defaults.get("top_p", 1.0),
+        top_k=body.top_k if body.top_k is not None else defaults.get("top_k", 0),
+        repetition_penalty=(body.repetition_penalty or body.repeat_penalty
+                            or defaults.get("repeat_penalty", 1.0)),
+        seed=body.seed, stop=tuple(body.stop or ()))
+
+
+async def _prepare(request: Request, body: SamplingFields, text: str | None, messages: list[dict] | None,
+                   max_tokens: int | None = None):
+    host = _host(request)
+    model = await host.models.resolve(body.model)
+    if messages is not None:
+        try:
+            text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as exc:
+            raise APIError(400, "no_chat_template", str(exc)) from exc
+    prompt_ids = model.tokenizer.encode(text or "")
+    if not prompt_ids:
+        raise APIError(400, "empty_prompt", "the prompt is empty")
+    if len(prompt_ids) >= model.ctx_size:
+        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens but the context holds {model.ctx_size}; "
+                              "shorten it", prompt_tokens=len(prompt_ids), context_length=model.ctx_size)
+    return host, model, prompt_ids, _sampling(body, host, max_tokens)
+
+
+async def _collect(stream) -> tuple[str, InferenceStats]:
+    parts, stats = [], None
+    async for item in stream:
+        if isinstance(item, GenerationChunk):
+            parts.append(item.text)
+        else:
+            stats = item
+    return "".join(parts), stats
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+    host, model, prompt_ids, params = await _prepare(request, body, None, messages)
+    request_id = new_request_id()
+    stream = host.generator.stream(model, prompt_ids, params, "chat/completions", request_id)
+    if not body.stream:
+        text, stats = await _collect(stream)
+        return fmt.chat_completion(request_id, model.name, text, stats)
+
+    async def events():
+        created, first = int(time.time()), True
+        async for item in stream:
+            if isinstance(item, GenerationChunk):
+                if item.text or first:
+                    delta = {"role": "assistant", "content": item.text} if first else {"content": item.text}
+                    first = False
+                    yield fmt.sse(fmt.chat_chunk(request_id, model.name, created, delta))
+            else:
+                yield fmt.sse(fmt.chat_chunk(request_id, model.name, created, {}, item.finish_reason, item))
+        yield fmt.sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request):
+    prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
+    host, model, prompt_ids, params = await _prepare(request, body, prompt, None)
+    request_id = new_request_id()
+    stream = host.generator.stream(model, prompt_ids, params, "completions", request_id)
+    if not body.stream:
+        text, stats = await _collect(stream)
+        return fmt.completion_chunk(request_id, model.name, int(stats.start_unix),
+                                    (prompt if body.echo else "") + text, stats.finish_reason, stats)
+
+    async def events():
+        created = int(time.time())
+        async for item in stream:
+            if isinstance(item, GenerationChunk):
+                if item.text:
+                    yield fmt.sse(fmt.completion_chunk(request_id, model.name, created, item.text))
+            else:
+                yield fmt.sse(fmt.completion_chunk(request_id, model.name, created, "", item.finish_reason, item))
+        yield fmt.sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.post("/responses")
+async def responses(body: ResponsesRequest, request: Request):
+    if isinstance(body.input, str):
+        messages = [{"role": "user", "content": body.input}]
+    else:
+        messages = [{"role": m.get("role", "user"), "content": _input_text(m.get("content", ""))} for m in body.input]
+    if body.instructions:
+        messages.insert(0, {"role": "system", "content": body.instructions})
+    host, model, prompt_ids, params = await _prepare(request, body, None, messages, body.max_output_tokens)
+    request_id = new_request_id()
+    stream = host.generator.stream(model, prompt_ids, params, "responses", request_id)
+    if not body.stream:
+        text, stats = await _collect(stream)
+        return fmt.response_object(request_id, model.name, text, stats)
+
+    async def events():
+        parts = []
+        yield fmt.sse({"type": "response.created", "response": fmt.response_object(request_id, model.name, "", None,
+                                                                                     "in_progress")},
+                      "response.created")
+        async for item in stream:
+            if isinstance(item, GenerationChunk):
+                if item.text:
+                    parts.append(item.text)
+                    yield fmt.sse({"type": "response.output_text.delta", "delta": item.text},
+                                  "response.output_text.delta")
+            else:
+                yield fmt.sse({"type": "response.completed",
+                               "response": fmt.response_object(request_id, model.name, "".join(parts), item)},
+                              "response.completed")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _input_text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+@router.get("/models")
+async def list_models(request: Request, show_all: bool = False):
+    host = _host(request)
+    data = []
+    for name, info in host.registry.all().items():
+        downloaded = host.registry.is_downloaded(name)
+        if downloaded or show_all:
+            data.append(_model_entry(name, info, downloaded))
+    return {"object": "list", "data": data}
+
+
+@router.get("/models/{model_id}")
+async def get_model(model_id: str, request: Request):
+    host = _host(request)
+    info = host.registry.get(model_id)
+    return _model_entry(model_id, info, host.registry.is_downloaded(model_id))
+
+
+def _model_entry(name: str, info: dict[str, Any], downloaded: bool) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "lemonade", "checkpoint": info["checkpoint"],
+            "recipe": info["recipe"], "downloaded": downloaded, "suggested": info.get("suggested", False),
+            "labels": info.get("labels", []), "size": info.get("size")}
+
+
+@router.post("/load")
+async def load(body: LoadRequest, request: Request):
+    if not body.name:
+        raise APIError(400, "invalid_request", "model_name is required")
+    model = await _host(request).models.load(body.name, body.ctx_size)
+    return {"status": "success", "message": f"Loaded model: {model.name}", "model_name": model.name,
+            "recipe_options": {"ctx_size": model.ctx_size}}
+
+
+@router.post("/unload")
+async def unload(request: Request):
+    body: dict[str, Any] = {}
+    if await request.body():
+        body = await request.json()
+    names = await _host(request).models.unload(body.get("model_name") or body.get("model"))
+    return {"status": "success", "message": f"Unloaded: {', '.join(names) or 'nothing'}"}
+
+
+@router.post("/pull")
+async def pull(body: PullRequest, request: Request):
+    if not body.name:
+        raise APIError(400, "invalid_request", "model_name is required")
+    import asyncio
+    folder = await asyncio.to_thread(_host(request).registry.pull, body.name, body.checkpoint, body.recipe)
+    return {"status": "success", "message": f"Installed model: {body.name}", "path": str(folder)}
+
+
+@router.post("/delete")
+async def delete(body: PullRequest, request: Request):
+    host = _host(request)
+    if not body.name:
+        raise APIError(400, "invalid_request", "model_name is required")
+    if body.name in host.models.loaded:
+        await host.models.unload(body.name)
+    host.registry.delete(body.name)
+    return {"status": "success", "message": f"Deleted model: {body.name}"}
+
+
+@router.post("/params")
+async def params(body: ParamsRequest, request: Request):
+    host = _host(request)
+    host.default_params.update(body.model_dump(exclude_none=True, exclude={"model"}))
+    return {"status": "success", "params": host.default_params}
+
+
+@router.get("/health")
+async def health(request: Request):
+    host = _host(request)
+    loaded = list(host.models.loaded.values())
+    current = host.models.loaded.get(host.models.current) if host.models.current else None
+    return {"status": "ok", "version": LEMONADE_API_VERSION,
+            "model_loaded": current.name if current else None,
+            "checkpoint_loaded": current.info.get("checkpoint") if current else None,
+            "all_models_loaded": [m.health_entry() for m in loaded],
+            "max_models": {"llm": host.settings.max_loaded_models},
+            "inferos": {"version": __version__, "plugins": sorted(host.manifests),
+                        "mode": "plugin" if host.manifests else "baseline"}}
+
+
+@router.get("/stats")
+async def stats(request: Request):
+    host_stats = _host(request).host_stats
+    last = host_stats.last
+    body: dict[str, Any] = {
+        "time_to_first_token": last.ttft_s if last else None,
+        "tokens_per_second": last.predicted_per_second if last else None,
+        "input_tokens": (last.prompt_n - last.cache_n) if last else None,
+        "output_tokens": last.predicted_n if last else None,
+        "prompt_tokens": last.prompt_n if last else None,
+        "cache_tokens": last.cache_n if last else None,
+        "decode_token_times": last.decode_token_times_s if last else None,
+        "request_count_total": host_stats.request_count_total,
+        "input_tokens_total": host_stats.input_tokens_total,
+        "output_tokens_total": host_stats.output_tokens_total,
+        "prompt_tokens_total": host_stats.prompt_tokens_total,
+        "cache_tokens_total": host_stats.cache_tokens_total,
+    }
+    if last:
+        body["inferos"] = {"engine": last.engine, "baseline": last.baseline, "kv_bytes_by_tier": last.kv_bytes_by_tier,
+                           "prompt_ms": last.prompt_ms, "finish_reason": last.finish_reason}
+    return body
+
+
+@router.get("/system-info")
+async def system_info(request: Request):
+    memory = psutil.virtual_memory()
+    providers = available_providers()
+    return {
+        "OS Version": platform.platform(),
+        "Processor": platform.processor() or platform.machine(),
+        "Physical Memory": f"{memory.total / 1e9:.1f} GB",
+        "devices": {
+            "cpu": {"name": platform.processor() or platform.machine(), "cores": psutil.cpu_count(logical=False),
+                    "threads": psutil.cpu_count(), "available": True, "family": platform.machine()},
+            "amd_gpu": [{"name": "DirectML device", "available": True}] if "DmlExecutionProvider" in providers else [],
+            "amd_npu": {"available": "VitisAIExecutionProvider" in providers},
+        },
+        "recipes": {recipe: {"default_backend": "default", "backends": {"default": {
+            "devices": ["cpu"] if recipe == "oga-cpu" else [recipe.removeprefix("oga-")],
+            "state": "installed" if recipe == "oga-cpu" or provider in providers else "unsupported",
+            "message": "" if provider in providers else f"{provider} is not available: falls back to CPU"}}}
+            for recipe, provider in (("oga-cpu", "CPUExecutionProvider"), ("oga-igpu", "DmlExecutionProvider"),
+                                     ("oga-hybrid", "DmlExecutionProvider"), ("oga-npu", "VitisAIExecutionProvider"))},
+        "inferos": {"execution_providers": providers},
+    }

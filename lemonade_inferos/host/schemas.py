@@ -1,0 +1,97 @@
+"""Request bodies of the OpenAI and Lemonade endpoints (pydantic), with the fields clients send.
+
+Unknown fields are accepted and ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # OpenAI content parts: keep the text ones
+            return "".join(part.get("text", "") for part in self.content if part.get("type") in ("text", None))
+        return self.content or ""
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = True
+
+
+class SamplingFields(_Lenient):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    repeat_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        values = [value] if isinstance(value, str) else value
+        if len(values) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return values
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+    echo: bool = False
+
+
+class ResponsesRequest(SamplingFields):
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=0)
+
+
+class LoadRequest(_Lenient):
+    model_name: str | None = None
+    model: str | None = None
+    ctx_size: int | None = Field(None, ge=16)
+
+    @property
+    def name(self) -> str | None:
+        return self.model_name or self.model
+
+
+class PullRequest(_Lenient):
+    model_name: str | None = None
+    model: str | None = None
+    checkpoint: str | None = None
+    recipe: str | None = None
+
+    @property
+    def name(self) -> str | None:
+        return self.model_name or self.model
+
+
+class ParamsRequest(_Lenient):
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    repeat_penalty: float | None = Field(None, gt=0.0)
+    max_new_tokens: int | None = Field(None, ge=0)

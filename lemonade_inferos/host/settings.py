@@ -1,0 +1,22 @@
+"""Host settings: CLI flags with their environment twins (LEMONADE_HOST, LEMONADE_PORT, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+class HostSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(13305, ge=0, le=65535)
+    log_level: str = "info"
+    ctx_size: int | None = Field(None, ge=16, description="context length; default: the model's")
+    max_loaded_models: int = Field(1, ge=1)
+    api_key: str | None = None
+    plugins: list[str] = Field(default_factory=list)
+    default_model: str = "SmolLM2-135M-Instruct-CPU"
+    max_queue: int = Field(16, ge=1, description="requests waiting for the engine before 503")
+    request_timeout_s: float = Field(600.0, gt=0)
+    plugin_config: dict[str, object] = Field(default_factory=dict)
+    config_path: Path | None = None

@@ -1,0 +1,143 @@
+"""Prefix store: KV blocks of earlier requests, at rest in INT8/INT4, restored on a prefix hit.
+
+Keys are a hash chain over full blocks of token ids (vLLM style): a block's hash
+covers its own ids and its parent's hash, salted with the model fingerprint and
+KV format, so a hit on block i means the whole prefix up to i matches. Blocks
+are kept LRU within a byte budget; a sequence is stamped tail-first so the
+shared prefixes (system prompt, earlier turns) are the last to go.
+
+At rest each block is one stacked INT8 tensor for keys and one for values
+(all layers), or INT4 when the live cache had already demoted any of its layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from lemonade_inferos.kvcache.codecs import AsymmetricCodec, QuantizedTensor
+from lemonade_inferos.kvcache.manager import TieredKVCache
+from lemonade_inferos.kvcache.plan import TIER_INT4, TIER_INT8
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StoredBlock:
+    block_hash: bytes
+    token_ids: tuple[int, ...]
+    tier: int
+    keys: QuantizedTensor      # [layers * kv_heads, block_size, head_size]
+    values: QuantizedTensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+def block_hashes(token_ids: list[int], block_size: int, salt: bytes) -> list[bytes]:
+    """Chained hashes of every full block of ``token_ids``."""
+    hashes, parent = [], salt
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        block = np.asarray(token_ids[start:start + block_size], dtype=np.int64).tobytes()
+        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        hashes.append(parent)
+    return hashes
+
+
+class PrefixStore:
+    """Blocks by hash, LRU within ``budget_bytes``. Thread-safe (requests on different models share it)."""
+
+    def __init__(self, budget_bytes: int, block_size: int = 32, group_size: int = 32) -> None:
+        self.budget_bytes = budget_bytes
+        self.block_size = block_size
+        self._codecs = {TIER_INT8: AsymmetricCodec(8, group_size), TIER_INT4: AsymmetricCodec(4, group_size)}
+        self._blocks: OrderedDict[bytes, StoredBlock] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.hits_tokens = 0
+        self.lookup_tokens = 0
+        self.evicted_blocks = 0
+
+    @staticmethod
+    def salt(model_fingerprint: str, kv_format: str) -> bytes:
+        return hashlib.blake2b(f"{model_fingerprint}|{kv_format}".encode(), digest_size=16).digest()
+
+    # -- park ------------------------------------------------------------------------------------
+    def park(self, cache: TieredKVCache, salt: bytes) -> int:
+        """Keep the full blocks of a finished sequence; returns how many new blocks were stored."""
+        if cache.num_tokens != len(cache.token_ids) or cache.num_tokens < self.block_size:
+            return 0  # evicted tokens: the working buffer no longer lines up with the token ids
+        token_ids = cache.token_ids[: cache.num_tokens // self.block_size * self.block_size]
+        hashes = block_hashes(token_ids, self.block_size, salt)
+        demoted = {b.start // self.block_size for b in cache.blocks if (b.tiers == TIER_INT4).any()}
+        new_blocks = 0
+        with self._lock:
+            for index, block_hash in enumerate(hashes):
+                if block_hash in self._blocks:
+                    continue
+                start = index * self.block_size
+                tier = TIER_INT4 if index in demoted else TIER_INT8
+                keys, values = cache.block_arrays(start, start + self.block_size)
+                codec = self._codecs[tier]
+                stored = StoredBlock(block_hash, tuple(token_ids[start:start + self.block_size]), tier,
+                                     codec.quantize(keys, "token"), codec.quantize(values, "channel"))
+                self._blocks[block_hash] = stored
+                self.nbytes += stored.nbytes
+                new_blocks += 1
+            for block_hash in reversed(hashes):  # tail first: parents end up most recently used
+                self._blocks.move_to_end(block_hash)
+            self._enforce_budget()
+        return new_blocks
+
+    def _enforce_budget(self) -> None:
+        while self.nbytes > self.budget_bytes and self._blocks:
+            _, stored = self._blocks.popitem(last=False)
+            self.nbytes -= stored.nbytes
+            self.evicted_blocks += 1
+
+    def set_budget(self, budget_bytes: int) -> None:
+        with self._lock:
+            self.budget_bytes = budget_bytes
+            self._enforce_budget()
+
+    # -- restore ---------------------------------------------------------------------------------
+    def lookup(self, prompt_ids: list[int], salt: bytes) -> list[StoredBlock]:
+        """The stored blocks of the longest cached prefix (at least one prompt token is left to run)."""
+        usable = (len(prompt_ids) - 1) // self.block_size * self.block_size
+        found: list[StoredBlock] = []
+        with self._lock:
+            for block_hash in block_hashes(prompt_ids[:usable], self.block_size, salt):
+                stored = self._blocks.get(block_hash)
+                if stored is None:
+                    break
+                found.append(stored)
+            self.lookup_tokens += len(prompt_ids)
+            self.hits_tokens += len(found) * self.block_size
+        return found
+
+    def restore(self, cache: TieredKVCache, blocks: list[StoredBlock]) -> int:
+        """Load ``blocks`` into an empty cache; returns the number of tokens restored."""
+        if not blocks:
+            return 0
+        layers = cache.layout.num_layers
+        restored = []
+        for stored in blocks:
+            codec = self._codecs[stored.tier]
+            restored.append((stored, codec.dequantize(stored.keys), codec.dequantize(stored.values)))
+        cache.load_prefix([(s.token_ids, s.tier, k, v, s.keys, s.values) for s, k, v in restored], layers)
+        return len(blocks) * self.block_size
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hits_tokens / self.lookup_tokens if self.lookup_tokens else None
+
+    def stats(self) -> dict[str, object]:
+        return {"blocks": len(self._blocks), "bytes": self.nbytes, "budget_bytes": self.budget_bytes,
+                "hit_tokens": self.hits_tokens, "lookup_tokens": self.lookup_tokens, "hit_rate": self.hit_rate,
+                "evicted_blocks": self.evicted_blocks}

@@ -1,0 +1,1 @@
+"""Measurements: InferenceStats per request, the recorder over time windows, the Prometheus collector."""

@@ -1,0 +1,74 @@
+"""InferenceStats: what one generate call measured, handed to PostRun.
+
+Field names follow llama.cpp's ``timings`` (``prompt_n``, ``prompt_ms``,
+``predicted_per_second``, ``cache_n``) so people who read llama-server output
+read these too. Every value is measured; what was not measured is ``None``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+from lemonade_inferos.engine.types import GenerationStats
+
+
+@dataclass
+class InferenceStats:
+    request_id: str
+    model: str
+    engine: str
+    start_unix: float
+    end_unix: float
+    prompt_n: int
+    cache_n: int
+    predicted_n: int
+    prompt_ms: float | None
+    ttft_s: float | None
+    predicted_ms: float | None
+    predicted_per_second: float | None
+    prompt_per_second: float | None
+    latency_s: float
+    finish_reason: str | None
+    decode_token_times_s: list[float] = field(default_factory=list)
+    rss_bytes: int = 0
+    peak_rss_bytes: int | None = None
+    kv_bytes_by_tier: dict[str, int] = field(default_factory=dict)
+    kv: dict[str, Any] = field(default_factory=dict)
+    baseline: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _peak_rss() -> int | None:
+    """Peak RSS of this process where the OS reports it (Linux: ru_maxrss in KiB; Windows: peak_wset)."""
+    info = psutil.Process().memory_info()
+    if hasattr(info, "peak_wset"):
+        return int(info.peak_wset)
+    try:
+        import resource
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, AttributeError):
+        return None
+
+
+def stats_from_generation(request_id: str, model: str, engine: str, gen: GenerationStats, start_unix: float,
+                          kv: dict[str, Any] | None = None, baseline: bool = False,
+                          error: str | None = None) -> InferenceStats:
+    """Turn the engine's timings into the record PostRun and /stats see."""
+    end = gen.end_time or time.perf_counter()
+    times = gen.token_times
+    return InferenceStats(
+        request_id=request_id, model=model, engine=engine, start_unix=start_unix,
+        end_unix=start_unix + (end - gen.start_time), prompt_n=gen.prompt_n, cache_n=gen.cache_n,
+        predicted_n=gen.predicted_n, prompt_ms=gen.prompt_ms, ttft_s=gen.ttft_s, predicted_ms=gen.predicted_ms,
+        predicted_per_second=gen.predicted_per_second, prompt_per_second=gen.prompt_per_second,
+        latency_s=end - gen.start_time, finish_reason=gen.finish_reason,
+        decode_token_times_s=[b - a for a, b in zip(times, times[1:])],
+        rss_bytes=psutil.Process().memory_info().rss, peak_rss_bytes=_peak_rss(),
+        kv_bytes_by_tier=dict((kv or {}).get("bytes_by_tier", {})), kv=kv or {}, baseline=baseline, error=error)
