@@ -1,0 +1,167 @@
+"""The host as GAIA, the openai client and curl see it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+MODEL = "SmolLM2-135M-Instruct-CPU"
+
+
+@pytest.fixture
+def client(plugin_server):
+    return openai.OpenAI(base_url=f"{plugin_server}/api/v1", api_key="unused")
+
+
+def test_chat_completion_returns_text_and_usage(client):
+    reply = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    extra = reply.usage.model_extra
+    assert extra["decoding_speed_tps"] > 0 and extra["prefill_duration_ttft"] > 0
+
+
+def test_streaming_chat_ends_with_usage_in_the_last_chunk(client):
+    chunks = list(client.chat.completions.create(
+        model=MODEL, max_tokens=24, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "What is the capital of France?"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == "stop"
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    assert last.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_streaming_and_plain_greedy_replies_are_identical(client):
+    messages = [{"role": "user", "content": "Name two planets."}]
+    plain = client.chat.completions.create(model=MODEL, max_tokens=20, temperature=0, messages=messages)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, max_tokens=20, temperature=0, messages=messages, stream=True) if c.choices)
+    assert streamed == plain.choices[0].message.content
+
+
+def test_completions_endpoint(client):
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert reply.choices[0].text.strip()
+    assert reply.usage.completion_tokens <= 5
+
+
+def test_responses_endpoint_text_in_text_out(plugin_server):
+    body = httpx.post(f"{plugin_server}/api/v1/responses", timeout=60,
+                      json={"model": MODEL, "input": "What is the capital of France?", "max_output_tokens": 16}).json()
+    assert body["object"] == "response" and body["status"] == "completed"
+    assert "Paris" in body["output"][0]["content"][0]["text"]
+    assert body["usage"]["output_tokens"] > 0
+
+
+def test_second_turn_reuses_the_first_turns_kv(client, plugin_server):
+    messages = [{"role": "system", "content": "You are a terse assistant. " * 20},
+                {"role": "user", "content": "List three fruits."}]
+    first = client.chat.completions.create(model=MODEL, max_tokens=32, temperature=0, messages=messages)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And three vegetables?"}]
+    second = client.chat.completions.create(model=MODEL, max_tokens=16, temperature=0, messages=messages)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 0.6 * second.usage.prompt_tokens
+    stats = httpx.get(f"{plugin_server}/api/v1/stats").json()
+    assert stats["cache_tokens"] == cached
+    assert stats["input_tokens"] == stats["prompt_tokens"] - cached
+
+
+def test_concurrent_chats_sharing_a_system_prompt_each_get_their_own_answer(client):
+    system = {"role": "system", "content": "You answer with one short sentence."}
+    questions = ["What is 2+2?", "What colour is the sky?", "Who wrote Hamlet?", "What is ice made of?"]
+
+    def ask(question):
+        return client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0,
+                                              messages=[system, {"role": "user", "content": question}])
+
+    sequential = [ask(q).choices[0].message.content for q in questions]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent_replies = [r.choices[0].message.content for r in pool.map(ask, questions)]
+    assert concurrent_replies == sequential
+
+
+def test_health_reports_a_parseable_lemonade_version_and_loaded_models(plugin_server):
+    health = httpx.get(f"{plugin_server}/api/v1/health").json()
+    assert health["status"] == "ok"
+    assert tuple(int(p) for p in health["version"].split(".")) >= (10, 2, 0)
+    assert health["model_loaded"] == MODEL and health["checkpoint_loaded"]
+    assert health["all_models_loaded"][0]["recipe_options"]["ctx_size"] > 0
+    assert health["inferos"]["plugins"] == ["inferos"]
+
+
+def test_models_listing_and_lookup(plugin_server):
+    listing = httpx.get(f"{plugin_server}/v1/models").json()
+    assert MODEL in [m["id"] for m in listing["data"]]
+    assert httpx.get(f"{plugin_server}/api/v0/models/{MODEL}").json()["recipe"] == "oga-cpu"
+
+
+def _error(response, status, code):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and "details" in error and error["type"]
+
+
+def test_unknown_model_is_404_in_the_error_shape(plugin_server):
+    _error(httpx.post(f"{plugin_server}/api/v1/chat/completions",
+                      json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}),
+           404, "model_not_found")
+    _error(httpx.get(f"{plugin_server}/api/v1/models/no-such-model"), 404, "model_not_found")
+
+
+def test_bad_json_is_400(plugin_server):
+    _error(httpx.post(f"{plugin_server}/api/v1/chat/completions", content=b"{not json",
+                      headers={"content-type": "application/json"}), 400, "invalid_json")
+
+
+def test_negative_max_tokens_is_400(plugin_server):
+    _error(httpx.post(f"{plugin_server}/api/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}),
+           400, "invalid_request")
+
+
+def test_prompt_over_the_context_is_400(plugin_server):
+    _error(httpx.post(f"{plugin_server}/api/v1/completions", timeout=60,
+                      json={"prompt": "hello " * 9000, "max_tokens": 4}), 400, "context_length_exceeded")
+
+
+def test_empty_messages_is_400(plugin_server):
+    _error(httpx.post(f"{plugin_server}/api/v1/chat/completions", json={"messages": []}), 400, "invalid_request")
+
+
+def test_server_keeps_serving_after_bad_requests(client):
+    reply = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "Say hello."}])
+    assert reply.choices[0].message.content
+
+
+def test_prometheus_metrics_parse(plugin_server):
+    text = httpx.get(f"{plugin_server}/metrics").text
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert {"lemonade_server_up", "inferos_requests", "inferos_cache_tokens"} <= names
+
+
+def test_baseline_server_without_plugin_runs_og_generator(baseline_server):
+    client = openai.OpenAI(base_url=f"{baseline_server}/api/v1", api_key="unused")
+    reply = client.chat.completions.create(model=MODEL, max_tokens=16, temperature=0,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in reply.choices[0].message.content
+    stats = httpx.get(f"{baseline_server}/api/v1/stats").json()
+    assert stats["inferos"]["engine"] == "og" and stats["inferos"]["baseline"] is True
+    assert httpx.get(f"{baseline_server}/api/v1/health").json()["inferos"]["mode"] == "baseline"
+
+
+def test_plugin_and_baseline_give_the_same_greedy_reply(plugin_server, baseline_server):
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    replies = [openai.OpenAI(base_url=f"{base}/api/v1", api_key="x").chat.completions.create(
+        model=MODEL, max_tokens=24, temperature=0, messages=messages).choices[0].message.content
+        for base in (plugin_server, baseline_server)]
+    assert replies[0] == replies[1]
