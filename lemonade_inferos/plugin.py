@@ -1,5 +1,5 @@
 """The inferos plugin: PreRun asks the embedded controller for a plan and restores cached prefixes;
-PostRun reports what was measured and parks the KV blocks for the next turn.
+PostRun reports what was measured, parks the KV blocks for the next turn and feeds the quality guard.
 
 Registered through the ``lemonade_server.plugins`` entry point (name ``inferos``),
 like any third-party plugin.
@@ -7,10 +7,16 @@ like any third-party plugin.
 
 from __future__ import annotations
 
+import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from lemonade_inferos.controller.controller import Controller
+from lemonade_inferos.controller.server import ControlServer
+from lemonade_inferos.controller.shadow import shadow_score
+from lemonade_inferos.controller.sizes import parse_size
 from lemonade_inferos.hookspecs import hookimpl
 from lemonade_inferos.host.context import InferenceContext, RunPlan
 from lemonade_inferos.kvcache.manager import TieredKVCache
@@ -19,55 +25,104 @@ from lemonade_inferos.kvcache.rope import RopeTables
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = {"kv_mode": "dynamic", "recent_window": 64, "prefix_cache_mb": 256, "control_port": 7031,
-                  "memory_limit": None, "config": None, "control_api": True}
+DEFAULT_CONFIG = {"kv_mode": None, "recent_window": None, "prefix_cache_mb": 256, "control_port": None,
+                  "memory_limit": None, "config": None, "control_api": True, "shadow_every": 8,
+                  "shadow_max_tokens": 512, "history_path": None, "guard": None}
 
 
 class InferosPlugin:
-    """Hook implementations plus the state they share: the controller and the prefix store."""
+    """Hook implementations plus the state they share: the controller, the prefix store, the shadow worker."""
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = {**DEFAULT_CONFIG, **{k: v for k, v in (config or {}).items() if v is not None}}
-        self.controller = Controller()
-        self.controller.update_policy({"kv": {"mode": self.config["kv_mode"],
-                                              "recent_window": int(self.config["recent_window"])}})
-        self.prefix_store = PrefixStore(int(float(self.config["prefix_cache_mb"]) * 2**20))
+        memory_limit = parse_size(self.config["memory_limit"]) if self.config["memory_limit"] else None
+        config_path = Path(self.config["config"]) if self.config["config"] else None
+        history_path = Path(self.config["history_path"]) if self.config["history_path"] else None
+        self.controller = Controller(memory_limit_bytes=memory_limit, config_path=config_path,
+                                     history_path=history_path, guard_options=self.config["guard"])
+        overrides = {k: v for k, v in (("mode", self.config["kv_mode"]),
+                                       ("recent_window", self.config["recent_window"])) if v is not None}
+        if overrides:
+            self.controller.update_policy({"kv": overrides})
+        self.prefix_budget_bytes = int(float(self.config["prefix_cache_mb"]) * 2**20)
+        self.prefix_store = PrefixStore(self.prefix_budget_bytes)
+        self.controller.prefix_stats = self.prefix_store.stats
+        guard_notify = self.controller.guard.on_transition
+        self.controller.guard.on_transition = lambda event: (self._on_guard_step(event), guard_notify(event))
         self._ropes: dict[str, RopeTables | None] = {}
+        self._requests = itertools.count()
+        self._shadow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferos-shadow")
+        self.control_server: ControlServer | None = None
 
     # -- hooks -----------------------------------------------------------------------------------
     @hookimpl
     def host_startup(self, host: Any) -> None:
+        self.controller.watch_config()
+        if self.config["control_api"]:
+            self.control_server = ControlServer(self.controller, self.config["control_port"])
+            started = self.control_server.start()
+            host.extras["control_api"] = {"url": f"http://127.0.0.1:{self.control_server.port}/v1",
+                                          "running": started, "error": self.control_server.error}
         log.info("inferos plugin active: kv mode %s, prefix cache %.0f MiB", self.controller.policy.kv.mode,
                  self.prefix_store.budget_bytes / 2**20)
 
     @hookimpl
     def host_shutdown(self, host: Any) -> None:
-        log.info("inferos plugin stopping; prefix store %s", self.prefix_store.stats())
+        self.controller.stop()
+        self._shadow.shutdown(wait=False, cancel_futures=True)
+        if self.control_server:
+            self.control_server.stop()
+        log.info("inferos plugin stopped; prefix store %s", self.prefix_store.stats())
 
     @hookimpl
     def pre_run(self, context: InferenceContext) -> RunPlan:
         controller = self.controller
-        if controller.baseline:
+        if controller.use_baseline:
             return RunPlan(baseline=True, policy_version=controller.policy_version)
         kv_plan = controller.kv_plan()
+        self.prefix_store.set_budget(self.prefix_budget_bytes // (2 if controller.fallbacks.memory_pressure else 1))
+        max_tier = controller.guard.max_tier
         prompt = context.prompt_ids
 
         def make_cache(engine: Any) -> TieredKVCache:
             cache = TieredKVCache(engine.layout, kv_plan, self._rope(engine))
+            cache.max_tier = max_tier
+            cache.engine = engine
             cache.prefix_salt = PrefixStore.salt(engine.folder.fingerprint, self._kv_format(engine, kv_plan))
-            blocks = self.prefix_store.lookup(prompt, cache.prefix_salt)
-            self.prefix_store.restore(cache, blocks)
+            self.prefix_store.restore(cache, self.prefix_store.lookup(prompt, cache.prefix_salt))
             return cache
 
         return RunPlan(session=controller.session_policy(), kv_plan=kv_plan, make_cache=make_cache,
-                       policy_version=controller.policy_version)
+                       policy_version=controller.policy_version,
+                       notes={"guard_level": controller.guard.level, "pressure": kv_plan.pressure})
 
     @hookimpl
     def post_run(self, context: InferenceContext, plan: RunPlan | None, stats: Any, cache: Any) -> None:
-        if isinstance(cache, TieredKVCache) and stats.error is None:
-            self.prefix_store.park(cache, cache.prefix_salt)
+        self.controller.record(stats)
+        if not isinstance(cache, TieredKVCache) or stats.error is not None:
+            return
+        self.prefix_store.park(cache, cache.prefix_salt)
+        every = int(self.config["shadow_every"])
+        if every > 0 and next(self._requests) % every == 0 and cache.plan.quantizes:
+            self._shadow.submit(self._shadow_pass, cache.engine, list(cache.token_ids), cache.plan,
+                                self._rope(cache.engine), cache.max_tier)
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _shadow_pass(self, engine: Any, token_ids: list[int], plan: Any, rope: Any, max_tier: int) -> None:
+        try:
+            sample = shadow_score(engine, token_ids, plan, rope, max_tier, int(self.config["shadow_max_tokens"]))
+        except Exception:
+            log.exception("shadow pass failed")
+            return
+        if sample is not None:
+            self.controller.add_shadow_sample(sample)
+
+    def _on_guard_step(self, event: dict[str, Any]) -> None:
+        """A step back re-prefills affected sessions: blocks stored beyond the new cap leave the prefix store."""
+        if event["to_level"] > event["from_level"]:
+            dropped = self.prefix_store.drop_above(self.controller.guard.max_tier)
+            event["prefix_blocks_dropped"] = dropped
+
     def _rope(self, engine: Any) -> RopeTables | None:
         key = str(engine.folder.onnx_path)
         if key not in self._ropes:

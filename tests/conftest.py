@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+# every server a test starts gets its own control-API port (7031 may be taken by a user's server)
+os.environ.setdefault("INFEROS_RANDOM_PORT", "true")
+
+from lemonade_inferos.bench.servers import running_server
 from lemonade_inferos.engine.build import BuildSpec, build_model
 
 
@@ -35,3 +40,16 @@ def corpus_ids(ort_engine) -> list[int]:
     from lemonade_inferos.bench.common import corpus_text
 
     return ort_engine.tokenizer.encode(corpus_text()[:200_000])
+
+
+@pytest.fixture(scope="session")
+def plugin_server(model_dir, tmp_path_factory):
+    with running_server("--plugin", "inferos", "--max-queue", "8",
+                        log_path=tmp_path_factory.mktemp("logs") / "plugin-server.log") as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def baseline_server(model_dir, tmp_path_factory):
+    with running_server(log_path=tmp_path_factory.mktemp("logs") / "baseline-server.log") as base:
+        yield base

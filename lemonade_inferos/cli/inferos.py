@@ -192,6 +192,33 @@ def bench_kv_cmd(model_name: str, plan: str, contexts: tuple[int, ...], new_toke
     Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 
+@bench.command("multiturn")
+@click.option("--model", "model_name", default="SmolLM2-135M-Instruct-CPU", show_default=True,
+              help="Registry model name served by lemonade-server.")
+@click.option("--turns", default=10, show_default=True)
+@click.option("--reply-tokens", default=48, show_default=True, help="max_tokens of each assistant reply.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/multiturn.json"),
+              show_default=True)
+@handle_errors
+def bench_multiturn_cmd(model_name: str, turns: int, reply_tokens: int, json_path: Path) -> None:
+    """A scripted multi-turn chat against lemonade-server with --plugin inferos and without (og baseline)."""
+    from lemonade_inferos.bench.multiturn import bench_multiturn
+    from lemonade_inferos.host.registry import ModelRegistry
+
+    registry = ModelRegistry()
+    folder = registry.pull(model_name, progress=console.log) if not registry.is_downloaded(model_name) \
+        else registry.folder(model_name)
+    results = bench_multiturn(model_name, folder, turns, reply_tokens, json_path)
+    table = Table("mode", "last-turn TTFT s", "cold TTFT s", "ratio", "hit rate")
+    for mode in ("baseline", "inferos"):
+        r = results[mode]
+        table.add_row(mode, f"{r['last_turn_ttft_s']:.3f}", f"{r['cold_ttft_s']:.3f}",
+                      f"{r['last_turn_ttft_vs_cold']:.3f}", f"{r['hit_rate']:.1%}")
+    Console().print(table)
+    Console().print(f"restored-prefix first-token KLD {results['restore']['kld']:.2e}; "
+                    f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
 @cli.group("eval")
 def eval_group() -> None:
     """Quality of KV plans on CPython's pydoc_data.topics text (JSON plus a PNG)."""
@@ -257,6 +284,57 @@ def eval_long_cmd(model_name: str, plan: str, tokens: int, json_path: Path) -> N
                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
     write_json(json_path, result)
     Console().print(result)
+
+
+port_option = click.option("--port", type=int, default=None,
+                           help="Control API port (default: INFEROS_AGENT_PORT, the running server's, or 7031).")
+
+
+@cli.group()
+def policy() -> None:
+    """Read or change the running controller's policy (control API)."""
+
+
+@policy.command("get")
+@port_option
+@handle_errors
+def policy_get(port: int | None) -> None:
+    """Print the current policy as JSON."""
+    from lemonade_inferos.cli.control import call
+
+    click.echo(json.dumps(call("GET", "/policy", port), indent=2))
+
+
+@policy.command("set")
+@click.argument("assignments", nargs=-1, required=True)
+@port_option
+@handle_errors
+def policy_set(assignments: tuple[str, ...], port: int | None) -> None:
+    """Merge KEY=VALUE settings into the policy, e.g. kv.mode=quality_optimized kv.recent_window=128."""
+    from lemonade_inferos.cli.control import call, parse_assignments
+
+    click.echo(json.dumps(call("POST", "/policy", port, parse_assignments(assignments)), indent=2))
+
+
+@cli.command()
+@port_option
+@handle_errors
+def metrics(port: int | None) -> None:
+    """Print the controller's measurements (GET /v1/metrics)."""
+    from lemonade_inferos.cli.control import call
+
+    click.echo(json.dumps(call("GET", "/metrics", port), indent=2))
+
+
+@cli.command()
+@click.argument("state", type=click.Choice(["on", "off"]))
+@port_option
+@handle_errors
+def baseline(state: str, port: int | None) -> None:
+    """Turn baseline mode (every optimisation off) on or off."""
+    from lemonade_inferos.cli.control import call
+
+    click.echo(json.dumps(call("POST", "/baseline", port, {"enable": state == "on"})))
 
 
 def main() -> None:

@@ -1,22 +1,32 @@
-"""The embedded controller: owns the policy and turns it into what PreRun applies.
+"""The embedded controller: owns the policy and everything measured about how it works.
 
-The plugin asks it for a KV plan and session options before every run and
-reports measured InferenceStats after. (Metrics over time windows, the quality
-guard, fallbacks and the control API build on this class.)
+The plugin asks it, before every run, for a KV plan and session options (with
+the quality guard's cap and the active fallbacks applied) and reports, after
+every run, the measured InferenceStats. It keeps metrics over time windows, a
+persistent history, the quality guard and the fallback state, and serves all of
+it through the control API (``api.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import psutil
 
+from lemonade_inferos.controller.config import ConfigError, ConfigWatcher, InferOSConfig, load_config
+from lemonade_inferos.controller.fallbacks import Fallbacks
+from lemonade_inferos.controller.guard import QualityGuard, ShadowSample
 from lemonade_inferos.controller.policy import Policy
 from lemonade_inferos.engine.session import SessionPolicy
-from lemonade_inferos.kvcache.plan import KVPlan, plan_for_mode
+from lemonade_inferos.kvcache.plan import NEVER, KVPlan, plan_for_mode
+from lemonade_inferos.metrics.recorder import History, MetricsRecorder
+from lemonade_inferos.metrics.stats import InferenceStats
+from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
 
@@ -24,54 +34,165 @@ SCHEDULER_DEVICES = {"gpu_only": ["dml"], "npu_only": ["npu"]}
 
 
 class Controller:
-    def __init__(self, policy: Policy | None = None, memory_limit_bytes: int | None = None) -> None:
-        self._policy = policy or Policy()
-        self._lock = threading.Lock()
+    def __init__(self, policy: Policy | None = None, memory_limit_bytes: int | None = None,
+                 history_path: Path | None = None, config_path: Path | None = None,
+                 guard_options: dict[str, Any] | None = None) -> None:
+        self._lock = threading.RLock()
+        self.config = InferOSConfig(policy=policy or Policy())
+        self.config_path = config_path
+        self.config_error: dict[str, Any] | None = None
         self.policy_version = 1
         self.baseline = False
         self.memory_limit_bytes = memory_limit_bytes
+        self.recorder = MetricsRecorder()
+        self.history = History(history_path or inferos_home() / "history.jsonl")
+        self.guard = QualityGuard(lambda: self.policy.quality.max_delta_ppl, self.notify, **(guard_options or {}))
+        self.fallbacks = Fallbacks(self.notify)
+        self.last_kv_stats: dict[str, Any] = {}
+        self.prefix_stats: Any = None  # set by the plugin: a callable returning the prefix store's stats
+        self._watcher: ConfigWatcher | None = None
+        if config_path is not None:
+            self.config = load_config(config_path)
 
-    # -- policy ------------------------------------------------------------------------------
+    # -- policy and config ---------------------------------------------------------------------
     @property
     def policy(self) -> Policy:
-        return self._policy
+        return self.config.policy
 
     def update_policy(self, update: dict[str, Any]) -> Policy:
         """Merge a partial policy; invalid updates raise and change nothing."""
         with self._lock:
-            new = self._policy.merged(update)
-            self._policy = new
+            new = self.policy.merged(update)
+            self.config = replace_policy(self.config, new)
             self.policy_version += 1
-        log.info("policy updated to version %d: %s", self.policy_version, update)
+        self.notify({"kind": "policy", "version": self.policy_version, "update": update})
         return new
 
-    def replace_policy(self, policy: Policy) -> None:
+    def apply_config(self, config: InferOSConfig, source: str) -> None:
         with self._lock:
-            self._policy = policy
+            self.config = config
             self.policy_version += 1
+            self.config_error = None
+        self.notify({"kind": "config", "version": self.policy_version, "source": source})
+
+    def reject_config(self, error: ConfigError) -> None:
+        self.config_error = {"message": str(error), **error.details(), "at": time.time()}
+        self.notify({"kind": "config_rejected", **self.config_error})
+
+    def reload_config(self) -> InferOSConfig:
+        """Re-read the config file now (the reload call); raises ConfigError and keeps the old config."""
+        if self.config_path is None:
+            raise ConfigError("no config file was given (--config)", "none")
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            self.reject_config(exc)
+            raise
+        self.apply_config(config, str(self.config_path))
+        return config
+
+    def watch_config(self, interval_s: float = 1.0) -> None:
+        if self.config_path is not None and self._watcher is None:
+            self._watcher = ConfigWatcher(self.config_path, lambda c: self.apply_config(c, str(self.config_path)),
+                                          self.reject_config, interval_s)
+            self._watcher.start()
+
+    def stop(self) -> None:
+        if self._watcher:
+            self._watcher.stop()
 
     def set_baseline(self, enable: bool) -> None:
         self.baseline = enable
-        log.info("baseline mode %s", "on: every optimisation is off" if enable else "off")
+        self.notify({"kind": "baseline", "enabled": enable})
+
+    def notify(self, event: dict[str, Any]) -> None:
+        """A notification: logged and kept in the history."""
+        entry = {"timestamp": time.time(), **event}
+        log.info("controller event: %s", entry)
+        self.history.append(entry)
 
     # -- what PreRun applies -------------------------------------------------------------------
     def memory_pressure(self) -> float:
-        """Used memory over the limit (``--memory-limit``), else over physical memory; in [0, 1]."""
+        """Process RSS over ``--memory-limit`` when set, else system memory in use; in [0, 1]."""
         if self.memory_limit_bytes:
-            used = psutil.Process().memory_info().rss
-            return min(1.0, used / self.memory_limit_bytes)
+            return min(1.0, psutil.Process().memory_info().rss / self.memory_limit_bytes)
         return psutil.virtual_memory().percent / 100.0
 
     def kv_plan(self) -> KVPlan:
-        kv = self._policy.kv
-        thresholds = kv.level_thresholds
-        plan = plan_for_mode(kv.mode, recent_window=kv.recent_window, l1_int8=thresholds.L1_int8,
-                             l2_int4=thresholds.L2_int4, l3_evict=thresholds.L3_evict)
-        return replace(plan, pressure=self.memory_pressure())
+        """The policy's plan with the fallbacks and the guard's cap applied."""
+        kv = self.policy.kv
+        t = kv.level_thresholds
+        l1, l2, l3, window = t.L1_int8, t.L2_int4, t.L3_evict, kv.recent_window
+        pressure = self.memory_pressure()
+        self.fallbacks.check_memory(pressure)
+        self.fallbacks.check_devices(self.session_policy().devices)
+        if self.fallbacks.device_missing:  # CPU fallback: be conservative with quality
+            l1, l2, l3, window = min(1, l1 + 0.1), min(1, l2 + 0.1), min(1, l3 + 0.1), max(window, 128)
+        if self.fallbacks.memory_pressure:  # compress harder
+            l1, l2, l3, window = max(0, l1 - 0.1), max(0, l2 - 0.1), max(0, l3 - 0.1), max(16, window // 2)
+        plan = plan_for_mode(kv.mode, recent_window=min(window, 512), l1_int8=l1, l2_int4=l2, l3_evict=l3)
+        if not self.guard.evictions_allowed:
+            plan = replace(plan, evict_below=NEVER)
+        return replace(plan, pressure=pressure)
 
     def session_policy(self) -> SessionPolicy:
-        scheduler, io = self._policy.scheduler, self._policy.io
+        scheduler, io = self.policy.scheduler, self.policy.io
         devices = SCHEDULER_DEVICES.get(scheduler.mode, [scheduler.prefill_device, scheduler.decode_device])
         ordered = list(dict.fromkeys([*devices, "cpu"]))
         return SessionPolicy(devices=ordered, enable_iobinding=io.enable_iobinding,
                              dml_pool_bytes=io.dml_pool_bytes if "dml" in ordered else None)
+
+    @property
+    def use_baseline(self) -> bool:
+        return self.baseline or self.fallbacks.in_backoff
+
+    # -- what PostRun reports ------------------------------------------------------------------
+    def record(self, stats: InferenceStats) -> None:
+        self.recorder.record(stats)
+        if stats.kv:
+            self.last_kv_stats = stats.kv
+        if stats.error and "Cancelled" not in stats.error and not stats.baseline:
+            self.fallbacks.backend_error(stats.error)
+        elif stats.error is None and not stats.baseline:
+            self.fallbacks.backend_ok()
+
+    def add_shadow_sample(self, sample: ShadowSample) -> None:
+        self.guard.add(sample)
+
+    # -- the metrics document ------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        kv = self.last_kv_stats
+        prefix = self.prefix_stats() if callable(self.prefix_stats) else {}
+        status = self.policy
+        extra = {
+            "quality": {"delta_ppl_est": self.guard.estimate(), "guard": self.guard.status(),
+                        "max_delta_ppl": status.quality.max_delta_ppl,
+                        "accept_rate": {"current": None, "target": status.quality.min_accept_rate,
+                                        "reason": "no speculative decoding runs here, so there is no accept rate"}},
+            "memory": {"kv_cache_usage_mb": (kv.get("kv_bytes") or 0) / 2**20 if kv else None,
+                       "kv_cache_hit_rate": prefix.get("hit_rate"), "prefix_cache_bytes": prefix.get("bytes"),
+                       "kv_bytes_by_tier": kv.get("bytes_by_tier") if kv else None,
+                       "memory_pressure": self.memory_pressure()},
+            "optimization_status": {
+                "baseline_mode": self.use_baseline, "kv_quantization_active": not self.use_baseline
+                and status.kv.mode != "disabled" and self.guard.level < 2,
+                "kv_eviction_active": not self.use_baseline and status.kv.mode != "disabled"
+                and self.guard.evictions_allowed,
+                "prefix_reuse_active": not self.use_baseline, "io_binding_active": status.io.enable_iobinding,
+                "hybrid_scheduling_active": False,
+                "hybrid_scheduling_reason": "one ONNX Runtime session per model; prefill/decode device split is not "
+                                            "implemented",
+                "current_policy": status.kv.mode, "policy_version": self.policy_version,
+                "fallbacks": self.fallbacks.status()},
+            "kv_stats": {key: kv.get(key) for key in ("tokens_by_tier", "bytes_by_tier", "blocks_sealed",
+                                                      "block_layers_quantized", "blocks_evicted",
+                                                      "compression_vs_fp16", "compression_vs_model_dtype",
+                                                      "quantize_seconds", "working_buffer_bytes", "tokens_seen",
+                                                      "tokens_held")} if kv else {},
+            "prefix_cache": prefix,
+        }
+        return self.recorder.snapshot(extra)
+
+
+def replace_policy(config: InferOSConfig, policy: Policy) -> InferOSConfig:
+    return InferOSConfig(policy=policy, loops=config.loops)

@@ -40,6 +40,7 @@ class Host:
     generator: GenerateService
     prometheus_registry: CollectorRegistry
     default_params: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # what plugins publish in /health under "inferos"
 
 
 class HostCollector:

@@ -20,6 +20,7 @@ from starlette.concurrency import iterate_in_threadpool
 
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
+from lemonade_inferos.errors import GenerationError
 from lemonade_inferos.host.context import InferenceContext, RunPlan
 from lemonade_inferos.host.models import LoadedModel, ModelManager
 from lemonade_inferos.metrics.stats import InferenceStats, stats_from_generation
@@ -84,18 +85,33 @@ class GenerateService:
             baseline = plan is None or plan.baseline
             engine = await asyncio.to_thread(model.engine, "og" if baseline else "inferos",
                                              None if baseline else plan.session)
+            gen_stats = GenerationStats()  # TTFT counts from here: restoring a cached prefix is part of it
+            start_unix = time.time()
             cache = None
             if not baseline:
                 make_cache = plan.make_cache or (lambda eng: eng.new_cache())
                 cache = await asyncio.to_thread(make_cache, engine)
-            gen_stats = GenerationStats()
-            start_unix = time.time()
             kwargs = {} if baseline else {"cache": cache, "run_options": plan.run_options}
             iterator = engine.generate(prompt_ids, params, stats=gen_stats, **kwargs)
             error: BaseException | None = None
+            fallback_error: BaseException | None = None
             try:
-                async for chunk in iterate_in_threadpool(iterator):
-                    yield chunk
+                try:
+                    async for chunk in iterate_in_threadpool(iterator):
+                        yield chunk
+                except Exception as exc:
+                    if baseline or gen_stats.predicted_n or isinstance(exc, GenerationError):
+                        raise
+                    # backend error before any token: serve this request on the baseline engine
+                    log.exception("engine %s failed; serving this request on the baseline engine", engine.name)
+                    fallback_error = exc
+                    self._report(context, plan, model, engine, gen_stats, start_unix, cache, False, repr(exc))
+                    engine, baseline, cache, plan = (await asyncio.to_thread(model.engine, "og"), True, None,
+                                                     RunPlan(baseline=True, notes={"fallback": repr(exc)}))
+                    gen_stats, start_unix = GenerationStats(), time.time()
+                    iterator = engine.generate(prompt_ids, params, stats=gen_stats)
+                    async for chunk in iterate_in_threadpool(iterator):
+                        yield chunk
             except BaseException as exc:  # includes client disconnects (CancelledError)
                 error = exc
                 raise
@@ -103,13 +119,23 @@ class GenerateService:
                 iterator.close()
                 if error is not None and gen_stats.finish_reason is None:
                     gen_stats.finish_reason = "cancelled" if isinstance(error, asyncio.CancelledError) else "error"
-                kv = cache.kv_stats().to_dict() if hasattr(cache, "kv_stats") else {}
-                stats = stats_from_generation(request_id, model.name, engine.name, gen_stats, start_unix, kv,
-                                              baseline=baseline, error=None if error is None else repr(error))
-                self.host_stats.record(stats)
-                try:
-                    self.pm.hook.post_run(context=context, plan=plan, stats=stats, cache=cache)
-                except Exception:  # a plugin's bookkeeping must not turn a served request into a failure
-                    log.exception("post_run hook failed")
+                stats = self._report(context, plan, model, engine, gen_stats, start_unix, cache, baseline,
+                                     None if error is None else repr(error))
+                if fallback_error is not None:
+                    stats.kv["fallback_from_error"] = repr(fallback_error)
                 if error is None:
                     yield stats
+
+    def _report(self, context: InferenceContext, plan: RunPlan | None, model: LoadedModel, engine: Any,
+                gen_stats: GenerationStats, start_unix: float, cache: Any, baseline: bool,
+                error: str | None) -> InferenceStats:
+        """Build InferenceStats, record them for /stats and hand them to PostRun."""
+        kv = cache.kv_stats().to_dict() if hasattr(cache, "kv_stats") else {}
+        stats = stats_from_generation(context.request_id, model.name, engine.name, gen_stats, start_unix, kv,
+                                      baseline=baseline, error=error)
+        self.host_stats.record(stats)
+        try:
+            self.pm.hook.post_run(context=context, plan=plan, stats=stats, cache=cache)
+        except Exception:  # a plugin's bookkeeping must not turn a served request into a failure
+            log.exception("post_run hook failed")
+        return stats

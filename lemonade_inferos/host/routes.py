@@ -245,7 +245,7 @@ async def health(request: Request):
             "all_models_loaded": [m.health_entry() for m in loaded],
             "max_models": {"llm": host.settings.max_loaded_models},
             "inferos": {"version": __version__, "plugins": sorted(host.manifests),
-                        "mode": "plugin" if host.manifests else "baseline"}}
+                        "mode": "plugin" if host.manifests else "baseline", **host.extras}}
 
 
 @router.get("/stats")

@@ -101,6 +101,15 @@ class PrefixStore:
             self.nbytes -= stored.nbytes
             self.evicted_blocks += 1
 
+    def drop_above(self, max_tier: int) -> int:
+        """Forget blocks stored at a tier beyond ``max_tier`` (the guard stepped back): they will be re-prefilled
+        from token ids. Returns how many were dropped."""
+        with self._lock:
+            doomed = [h for h, b in self._blocks.items() if b.tier > max_tier]
+            for block_hash in doomed:
+                self.nbytes -= self._blocks.pop(block_hash).nbytes
+        return len(doomed)
+
     def set_budget(self, budget_bytes: int) -> None:
         with self._lock:
             self.budget_bytes = budget_bytes

@@ -1,0 +1,52 @@
+"""Start a real ``lemonade-server`` on a free loopback port (benchmarks and tests talk to it over HTTP)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(*args: str, env: dict[str, str] | None = None, port: int | None = None,
+                   log_path: Path | None = None, startup_timeout_s: float = 180) -> Iterator[str]:
+    """Run ``lemonade-server serve ARGS``; yield its base URL once ``/live`` answers; stop it afterwards."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "lemonade_inferos.cli.lemonade_server", "serve", "--port", str(port), *args]
+    log = open(log_path or os.devnull, "w")
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + startup_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)} (log: {log_path})")
+            try:
+                if httpx.get(f"{base}/live", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not start in {startup_timeout_s:.0f} s")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,69 @@
+"""``inferos policy|metrics|baseline``: a small client of the control API."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+import httpx
+
+from lemonade_inferos.controller.auth import TOKEN_ENV, token_file
+from lemonade_inferos.controller.server import DEFAULT_PORT, port_file
+from lemonade_inferos.errors import InferosError
+
+
+class ControlAPIError(InferosError):
+    code = "control_api_error"
+
+
+def _base_url(port: int | None) -> str:
+    if port is None:
+        if os.environ.get("INFEROS_AGENT_PORT"):
+            port = int(os.environ["INFEROS_AGENT_PORT"])
+        elif port_file().is_file():
+            port = int(port_file().read_text())
+        else:
+            port = DEFAULT_PORT
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def _token() -> str | None:
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    return token_file().read_text().strip() if token_file().is_file() else None
+
+
+def call(method: str, path: str, port: int | None = None, body: Any = None) -> Any:
+    url = _base_url(port) + path
+    headers = {"X-Inferos-Token": _token()} if method == "POST" and _token() else {}
+    try:
+        response = httpx.request(method, url, json=body, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise ControlAPIError(f"cannot reach the control API at {url}: {exc} "
+                              "(is `lemonade-server serve --plugin inferos` running?)") from exc
+    data = response.json()
+    if response.status_code >= 400:
+        error = data.get("error", {})
+        raise ControlAPIError(f"{response.status_code} {error.get('code')}: {error.get('message')}")
+    return data
+
+
+def parse_assignments(assignments: tuple[str, ...]) -> dict[str, Any]:
+    """``kv.mode=dynamic quality.max_delta_ppl=0.3`` -> a nested partial policy."""
+    update: dict[str, Any] = {}
+    for item in assignments:
+        if "=" not in item:
+            raise click.BadParameter(f"'{item}' is not KEY=VALUE (e.g. kv.recent_window=128)")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = update
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return update

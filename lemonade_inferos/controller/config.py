@@ -1,0 +1,176 @@
+"""Config files: the design document's YAML (``infer_os:`` root) or a TOML twin, with hot reload.
+
+    infer_os:
+      quality: {max_delta_ppl: 0.5, min_accept_rate: 0.5}
+      kv: {mode: dynamic, recent_window: 64, level_thresholds: {L1_int8: 0.7, L2_int4: 0.5, L3_evict: 0.3}}
+      io: {enable_iobinding: true, dml_pool_bytes: 2048MiB, host_pool_bytes: 4096MiB}
+      scheduler: {mode: hybrid, prefill_device: dml, decode_device: npu}
+      loops: {fast_ms: 1, mid_ms: 10, slow_ms: 100}
+
+A changed file is validated before it replaces the running config; a bad edit
+is rejected with the line (syntax) or field (schema) named, and the old config
+stays in force.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lemonade_inferos.controller.policy import Policy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+def _presets_dir() -> Path:
+    """``configs/`` of a source checkout (editable install), else the copy a wheel puts under share/."""
+    for candidate in (Path(__file__).resolve().parents[2] / "configs",
+                      Path(sys.prefix) / "share" / "lemonade-inferos" / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+PRESETS_DIR = _presets_dir()
+
+
+class LoopsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fast_ms: int = Field(1, ge=1)
+    mid_ms: int = Field(10, ge=1)
+    slow_ms: int = Field(100, ge=1)
+
+
+class InferOSConfig(BaseModel):
+    """The ``infer_os`` section: the policy plus the controller's loop periods."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy: Policy = Field(default_factory=Policy)
+    loops: LoopsConfig = Field(default_factory=LoopsConfig)
+
+    def to_document(self) -> dict[str, Any]:
+        return {"infer_os": {**self.policy.model_dump(), "loops": self.loops.model_dump()}}
+
+
+class ConfigError(ValueError):
+    """A config document that cannot be used; the message names the line or the field."""
+
+    def __init__(self, message: str, source: str, line: int | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.source, self.line, self.field = source, line, field
+
+    def details(self) -> dict[str, Any]:
+        return {"source": self.source, "line": self.line, "field": self.field}
+
+
+def parse_config(text: str, source: str, fmt: str | None = None) -> InferOSConfig:
+    """Parse and validate a YAML or TOML config document.
+
+    Raises:
+        ConfigError: a syntax error (with its line) or an invalid field (with its dotted path).
+    """
+    fmt = fmt or ("toml" if source.endswith(".toml") else "yaml")
+    try:
+        data = tomllib.loads(text) if fmt == "toml" else yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError(f"{source}:{line}: YAML syntax error: {exc.problem}", source, line) from exc
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None)
+        raise ConfigError(f"{source}: TOML syntax error: {exc}", source, line) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("infer_os"), dict):
+        raise ConfigError(f"{source}: the document needs an 'infer_os:' mapping at its root", source, 1, "infer_os")
+    section = dict(data["infer_os"])
+    loops = section.pop("loops", {}) or {}
+    try:
+        policy = Policy.model_validate(section)
+    except ValidationError as exc:
+        raise _field_error(exc, "infer_os", text, source) from exc
+    try:
+        loop_config = LoopsConfig.model_validate(loops)
+    except ValidationError as exc:
+        raise _field_error(exc, "infer_os.loops", text, source) from exc
+    return InferOSConfig(policy=policy, loops=loop_config)
+
+
+def _field_error(exc: ValidationError, prefix: str, text: str, source: str) -> ConfigError:
+    first = exc.errors()[0]
+    field = ".".join([prefix, *map(str, first["loc"])])
+    line = _line_of(text, first["loc"])
+    where = f"{source}:{line}" if line else source
+    return ConfigError(f"{where}: {field}: {first['msg']}", source, line, field)
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best effort: the line where the last key of ``loc`` appears in the document."""
+    key = next((str(p) for p in reversed(loc) if isinstance(p, str)), None)
+    if key is None:
+        return None
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped.startswith(f"{key}:") or stripped.startswith(f"{key} =") or stripped.startswith(f"{key}="):
+            return number
+    return None
+
+
+def load_config(path: Path) -> InferOSConfig:
+    return parse_config(path.read_text(encoding="utf-8"), str(path))
+
+
+def preset_path(name: str) -> Path:
+    """A shipped preset by name (file stem in ``configs/``)."""
+    for suffix in (".yaml", ".toml"):
+        candidate = PRESETS_DIR / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"unknown preset '{name}'; available: {sorted(p.stem for p in PRESETS_DIR.glob('*.yaml'))}")
+
+
+class ConfigWatcher:
+    """Polls a config file's modification time and applies valid edits (a thread, period ``interval_s``)."""
+
+    def __init__(self, path: Path, on_change: Callable[[InferOSConfig], None],
+                 on_error: Callable[[ConfigError], None], interval_s: float = 1.0) -> None:
+        self.path = path
+        self.on_change, self.on_error = on_change, on_error
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._mtime = path.stat().st_mtime_ns if path.exists() else None
+        self._thread = threading.Thread(target=self._run, name="inferos-config-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check_now(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self._mtime:
+            return
+        self._mtime = mtime
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            log.error("config edit rejected, keeping the running config: %s", exc)
+            self.on_error(exc)
+            return
+        log.info("config reloaded from %s", self.path)
+        self.on_change(config)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.check_now()

@@ -1,0 +1,44 @@
+"""Shadow passes: re-score the tail of a finished sequence under the active KV plan and under full precision.
+
+The scored tokens are the request's own (prompt tail and generated tokens); both
+passes feed the same ids in chunks no longer than the recent window, so the
+plan's quantized history is what the scored tokens attend over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from lemonade_inferos.controller.guard import ShadowSample
+from lemonade_inferos.eval.scoring import log_softmax
+from lemonade_inferos.kvcache.manager import TieredKVCache
+from lemonade_inferos.kvcache.plan import KVPlan
+
+
+def shadow_score(engine: Any, token_ids: list[int], plan: KVPlan, rope: Any, max_tier: int,
+                 max_tokens: int = 512, score_tokens: int = 128) -> ShadowSample | None:
+    """NLL of the last ``score_tokens`` of ``token_ids`` (at most ``max_tokens`` in all) under both caches."""
+    ids = token_ids[-max_tokens:]
+    if len(ids) <= plan.recent_window + plan.block_size + 1:
+        return None  # nothing would be quantized: no signal
+    planned = TieredKVCache(engine.layout, replace(plan), rope)
+    planned.max_tier = max_tier
+    full = engine.new_cache()
+    chunk = plan.recent_window
+    first_scored = len(ids) - 1 - min(score_tokens, len(ids) - 1)
+    nll_plan, nll_fp = [], []
+    for start in range(0, len(ids) - 1, chunk):
+        piece = ids[start:start + chunk]
+        targets = np.asarray(ids[start + 1:start + 1 + len(piece)])
+        lp_plan = log_softmax(engine.forward(piece, planned))[: len(targets)]
+        lp_fp = log_softmax(engine.forward(piece, full))[: len(targets)]
+        rows = np.arange(len(targets))
+        keep = (start + rows) >= first_scored
+        nll_plan.extend((-lp_plan[rows, targets])[keep].tolist())
+        nll_fp.extend((-lp_fp[rows, targets])[keep].tolist())
+    if not nll_plan:
+        return None
+    return ShadowSample(float(np.mean(nll_plan)), float(np.mean(nll_fp)), len(nll_plan))

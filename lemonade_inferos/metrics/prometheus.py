@@ -1,0 +1,68 @@
+"""Prometheus exposition of the controller's measurements (families built on each scrape)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+PREFIX = "inferos"
+
+
+class ControllerCollector:
+    """Reads the ``/v1/metrics`` document and exposes it with units in the names."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        doc = self._snapshot()
+
+        def gauge(name: str, doc_text: str, value: float | None, labels: dict[str, str] | None = None):
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", doc_text, labels=list(labels or {}))
+            if value is not None:
+                family.add_metric(list((labels or {}).values()), float(value))
+            return family
+
+        yield gauge("tokens_per_second", "Generated tokens per second over the window.",
+                    doc["throughput"]["tokens_per_second"])
+        yield gauge("requests_per_second", "Requests per second over the window.",
+                    doc["throughput"]["requests_per_second"])
+        for key in ("mean_ms", "median_ms", "p95_ms", "p99_ms"):
+            value = doc["latency"][key]
+            yield gauge(f"request_latency_{key[:-3]}_seconds", f"Request latency ({key[:-3]}) over the window.",
+                        None if value is None else value / 1000.0)
+        for key in ("mean_ms", "median_ms", "p95_ms"):
+            value = doc["first_token_latency"][key]
+            yield gauge(f"time_to_first_token_{key[:-3]}_seconds", f"Measured TTFT ({key[:-3]}) over the window.",
+                        None if value is None else value / 1000.0)
+        yield gauge("process_resident_memory_bytes", "RSS of the server process.", doc["memory"]["rss_mb"] * 2**20)
+        yield gauge("process_peak_resident_memory_bytes", "Peak RSS.", doc["memory"]["peak_usage_mb"] * 2**20)
+        kv_bytes = GaugeMetricFamily(f"{PREFIX}_kv_cache_bytes", "KV bytes of the last request by tier (at rest).",
+                                     labels=["tier"])
+        for tier, value in (doc.get("kv_stats", {}).get("bytes_by_tier") or {}).items():
+            kv_bytes.add_metric([tier], value)
+        yield kv_bytes
+        kv_tokens = GaugeMetricFamily(f"{PREFIX}_kv_cache_tokens", "KV tokens of the last request by tier.",
+                                      labels=["tier"])
+        for tier, value in (doc.get("kv_stats", {}).get("tokens_by_tier") or {}).items():
+            kv_tokens.add_metric([tier], value)
+        yield kv_tokens
+        yield gauge("prefix_cache_bytes", "Bytes held by the prefix store.", doc["memory"].get("prefix_cache_bytes"))
+        yield gauge("prefix_cache_hit_ratio", "Prompt tokens served from the prefix store / prompt tokens looked up.",
+                    doc["memory"].get("kv_cache_hit_rate"))
+        yield gauge("cpu_utilization_ratio", "Process CPU utilisation (share of all cores).",
+                    doc["device_utilization"]["cpu_utilization"])
+        quality = doc.get("quality", {}).get("delta_ppl_est", {})
+        yield gauge("quality_delta_ppl", "Online ΔPPL estimate of the active KV plan.", quality.get("current"))
+        yield gauge("guard_level", "Quality guard step-back level (0 none, 1 no INT4, 2 no quantization).",
+                    doc.get("quality", {}).get("guard", {}).get("level"))
+        yield gauge("baseline_mode", "1 when baseline mode (every optimisation off) is on.",
+                    1.0 if doc.get("optimization_status", {}).get("baseline_mode") else 0.0)
+        totals = doc.get("totals", {})
+        for name, key in (("requests_total", "requests"), ("prompt_tokens_total", "prompt_tokens"),
+                          ("cache_tokens_total", "cache_tokens"), ("completion_tokens_total", "completion_tokens"),
+                          ("request_errors_total", "errors")):
+            counter = CounterMetricFamily(f"{PREFIX}_controller_{name[:-6]}", f"{key} since start.")
+            counter.add_metric([], totals.get(key, 0))
+            yield counter

@@ -1,0 +1,172 @@
+"""The controller's measurements over time windows, and the history that survives a restart.
+
+Everything here is computed from InferenceStats that PostRun delivered, from
+psutil, or from the KV cache and prefix store. What cannot be measured on this
+machine (NPU and DirectML utilisation without their drivers) is ``None`` with
+a ``reason``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import threading
+import time
+from collections import deque
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import psutil
+
+from lemonade_inferos.metrics.stats import InferenceStats
+
+log = logging.getLogger(__name__)
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean_ms": None, "median_ms": None, "p95_ms": None, "p99_ms": None, "std_ms": None}
+    ms = np.asarray(values) * 1000.0
+    return {"mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "std_ms": float(ms.std())}
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class MetricsRecorder:
+    """Keeps recent InferenceStats and builds the design document's ``/v1/metrics`` document from them."""
+
+    def __init__(self, window_s: float = 60.0, max_requests: int = 10_000) -> None:
+        self.window_s = window_s
+        self._requests: deque[InferenceStats] = deque(maxlen=max_requests)
+        self._lock = threading.Lock()
+        self.totals = {"requests": 0, "prompt_tokens": 0, "cache_tokens": 0, "completion_tokens": 0, "errors": 0}
+        self.peak_rss_bytes = 0
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # prime: the first call always returns 0.0
+
+    def record(self, stats: InferenceStats) -> None:
+        with self._lock:
+            self._requests.append(stats)
+            self.totals["requests"] += 1
+            self.totals["prompt_tokens"] += stats.prompt_n
+            self.totals["cache_tokens"] += stats.cache_n
+            self.totals["completion_tokens"] += stats.predicted_n
+            self.totals["errors"] += stats.error is not None
+            self.peak_rss_bytes = max(self.peak_rss_bytes, stats.peak_rss_bytes or 0, stats.rss_bytes)
+
+    def recent(self) -> list[InferenceStats]:
+        cutoff = time.time() - self.window_s
+        with self._lock:
+            return [s for s in self._requests if s.end_unix >= cutoff]
+
+    @property
+    def last(self) -> InferenceStats | None:
+        with self._lock:
+            return self._requests[-1] if self._requests else None
+
+    def snapshot(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The ``GET /v1/metrics`` document; ``extra`` carries the controller's sections (kv, quality, status)."""
+        recent = self.recent()
+        now = time.time()
+        span = now - min(s.start_unix for s in recent) if recent else 0.0
+        tokens = sum(s.predicted_n for s in recent)
+        rss = self._process.memory_info().rss
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        document = {
+            "timestamp": _now_iso(),
+            "measurement_window": {"duration_seconds": self.window_s, "sample_count": len(recent),
+                                   "description": f"requests that ended in the last {self.window_s:.0f} s"},
+            "throughput": {"tokens_per_second": tokens / span if span > 0 else None,
+                           "requests_per_second": len(recent) / span if span > 0 else None,
+                           "calculation": "total_tokens / total_time_seconds",
+                           "note": "generated tokens and requests over the time from the first request's start in "
+                                   "the window to now"},
+            "latency": {**_percentiles([s.latency_s for s in recent]), "calculation": "end_time - start_time per request"},
+            "first_token_latency": {**{k: v for k, v in _percentiles([s.ttft_s for s in recent if s.ttft_s is not None])
+                                       .items() if k in ("mean_ms", "median_ms", "p95_ms")},
+                                    "measurement_method": "measured: first token produced - request start",
+                                    "note": "measured at the first emitted token, not estimated"},
+            "memory": {"rss_mb": rss / 2**20, "peak_usage_mb": self.peak_rss_bytes / 2**20,
+                       "total_allocated_mb": rss / 2**20},
+            "device_utilization": self._device_utilization(),
+            "totals": dict(self.totals),
+        }
+        if extra:
+            for key, value in extra.items():
+                if isinstance(value, dict) and isinstance(document.get(key), dict):
+                    document[key].update(value)
+                else:
+                    document[key] = value
+        return document
+
+    def _device_utilization(self) -> dict[str, Any]:
+        cpus = psutil.cpu_count() or 1
+        return {"cpu_utilization": self._process.cpu_percent(None) / 100.0 / cpus,
+                "system_cpu_utilization": psutil.cpu_percent(None) / 100.0,
+                "npu_utilization": None, "dml_utilization": None,
+                "reason": "NPU and DirectML utilisation need the Windows drivers' counters; not measurable here"}
+
+
+class History:
+    """A bounded time series of metric snapshots, appended to a JSON-lines file so it survives a restart."""
+
+    def __init__(self, path: Path, max_entries: int = 1000) -> None:
+        self.path = path
+        self.max_entries = max_entries
+        self._entries: deque[dict[str, Any]] = deque(maxlen=max_entries)
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.is_file():
+            return
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                self._entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("skipping a corrupt line in %s", self.path)
+
+    def append(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._entries.append(entry)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if len(self._entries) == self.max_entries:  # rewrite to keep the file bounded too
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(e) + "\n" for e in self._entries), encoding="utf-8")
+                tmp.replace(self.path)
+            else:
+                with self.path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(entry) + "\n")
+
+    def entries(self, limit: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            items = [e for e in self._entries if kind is None or e.get("kind") == kind]
+        return items[-limit:] if limit else items
+
+
+class SnapshotLoop:
+    """Appends a metrics snapshot to the history every ``period_s`` (the controller's slow loop)."""
+
+    def __init__(self, make_snapshot: Callable[[], dict[str, Any]], history: History, period_s: float) -> None:
+        self._make, self._history, self.period_s = make_snapshot, history, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inferos-history", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self._history.append({"kind": "snapshot", **self._make()})
+            except Exception:
+                log.exception("metrics snapshot failed")
