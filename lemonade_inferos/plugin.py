@@ -22,12 +22,13 @@ from lemonade_inferos.host.context import InferenceContext, RunPlan
 from lemonade_inferos.kvcache.manager import TieredKVCache
 from lemonade_inferos.kvcache.prefix_store import PrefixStore
 from lemonade_inferos.kvcache.rope import RopeTables
+from lemonade_inferos.metrics.recorder import SnapshotLoop
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = {"kv_mode": None, "recent_window": None, "prefix_cache_mb": 256, "control_port": None,
                   "memory_limit": None, "config": None, "control_api": True, "shadow_every": 8,
-                  "shadow_max_tokens": 512, "history_path": None, "guard": None}
+                  "shadow_max_tokens": 512, "history_path": None, "guard": None, "history_period_s": 10.0}
 
 
 class InferosPlugin:
@@ -53,11 +54,16 @@ class InferosPlugin:
         self._requests = itertools.count()
         self._shadow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferos-shadow")
         self.control_server: ControlServer | None = None
+        self._snapshots = SnapshotLoop(self.controller.metrics, self.controller.history,
+                                       float(self.config["history_period_s"]))
+        self.controller.full_evaluation_runner = self._full_evaluation
+        self._last_engine: Any = None
 
     # -- hooks -----------------------------------------------------------------------------------
     @hookimpl
     def host_startup(self, host: Any) -> None:
         self.controller.watch_config()
+        self._snapshots.start()
         if self.config["control_api"]:
             self.control_server = ControlServer(self.controller, self.config["control_port"])
             started = self.control_server.start()
@@ -69,6 +75,7 @@ class InferosPlugin:
     @hookimpl
     def host_shutdown(self, host: Any) -> None:
         self.controller.stop()
+        self._snapshots.stop()
         self._shadow.shutdown(wait=False, cancel_futures=True)
         if self.control_server:
             self.control_server.stop()
@@ -87,7 +94,7 @@ class InferosPlugin:
         def make_cache(engine: Any) -> TieredKVCache:
             cache = TieredKVCache(engine.layout, kv_plan, self._rope(engine))
             cache.max_tier = max_tier
-            cache.engine = engine
+            cache.engine = self._last_engine = engine
             cache.prefix_salt = PrefixStore.salt(engine.folder.fingerprint, self._kv_format(engine, kv_plan))
             self.prefix_store.restore(cache, self.prefix_store.lookup(prompt, cache.prefix_salt))
             return cache
@@ -116,6 +123,16 @@ class InferosPlugin:
             return
         if sample is not None:
             self.controller.add_shadow_sample(sample)
+
+    def _full_evaluation(self, context: int) -> dict[str, Any]:
+        """``inferos eval ppl`` of the active plan on the engine that served the last request."""
+        from lemonade_inferos.eval.ppl import eval_ppl
+
+        if self._last_engine is None:
+            raise RuntimeError("no request has been served yet, so there is no loaded engine to evaluate")
+        plan = self.controller.kv_plan()
+        name = f"{plan.name}@{plan.pressure:.2f}"
+        return eval_ppl(self._last_engine, [name], context=context, recent_window=plan.recent_window)[0]
 
     def _on_guard_step(self, event: dict[str, Any]) -> None:
         """A step back re-prefills affected sessions: blocks stored beyond the new cap leave the prefix store."""

@@ -116,6 +116,17 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
         controller.apply_config(config, "POST /v1/config")
         return {"status": "applied", **config.to_document()}
 
+    @router.post("/evaluate", dependencies=auth)
+    async def evaluate(body: dict[str, Any] = Body(default={})) -> dict[str, Any]:
+        """Schedule a full ``inferos eval ppl`` of the active plan: ``{"context": 512, "delay_s": 0}``."""
+        context, delay = int(body.get("context", 512)), float(body.get("delay_s", 0))
+        if not 64 <= context <= 8192 or delay < 0:
+            raise APIError(400, "invalid_request", "context must be in 64..8192 and delay_s >= 0")
+        try:
+            return controller.schedule_full_evaluation(context, delay)
+        except RuntimeError as exc:
+            raise APIError(409, "not_ready", str(exc)) from exc
+
     @router.get("/history")
     async def history(limit: int = 100, kind: str | None = None) -> dict[str, Any]:
         if limit < 1 or limit > 10_000:

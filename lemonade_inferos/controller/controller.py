@@ -51,6 +51,8 @@ class Controller:
         self.last_kv_stats: dict[str, Any] = {}
         self.prefix_stats: Any = None  # set by the plugin: a callable returning the prefix store's stats
         self._watcher: ConfigWatcher | None = None
+        self.full_evaluation_runner: Any = None   # set by the plugin: context -> eval_ppl result
+        self.full_evaluation: dict[str, Any] = {"status": "never_run"}
         if config_path is not None:
             self.config = load_config(config_path)
 
@@ -159,6 +161,34 @@ class Controller:
     def add_shadow_sample(self, sample: ShadowSample) -> None:
         self.guard.add(sample)
 
+    def schedule_full_evaluation(self, context: int = 512, delay_s: float = 0.0) -> dict[str, Any]:
+        """Run ``inferos eval ppl`` for the active plan in the background (after ``delay_s``)."""
+        if self.full_evaluation_runner is None:
+            raise RuntimeError("no evaluation runner: the inferos plugin is not loaded")
+        if self.full_evaluation.get("status") in ("scheduled", "running"):
+            return self.full_evaluation
+        self.full_evaluation = {**self.full_evaluation, "status": "scheduled",
+                                "next_scheduled": time.time() + delay_s, "context": context}
+
+        def run() -> None:
+            time.sleep(delay_s)
+            self.full_evaluation["status"] = "running"
+            try:
+                result = self.full_evaluation_runner(context)
+            except Exception as exc:
+                self.full_evaluation = {"status": "failed", "error": repr(exc), "last_run": time.time()}
+                return
+            within = result["delta_ppl"] <= self.policy.quality.max_delta_ppl
+            self.full_evaluation = {"status": "within_threshold" if within else "over_threshold",
+                                    "last_run": time.time(), "dataset": f"pydoc_data.topics, {context} tokens",
+                                    "baseline_ppl": result["ppl_fp"], "current_ppl": result["ppl"],
+                                    "delta_ppl": result["delta_ppl"], "kld": result["kld"], "top1": result["top1"],
+                                    "plan": result["plan"]}
+            self.notify({"kind": "full_evaluation", **self.full_evaluation})
+
+        threading.Thread(target=run, name="inferos-full-eval", daemon=True).start()
+        return self.full_evaluation
+
     # -- the metrics document ------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
         kv = self.last_kv_stats
@@ -166,6 +196,7 @@ class Controller:
         status = self.policy
         extra = {
             "quality": {"delta_ppl_est": self.guard.estimate(), "guard": self.guard.status(),
+                        "full_evaluation": self.full_evaluation,
                         "max_delta_ppl": status.quality.max_delta_ppl,
                         "accept_rate": {"current": None, "target": status.quality.min_accept_rate,
                                         "reason": "no speculative decoding runs here, so there is no accept rate"}},

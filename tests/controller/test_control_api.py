@@ -127,3 +127,22 @@ def test_history_survives_a_restart(tmp_path):
 
 def test_bad_history_limit_is_400(control):
     _error(httpx.get(control + "/history", params={"limit": 0}), 400, "invalid_request")
+
+
+def test_a_full_evaluation_can_be_scheduled(control, token, plugin_server):
+    import time
+
+    openai.OpenAI(base_url=f"{plugin_server}/api/v1", api_key="x").chat.completions.create(
+        model="SmolLM2-135M-Instruct-CPU", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    headers = {"X-Inferos-Token": token}
+    _error(httpx.post(control + "/evaluate", json={"context": 10}, headers=headers), 400, "invalid_request")
+    assert httpx.post(control + "/evaluate", json={"context": 256}, headers=headers).json()["status"] in (
+        "scheduled", "running")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        result = httpx.get(control + "/metrics").json()["quality"]["full_evaluation"]
+        if result["status"] not in ("scheduled", "running"):
+            break
+        time.sleep(1)
+    assert result["status"] in ("within_threshold", "over_threshold"), result
+    assert result["baseline_ppl"] > 1 and result["current_ppl"] > 1
