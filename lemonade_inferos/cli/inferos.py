@@ -8,39 +8,17 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import sys
 from pathlib import Path
-from typing import Any, Callable
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from lemonade_inferos import __version__
-from lemonade_inferos.errors import InferosError
+from lemonade_inferos.cli.common import console, handle_errors
 
-console = Console(stderr=True)
-
-
-def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our typed errors into a one-line message and exit status 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except InferosError as exc:
-            console.print(f"[red]error:[/red] {escape(exc.message)}", soft_wrap=True)
-            sys.exit(1)
-        except ValueError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group()

@@ -10,7 +10,6 @@ Flags have environment twins: LEMONADE_HOST, LEMONADE_PORT, LEMONADE_CTX_SIZE, L
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -21,26 +20,12 @@ from typing import Any, Callable
 import click
 import httpx
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from lemonade_inferos.errors import InferosError
+from lemonade_inferos.cli.common import console, handle_errors
 from lemonade_inferos.paths import inferos_home
 
-console = Console(stderr=True)
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
-
-
-def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except InferosError as exc:
-            console.print(f"[red]error:[/red] {escape(exc.message)}", soft_wrap=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 def server_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from lemonade_inferos import __version__
 from lemonade_inferos.engine.sampling import SamplingParams
