@@ -23,12 +23,14 @@ from lemonade_inferos.kvcache.manager import TieredKVCache
 from lemonade_inferos.kvcache.prefix_store import PrefixStore
 from lemonade_inferos.kvcache.rope import RopeTables
 from lemonade_inferos.metrics.recorder import SnapshotLoop
+from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = {"kv_mode": None, "recent_window": None, "prefix_cache_mb": 256, "control_port": None,
                   "memory_limit": None, "config": None, "control_api": True, "shadow_every": 8,
-                  "shadow_max_tokens": 512, "history_path": None, "guard": None, "history_period_s": 10.0}
+                  "shadow_max_tokens": 512, "history_path": None, "guard": None, "history_period_s": 10.0,
+                  "prefix_spill_mb": 1024, "prefix_spill_dir": None}
 
 
 class InferosPlugin:
@@ -46,7 +48,9 @@ class InferosPlugin:
         if overrides:
             self.controller.update_policy({"kv": overrides})
         self.prefix_budget_bytes = int(float(self.config["prefix_cache_mb"]) * 2**20)
-        self.prefix_store = PrefixStore(self.prefix_budget_bytes)
+        spill_dir = Path(self.config["prefix_spill_dir"] or inferos_home() / "prefix-cache")
+        self.prefix_store = PrefixStore(self.prefix_budget_bytes, spill_dir=spill_dir,
+                                        spill_budget_bytes=int(float(self.config["prefix_spill_mb"]) * 2**20))
         self.controller.prefix_stats = self.prefix_store.stats
         guard_notify = self.controller.guard.on_transition
         self.controller.guard.on_transition = lambda event: (self._on_guard_step(event), guard_notify(event))
@@ -76,6 +80,7 @@ class InferosPlugin:
     def host_shutdown(self, host: Any) -> None:
         self.controller.stop()
         self._snapshots.stop()
+        self.prefix_store.flush()
         self._shadow.shutdown(wait=False, cancel_futures=True)
         if self.control_server:
             self.control_server.stop()

@@ -48,6 +48,9 @@ def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--inferos-recent-window", type=int, default=None, help="inferos: full-precision window."),
         click.option("--inferos-prefix-cache-mb", type=float, default=None,
                      help="inferos: memory budget of the multi-turn prefix store (default 256)."),
+        click.option("--inferos-prefix-spill-mb", type=float, default=None,
+                     help="inferos: disk budget for prefix blocks pushed out of memory and kept across restarts "
+                          "(default 1024; 0 turns spilling off)."),
         click.option("--inferos-control-port", type=int, default=None,
                      help="inferos: control API port (default 7031, or INFEROS_AGENT_PORT)."),
         click.option("--inferos-memory-limit", default=None, help="inferos: memory limit, e.g. 16GB."),
@@ -99,6 +102,7 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
 def _plugin_config(kwargs: dict[str, Any]) -> dict[str, Any]:
     mapping = {"inferos_kv_mode": "kv_mode", "inferos_recent_window": "recent_window",
                "inferos_prefix_cache_mb": "prefix_cache_mb", "inferos_control_port": "control_port",
+               "inferos_prefix_spill_mb": "prefix_spill_mb",
                "inferos_memory_limit": "memory_limit"}
     return {mapping[k]: v for k, v in kwargs.items() if k in mapping and v is not None}
 

@@ -8,15 +8,22 @@ shared prefixes (system prompt, earlier turns) are the last to go.
 
 At rest each block is one stacked INT8 tensor for keys and one for values
 (all layers), or INT4 when the live cache had already demoted any of its layers.
+
+Optional spill to disk: blocks pushed out of the memory budget are written to
+``spill_dir`` (one ``.npz`` per block, LRU within ``spill_budget_bytes``) and
+brought back on a hit; ``flush()`` writes every block at shutdown, so a restarted
+server still has the conversations it served.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -53,8 +60,10 @@ def block_hashes(token_ids: list[int], block_size: int, salt: bytes) -> list[byt
 class PrefixStore:
     """Blocks by hash, LRU within ``budget_bytes``. Thread-safe (requests on different models share it)."""
 
-    def __init__(self, budget_bytes: int, block_size: int = 32, group_size: int = 32) -> None:
+    def __init__(self, budget_bytes: int, block_size: int = 32, group_size: int = 32,
+                 spill_dir: Path | None = None, spill_budget_bytes: int = 0) -> None:
         self.budget_bytes = budget_bytes
+        self.spill = _SpillDir(spill_dir, spill_budget_bytes) if spill_dir and spill_budget_bytes > 0 else None
         self.block_size = block_size
         self._codecs = {TIER_INT8: AsymmetricCodec(8, group_size), TIER_INT4: AsymmetricCodec(4, group_size)}
         self._blocks: OrderedDict[bytes, StoredBlock] = OrderedDict()
@@ -100,6 +109,15 @@ class PrefixStore:
             _, stored = self._blocks.popitem(last=False)
             self.nbytes -= stored.nbytes
             self.evicted_blocks += 1
+            if self.spill is not None:
+                self.spill.write(stored)
+
+    def flush(self) -> int:
+        """Write every in-memory block to the spill folder (shutdown); returns how many were written."""
+        if self.spill is None:
+            return 0
+        with self._lock:
+            return sum(self.spill.write(stored) for stored in list(self._blocks.values()))
 
     def drop_above(self, max_tier: int) -> int:
         """Forget blocks stored at a tier beyond ``max_tier`` (the guard stepped back): they will be re-prefilled
@@ -123,11 +141,19 @@ class PrefixStore:
         with self._lock:
             for block_hash in block_hashes(prompt_ids[:usable], self.block_size, salt):
                 stored = self._blocks.get(block_hash)
+                if stored is None and self.spill is not None:
+                    stored = self.spill.read(block_hash)
+                    if stored is not None:  # back into memory: it is hot again
+                        self._blocks[block_hash] = stored
+                        self.nbytes += stored.nbytes
                 if stored is None:
                     break
                 found.append(stored)
             self.lookup_tokens += len(prompt_ids)
             self.hits_tokens += len(found) * self.block_size
+            for stored in reversed(found):  # parents most recent, as in park()
+                self._blocks.move_to_end(stored.block_hash)
+            self._enforce_budget()
         return found
 
     def restore(self, cache: TieredKVCache, blocks: list[StoredBlock]) -> int:
@@ -149,4 +175,66 @@ class PrefixStore:
     def stats(self) -> dict[str, object]:
         return {"blocks": len(self._blocks), "bytes": self.nbytes, "budget_bytes": self.budget_bytes,
                 "hit_tokens": self.hits_tokens, "lookup_tokens": self.lookup_tokens, "hit_rate": self.hit_rate,
-                "evicted_blocks": self.evicted_blocks}
+                "evicted_blocks": self.evicted_blocks,
+                "spill": self.spill.stats() if self.spill is not None else None}
+
+
+class _SpillDir:
+    """Blocks on disk, one ``<hash>.npz`` each, LRU by file time within a byte budget."""
+
+    def __init__(self, root: Path, budget_bytes: int) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.budget_bytes = budget_bytes
+        files = sorted(self.root.glob("*.npz"), key=lambda f: f.stat().st_mtime)
+        self._files: OrderedDict[bytes, int] = OrderedDict((bytes.fromhex(f.stem), f.stat().st_size) for f in files)
+        self.nbytes = sum(self._files.values())
+        self.writes = self.reads = 0
+
+    def _path(self, block_hash: bytes) -> Path:
+        return self.root / f"{block_hash.hex()}.npz"
+
+    def write(self, stored: StoredBlock) -> bool:
+        if stored.block_hash in self._files:
+            self._files.move_to_end(stored.block_hash)
+            return False
+        path = self._path(stored.block_hash)
+        tmp = path.with_suffix(".tmp.npz")
+        arrays = {"token_ids": np.asarray(stored.token_ids, dtype=np.int64), "tier": np.asarray(stored.tier),
+                  "bits": np.asarray(stored.keys.bits)}
+        for name, q in (("k", stored.keys), ("v", stored.values)):
+            arrays.update({f"{name}_codes": q.codes, f"{name}_scale": q.scale, f"{name}_minimum": q.minimum,
+                           f"{name}_shape": np.asarray(q.shape)})
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        self._files[stored.block_hash] = path.stat().st_size
+        self.nbytes += self._files[stored.block_hash]
+        self.writes += 1
+        while self.nbytes > self.budget_bytes and self._files:
+            old, size = self._files.popitem(last=False)
+            self._path(old).unlink(missing_ok=True)
+            self.nbytes -= size
+        return True
+
+    def read(self, block_hash: bytes) -> StoredBlock | None:
+        if block_hash not in self._files:
+            return None
+        try:
+            with np.load(self._path(block_hash)) as data:
+                bits = int(data["bits"])
+                tensors = [QuantizedTensor(data[f"{n}_codes"], data[f"{n}_scale"], data[f"{n}_minimum"],
+                                           tuple(int(x) for x in data[f"{n}_shape"]), bits, axis)
+                           for n, axis in (("k", "token"), ("v", "channel"))]
+                block = StoredBlock(block_hash, tuple(int(t) for t in data["token_ids"]), int(data["tier"]), *tensors)
+        except (OSError, ValueError, KeyError):
+            log.warning("unreadable spilled block %s: dropped", block_hash.hex())
+            self.nbytes -= self._files.pop(block_hash, 0)
+            self._path(block_hash).unlink(missing_ok=True)
+            return None
+        self._files.move_to_end(block_hash)
+        self.reads += 1
+        return block
+
+    def stats(self) -> dict[str, object]:
+        return {"dir": str(self.root), "files": len(self._files), "bytes": self.nbytes,
+                "budget_bytes": self.budget_bytes, "writes": self.writes, "reads": self.reads}

@@ -1,0 +1,87 @@
+"""The prefix store on synthetic K/V: hash chains, LRU, spill to disk and back, restarts, guard drops."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lemonade_inferos.kvcache.manager import TieredKVCache
+from lemonade_inferos.kvcache.plan import TIER_INT8, named_plan
+from lemonade_inferos.kvcache.prefix_store import PrefixStore, block_hashes
+
+from .test_manager import LAYOUT, fill
+
+SALT = PrefixStore.salt("model", "format")
+
+
+def _sequence(num_tokens: int, seed: int = 0) -> TieredKVCache:
+    cache = TieredKVCache(LAYOUT, named_plan("int8", recent_window=32))
+    fill(cache, num_tokens, seed=seed)
+    return cache
+
+
+def test_hash_chain_depends_on_every_earlier_token():
+    a = block_hashes(list(range(96)), 32, SALT)
+    b = block_hashes([999] + list(range(1, 96)), 32, SALT)
+    assert len(a) == 3 and all(x != y for x, y in zip(a, b))
+    assert block_hashes(list(range(64)), 32, SALT) == a[:2]
+    assert block_hashes(list(range(96)), 32, PrefixStore.salt("other model", "format")) != a
+
+
+def test_restored_prefix_holds_the_parked_values():
+    cache = _sequence(200)
+    store = PrefixStore(2**30)
+    assert store.park(cache, SALT) == 6
+    found = store.lookup(cache.token_ids + [1, 2, 3], SALT)
+    assert len(found) == 6
+    restored = TieredKVCache(LAYOUT, named_plan("int8", recent_window=32))
+    assert store.restore(restored, found) == 192
+    assert restored.token_ids == cache.token_ids[:192]
+    np.testing.assert_allclose(restored._keys[1][0, :, :192], cache._keys[1][0, :, :192], atol=0.05)
+    assert restored.kv_stats().bytes_by_tier["L1_int8"] > 0  # restored blocks are accounted at their tier
+
+
+def test_a_prompt_always_leaves_one_token_to_run():
+    cache = _sequence(64)
+    store = PrefixStore(2**30)
+    store.park(cache, SALT)
+    assert len(store.lookup(cache.token_ids, SALT)) == 1  # 64 tokens: only the first block may be reused
+
+
+def test_lru_budget_drops_tails_before_shared_prefixes():
+    store = PrefixStore(2**30)
+    shared = _sequence(128, seed=1)
+    store.park(shared, SALT)
+    per_block = store.nbytes // 4
+    store.set_budget(per_block * 4)
+    other = _sequence(128, seed=1)
+    other._token_ids = other._token_ids[:64] + [7] * 64  # same first two blocks, different tail
+    store.park(other, SALT)
+    # the shared first blocks were stamped most recently, the old tail went first
+    assert len(store.lookup(shared.token_ids + [0], SALT)) == 2
+    assert len(store.lookup(other.token_ids + [0], SALT)) == 4
+
+
+def test_blocks_spilled_to_disk_come_back_and_survive_a_restart(tmp_path):
+    cache = _sequence(200)
+    store = PrefixStore(1, spill_dir=tmp_path, spill_budget_bytes=2**30)  # memory budget of one byte
+    store.park(cache, SALT)
+    assert store.nbytes <= 1 and store.spill.stats()["files"] == 6
+    assert len(store.lookup(cache.token_ids + [5], SALT)) == 6
+    restarted = PrefixStore(2**30, spill_dir=tmp_path, spill_budget_bytes=2**30)
+    found = restarted.lookup(cache.token_ids + [5], SALT)
+    assert len(found) == 6 and found[0].keys.bits == 8
+
+
+def test_flush_writes_memory_blocks_for_the_next_start(tmp_path):
+    store = PrefixStore(2**30, spill_dir=tmp_path, spill_budget_bytes=2**30)
+    store.park(_sequence(200), SALT)
+    assert store.flush() == 6 and len(list(tmp_path.glob("*.npz"))) == 6
+
+
+def test_guard_drop_removes_blocks_beyond_the_cap():
+    store = PrefixStore(2**30)
+    cache = TieredKVCache(LAYOUT, named_plan("int4", recent_window=32))
+    fill(cache, 200)
+    store.park(cache, SALT)
+    assert store.drop_above(TIER_INT8) > 0
+    assert all(b.tier <= TIER_INT8 for b in store._blocks.values())
