@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = {"kv_mode": None, "recent_window": None, "prefix_cache_mb": 256, "control_port": None,
                   "memory_limit": None, "config": None, "control_api": True, "shadow_every": 8,
                   "shadow_max_tokens": 512, "history_path": None, "guard": None, "history_period_s": 10.0,
-                  "prefix_spill_mb": 1024, "prefix_spill_dir": None}
+                  "prefix_spill_mb": 1024, "prefix_spill_dir": None, "importance": "attention"}
 
 
 class InferosPlugin:
@@ -47,6 +47,10 @@ class InferosPlugin:
                                        ("recent_window", self.config["recent_window"])) if v is not None}
         if overrides:
             self.controller.update_policy({"kv": overrides})
+        if self.config["importance"] not in ("attention", "key_norm", "recency"):
+            raise ValueError(f"--inferos-importance must be attention, key_norm or recency, "
+                             f"got {self.config['importance']!r}")
+        self.controller.importance = self.config["importance"]
         self.prefix_budget_bytes = int(float(self.config["prefix_cache_mb"]) * 2**20)
         spill_dir = Path(self.config["prefix_spill_dir"] or inferos_home() / "prefix-cache")
         self.prefix_store = PrefixStore(self.prefix_budget_bytes, spill_dir=spill_dir,

@@ -90,9 +90,9 @@ def restore_kld(model_dir: Path, messages: list[dict[str, str]], kv_mode: str = 
     from lemonade_inferos.kvcache.prefix_store import PrefixStore
     from lemonade_inferos.kvcache.rope import RopeTables
 
-    engine = OrtEngine(model_dir)
     controller = Controller()
     controller.update_policy({"kv": {"mode": kv_mode}})
+    engine = OrtEngine(model_dir, controller.session_policy())  # the plugin's engine: probe graph included
     plan = controller.kv_plan()
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
     template = engine.tokenizer.apply_chat_template

@@ -220,10 +220,11 @@ def eval_ppl_cmd(model_name: str, plans: tuple[str, ...], context: int, segments
 
     from lemonade_inferos.engine.build import resolve_model
     from lemonade_inferos.engine.ort_engine import OrtEngine
+    from lemonade_inferos.engine.session import SessionPolicy
     from lemonade_inferos.eval.ppl import DEFAULT_PLANS, eval_ppl, write_report
 
     folder = resolve_model(model_name, build_missing=True, progress=console.log)
-    engine = OrtEngine(folder)
+    engine = OrtEngine(folder, SessionPolicy(attention_probe=any("-attention" in p for p in plans)))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("scoring", total=None)
         results = eval_ppl(engine, list(plans or DEFAULT_PLANS), context, window, segments, pressure,

@@ -51,6 +51,8 @@ def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--inferos-prefix-spill-mb", type=float, default=None,
                      help="inferos: disk budget for prefix blocks pushed out of memory and kept across restarts "
                           "(default 1024; 0 turns spilling off)."),
+        click.option("--inferos-importance", type=click.Choice(["attention", "key_norm", "recency"]), default=None,
+                     help="inferos: block importance signal (default attention: a two-layer attention probe)."),
         click.option("--inferos-control-port", type=int, default=None,
                      help="inferos: control API port (default 7031, or INFEROS_AGENT_PORT)."),
         click.option("--inferos-memory-limit", default=None, help="inferos: memory limit, e.g. 16GB."),
@@ -102,7 +104,7 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
 def _plugin_config(kwargs: dict[str, Any]) -> dict[str, Any]:
     mapping = {"inferos_kv_mode": "kv_mode", "inferos_recent_window": "recent_window",
                "inferos_prefix_cache_mb": "prefix_cache_mb", "inferos_control_port": "control_port",
-               "inferos_prefix_spill_mb": "prefix_spill_mb",
+               "inferos_prefix_spill_mb": "prefix_spill_mb", "inferos_importance": "importance",
                "inferos_memory_limit": "memory_limit"}
     return {mapping[k]: v for k, v in kwargs.items() if k in mapping and v is not None}
 

@@ -44,6 +44,7 @@ class Controller:
         self.policy_version = 1
         self.baseline = False
         self.memory_limit_bytes = memory_limit_bytes
+        self.importance = "attention"   # block importance signal (README: measured against the others)
         self.recorder = MetricsRecorder()
         self.history = History(history_path or inferos_home() / "history.jsonl")
         self.guard = QualityGuard(lambda: self.policy.quality.max_delta_ppl, self.notify, **(guard_options or {}))
@@ -135,14 +136,15 @@ class Controller:
         plan = plan_for_mode(kv.mode, recent_window=min(window, 512), l1_int8=l1, l2_int4=l2, l3_evict=l3)
         if not self.guard.evictions_allowed:
             plan = replace(plan, evict_below=NEVER)
-        return replace(plan, pressure=pressure)
+        return replace(plan, pressure=pressure, importance=self.importance)
 
     def session_policy(self) -> SessionPolicy:
         scheduler, io = self.policy.scheduler, self.policy.io
         devices = SCHEDULER_DEVICES.get(scheduler.mode, [scheduler.prefill_device, scheduler.decode_device])
         ordered = list(dict.fromkeys([*devices, "cpu"]))
         return SessionPolicy(devices=ordered, enable_iobinding=io.enable_iobinding,
-                             dml_pool_bytes=io.dml_pool_bytes if "dml" in ordered else None)
+                             dml_pool_bytes=io.dml_pool_bytes if "dml" in ordered else None,
+                             attention_probe=self.importance == "attention")
 
     @property
     def use_baseline(self) -> bool:

@@ -69,7 +69,15 @@ class _StepBinding:
                   else np.empty((1, num_new, engine.folder.vocab_size), dtype=np.float32))
         io.bind_output(engine.folder.output_names["logits"], "cpu", 0, np.float32, list(logits.shape),
                        logits.ctypes.data)
+        probing = bool(engine.probe_outputs)
+        if probing:
+            for name in engine.probe_outputs:
+                io.bind_output(name, "cpu")
         engine.session.run_with_iobinding(io, self.run_options)
+        if probing and hasattr(cache, "observe_attention"):
+            # probes were bound last; their rows cover the past plus the new tokens
+            probes = [value.numpy() for value in io.get_outputs()[-len(engine.probe_outputs):]]
+            cache.observe_attention(probes, num_new)
         cache.commit(token_ids[0].tolist())
         return logits[0] if all_logits else logits[0, -1]
 
@@ -91,19 +99,27 @@ class OrtEngine:
         policy: session options; defaults to ONNX Runtime's defaults on the best provider.
         prefill_chunk_tokens: longest prompt slice run at once (bounds logits memory).
         context_length: tokens a cache may hold (``--ctx-size``); at most the model's.
+        attention_probe_layers: layers whose attention probabilities are returned to caches that rank blocks
+            by attention (see ``graph.py``); empty for the plain graph.
     """
 
     name = "inferos"
 
     def __init__(self, model: str | Path | ModelFolder, policy: SessionPolicy | None = None,
-                 prefill_chunk_tokens: int = 512, context_length: int | None = None) -> None:
+                 prefill_chunk_tokens: int = 512, context_length: int | None = None,
+                 attention_probe_layers: tuple[int, ...] = ()) -> None:
         self.folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
         self.policy = policy or SessionPolicy()
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.tokenizer = ChatTokenizer.from_folder(self.folder.path)
         options, self.applied_options = build_session_options(self.policy)
-        graph = prepare_graph(self.folder.onnx_path)
+        if self.policy.attention_probe and not attention_probe_layers:
+            attention_probe_layers = default_probe_layers(self.folder.num_layers)
+            # probabilities are [heads, chunk, context] per probe layer: smaller chunks bound that memory
+            self.prefill_chunk_tokens = min(self.prefill_chunk_tokens, 256)
+        graph = prepare_graph(self.folder.onnx_path, tuple(attention_probe_layers))
         self.has_position_ids = graph.has_position_ids
+        self.probe_outputs = graph.probe_outputs
         self.session = ort.InferenceSession(graph.model, options, providers=self.applied_options.providers)
         self.layout = KVLayout(num_layers=self.folder.num_layers, num_kv_heads=self.folder.num_kv_heads,
                                head_size=self.folder.head_size,
@@ -207,6 +223,11 @@ class OrtEngine:
         stats.end_time = time.perf_counter()
         stats.finish_reason = finish
         yield GenerationChunk(tail, [], finish_reason=finish)
+
+
+def default_probe_layers(num_layers: int) -> tuple[int, ...]:
+    """Two probe layers, an eighth and half-way into the stack (3 and 15 of 30: measured as good as six)."""
+    return tuple(sorted({num_layers // 8, num_layers // 2}))
 
 
 def make_run_options(entries: dict[str, str] | None) -> ort.RunOptions | None:

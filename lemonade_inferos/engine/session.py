@@ -46,6 +46,8 @@ class SessionPolicy(BaseModel):
     allow_spinning: bool = True
     dml_pool_bytes: int | None = Field(None, ge=0)
     host_pool_bytes: int | None = Field(None, ge=0)
+    attention_probe: bool = Field(False, description="load the graph variant that returns attention probabilities "
+                                                     "of two layers, for caches that rank blocks by attention")
 
 
 @dataclass

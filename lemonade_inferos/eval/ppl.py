@@ -28,6 +28,7 @@ from lemonade_inferos.kvcache.rope import RopeTables
 DEFAULT_PLANS = ("fp", "int8", "int4", "dynamic", "streaming")
 
 
+
 def corpus_ids(engine: OrtEngine, num_tokens: int) -> list[int]:
     text = corpus_text()
     ids = engine.tokenizer.encode(text[: num_tokens * 8])
@@ -37,11 +38,11 @@ def corpus_ids(engine: OrtEngine, num_tokens: int) -> list[int]:
 
 
 def make_plan(name: str, recent_window: int, pressure: float) -> KVPlan:
-    """A named plan; suffixes ``@P`` set the memory pressure (``dynamic@0.9``) and ``-inverse``/``-recency``
-    swap the importance signal for ablation."""
+    """A named plan; suffixes ``@P`` set the memory pressure (``dynamic@0.9``) and ``-inverse``/``-recency``/
+    ``-attention`` swap the importance signal (``-attention`` needs an engine with attention probes)."""
     base, _, at = name.partition("@")
     signal = "key_norm"
-    for suffix, alt in (("-inverse", "inverse_key_norm"), ("-recency", "recency")):
+    for suffix, alt in (("-inverse", "inverse_key_norm"), ("-recency", "recency"), ("-attention", "attention")):
         if base.endswith(suffix):
             base, signal = base[: -len(suffix)], alt
     plan = named_plan(base, recent_window=recent_window)

@@ -8,6 +8,12 @@ are not favoured just for having been seen by more queries (the bias ZipCache
 normalizes away). ``inferos eval ppl`` measures it against its inverse and
 against pure recency (plans ``*-inverse``, ``*-recency``).
 
+A measured alternative, ``attention``: the engine's attention probe returns
+GroupQueryAttention's softmax probabilities for a few layers, and each token's
+score is the attention mass it received divided by the number of (layer, head,
+query) rows that could see it (ZipCache's normalization, see
+``TieredKVCache.observe_attention``); a block's score is its tokens' mean.
+
 The rank makes the policy's ``level_thresholds`` mean the same at any context
 length: importance 0.3 is "the bottom 30% of this layer's blocks".
 """

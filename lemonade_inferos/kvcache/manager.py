@@ -56,10 +56,47 @@ class TieredKVCache(DenseKVCache):
         self._sealed_end = 0
         self._next_block_index = 0
         self._evicted_scores: list[np.ndarray] = []
+        # attention probe accumulators per working-buffer token (only used with importance="attention")
+        self._attn_sum = np.zeros(self._capacity, dtype=np.float64)
+        self._attn_count = np.zeros(self._capacity, dtype=np.float64)
         self.stats = KVStats()
         self._codecs = {tier: get_codec(name, plan.group_size) for tier, name in TIER_CODEC.items()}
 
     # -- KVCache -----------------------------------------------------------------------------
+    def _grow_to(self, capacity: int) -> None:
+        super()._grow_to(capacity)
+        for name in ("_attn_sum", "_attn_count"):
+            old = getattr(self, name, None)
+            grown = np.zeros(capacity, dtype=np.float64)
+            if old is not None:
+                grown[:min(len(old), capacity)] = old[:capacity]
+            setattr(self, name, grown)
+
+    def observe_attention(self, probes: list[np.ndarray], num_new: int) -> None:
+        """Accumulate the probe layers' attention probabilities ``[1, H, S, T]`` per cached token.
+
+        Each token's score is its attention relative to uniform (probability x tokens the query could see),
+        averaged over the (layer, head, query) rows that could see it (ZipCache's normalization), so early
+        tokens are not favoured for having been seen by more queries.
+        """
+        if self.plan.importance != "attention":
+            return
+        total = probes[0].shape[-1]
+        # weight each query row by how many tokens it could see: attention relative to uniform (1/visible),
+        # comparable across context lengths and over time (blocks evicted earlier keep comparable scores)
+        visible = np.arange(total - num_new + 1, total + 1, dtype=np.float64)
+        mass = sum((p[0].sum(axis=0, dtype=np.float64) * visible[:, None]).sum(axis=0) for p in probes)
+        rows = len(probes) * probes[0].shape[1]
+        seen_by = np.full(total, float(num_new))
+        seen_by[total - num_new:] = np.arange(num_new, 0, -1)  # causal: new token j is seen by num_new - j queries
+        self._attn_sum[:total] += mass
+        self._attn_count[:total] += seen_by * rows
+
+    def _attention_score(self, block: KVBlock) -> np.ndarray:
+        counts = self._attn_count[block.start:block.end]
+        value = float((self._attn_sum[block.start:block.end] / np.maximum(counts, 1.0)).mean())
+        return np.full(self.layout.num_layers, value, dtype=np.float32)
+
     def reserve(self, num_new: int) -> None:
         while self.num_tokens + num_new > self.layout.max_tokens and self.plan.evicts and self.blocks:
             self._evict(min(self.blocks, key=lambda b: float(b.importance.mean())))
@@ -79,6 +116,8 @@ class TieredKVCache(DenseKVCache):
             self.pool.free(block)
         self.blocks = keep
         self._sealed_end = min(self._sealed_end, keep[-1].end if keep else 0)
+        self._attn_sum[num_tokens:] = 0.0
+        self._attn_count[num_tokens:] = 0.0
         if num_tokens == 0:  # a new sequence: forget the old one's history and counters
             self._evicted_scores.clear()
             self._next_block_index = 0
@@ -111,8 +150,11 @@ class TieredKVCache(DenseKVCache):
     def _seal(self, start: int) -> None:
         block = self.pool.allocate(self.plan.block_size)
         block.start = start
-        keys = [k[0, :, start:block.end] for k in self._keys]
-        block.scores = block_scores(keys, self.plan.importance, self._next_block_index)
+        if self.plan.importance == "attention":
+            block.scores = self._attention_score(block)
+        else:
+            keys = [k[0, :, start:block.end] for k in self._keys]
+            block.scores = block_scores(keys, self.plan.importance, self._next_block_index)
         self._next_block_index += 1
         self.blocks.append(block)
         self._sealed_end = block.end
@@ -126,6 +168,9 @@ class TieredKVCache(DenseKVCache):
         if not self.blocks:
             return
         plan, pressure = self.plan, self.pressure()
+        if plan.importance == "attention":  # accumulated attention keeps changing: refresh the held blocks
+            for block in self.blocks:
+                block.scores = self._attention_score(block)
         # rank among every block this sequence ever sealed (evicted ones included), so a threshold of 0.3
         # means "the bottom 30% of the history" and sustained pressure cannot evict more than that
         scores = np.stack([b.scores for b in self.blocks] + self._evicted_scores)
@@ -142,7 +187,11 @@ class TieredKVCache(DenseKVCache):
                 if len(layers):
                     self._quantize(block, layers, tier)
         if plan.evicts and pressure > plan.evict_pressure:
-            for block in [b for b in self.blocks if float(b.importance.mean()) < plan.evict_below]:
+            # evict the least important held blocks, but never more than evict_below of the sealed history
+            sealed = len(self.blocks) + len(self._evicted_scores)
+            budget = int(min(plan.evict_below, 1.0) * sealed) - len(self._evicted_scores)
+            candidates = sorted(self.blocks, key=lambda b: float(b.importance.mean()))
+            for block in candidates[:max(0, budget)]:
                 self._evict(block)
 
     def _quantize(self, block: KVBlock, layers: np.ndarray, tier: int) -> None:
@@ -170,6 +219,9 @@ class TieredKVCache(DenseKVCache):
         for buf in (*self._keys, *self._values):
             buf[0, :, start:n - (end - start)] = buf[0, :, end:n]
         self._positions[start:n - (end - start)] = self._positions[end:n]
+        for accumulator in (self._attn_sum, self._attn_count):
+            accumulator[start:n - (end - start)] = accumulator[end:n]
+            accumulator[n - (end - start):n] = 0.0
         self._num_tokens -= end - start
         index = self.blocks.index(block)
         for later in self.blocks[index + 1:]:

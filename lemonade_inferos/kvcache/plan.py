@@ -3,8 +3,10 @@
 Tiers: L0 full precision (the model's KV dtype), L1 INT8, L2 INT4, L3 evicted.
 Importance is a per-layer rank in [0, 1] (1 = most important). A sealed block
 whose importance is below ``int8_below`` goes to INT8; below ``int4_below`` to
-INT4 when pressure exceeds ``int4_pressure``; below ``evict_below`` it is
-evicted when pressure exceeds ``evict_pressure``. Demotion is one-way.
+INT4 when pressure exceeds ``int4_pressure``. When pressure exceeds
+``evict_pressure`` the least important blocks are evicted until ``evict_below``
+of the sealed history is gone (the bottom ``evict_below`` share, never more).
+Demotion is one-way.
 
 Modes (policy ``kv.mode``):
 
@@ -46,7 +48,7 @@ class KVPlan:
     int4_pressure: float = 0.6
     evict_below: float = 0.3
     evict_pressure: float = 0.8
-    importance: Literal["key_norm", "inverse_key_norm", "recency"] = "key_norm"
+    importance: Literal["key_norm", "inverse_key_norm", "recency", "attention"] = "key_norm"
     pressure: float = 0.0   # external memory pressure in [0, 1], set by the controller
 
     def __post_init__(self) -> None:
