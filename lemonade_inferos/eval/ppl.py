@@ -95,23 +95,29 @@ def eval_ppl(engine: OrtEngine, plans: list[str], context: int = 2048, recent_wi
 
 
 def plot_ppl(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Two panels against at-rest bytes per token: ΔPPL (symlog) and KLD (log; fp rows have none)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     for r in results:
-        ax.scatter(r["kv_bytes_per_token"] / 1024, r["delta_ppl"], s=40)
-        ax.annotate(r["plan"], (r["kv_bytes_per_token"] / 1024, r["delta_ppl"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+        x = r["kv_bytes_per_token"] / 1024
+        marker = "s" if r["plan"].startswith("llama.cpp") else "o"
+        left.scatter(x, r["delta_ppl"], s=36, marker=marker)
+        left.annotate(r["plan"], (x, r["delta_ppl"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        if r["kld"] > 0:
+            right.scatter(x, r["kld"], s=36, marker=marker)
+            right.annotate(r["plan"], (x, r["kld"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
     fp16 = results[0]["fp16_bytes_per_token"] / 1024
-    ax.axvline(fp16, color="grey", linestyle="--", linewidth=1)
-    ax.text(fp16, ax.get_ylim()[1], " FP16", va="top", fontsize=8, color="grey")
-    ax.set_xlabel("KV bytes per token (KiB, at rest)")
-    ax.set_ylabel("ΔPPL vs full-precision cache")
-    ax.set_yscale("symlog", linthresh=0.01)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
+    for ax, label in ((left, "ΔPPL vs full-precision cache (symlog)"), (right, "KL(full || plan), per token (log)")):
+        ax.axvline(fp16, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("KV bytes per token (KiB, at rest); dashed: FP16")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    left.set_yscale("symlog", linthresh=0.01)
+    right.set_yscale("log")
+    fig.suptitle(title + "; squares: llama.cpp against its own f16 KV", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -120,7 +126,7 @@ def plot_ppl(results: list[dict[str, Any]], path: Path, title: str) -> None:
 def write_report(results: list[dict[str, Any]], json_path: Path, model_name: str) -> None:
     document = {**results[0], "model": model_name, "plans": results}
     write_json(json_path, document)
-    r0 = results[0]
+    r0 = results[0]  # the plot's title describes the protocol of our own rows
     plot_ppl(results, json_path.with_suffix(".png"),
              f"{model_name}: {r0['context']} tokens x{r0['segments']} of pydoc_data.topics, chunks of "
              f"{r0['chunk_tokens']}, window {r0['recent_window']}")

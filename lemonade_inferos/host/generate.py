@@ -39,7 +39,6 @@ class HostStats:
     prompt_tokens_total: int = 0
     cache_tokens_total: int = 0
     errors_total: int = 0
-    history: list[InferenceStats] = field(default_factory=list)
 
     def record(self, stats: InferenceStats) -> None:
         self.last = stats
@@ -49,7 +48,6 @@ class HostStats:
         self.input_tokens_total += stats.prompt_n - stats.cache_n
         self.output_tokens_total += stats.predicted_n
         self.errors_total += stats.error is not None
-        self.history = (self.history + [stats])[-256:]
 
 
 @dataclass

@@ -5,6 +5,7 @@ Mounted under /api/v1, /api/v0, /v1 and /v0 by the app factory.
 
 from __future__ import annotations
 
+import asyncio
 import platform
 import time
 from typing import Any
@@ -211,7 +212,6 @@ async def unload(request: Request):
 async def pull(body: PullRequest, request: Request):
     if not body.name:
         raise APIError(400, "invalid_request", "model_name is required")
-    import asyncio
     folder = await asyncio.to_thread(_host(request).registry.pull, body.name, body.checkpoint, body.recipe)
     return {"status": "success", "message": f"Installed model: {body.name}", "path": str(folder)}
 
