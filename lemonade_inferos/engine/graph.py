@@ -16,6 +16,12 @@ probabilities (attribute ``qk_output=2``, a fourth output). For the layers in
 the KV cache can rank blocks by the attention they actually receive. It is a
 separate graph (``model.inferos-probe.onnx``) because ONNX Runtime computes every
 graph output, bound or not.
+
+Logits positions: the LM head (576 x 49152 for SmolLM2) is a fifth of a
+prefill's multiply-adds when it runs on every prompt token, yet generation needs
+the last token's logits only. A ``Gather`` on the sequence axis in front of the
+LM head, fed by the input ``inferos_logits_positions``, lets the engine ask for
+just the rows it uses (all of them when scoring).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ POSITION_IDS = "position_ids"
 GQA_POSITION_IDS_INDEX = 9
 PATCHED_SUFFIX = ".inferos.onnx"
 PROBE_PREFIX = "inferos_attention."
+LOGITS_POSITIONS = "inferos_logits_positions"
+LM_HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class PreparedGraph:
     has_position_ids: bool
     num_gqa_nodes: int
     probe_outputs: tuple[str, ...] = ()
+    has_logits_positions: bool = False
 
 
 def _patch(model: onnx.ModelProto) -> tuple[bool, int]:
@@ -80,6 +89,37 @@ def _add_probes(model: onnx.ModelProto, probe_layers: tuple[int, ...]) -> tuple[
     return tuple(names)
 
 
+def _select_logits_rows(model: onnx.ModelProto) -> bool:
+    """Gather the LM head's input rows at ``inferos_logits_positions``. False when the LM head is not found."""
+    graph = model.graph
+    if any(i.name == LOGITS_POSITIONS for i in graph.input):
+        return True
+    producers = {out: node for node in graph.node for out in node.output}
+    head = producers.get("logits")
+    while head is not None and head.op_type == "Cast":  # fp16 models cast the LM head's output to fp32
+        head = producers.get(head.input[0])
+    if head is None or head.op_type not in LM_HEAD_OPS:
+        return False
+    hidden, rows = head.input[0], "inferos_logits_rows"
+    graph.input.append(onnx.helper.make_tensor_value_info(LOGITS_POSITIONS, onnx.TensorProto.INT64,
+                                                          ["logits_positions"]))
+    gather = onnx.helper.make_node("Gather", [hidden, LOGITS_POSITIONS], [rows], name="/inferos/logits_rows",
+                                   axis=1)
+    graph.node.insert(list(graph.node).index(head), gather)
+    head.input[0] = rows
+    for output in graph.output:
+        if output.name == "logits" and len(output.type.tensor_type.shape.dim) == 3:
+            output.type.tensor_type.shape.dim[1].dim_param = "logits_positions"
+    return True
+
+
+def _describe(model: onnx.ModelProto, model_ref: str | bytes, probe_names: tuple[str, ...]) -> PreparedGraph:
+    inputs = {i.name for i in model.graph.input}
+    return PreparedGraph(model_ref, POSITION_IDS in inputs,
+                         sum(n.op_type == "GroupQueryAttention" for n in model.graph.node), probe_names,
+                         LOGITS_POSITIONS in inputs)
+
+
 def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = ()) -> PreparedGraph:
     """Return the graph the engine should load, patched for true positions when possible."""
     suffix = PATCHED_SUFFIX if not probe_layers else f".inferos-probe{'-'.join(map(str, probe_layers))}.onnx"
@@ -87,25 +127,26 @@ def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = ()) -> Prepar
     probe_names = tuple(f"{PROBE_PREFIX}{layer}" for layer in probe_layers)
     if patched_path.is_file() and patched_path.stat().st_mtime >= onnx_path.stat().st_mtime:
         model = onnx.load(str(patched_path), load_external_data=False)
-        return PreparedGraph(str(patched_path), any(i.name == POSITION_IDS for i in model.graph.input),
-                             sum(n.op_type == "GroupQueryAttention" for n in model.graph.node), probe_names)
+        if any(i.name == LOGITS_POSITIONS for i in model.graph.input):  # else: written by an older version
+            return _describe(model, str(patched_path), probe_names)
     model = onnx.load(str(onnx_path), load_external_data=False)
-    already = any(i.name == POSITION_IDS for i in model.graph.input)
-    has_positions, num_gqa = _patch(model)
+    original_inputs = {i.name for i in model.graph.input}
+    has_positions, _ = _patch(model)
+    if not has_positions:
+        log.warning("%s has no rotary GroupQueryAttention: positions follow the mask, eviction is disabled",
+                    onnx_path)
     if probe_layers:
         if not has_positions:
             raise ValueError(f"{onnx_path}: the attention probe needs rotary GroupQueryAttention nodes")
         _add_probes(model, probe_layers)
-        already = False
-    if already or not has_positions:
-        if not has_positions:
-            log.warning("%s has no rotary GroupQueryAttention: positions follow the mask, eviction is disabled",
-                        onnx_path)
-        return PreparedGraph(str(onnx_path), has_positions, num_gqa)
+    if not _select_logits_rows(model):
+        log.info("%s: LM head not found; every prompt position's logits are computed", onnx_path)
+    if {i.name for i in model.graph.input} == original_inputs and not probe_layers:
+        return _describe(model, str(onnx_path), probe_names)
     if os.access(onnx_path.parent, os.W_OK):
         tmp_path = patched_path.with_suffix(".tmp")
         onnx.save(model, str(tmp_path))  # external data references stay relative to the same folder
         os.replace(tmp_path, patched_path)
-        return PreparedGraph(str(patched_path), True, num_gqa, probe_names)
+        return _describe(model, str(patched_path), probe_names)
     onnx.load_external_data_for_model(model, str(onnx_path.parent))
-    return PreparedGraph(model.SerializeToString(), True, num_gqa, probe_names)
+    return _describe(model, model.SerializeToString(), probe_names)

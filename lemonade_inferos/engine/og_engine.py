@@ -12,8 +12,8 @@ from typing import Iterator, Sequence
 
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
 from lemonade_inferos.engine.sampling import SamplingParams
-from lemonade_inferos.engine.stopping import StopStringMatcher
-from lemonade_inferos.engine.tokenizer import ChatTokenizer, IncrementalDetokenizer
+from lemonade_inferos.engine.emit import TokenEmitter
+from lemonade_inferos.engine.tokenizer import ChatTokenizer
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
 from lemonade_inferos.errors import GenerationError, MissingExtraError
 
@@ -56,31 +56,26 @@ class OgEngine:
             search.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
             if params.seed is not None:
                 search["random_seed"] = params.seed
+        if params.ignore_eos:
+            # og.Generator is done once it samples EOS, so it cannot run on past one as our engine does;
+            # min_length keeps EOS from being sampled at all (llama.cpp's ignore_eos) to honour max_tokens.
+            search["min_length"] = max_length
         og_params = og.GeneratorParams(self.model)
         og_params.set_search_options(**search)
         generator = og.Generator(self.model, og_params)
         stats.prompt_n = len(prompt)
         generator.append_tokens(prompt)
         stats.prefill_end_time = time.perf_counter()
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stopper = StopStringMatcher(params.stop)
-        eos = set(self.folder.eos_token_ids)
-        finish = "length"
+        emitter = TokenEmitter(self.tokenizer, self.folder.eos_token_ids, params)
         while stats.predicted_n < params.max_tokens and not generator.is_done():
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
             stats.mark_token()
-            if token in eos and not params.ignore_eos:
-                finish = "stop"
+            chunk = emitter.push(token)
+            if chunk is not None:
+                yield chunk
+            if emitter.done:
                 break
-            text = stopper.feed(detok.push(token))
-            if stopper.stopped:
-                finish = "stop"
-                if text:
-                    yield GenerationChunk(text, [token])
-                break
-            yield GenerationChunk(text, [token])
-        tail = "" if stopper.stopped else stopper.flush()
         stats.end_time = time.perf_counter()
-        stats.finish_reason = finish
-        yield GenerationChunk(tail, [], finish_reason=finish)
+        stats.finish_reason = emitter.finish_reason
+        yield emitter.final()

@@ -21,13 +21,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from lemonade_inferos.engine.graph import POSITION_IDS, prepare_graph
+from lemonade_inferos.engine.graph import LOGITS_POSITIONS, POSITION_IDS, prepare_graph
 from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
 from lemonade_inferos.engine.sampling import Sampler, SamplingParams
 from lemonade_inferos.engine.session import AppliedSessionOptions, SessionPolicy, build_session_options
-from lemonade_inferos.engine.stopping import StopStringMatcher
-from lemonade_inferos.engine.tokenizer import ChatTokenizer, IncrementalDetokenizer
+from lemonade_inferos.engine.emit import TokenEmitter
+from lemonade_inferos.engine.tokenizer import ChatTokenizer
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
 from lemonade_inferos.errors import GenerationError
 
@@ -46,8 +46,9 @@ class _StepBinding:
         self.io = engine.session.io_binding()
         self._bound_version = -1
         self._mask = np.ones((1, cache.layout.max_tokens + 1), dtype=np.int64)
-        # decode writes one row of logits per step into the same buffer
+        # decode (and prefill, where the graph selects logits rows) writes one row of logits into the same buffer
         self._step_logits = np.empty((1, 1, engine.folder.vocab_size), dtype=np.float32)
+        self._last_row = np.zeros(1, dtype=np.int64)
 
     def run(self, token_ids: np.ndarray, all_logits: bool) -> np.ndarray:
         """Run the model on ``token_ids`` ``[1, n]`` after the cached tokens; commit them.
@@ -65,8 +66,12 @@ class _StepBinding:
         io.bind_cpu_input(names["attention_mask"], self._mask[:, :cache.num_tokens + num_new])
         if engine.has_position_ids:
             io.bind_cpu_input(POSITION_IDS, cache.new_positions(num_new))
-        logits = (self._step_logits if num_new == 1
-                  else np.empty((1, num_new, engine.folder.vocab_size), dtype=np.float32))
+        rows = num_new if all_logits or not engine.has_logits_positions else 1
+        if engine.has_logits_positions:
+            self._last_row[0] = num_new - 1
+            io.bind_cpu_input(LOGITS_POSITIONS, np.arange(num_new, dtype=np.int64) if rows > 1 else self._last_row)
+        logits = (self._step_logits if rows == 1
+                  else np.empty((1, rows, engine.folder.vocab_size), dtype=np.float32))
         io.bind_output(engine.folder.output_names["logits"], "cpu", 0, np.float32, list(logits.shape),
                        logits.ctypes.data)
         probing = bool(engine.probe_outputs)
@@ -119,6 +124,7 @@ class OrtEngine:
             self.prefill_chunk_tokens = min(self.prefill_chunk_tokens, 256)
         graph = prepare_graph(self.folder.onnx_path, tuple(attention_probe_layers))
         self.has_position_ids = graph.has_position_ids
+        self.has_logits_positions = graph.has_logits_positions
         self.probe_outputs = graph.probe_outputs
         self.session = ort.InferenceSession(graph.model, options, providers=self.applied_options.providers)
         self.layout = KVLayout(num_layers=self.folder.num_layers, num_kv_heads=self.folder.num_kv_heads,
@@ -194,35 +200,24 @@ class OrtEngine:
         sampler = Sampler(params, self.folder.vocab_size)
         if params.repetition_penalty != 1.0:
             sampler.observe(prompt)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stopper = StopStringMatcher(params.stop)
-        eos = set(self.folder.eos_token_ids)
+        emitter = TokenEmitter(self.tokenizer, self.folder.eos_token_ids, params)
         step_ids = np.zeros((1, 1), dtype=np.int64)  # reused every step: no per-token allocations
-        finish = "length"
         for index in range(params.max_tokens):
             token = sampler.sample(logits)
             stats.mark_token()
-            if token in eos and not params.ignore_eos:
-                finish = "stop"
-                break
-            text = stopper.feed(detok.push(token))
-            if stopper.stopped:
-                finish = "stop"
-                if text:
-                    yield GenerationChunk(text, [token])
-                break
-            yield GenerationChunk(text, [token])
-            if index + 1 == params.max_tokens:
+            chunk = emitter.push(token)
+            if chunk is not None:
+                yield chunk
+            if emitter.done or index + 1 == params.max_tokens:
                 break
             step_ids[0, 0] = token
             try:
                 logits = binding.run(step_ids, all_logits=False)
             except CacheFullError:
                 break  # context exhausted and the cache may not evict: finish with "length"
-        tail = "" if stopper.stopped else stopper.flush()
         stats.end_time = time.perf_counter()
-        stats.finish_reason = finish
-        yield GenerationChunk(tail, [], finish_reason=finish)
+        stats.finish_reason = emitter.finish_reason
+        yield emitter.final()
 
 
 def default_probe_layers(num_layers: int) -> tuple[int, ...]:

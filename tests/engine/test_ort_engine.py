@@ -42,6 +42,17 @@ def test_chunked_prefill_gives_the_same_logits_as_one_pass(ort_engine, corpus_id
     np.testing.assert_allclose(parts, whole, atol=2e-3)
 
 
+def test_prefill_computes_only_the_last_logits_row_and_it_equals_the_full_pass(ort_engine, corpus_ids):
+    from lemonade_inferos.engine.ort_engine import _StepBinding
+
+    assert ort_engine.has_logits_positions, "the LM head of the built model was not found by the graph patch"
+    chunk = np.asarray(corpus_ids[:200], dtype=np.int64)[None, :]
+    full = _StepBinding(ort_engine, ort_engine.new_cache()).run(chunk, all_logits=True)
+    last = _StepBinding(ort_engine, ort_engine.new_cache()).run(chunk, all_logits=False)
+    assert full.shape == (200, ort_engine.folder.vocab_size) and last.shape == (ort_engine.folder.vocab_size,)
+    np.testing.assert_array_equal(last, full[-1])
+
+
 def test_same_seed_same_tokens_and_other_seed_differs(ort_engine):
     prompt = _chat(ort_engine, "Write a short poem about rivers.")
     kwargs = dict(temperature=1.0, top_p=0.95, max_tokens=32, ignore_eos=True)
@@ -64,26 +75,36 @@ def test_max_tokens_is_honoured_and_reported_as_length(ort_engine):
     assert chunks[-1].finish_reason == "length" and stats.predicted_n == 7
 
 
-def test_stop_string_cuts_the_text_and_finishes_with_stop(ort_engine):
-    prompt = _chat(ort_engine, "Count from 1 to 20, separated by commas.")
-    full = "".join(c.text for c in ort_engine.generate(prompt, SamplingParams(max_tokens=60)))
+@pytest.fixture(params=["ort", "og"])
+def either_engine(request):
+    """Both engines emit through the same TokenEmitter: stop strings and EOS behave alike."""
+    return request.getfixturevalue(f"{request.param}_engine")
+
+
+def test_stop_string_cuts_the_text_and_finishes_with_stop(either_engine):
+    prompt = _chat(either_engine, "Count from 1 to 20, separated by commas.")
+    full = "".join(c.text for c in either_engine.generate(prompt, SamplingParams(max_tokens=60)))
     assert "5" in full
     stop = full[full.index("5"):full.index("5") + 2]
-    chunks = list(ort_engine.generate(prompt, SamplingParams(max_tokens=60, stop=(stop,))))
+    chunks = list(either_engine.generate(prompt, SamplingParams(max_tokens=60, stop=(stop,))))
     text = "".join(c.text for c in chunks)
     assert text == full[:full.index(stop)]
     assert chunks[-1].finish_reason == "stop"
 
 
-def test_eos_finishes_with_stop(ort_engine):
-    chunks = list(ort_engine.generate(_chat(ort_engine, "Say hi."), SamplingParams(max_tokens=200)))
+def test_eos_finishes_with_stop_and_ignore_eos_runs_to_max_tokens(either_engine):
+    prompt = _chat(either_engine, "Say hi.")
+    chunks = list(either_engine.generate(prompt, SamplingParams(max_tokens=200)))
     assert chunks[-1].finish_reason == "stop"
+    produced = sum(len(c.token_ids) for c in chunks)
+    chunks = list(either_engine.generate(prompt, SamplingParams(max_tokens=produced + 3, ignore_eos=True)))
+    assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == produced + 3
 
 
-def test_streamed_text_equals_decoding_all_tokens(ort_engine):
-    chunks = list(ort_engine.generate(_chat(ort_engine, "Tell me about Tokyo."), SamplingParams(max_tokens=40)))
+def test_streamed_text_equals_decoding_all_tokens(either_engine):
+    chunks = list(either_engine.generate(_chat(either_engine, "Tell me about Tokyo."), SamplingParams(max_tokens=40)))
     ids = [t for c in chunks for t in c.token_ids]
-    assert "".join(c.text for c in chunks) == ort_engine.tokenizer.decode(ids)
+    assert "".join(c.text for c in chunks) == either_engine.tokenizer.decode(ids)
 
 
 def test_prompt_longer_than_context_is_a_clear_error(ort_engine):
