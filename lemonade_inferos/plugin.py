@@ -15,6 +15,7 @@ from typing import Any
 
 from lemonade_inferos.controller.controller import Controller
 from lemonade_inferos.controller.server import ControlServer
+from lemonade_inferos.controller.activity import RequestActivity
 from lemonade_inferos.controller.shadow import shadow_score
 from lemonade_inferos.controller.sizes import parse_size
 from lemonade_inferos.hookspecs import hookimpl
@@ -61,6 +62,7 @@ class InferosPlugin:
         self._ropes: dict[str, RopeTables | None] = {}
         self._requests = itertools.count()
         self._shadow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferos-shadow")
+        self.activity = RequestActivity()  # shadow passes run between requests, never beside one
         self.control_server: ControlServer | None = None
         self._snapshots = SnapshotLoop(self.controller.metrics, self.controller.history,
                                        float(self.config["history_period_s"]))
@@ -85,6 +87,7 @@ class InferosPlugin:
         self.controller.stop()
         self._snapshots.stop()
         self.prefix_store.flush()
+        self.activity.close()
         self._shadow.shutdown(wait=False, cancel_futures=True)
         if self.control_server:
             self.control_server.stop()
@@ -92,6 +95,7 @@ class InferosPlugin:
 
     @hookimpl
     def pre_run(self, context: InferenceContext) -> RunPlan:
+        self.activity.begin(context.request_id)
         controller = self.controller
         if controller.use_baseline:
             return RunPlan(baseline=True, policy_version=controller.policy_version)
@@ -114,6 +118,7 @@ class InferosPlugin:
 
     @hookimpl
     def post_run(self, context: InferenceContext, plan: RunPlan | None, stats: Any, cache: Any) -> None:
+        self.activity.end(context.request_id)
         self.controller.record(stats)
         if not isinstance(cache, TieredKVCache) or stats.error is not None:
             return
@@ -126,7 +131,8 @@ class InferosPlugin:
     # -- helpers -----------------------------------------------------------------------------------
     def _shadow_pass(self, engine: Any, token_ids: list[int], plan: Any, rope: Any, max_tier: int) -> None:
         try:
-            sample = shadow_score(engine, token_ids, plan, rope, max_tier, int(self.config["shadow_max_tokens"]))
+            sample = shadow_score(engine, token_ids, plan, rope, max_tier, int(self.config["shadow_max_tokens"]),
+                                  before_chunk=self.activity.wait_idle)
         except Exception:
             log.exception("shadow pass failed")
             return

@@ -45,6 +45,7 @@ def corpus_ids(ort_engine) -> list[int]:
 @pytest.fixture(scope="session")
 def plugin_server(model_dir, tmp_path_factory):
     with running_server("--plugin", "inferos", "--max-queue", "8", "--inferos-prefix-spill-mb", "0",
+                        "--inferos-shadow-every", "3",
                         log_path=tmp_path_factory.mktemp("logs") / "plugin-server.log") as base:
         yield base
 

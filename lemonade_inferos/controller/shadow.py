@@ -8,7 +8,7 @@ plan's quantized history is what the scored tokens attend over.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -19,8 +19,13 @@ from lemonade_inferos.kvcache.plan import KVPlan
 
 
 def shadow_score(engine: Any, token_ids: list[int], plan: KVPlan, rope: Any, max_tier: int,
-                 max_tokens: int = 512, score_tokens: int = 128) -> ShadowSample | None:
-    """NLL of the last ``score_tokens`` of ``token_ids`` (at most ``max_tokens`` in all) under both caches."""
+                 max_tokens: int = 512, score_tokens: int = 128,
+                 before_chunk: Callable[[], object] | None = None) -> ShadowSample | None:
+    """NLL of the last ``score_tokens`` of ``token_ids`` (at most ``max_tokens`` in all) under both caches.
+
+    ``before_chunk`` runs before each chunk (the plugin waits there until no request is in flight);
+    when it returns False the pass is abandoned (None).
+    """
     ids = token_ids[-max_tokens:]
     if len(ids) <= plan.recent_window + plan.block_size + 1:
         return None  # nothing would be quantized: no signal
@@ -31,6 +36,8 @@ def shadow_score(engine: Any, token_ids: list[int], plan: KVPlan, rope: Any, max
     first_scored = len(ids) - 1 - min(score_tokens, len(ids) - 1)
     nll_plan, nll_fp = [], []
     for start in range(0, len(ids) - 1, chunk):
+        if before_chunk is not None and before_chunk() is False:
+            return None
         piece = ids[start:start + chunk]
         targets = np.asarray(ids[start + 1:start + 1 + len(piece)])
         lp_plan = log_softmax(engine.forward(piece, planned))[: len(targets)]

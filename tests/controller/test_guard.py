@@ -85,3 +85,14 @@ def test_an_aggressive_plan_trips_the_guard_on_the_real_model_and_it_recovers(or
     guard_events = controller.history.entries(kind="guard")
     assert [(e["from_level"], e["to_level"]) for e in guard_events] == [(0, 1), (1, 0)]
     assert controller.metrics()["quality"]["delta_ppl_est"]["measurement"]["samples"] == 2
+
+
+def test_a_shadow_pass_waits_before_every_chunk_and_is_abandoned_when_told(ort_engine, corpus_ids):
+    rope = RopeTables.from_onnx(ort_engine.folder.onnx_path)
+    plan = named_plan("int8", recent_window=64)
+    calls = []
+    sample = shadow_score(ort_engine, corpus_ids[:257], plan, rope, TIER_INT4, max_tokens=257,
+                          before_chunk=lambda: calls.append(1))
+    assert sample is not None and len(calls) == 4  # 256 scored positions in chunks of 64
+    assert shadow_score(ort_engine, corpus_ids[:257], plan, rope, TIER_INT4, max_tokens=257,
+                        before_chunk=lambda: False) is None

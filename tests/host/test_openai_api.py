@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import httpx
 import openai
@@ -73,6 +74,26 @@ def test_second_turn_reuses_the_first_turns_kv(client, plugin_server):
     stats = httpx.get(f"{plugin_server}/api/v1/stats").json()
     assert stats["cache_tokens"] == cached
     assert stats["input_tokens"] == stats["prompt_tokens"] - cached
+
+
+def test_sampled_requests_publish_a_shadow_quality_estimate_on_the_control_api(client, plugin_server):
+    control = httpx.get(f"{plugin_server}/api/v1/health").json()["inferos"]["control_api"]["url"]
+
+    def samples() -> int:
+        return httpx.get(f"{control}/metrics").json()["quality"]["delta_ppl_est"]["measurement"]["samples"]
+
+    before = samples()
+    system = {"role": "system", "content": "You are a careful assistant who explains things step by step. " * 12}
+    for question in ("Why do leaves change colour?", "How do tides work?", "What makes bread rise?"):
+        client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0,
+                                       messages=[system, {"role": "user", "content": question}])
+    # the server runs it once it has been idle for a moment (the fixture samples every 3rd request)
+    deadline = time.monotonic() + 60
+    while samples() == before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    estimate = httpx.get(f"{control}/metrics").json()["quality"]["delta_ppl_est"]
+    assert estimate["measurement"]["samples"] > before
+    assert estimate["current"] is not None
 
 
 def test_concurrent_chats_sharing_a_system_prompt_each_get_their_own_answer(client):
