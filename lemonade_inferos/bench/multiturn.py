@@ -124,7 +124,8 @@ def run_multiturn_bench(model_name: str, model_dir: Path, num_turns: int, reply_
 
     turns = user_turns(ChatTokenizer.from_folder(model_dir), num_turns)
     results: dict[str, Any] = {"model": model_name, "turns": num_turns, "reply_tokens": reply_tokens}
-    for mode, args in (("inferos", ("--plugin", "inferos")), ("baseline", ())):
+    # no disk spill: blocks a previous run left on disk would turn the cold prefill into a hit
+    for mode, args in (("inferos", ("--plugin", "inferos", "--inferos-prefix-spill-mb", "0")), ("baseline", ())):
         with running_server("--ctx-size", "8192", *args, log_path=log_dir / f"multiturn-{mode}.log") as base:
             _stream_turn(base, model_name, [{"role": "user", "content": "warm up"}], 2)
             records, messages = play(base, model_name, turns, reply_tokens)

@@ -279,7 +279,7 @@ class TieredKVCache(DenseKVCache):
         self._num_tokens = total
         self._token_ids = [t for ids, *_ in blocks for t in ids]
         first_block = -(-self.plan.sink_tokens // block_size) * block_size
-        for index, (ids, tier, _, _, qkeys, qvalues) in enumerate(blocks):
+        for index, (ids, tier, keys, _, qkeys, qvalues) in enumerate(blocks):
             start = index * block_size
             if start < first_block:
                 continue
@@ -289,8 +289,12 @@ class TieredKVCache(DenseKVCache):
             for layer in range(num_layers):
                 self.pool.store(block, layer, qkeys.slice_heads(layer * heads, heads),
                                 qvalues.slice_heads(layer * heads, heads))
-            block.scores = block_scores([k[0, :, start:start + len(ids)] for k in self._keys],
-                                        self.plan.importance, self._next_block_index)
+            if self.plan.importance == "attention":
+                # nothing observed yet: the queries of the request that restores it will score it
+                block.scores = self._attention_score(block)
+            else:
+                block.scores = block_scores(keys.reshape((num_layers, heads) + keys.shape[1:]),
+                                            self.plan.importance, self._next_block_index)
             self._next_block_index += 1
             self.blocks.append(block)
         self._sealed_end = max(first_block, len(blocks) * block_size) if blocks else 0
