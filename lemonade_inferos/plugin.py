@@ -13,14 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lemonade_inferos.controller.activity import RequestActivity
 from lemonade_inferos.controller.controller import Controller
 from lemonade_inferos.controller.server import ControlServer
-from lemonade_inferos.controller.activity import RequestActivity
 from lemonade_inferos.controller.shadow import shadow_score
 from lemonade_inferos.controller.sizes import parse_size
 from lemonade_inferos.hookspecs import hookimpl
 from lemonade_inferos.host.context import InferenceContext, RunPlan
 from lemonade_inferos.kvcache.manager import TieredKVCache
+from lemonade_inferos.kvcache.plan import TIER_L0
 from lemonade_inferos.kvcache.prefix_store import PrefixStore
 from lemonade_inferos.kvcache.rope import RopeTables
 from lemonade_inferos.metrics.recorder import SnapshotLoop
@@ -109,7 +110,10 @@ class InferosPlugin:
             cache.max_tier = max_tier
             cache.engine = self._last_engine = engine
             cache.prefix_salt = PrefixStore.salt(engine.folder.fingerprint, self._kv_format(engine, kv_plan))
-            self.prefix_store.restore(cache, self.prefix_store.lookup(prompt, cache.prefix_salt))
+            # a cache that may not quantize restores exact blocks only: the guard's last step and kv.mode
+            # disabled mean full precision, for the prefix too
+            usable = TIER_L0 if max_tier == TIER_L0 or not kv_plan.quantizes else max_tier
+            self.prefix_store.restore(cache, self.prefix_store.lookup(prompt, cache.prefix_salt, usable))
             return cache
 
         return RunPlan(session=controller.session_policy(), kv_plan=kv_plan, make_cache=make_cache,

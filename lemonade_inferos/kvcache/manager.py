@@ -259,8 +259,8 @@ class TieredKVCache(DenseKVCache):
     def load_prefix(self, blocks: list[tuple], num_layers: int) -> None:
         """Fill an empty cache with restored blocks ``(token_ids, tier, keys, values, qkeys, qvalues)``.
 
-        ``keys``/``values`` are dequantized and ``qkeys``/``qvalues`` the stored codes, all layers stacked
-        along heads.
+        ``keys``/``values`` are dequantized and ``qkeys``/``qvalues`` the stored codes (None for exact L0
+        blocks), all layers stacked along heads.
 
         The restored blocks (all but the one holding the sinks) become sealed blocks at their stored tier,
         so they are not quantized again.
@@ -286,9 +286,10 @@ class TieredKVCache(DenseKVCache):
             block = self.pool.allocate(len(ids))
             block.start = start
             block.tiers[:] = tier
-            for layer in range(num_layers):
-                self.pool.store(block, layer, qkeys.slice_heads(layer * heads, heads),
-                                qvalues.slice_heads(layer * heads, heads))
+            if tier != TIER_L0:  # an exact block lives in the working buffer only, as a freshly sealed one does
+                for layer in range(num_layers):
+                    self.pool.store(block, layer, qkeys.slice_heads(layer * heads, heads),
+                                    qvalues.slice_heads(layer * heads, heads))
             if self.plan.importance == "attention":
                 # nothing observed yet: the queries of the request that restores it will score it
                 block.scores = self._attention_score(block)

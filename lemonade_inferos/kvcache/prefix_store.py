@@ -8,6 +8,10 @@ shared prefixes (system prompt, earlier turns) are the last to go.
 
 At rest each block is one stacked INT8 tensor for keys and one for values
 (all layers), or INT4 when the live cache had already demoted any of its layers.
+A sequence whose cache may not quantize (``kv.mode`` disabled, or the quality
+guard at its last step) is kept at full precision instead, and a lookup under
+such a cache stops at the first quantized block: what it restores is exactly
+what a cold prefill would compute.
 
 Optional spill to disk: blocks pushed out of the memory budget are written to
 ``spill_dir`` (one ``.npz`` per block, LRU within ``spill_budget_bytes``) and
@@ -29,7 +33,7 @@ import numpy as np
 
 from lemonade_inferos.kvcache.codecs import AsymmetricCodec, QuantizedTensor
 from lemonade_inferos.kvcache.manager import TieredKVCache
-from lemonade_inferos.kvcache.plan import TIER_INT4, TIER_INT8
+from lemonade_inferos.kvcache.plan import TIER_INT4, TIER_INT8, TIER_L0
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,8 @@ class StoredBlock:
     block_hash: bytes
     token_ids: tuple[int, ...]
     tier: int
-    keys: QuantizedTensor      # [layers * kv_heads, block_size, head_size]
-    values: QuantizedTensor
+    keys: QuantizedTensor | np.ndarray     # [layers * kv_heads, block_size, head_size]; an array at TIER_L0
+    values: QuantizedTensor | np.ndarray
 
     @property
     def nbytes(self) -> int:
@@ -85,17 +89,25 @@ class PrefixStore:
         token_ids = cache.token_ids[: cache.num_tokens // self.block_size * self.block_size]
         hashes = block_hashes(token_ids, self.block_size, salt)
         demoted = {b.start // self.block_size for b in cache.blocks if (b.tiers == TIER_INT4).any()}
+        exact = cache.max_tier == TIER_L0 or not cache.plan.quantizes
         new_blocks = 0
         with self._lock:
             for index, block_hash in enumerate(hashes):
-                if block_hash in self._blocks:
+                held = self._blocks.get(block_hash)
+                if held is not None and (held.tier == TIER_L0 or not exact):
                     continue
+                if held is not None:  # an exact copy replaces a quantized one
+                    self.nbytes -= self._blocks.pop(block_hash).nbytes
                 start = index * self.block_size
-                tier = TIER_INT4 if index in demoted else TIER_INT8
                 keys, values = cache.block_arrays(start, start + self.block_size)
-                codec = self._codecs[tier]
-                stored = StoredBlock(block_hash, tuple(token_ids[start:start + self.block_size]), tier,
-                                     codec.quantize(keys, "token"), codec.quantize(values, "channel"))
+                if exact:
+                    stored = StoredBlock(block_hash, tuple(token_ids[start:start + self.block_size]), TIER_L0,
+                                         keys, values)
+                else:
+                    tier = TIER_INT4 if index in demoted else TIER_INT8
+                    codec = self._codecs[tier]
+                    stored = StoredBlock(block_hash, tuple(token_ids[start:start + self.block_size]), tier,
+                                         codec.quantize(keys, "token"), codec.quantize(values, "channel"))
                 self._blocks[block_hash] = stored
                 self.nbytes += stored.nbytes
                 new_blocks += 1
@@ -134,8 +146,11 @@ class PrefixStore:
             self._enforce_budget()
 
     # -- restore ---------------------------------------------------------------------------------
-    def lookup(self, prompt_ids: list[int], salt: bytes) -> list[StoredBlock]:
-        """The stored blocks of the longest cached prefix (at least one prompt token is left to run)."""
+    def lookup(self, prompt_ids: list[int], salt: bytes, max_tier: int = TIER_INT4) -> list[StoredBlock]:
+        """The stored blocks of the longest cached prefix (at least one prompt token is left to run).
+
+        The prefix ends before the first block stored beyond ``max_tier`` (``TIER_L0``: exact blocks only).
+        """
         usable = (len(prompt_ids) - 1) // self.block_size * self.block_size
         found: list[StoredBlock] = []
         with self._lock:
@@ -146,7 +161,7 @@ class PrefixStore:
                     if stored is not None:  # back into memory: it is hot again
                         self._blocks[block_hash] = stored
                         self.nbytes += stored.nbytes
-                if stored is None:
+                if stored is None or stored.tier > max_tier:
                     break
                 found.append(stored)
             self.lookup_tokens += len(prompt_ids)
@@ -163,9 +178,13 @@ class PrefixStore:
         layers = cache.layout.num_layers
         restored = []
         for stored in blocks:
+            if stored.tier == TIER_L0:
+                restored.append((stored.token_ids, stored.tier, stored.keys, stored.values, None, None))
+                continue
             codec = self._codecs[stored.tier]
-            restored.append((stored, codec.dequantize(stored.keys), codec.dequantize(stored.values)))
-        cache.load_prefix([(s.token_ids, s.tier, k, v, s.keys, s.values) for s, k, v in restored], layers)
+            restored.append((stored.token_ids, stored.tier, codec.dequantize(stored.keys),
+                             codec.dequantize(stored.values), stored.keys, stored.values))
+        cache.load_prefix(restored, layers)
         return len(blocks) * self.block_size
 
     @property
@@ -200,11 +219,14 @@ class _SpillDir:
             return False
         path = self._path(stored.block_hash)
         tmp = path.with_suffix(".tmp.npz")
-        arrays = {"token_ids": np.asarray(stored.token_ids, dtype=np.int64), "tier": np.asarray(stored.tier),
-                  "bits": np.asarray(stored.keys.bits)}
-        for name, q in (("k", stored.keys), ("v", stored.values)):
-            arrays.update({f"{name}_codes": q.codes, f"{name}_scale": q.scale, f"{name}_minimum": q.minimum,
-                           f"{name}_shape": np.asarray(q.shape)})
+        arrays = {"token_ids": np.asarray(stored.token_ids, dtype=np.int64), "tier": np.asarray(stored.tier)}
+        if stored.tier == TIER_L0:
+            arrays.update(k_raw=stored.keys, v_raw=stored.values)
+        else:
+            arrays["bits"] = np.asarray(stored.keys.bits)
+            for name, q in (("k", stored.keys), ("v", stored.values)):
+                arrays.update({f"{name}_codes": q.codes, f"{name}_scale": q.scale, f"{name}_minimum": q.minimum,
+                               f"{name}_shape": np.asarray(q.shape)})
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
         self._files[stored.block_hash] = path.stat().st_size
@@ -221,11 +243,15 @@ class _SpillDir:
             return None
         try:
             with np.load(self._path(block_hash)) as data:
-                bits = int(data["bits"])
-                tensors = [QuantizedTensor(data[f"{n}_codes"], data[f"{n}_scale"], data[f"{n}_minimum"],
-                                           tuple(int(x) for x in data[f"{n}_shape"]), bits, axis)
-                           for n, axis in (("k", "token"), ("v", "channel"))]
-                block = StoredBlock(block_hash, tuple(int(t) for t in data["token_ids"]), int(data["tier"]), *tensors)
+                tier = int(data["tier"])
+                if tier == TIER_L0:
+                    tensors = [data["k_raw"], data["v_raw"]]
+                else:
+                    bits = int(data["bits"])
+                    tensors = [QuantizedTensor(data[f"{n}_codes"], data[f"{n}_scale"], data[f"{n}_minimum"],
+                                               tuple(int(x) for x in data[f"{n}_shape"]), bits, axis)
+                               for n, axis in (("k", "token"), ("v", "channel"))]
+                block = StoredBlock(block_hash, tuple(int(t) for t in data["token_ids"]), tier, *tensors)
         except (OSError, ValueError, KeyError):
             log.warning("unreadable spilled block %s: dropped", block_hash.hex())
             self.nbytes -= self._files.pop(block_hash, 0)

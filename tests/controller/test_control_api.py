@@ -146,3 +146,21 @@ def test_a_full_evaluation_can_be_scheduled(control, token, plugin_server):
         time.sleep(1)
     assert result["status"] in ("within_threshold", "over_threshold"), result
     assert result["baseline_ppl"] > 1 and result["current_ppl"] > 1
+
+
+def test_with_kv_mode_disabled_a_repeated_prompt_is_restored_exactly(plugin_server, control, token):
+    client = openai.OpenAI(base_url=f"{plugin_server}/api/v1", api_key="unused")
+    headers = {"X-Inferos-Token": token}
+    messages = [{"role": "system", "content": "You are a meticulous geographer. " * 12},
+                {"role": "user", "content": "Describe the river Danube."}]
+    previous = httpx.get(f"{control}/policy").json()["policy"]["kv"]["mode"]
+    assert httpx.post(f"{control}/policy", json={"kv": {"mode": "disabled"}}, headers=headers).status_code == 200
+    try:
+        replies = [client.chat.completions.create(model="SmolLM2-135M-Instruct-CPU", max_tokens=40, temperature=0,
+                                                  messages=messages) for _ in range(2)]
+        tiers = httpx.get(f"{control}/metrics").json()["memory"]["kv_bytes_by_tier"]  # of the last request
+    finally:
+        httpx.post(f"{control}/policy", json={"kv": {"mode": previous}}, headers=headers)
+    assert replies[1].usage.prompt_tokens_details.cached_tokens > 0
+    assert replies[1].choices[0].message.content == replies[0].choices[0].message.content
+    assert tiers["L0"] > 0 and tiers["L1_int8"] == 0 and tiers["L2_int4"] == 0  # restored at full precision

@@ -164,6 +164,23 @@ def test_server_keeps_serving_after_bad_requests(client):
     assert reply.choices[0].message.content
 
 
+def test_a_client_that_disconnects_mid_stream_loses_nothing_for_the_next_one(client, plugin_server):
+    messages = [{"role": "system", "content": "You are a patient teacher. " * 10},
+                {"role": "user", "content": "Explain how a bicycle stays upright."}]
+    client.chat.completions.create(model=MODEL, max_tokens=40, temperature=0, messages=messages)
+    # a second request restores the first one's blocks (INT8 at rest): what any later request should see
+    expected = client.chat.completions.create(model=MODEL, max_tokens=40, temperature=0,
+                                              messages=messages).choices[0].message.content
+    body = {"model": MODEL, "messages": messages, "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{plugin_server}/api/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(3)]  # a few chunks, then hang up
+    again = client.chat.completions.create(model=MODEL, max_tokens=40, temperature=0, messages=messages)
+    assert again.choices[0].message.content == expected
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # the prefix store still serves the prompt
+    assert httpx.get(f"{plugin_server}/api/v1/health").json()["status"] == "ok"
+
+
 def test_prometheus_metrics_parse(plugin_server):
     text = httpx.get(f"{plugin_server}/metrics").text
     names = {family.name for family in text_string_to_metric_families(text)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lemonade_inferos.kvcache.manager import TieredKVCache
-from lemonade_inferos.kvcache.plan import TIER_INT8, named_plan
+from lemonade_inferos.kvcache.plan import TIER_INT8, TIER_L0, named_plan
 from lemonade_inferos.kvcache.prefix_store import PrefixStore, block_hashes
 
 from .test_manager import LAYOUT, fill
@@ -85,3 +85,35 @@ def test_guard_drop_removes_blocks_beyond_the_cap():
     store.park(cache, SALT)
     assert store.drop_above(TIER_INT8) > 0
     assert all(b.tier <= TIER_INT8 for b in store._blocks.values())
+
+
+def _exact_sequence(num_tokens: int, seed: int = 0) -> TieredKVCache:
+    cache = TieredKVCache(LAYOUT, named_plan("disabled"))
+    fill(cache, num_tokens, seed=seed)
+    return cache
+
+
+def test_a_cache_that_may_not_quantize_parks_and_restores_exact_blocks(tmp_path):
+    cache = _exact_sequence(200)
+    store = PrefixStore(2**30, spill_dir=tmp_path, spill_budget_bytes=2**30)
+    assert store.park(cache, SALT) == 6
+    assert {b.tier for b in store._blocks.values()} == {TIER_L0}
+    store.flush()
+    restarted = PrefixStore(2**30, spill_dir=tmp_path, spill_budget_bytes=2**30)  # through the disk as well
+    for source in (store, restarted):
+        restored = TieredKVCache(LAYOUT, named_plan("disabled"))
+        assert source.restore(restored, source.lookup(cache.token_ids + [1], SALT, TIER_L0)) == 192
+        np.testing.assert_array_equal(restored._keys[1][0, :, :192], cache._keys[1][0, :, :192])
+        np.testing.assert_array_equal(restored._values[0][0, :, :192], cache._values[0][0, :, :192])
+        assert restored.kv_stats().bytes_by_tier["L1_int8"] == 0
+
+
+def test_the_guards_cap_also_holds_for_parking_and_lookups():
+    quantized, store = _sequence(200), PrefixStore(2**30)
+    store.park(quantized, SALT)
+    assert store.lookup(quantized.token_ids + [1], SALT, TIER_L0) == []  # exact only: INT8 blocks are not used
+    capped = TieredKVCache(LAYOUT, named_plan("int8", recent_window=32))
+    capped.max_tier = TIER_L0
+    fill(capped, 200, seed=3)
+    store.park(capped, SALT)
+    assert len(store.lookup(capped.token_ids + [1], SALT, TIER_L0)) == 6
