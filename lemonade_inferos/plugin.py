@@ -24,13 +24,15 @@ from lemonade_inferos.kvcache.manager import TieredKVCache
 from lemonade_inferos.kvcache.plan import TIER_L0
 from lemonade_inferos.kvcache.prefix_store import PrefixStore
 from lemonade_inferos.kvcache.rope import RopeTables
+from lemonade_inferos.kvcache.stats import KVStats
+from lemonade_inferos.kvcache.warm import WarmCaches
 from lemonade_inferos.metrics.recorder import SnapshotLoop
 from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = {"kv_mode": None, "recent_window": None, "prefix_cache_mb": 256, "control_port": None,
-                  "memory_limit": None, "config": None, "control_api": True, "shadow_every": 8,
+                  "memory_limit": None, "config": None, "control_api": True, "shadow_every": 8, "warm_caches": 1,
                   "shadow_max_tokens": 512, "history_path": None, "guard": None, "history_period_s": 10.0,
                   "prefix_spill_mb": 1024, "prefix_spill_dir": None, "importance": "attention"}
 
@@ -57,13 +59,14 @@ class InferosPlugin:
         spill_dir = Path(self.config["prefix_spill_dir"] or inferos_home() / "prefix-cache")
         self.prefix_store = PrefixStore(self.prefix_budget_bytes, spill_dir=spill_dir,
                                         spill_budget_bytes=int(float(self.config["prefix_spill_mb"]) * 2**20))
-        self.controller.prefix_stats = self.prefix_store.stats
+        self.controller.prefix_stats = lambda: {**self.prefix_store.stats(), "warm": self.warm.stats()}
         guard_notify = self.controller.guard.on_transition
         self.controller.guard.on_transition = lambda event: (self._on_guard_step(event), guard_notify(event))
         self._ropes: dict[str, RopeTables | None] = {}
         self._requests = itertools.count()
         self._shadow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferos-shadow")
         self.activity = RequestActivity()  # shadow passes run between requests, never beside one
+        self.warm = WarmCaches(int(self.config["warm_caches"]), min_tokens=self.prefix_store.block_size)
         self.control_server: ControlServer | None = None
         self._snapshots = SnapshotLoop(self.controller.metrics, self.controller.history,
                                        float(self.config["history_period_s"]))
@@ -106,14 +109,14 @@ class InferosPlugin:
         prompt = context.prompt_ids
 
         def make_cache(engine: Any) -> TieredKVCache:
-            cache = TieredKVCache(engine.layout, kv_plan, self._rope(engine))
-            cache.max_tier = max_tier
-            cache.engine = self._last_engine = engine
-            cache.prefix_salt = PrefixStore.salt(engine.folder.fingerprint, self._kv_format(engine, kv_plan))
-            # a cache that may not quantize restores exact blocks only: the guard's last step and kv.mode
-            # disabled mean full precision, for the prefix too
+            self._last_engine = engine
+            salt = PrefixStore.salt(engine.folder.fingerprint, self._kv_format(engine, kv_plan))
+            # a cache that may not quantize reuses exact KV only: the guard's last step and kv.mode disabled
+            # mean full precision, for the prefix too
             usable = TIER_L0 if max_tier == TIER_L0 or not kv_plan.quantizes else max_tier
-            self.prefix_store.restore(cache, self.prefix_store.lookup(prompt, cache.prefix_salt, usable))
+            cache, reused = self._reuse(prompt, salt, engine, usable, kv_plan)
+            cache.max_tier, cache.engine, cache.prefix_salt = max_tier, engine, salt
+            self.prefix_store.record_lookup(len(prompt), reused)
             return cache
 
         return RunPlan(session=controller.session_policy(), kv_plan=kv_plan, make_cache=make_cache,
@@ -127,12 +130,30 @@ class InferosPlugin:
         if not isinstance(cache, TieredKVCache) or stats.error is not None:
             return
         self.prefix_store.park(cache, cache.prefix_salt)
+        self.warm.put(cache)
         every = int(self.config["shadow_every"])
         if every > 0 and next(self._requests) % every == 0 and cache.plan.quantizes:
             self._shadow.submit(self._shadow_pass, cache.engine, list(cache.token_ids), cache.plan,
                                 self._rope(cache.engine), cache.max_tier)
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _reuse(self, prompt: list[int], salt: bytes, engine: Any, usable: int, kv_plan: Any
+               ) -> tuple[TieredKVCache, int]:
+        """The cache to run ``prompt`` in, holding the longest prefix found warm or in the prefix store."""
+        block = self.prefix_store.block_size
+        warm, common = self.warm.take(prompt, salt, engine.layout, usable)
+        stored = [] if common >= (len(prompt) - 1) // block * block else \
+            self.prefix_store.lookup(prompt, salt, usable, record=False)
+        if warm is not None and common >= len(stored) * block:
+            warm.truncate(common)
+            warm.stats = KVStats()  # this request's work, not the earlier turns'
+            warm.set_plan(kv_plan)
+            return warm, common
+        if warm is not None:
+            self.warm.put(warm)  # the store has more of this prompt; keep the warm one for its own conversation
+        cache = TieredKVCache(engine.layout, kv_plan, self._rope(engine))
+        return cache, self.prefix_store.restore(cache, stored)
+
     def _shadow_pass(self, engine: Any, token_ids: list[int], plan: Any, rope: Any, max_tier: int) -> None:
         try:
             sample = shadow_score(engine, token_ids, plan, rope, max_tier, int(self.config["shadow_max_tokens"]),
@@ -158,6 +179,7 @@ class InferosPlugin:
         if event["to_level"] > event["from_level"]:
             dropped = self.prefix_store.drop_above(self.controller.guard.max_tier)
             event["prefix_blocks_dropped"] = dropped
+            event["warm_caches_dropped"] = self.warm.clear()
 
     def _rope(self, engine: Any) -> RopeTables | None:
         key = str(engine.folder.onnx_path)

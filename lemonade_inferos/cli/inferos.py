@@ -193,7 +193,8 @@ def bench_multiturn_cmd(model_name: str, turns: int, reply_tokens: int, json_pat
         table.add_row(mode, f"{r['last_turn_ttft_s']:.3f}", f"{r['cold_ttft_s']:.3f}",
                       f"{r['last_turn_ttft_vs_cold']:.3f}", f"{r['hit_rate']:.1%}")
     Console().print(table)
-    Console().print(f"restored-prefix first-token KLD {results['restore']['kld']:.2e}; "
+    Console().print(f"restored-prefix first-token KLD {results['restore']['kld']:.2e} (prefix store), "
+                    f"{results['restore']['warm_kld']:.2e} (warm cache); "
                     f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 

@@ -56,6 +56,9 @@ def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--inferos-control-port", type=int, default=None,
                      help="inferos: control API port (default 7031, or INFEROS_AGENT_PORT)."),
         click.option("--inferos-memory-limit", default=None, help="inferos: memory limit, e.g. 16GB."),
+        click.option("--inferos-warm-caches", type=click.IntRange(min=0), default=None,
+                     help="inferos: finished sequences whose live cache is kept for their next turn, reused "
+                          "token-exactly (default 1; 0 leaves reuse to the prefix store alone)."),
         click.option("--inferos-shadow-every", type=click.IntRange(min=0), default=None,
                      help="inferos: re-score every Nth request under full precision for the quality guard, while "
                           "the server is idle (default 8; 0 turns the online estimate off)."),
@@ -108,7 +111,8 @@ def _plugin_config(kwargs: dict[str, Any]) -> dict[str, Any]:
     mapping = {"inferos_kv_mode": "kv_mode", "inferos_recent_window": "recent_window",
                "inferos_prefix_cache_mb": "prefix_cache_mb", "inferos_control_port": "control_port",
                "inferos_prefix_spill_mb": "prefix_spill_mb", "inferos_importance": "importance",
-               "inferos_memory_limit": "memory_limit", "inferos_shadow_every": "shadow_every"}
+               "inferos_memory_limit": "memory_limit", "inferos_shadow_every": "shadow_every",
+               "inferos_warm_caches": "warm_caches"}
     return {mapping[k]: v for k, v in kwargs.items() if k in mapping and v is not None}
 
 

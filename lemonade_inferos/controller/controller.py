@@ -204,6 +204,7 @@ class Controller:
                                         "reason": "no speculative decoding runs here, so there is no accept rate"}},
             "memory": {"kv_cache_usage_mb": (kv.get("kv_bytes") or 0) / 2**20 if kv else None,
                        "kv_cache_hit_rate": prefix.get("hit_rate"), "prefix_cache_bytes": prefix.get("bytes"),
+                       "warm_cache_bytes": (prefix.get("warm") or {}).get("bytes"),
                        "kv_bytes_by_tier": kv.get("bytes_by_tier") if kv else None,
                        "memory_pressure": self.memory_pressure()},
             "optimization_status": {

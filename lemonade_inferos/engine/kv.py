@@ -101,6 +101,15 @@ class KVCache(ABC):
         self.truncate(0)
 
 
+def common_prefix(held: list[int], prompt: list[int]) -> int:
+    """Tokens of ``prompt`` a cache holding ``held`` can keep (at least one prompt token is left to run)."""
+    limit = min(len(held), len(prompt) - 1)
+    common = 0
+    while common < limit and held[common] == prompt[common]:
+        common += 1
+    return common
+
+
 class DenseKVCache(KVCache):
     """Full-precision, contiguous, no eviction: the plain cache every plan is compared with.
 

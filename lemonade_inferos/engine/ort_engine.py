@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lemonade_inferos.engine.graph import LOGITS_POSITIONS, POSITION_IDS, prepare_graph
-from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout
+from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout, common_prefix
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
 from lemonade_inferos.engine.sampling import Sampler, SamplingParams
 from lemonade_inferos.engine.session import AppliedSessionOptions, SessionPolicy, build_session_options
@@ -245,9 +245,6 @@ def cache_prefix_reuse(cache: KVCache, prompt: list[int]) -> int:
     if len(held) != cache.num_tokens:
         cache.reset()
         return 0
-    limit = min(len(held), len(prompt) - 1)
-    common = 0
-    while common < limit and held[common] == prompt[common]:
-        common += 1
+    common = common_prefix(held, prompt)
     cache.truncate(common)
     return common

@@ -146,10 +146,12 @@ class PrefixStore:
             self._enforce_budget()
 
     # -- restore ---------------------------------------------------------------------------------
-    def lookup(self, prompt_ids: list[int], salt: bytes, max_tier: int = TIER_INT4) -> list[StoredBlock]:
+    def lookup(self, prompt_ids: list[int], salt: bytes, max_tier: int = TIER_INT4,
+               record: bool = True) -> list[StoredBlock]:
         """The stored blocks of the longest cached prefix (at least one prompt token is left to run).
 
         The prefix ends before the first block stored beyond ``max_tier`` (``TIER_L0``: exact blocks only).
+        ``record=False`` leaves the hit counters to the caller (who may serve the prompt from elsewhere).
         """
         usable = (len(prompt_ids) - 1) // self.block_size * self.block_size
         found: list[StoredBlock] = []
@@ -164,12 +166,19 @@ class PrefixStore:
                 if stored is None or stored.tier > max_tier:
                     break
                 found.append(stored)
-            self.lookup_tokens += len(prompt_ids)
-            self.hits_tokens += len(found) * self.block_size
+            if record:
+                self.lookup_tokens += len(prompt_ids)
+                self.hits_tokens += len(found) * self.block_size
             for stored in reversed(found):  # parents most recent, as in park()
                 self._blocks.move_to_end(stored.block_hash)
             self._enforce_budget()
         return found
+
+    def record_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """Count a prompt and the tokens of it served from cache (the hit rate the controller publishes)."""
+        with self._lock:
+            self.lookup_tokens += prompt_tokens
+            self.hits_tokens += hit_tokens
 
     def restore(self, cache: TieredKVCache, blocks: list[StoredBlock]) -> int:
         """Load ``blocks`` into an empty cache; returns the number of tokens restored."""

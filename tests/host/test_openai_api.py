@@ -76,6 +76,15 @@ def test_second_turn_reuses_the_first_turns_kv(client, plugin_server):
     assert stats["input_tokens"] == stats["prompt_tokens"] - cached
 
 
+def test_the_next_turn_reuses_the_finished_sequence_token_exactly(client):
+    messages = [{"role": "user", "content": "Write one sentence about lighthouses, please."}]
+    first = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, messages=messages)
+    again = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, messages=messages)
+    # the warm cache holds the whole prompt (the prefix store alone would stop at a 32-token block boundary)
+    assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
 def test_sampled_requests_publish_a_shadow_quality_estimate_on_the_control_api(client, plugin_server):
     control = httpx.get(f"{plugin_server}/api/v1/health").json()["inferos"]["control_api"]["url"]
 
@@ -167,17 +176,26 @@ def test_server_keeps_serving_after_bad_requests(client):
 def test_a_client_that_disconnects_mid_stream_loses_nothing_for_the_next_one(client, plugin_server):
     messages = [{"role": "system", "content": "You are a patient teacher. " * 10},
                 {"role": "user", "content": "Explain how a bicycle stays upright."}]
-    client.chat.completions.create(model=MODEL, max_tokens=40, temperature=0, messages=messages)
-    # a second request restores the first one's blocks (INT8 at rest): what any later request should see
-    expected = client.chat.completions.create(model=MODEL, max_tokens=40, temperature=0,
-                                              messages=messages).choices[0].message.content
+
+    def ask(max_tokens: int = 40):
+        return client.chat.completions.create(model=MODEL, max_tokens=max_tokens, temperature=0, messages=messages)
+
+    def unrelated():  # takes the warm slot, so the next request restores from the prefix store
+        client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0,
+                                       messages=[{"role": "user", "content": "Name a prime number."}])
+
+    ask()
+    unrelated()
+    expected = ask()  # restored from the store: what any later request should see
+    unrelated()
     body = {"model": MODEL, "messages": messages, "max_tokens": 200, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{plugin_server}/api/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert [next(lines) for _ in range(3)]  # a few chunks, then hang up
-    again = client.chat.completions.create(model=MODEL, max_tokens=40, temperature=0, messages=messages)
-    assert again.choices[0].message.content == expected
-    assert again.usage.prompt_tokens_details.cached_tokens > 0  # the prefix store still serves the prompt
+    unrelated()
+    again = ask()
+    assert again.choices[0].message.content == expected.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens == expected.usage.prompt_tokens_details.cached_tokens > 0
     assert httpx.get(f"{plugin_server}/api/v1/health").json()["status"] == "ok"
 
 
@@ -198,7 +216,9 @@ def test_baseline_server_without_plugin_runs_og_generator(baseline_server):
 
 
 def test_plugin_and_baseline_give_the_same_greedy_reply(plugin_server, baseline_server):
-    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    # a system prompt of its own: no earlier request shares a block of this prompt, so both prefill it cold
+    messages = [{"role": "system", "content": "Parity check 7f3a: answer plainly."},
+                {"role": "user", "content": "Write one sentence about the sea."}]
     replies = [openai.OpenAI(base_url=f"{base}/api/v1", api_key="x").chat.completions.create(
         model=MODEL, max_tokens=24, temperature=0, messages=messages).choices[0].message.content
         for base in (plugin_server, baseline_server)]

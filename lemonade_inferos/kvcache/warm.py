@@ -1,0 +1,76 @@
+"""Warm caches: the live caches of the last finished sequences, kept for their next turn.
+
+The prefix store keeps whole blocks at rest (INT8/INT4): restoring them costs a
+dequantize-and-copy, and the last partial block of a turn is recomputed. A chat
+client or an agent usually sends its next turn right away, extending the
+sequence it just finished, so the plugin also keeps that sequence's live cache
+(as llama.cpp keeps a slot's cache): the next turn reuses it token-exactly, at
+the precision it had, with nothing to restore. A warm cache is taken by one
+request at a time and handed back after it; the prefix store remains the
+fallback for every other conversation.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from lemonade_inferos.engine.kv import KVLayout, common_prefix
+from lemonade_inferos.kvcache.manager import TieredKVCache
+
+
+class WarmCaches:
+    """At most ``capacity`` finished caches, most recent first. Thread-safe.
+
+    A cache is reused for a prompt sharing at least ``min_tokens`` with it (the prefix store's block size).
+    """
+
+    def __init__(self, capacity: int = 1, min_tokens: int = 32) -> None:
+        self.capacity = capacity
+        self.min_tokens = min_tokens
+        self._caches: list[TieredKVCache] = []
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.hit_tokens = 0
+
+    def take(self, prompt_ids: list[int], salt: bytes, layout: KVLayout, max_tier: int
+             ) -> tuple[TieredKVCache | None, int]:
+        """Remove and return the cache sharing the longest prefix with ``prompt_ids``, and that length.
+
+        Caches that can no longer serve any prompt (another model or KV format, tokens evicted, blocks beyond
+        the quality guard's cap) are dropped on the way.
+        """
+        with self._lock:
+            self._caches = [c for c in self._caches if self._usable(c, salt, layout, max_tier)]
+            scored = [(common_prefix(c.token_ids, prompt_ids), c) for c in self._caches]
+            common, best = max(scored, key=lambda pair: pair[0], default=(0, None))
+            if best is None or common < self.min_tokens:
+                return None, 0  # a few shared template tokens are not worth changing the prefill's chunking
+            self._caches.remove(best)
+            self.hits += 1
+            self.hit_tokens += common
+            return best, common
+
+    def put(self, cache: TieredKVCache) -> None:
+        """Keep a finished cache for its next turn (a cache that has evicted cannot line up with a prompt)."""
+        if self.capacity <= 0 or cache.num_tokens != len(cache.token_ids) or cache.num_tokens == 0:
+            return
+        with self._lock:
+            self._caches = [cache] + [c for c in self._caches if c is not cache]
+            del self._caches[self.capacity:]
+
+    def clear(self) -> int:
+        with self._lock:
+            dropped, self._caches = len(self._caches), []
+        return dropped
+
+    @staticmethod
+    def _usable(cache: TieredKVCache, salt: bytes, layout: KVLayout, max_tier: int) -> bool:
+        return (getattr(cache, "prefix_salt", None) == salt and cache.layout == layout
+                and cache.num_tokens == len(cache.token_ids)
+                and all(int(b.tiers.max(initial=0)) <= max_tier for b in cache.blocks))
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            return {"caches": len(self._caches), "capacity": self.capacity,
+                    "tokens": sum(c.num_tokens for c in self._caches),
+                    "bytes": sum(c.nbytes for c in self._caches), "hits": self.hits, "hit_tokens": self.hit_tokens}
