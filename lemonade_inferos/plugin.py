@@ -105,6 +105,8 @@ class InferosPlugin:
             return RunPlan(baseline=True, policy_version=controller.policy_version)
         kv_plan = controller.kv_plan()
         self.prefix_store.set_budget(self.prefix_budget_bytes // (2 if controller.fallbacks.memory_pressure else 1))
+        if controller.fallbacks.memory_pressure:
+            self.warm.clear()  # live fp caches are the first memory to give back
         max_tier = controller.guard.max_tier
         prompt = context.prompt_ids
 
@@ -130,11 +132,13 @@ class InferosPlugin:
         if not isinstance(cache, TieredKVCache) or stats.error is not None:
             return
         self.prefix_store.park(cache, cache.prefix_salt)
-        self.warm.put(cache)
         every = int(self.config["shadow_every"])
         if every > 0 and next(self._requests) % every == 0 and cache.plan.quantizes:
             self._shadow.submit(self._shadow_pass, cache.engine, list(cache.token_ids), cache.plan,
                                 self._rope(cache.engine), cache.max_tier)
+        cache.engine = None  # a kept cache must not keep an unloaded model's session alive
+        if not self.controller.fallbacks.memory_pressure:  # under pressure the store's INT8 copy is enough
+            self.warm.put(cache)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _reuse(self, prompt: list[int], salt: bytes, engine: Any, usable: int, kv_plan: Any
