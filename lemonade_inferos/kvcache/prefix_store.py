@@ -217,6 +217,7 @@ class _SpillDir:
         files = sorted(self.root.glob("*.npz"), key=lambda f: f.stat().st_mtime)
         self._files: OrderedDict[bytes, int] = OrderedDict((bytes.fromhex(f.stem), f.stat().st_size) for f in files)
         self.nbytes = sum(self._files.values())
+        self._exact: set[bytes] = set()  # files known to hold a full-precision block
         self.writes = self.reads = 0
 
     def _path(self, block_hash: bytes) -> Path:
@@ -224,8 +225,10 @@ class _SpillDir:
 
     def write(self, stored: StoredBlock) -> bool:
         if stored.block_hash in self._files:
-            self._files.move_to_end(stored.block_hash)
-            return False
+            if stored.tier != TIER_L0 or stored.block_hash in self._exact:
+                self._files.move_to_end(stored.block_hash)
+                return False
+            self.nbytes -= self._files.pop(stored.block_hash)  # an exact block replaces a quantized file
         path = self._path(stored.block_hash)
         tmp = path.with_suffix(".tmp.npz")
         arrays = {"token_ids": np.asarray(stored.token_ids, dtype=np.int64), "tier": np.asarray(stored.tier)}
@@ -239,11 +242,14 @@ class _SpillDir:
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
         self._files[stored.block_hash] = path.stat().st_size
+        if stored.tier == TIER_L0:
+            self._exact.add(stored.block_hash)
         self.nbytes += self._files[stored.block_hash]
         self.writes += 1
         while self.nbytes > self.budget_bytes and self._files:
             old, size = self._files.popitem(last=False)
             self._path(old).unlink(missing_ok=True)
+            self._exact.discard(old)
             self.nbytes -= size
         return True
 
@@ -255,6 +261,7 @@ class _SpillDir:
                 tier = int(data["tier"])
                 if tier == TIER_L0:
                     tensors = [data["k_raw"], data["v_raw"]]
+                    self._exact.add(block_hash)
                 else:
                     bits = int(data["bits"])
                     tensors = [QuantizedTensor(data[f"{n}_codes"], data[f"{n}_scale"], data[f"{n}_minimum"],

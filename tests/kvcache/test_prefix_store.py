@@ -117,3 +117,17 @@ def test_the_guards_cap_also_holds_for_parking_and_lookups():
     fill(capped, 200, seed=3)
     store.park(capped, SALT)
     assert len(store.lookup(capped.token_ids + [1], SALT, TIER_L0)) == 6
+
+
+def test_an_exact_block_replaces_a_quantized_copy_on_disk_too(tmp_path):
+    store = PrefixStore(2**30, spill_dir=tmp_path, spill_budget_bytes=2**30)
+    quantized = _sequence(200)
+    store.park(quantized, SALT)
+    store.flush()
+    exact = _exact_sequence(200)  # the same token ids, a cache that may not quantize
+    assert store.park(exact, SALT) == 6
+    store.flush()
+    restarted = PrefixStore(2**30, spill_dir=tmp_path, spill_budget_bytes=2**30)
+    found = restarted.lookup(exact.token_ids + [1], SALT, TIER_L0)
+    assert len(found) == 6 and all(b.tier == TIER_L0 for b in found)
+    assert restarted.spill.stats()["files"] == 6
