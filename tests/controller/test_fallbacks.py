@@ -53,3 +53,20 @@ def test_backend_error_puts_requests_on_baseline_with_backoff(tmp_path):
     assert not plugin.pre_run(context).baseline
     events = [e["event"] for e in plugin.controller.history.entries(kind="fallback")]
     assert events[-3:] == ["backend_error", "backend_error", "backend_recovered"]
+
+
+def test_memory_pressure_gives_back_the_warm_caches_first(tmp_path, ort_engine):
+    plugin = InferosPlugin({"control_api": False, "history_path": str(tmp_path / "h.jsonl"),
+                            "prefix_spill_mb": 0})
+    prompt = list(range(1000, 1100))
+    context = InferenceContext(request_id="a", model="m", model_path="/m", prompt_ids=prompt, max_tokens=2)
+    cache = plugin.pre_run(context).make_cache(ort_engine)
+    ort_engine.forward(prompt, cache)
+    plugin.post_run(context, None, _stats(), cache)
+    assert plugin.warm.stats()["caches"] == 1 and cache.engine is None  # kept, without the engine
+    plugin.controller.memory_limit_bytes = 1  # any RSS is over the limit now
+    follow_up = InferenceContext(request_id="b", model="m", model_path="/m", prompt_ids=prompt + [5], max_tokens=2)
+    plan = plugin.pre_run(follow_up)
+    assert plugin.warm.stats()["caches"] == 0
+    restored = plan.make_cache(ort_engine)
+    assert restored is not cache and restored.num_tokens == 96  # the prefix store still serves the prompt
