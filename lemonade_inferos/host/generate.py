@@ -81,31 +81,36 @@ class GenerateService:
                                        context_length=model.ctx_size)
             plan: RunPlan | None = self.pm.hook.pre_run(context=context)
             baseline = plan is None or plan.baseline
-            engine = await asyncio.to_thread(model.engine, "og" if baseline else "inferos",
-                                             None if baseline else plan.session)
+            # from here on PostRun sees every outcome: a failure to build our engine or its cache included
+            engine_name = "og" if baseline else "inferos"
             gen_stats = GenerationStats()  # TTFT counts from here: restoring a cached prefix is part of it
             start_unix = time.time()
-            cache = None
-            if not baseline:
-                make_cache = plan.make_cache or (lambda eng: eng.new_cache())
-                cache = await asyncio.to_thread(make_cache, engine)
-            kwargs = {} if baseline else {"cache": cache, "run_options": plan.run_options}
-            iterator = engine.generate(prompt_ids, params, stats=gen_stats, **kwargs)
+            cache: Any = None
+            iterator: Any = None
             error: BaseException | None = None
             fallback_error: BaseException | None = None
             try:
                 try:
+                    engine = await asyncio.to_thread(model.engine, engine_name, None if baseline else plan.session)
+                    if not baseline:
+                        make_cache = plan.make_cache or (lambda eng: eng.new_cache())
+                        cache = await asyncio.to_thread(make_cache, engine)
+                    kwargs = {} if baseline else {"cache": cache, "run_options": plan.run_options}
+                    iterator = engine.generate(prompt_ids, params, stats=gen_stats, **kwargs)
                     async for chunk in iterate_in_threadpool(iterator):
                         yield chunk
                 except Exception as exc:
                     if baseline or gen_stats.predicted_n or isinstance(exc, GenerationError):
                         raise
                     # backend error before any token: serve this request on the baseline engine
-                    log.exception("engine %s failed; serving this request on the baseline engine", engine.name)
+                    log.exception("engine %s failed; serving this request on the baseline engine", engine_name)
                     fallback_error = exc
-                    self._report(context, plan, model, engine, gen_stats, start_unix, cache, False, repr(exc))
-                    engine, baseline, cache, plan = (await asyncio.to_thread(model.engine, "og"), True, None,
-                                                     RunPlan(baseline=True, notes={"fallback": repr(exc)}))
+                    self._report(context, plan, model, engine_name, gen_stats, start_unix, cache, False, repr(exc))
+                    if iterator is not None:
+                        iterator.close()
+                    engine_name, baseline, cache, plan = ("og", True, None,
+                                                          RunPlan(baseline=True, notes={"fallback": repr(exc)}))
+                    engine = await asyncio.to_thread(model.engine, "og")
                     gen_stats, start_unix = GenerationStats(), time.time()
                     iterator = engine.generate(prompt_ids, params, stats=gen_stats)
                     async for chunk in iterate_in_threadpool(iterator):
@@ -114,22 +119,23 @@ class GenerateService:
                 error = exc
                 raise
             finally:
-                iterator.close()
+                if iterator is not None:
+                    iterator.close()
                 if error is not None and gen_stats.finish_reason is None:
                     gen_stats.finish_reason = "cancelled" if isinstance(error, asyncio.CancelledError) else "error"
-                stats = self._report(context, plan, model, engine, gen_stats, start_unix, cache, baseline,
+                stats = self._report(context, plan, model, engine_name, gen_stats, start_unix, cache, baseline,
                                      None if error is None else repr(error))
                 if fallback_error is not None:
                     stats.kv["fallback_from_error"] = repr(fallback_error)
                 if error is None:
                     yield stats
 
-    def _report(self, context: InferenceContext, plan: RunPlan | None, model: LoadedModel, engine: Any,
+    def _report(self, context: InferenceContext, plan: RunPlan | None, model: LoadedModel, engine_name: str,
                 gen_stats: GenerationStats, start_unix: float, cache: Any, baseline: bool,
                 error: str | None) -> InferenceStats:
         """Build InferenceStats, record them for /stats and hand them to PostRun."""
         kv = cache.kv_stats().to_dict() if hasattr(cache, "kv_stats") else {}
-        stats = stats_from_generation(context.request_id, model.name, engine.name, gen_stats, start_unix, kv,
+        stats = stats_from_generation(context.request_id, model.name, engine_name, gen_stats, start_unix, kv,
                                       baseline=baseline, error=error)
         self.host_stats.record(stats)
         try:
