@@ -49,7 +49,9 @@ class ControllerCollector:
             kv_tokens.add_metric([tier], value)
         yield kv_tokens
         yield gauge("prefix_cache_bytes", "Bytes held by the prefix store.", doc["memory"].get("prefix_cache_bytes"))
-        yield gauge("prefix_cache_hit_ratio", "Prompt tokens served from the prefix store / prompt tokens looked up.",
+        yield gauge("warm_cache_bytes", "Bytes of the live caches kept for their sequences' next turn.",
+                    doc["memory"].get("warm_cache_bytes"))
+        yield gauge("prefix_cache_hit_ratio", "Prompt tokens served from cache (warm or prefix store) / prompt tokens.",
                     doc["memory"].get("kv_cache_hit_rate"))
         yield gauge("cpu_utilization_ratio", "Process CPU utilisation (share of all cores).",
                     doc["device_utilization"]["cpu_utilization"])
