@@ -83,8 +83,7 @@ class GenerateService:
             baseline = plan is None or plan.baseline
             # from here on PostRun sees every outcome: a failure to build our engine or its cache included
             engine_name = "og" if baseline else "inferos"
-            gen_stats = GenerationStats()  # TTFT counts from here: restoring a cached prefix is part of it
-            start_unix = time.time()
+            gen_stats, start_unix = GenerationStats(), time.time()
             cache: Any = None
             iterator: Any = None
             error: BaseException | None = None
@@ -92,6 +91,8 @@ class GenerateService:
             try:
                 try:
                     engine = await asyncio.to_thread(model.engine, engine_name, None if baseline else plan.session)
+                    # TTFT counts from here, as before any engine existed: restoring a cached prefix is part of it
+                    gen_stats, start_unix = GenerationStats(), time.time()
                     if not baseline:
                         make_cache = plan.make_cache or (lambda eng: eng.new_cache())
                         cache = await asyncio.to_thread(make_cache, engine)
