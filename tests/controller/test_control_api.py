@@ -90,6 +90,7 @@ def test_metrics_have_the_design_documents_shape_with_measured_values(control, p
     assert metrics["device_utilization"]["npu_utilization"] is None and metrics["device_utilization"]["reason"]
     assert metrics["memory"]["rss_mb"] > 0
     assert metrics["kv_stats"]["bytes_by_tier"]["L0"] > 0
+    assert metrics["memory"]["warm_cache_bytes"] > 0  # the finished chat's live cache, kept for its next turn
 
 
 def test_prometheus_exposition_parses(control):
