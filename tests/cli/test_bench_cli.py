@@ -1,0 +1,35 @@
+"""The benchmark commands write the JSON documented in the issues and a PNG beside it (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from lemonade_inferos.cli.inferos import cli
+
+
+def test_bench_engine_writes_both_engines_measured_and_a_plot(model_dir, tmp_path):
+    out = tmp_path / "engine.json"
+    result = CliRunner().invoke(cli, ["bench", "engine", "--model", str(model_dir), "--prompt-tokens", "48",
+                                      "--new-tokens", "8", "--repeats", "1", "--no-llamacpp", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    for engine in ("inferos", "og"):
+        assert {"prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb"} <= set(doc[engine])
+        assert doc[engine]["decode_tps"] > 0 and doc[engine]["peak_rss_mb"] > 100
+    assert doc["new_tokens"] == 8 and doc["identical_tokens"] == 8
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_eval_ppl_writes_the_documented_keys(model_dir, tmp_path):
+    out = tmp_path / "ppl.json"
+    result = CliRunner().invoke(cli, ["eval", "ppl", "--model", str(model_dir), "--kv", "fp", "--kv", "int8",
+                                      "--context", "192", "--no-llamacpp", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    fp, int8 = (next(p for p in doc["plans"] if p["plan"] == name) for name in ("fp", "int8"))
+    assert {"plan", "ppl", "ppl_fp", "delta_ppl", "kld", "top1", "kv_bytes_per_token",
+            "fp16_bytes_per_token"} <= set(int8)
+    assert abs(int8["delta_ppl"]) < 0.05 and int8["kv_bytes_per_token"] < fp["kv_bytes_per_token"]
+    assert out.with_suffix(".png").is_file()
