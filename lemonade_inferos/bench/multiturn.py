@@ -195,7 +195,7 @@ def plot_multiturn(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("turn")
     ax.set_ylabel("TTFT (s): HTTP client; llama.cpp in process")
     ax.set_title(f"{results['model']}: {results['turns']} turns, history {results['inferos']['history_tokens']} tokens; "
-                 f"inferos hit rate {results['inferos']['hit_rate']:.1%}; dotted: cold prefill of the last prompt",
+                 f"inferos hit rate {results['inferos']['hit_rate']:.1%}; dotted: cold prefill",
                  fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
