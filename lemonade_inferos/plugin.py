@@ -116,8 +116,8 @@ class InferosPlugin:
             # a cache that may not quantize reuses exact KV only: the guard's last step and kv.mode disabled
             # mean full precision, for the prefix too
             usable = TIER_L0 if max_tier == TIER_L0 or not kv_plan.quantizes else max_tier
-            cache, reused = self._reuse(prompt, salt, engine, usable, kv_plan)
-            cache.max_tier, cache.engine, cache.prefix_salt = max_tier, engine, salt
+            cache, reused = self._reuse(prompt, salt, engine, usable, kv_plan, max_tier)
+            cache.engine, cache.prefix_salt = engine, salt
             self.prefix_store.record_lookup(len(prompt), reused)
             return cache
 
@@ -141,7 +141,7 @@ class InferosPlugin:
             self.warm.put(cache)
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _reuse(self, prompt: list[int], salt: bytes, engine: Any, usable: int, kv_plan: Any
+    def _reuse(self, prompt: list[int], salt: bytes, engine: Any, usable: int, kv_plan: Any, max_tier: int
                ) -> tuple[TieredKVCache, int]:
         """The cache to run ``prompt`` in, holding the longest prefix found warm or in the prefix store."""
         block = self.prefix_store.block_size
@@ -151,11 +151,13 @@ class InferosPlugin:
         if warm is not None and common >= len(stored) * block:
             warm.truncate(common)
             warm.stats = KVStats()  # this request's work, not the earlier turns'
+            warm.max_tier = max_tier  # before the plan is applied again
             warm.set_plan(kv_plan)
             return warm, common
         if warm is not None:
             self.warm.put(warm)  # the store has more of this prompt; keep the warm one for its own conversation
         cache = TieredKVCache(engine.layout, kv_plan, self._rope(engine))
+        cache.max_tier = max_tier
         return cache, self.prefix_store.restore(cache, stored)
 
     def _shadow_pass(self, engine: Any, token_ids: list[int], plan: Any, rope: Any, max_tier: int) -> None:
