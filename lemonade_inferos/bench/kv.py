@@ -18,7 +18,6 @@ from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.types import GenerationStats
 from lemonade_inferos.kvcache.manager import TieredKVCache
-from lemonade_inferos.kvcache.plan import named_plan
 from lemonade_inferos.kvcache.rope import RopeTables
 
 
@@ -31,16 +30,23 @@ def _decode(engine: OrtEngine, prompt: list[int], new_tokens: int, cache: Any) -
 
 
 def run_kv_bench(engine: OrtEngine, contexts: list[int], new_tokens: int, plan_name: str, repeats: int,
-                 native: OrtEngine | None = None) -> dict[str, Any]:
+                 native: OrtEngine | None = None, tiered_engine: OrtEngine | None = None) -> dict[str, Any]:
+    """``tiered_engine``: the engine the tiered cache runs on (the server's: with attention probes when the plan
+    ranks blocks by attention); ``engine`` (plain graph, dense cache) is the baseline."""
+    from lemonade_inferos.eval.ppl import make_plan
+
+    tiered_engine = tiered_engine or engine
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
+    plan = make_plan(plan_name, 64, 0.0, "attention" if tiered_engine.probe_outputs else "key_norm")
     ids = engine.tokenizer.encode(corpus_text()[: max(contexts) * 8])
     modes: dict[str, tuple[OrtEngine, Callable[[], Any]]] = {
         "plain": (engine, engine.new_cache),
-        f"tiered:{plan_name}": (engine, lambda: TieredKVCache(engine.layout, named_plan(plan_name), rope)),
+        f"tiered:{plan_name}": (tiered_engine, lambda: TieredKVCache(tiered_engine.layout, plan, rope)),
     }
     if native is not None:
         modes["native_int8_kv"] = (native, native.new_cache)
-    results: dict[str, Any] = {"model": str(engine.folder.path), "plan": plan_name, "new_tokens": new_tokens,
+    results: dict[str, Any] = {"model": str(engine.folder.path), "plan": plan_name, "importance": plan.importance,
+                               "attention_probe": bool(tiered_engine.probe_outputs), "new_tokens": new_tokens,
                                "repeats": repeats, "contexts": {}}
     for context in contexts:
         prompt = ids[:context]
@@ -85,8 +91,9 @@ def plot_kv_bench(results: dict[str, Any], path: Path) -> None:
 
 
 def bench_kv(engine: OrtEngine, contexts: list[int], new_tokens: int, plan_name: str, repeats: int,
-             json_path: Path, native: OrtEngine | None = None) -> dict[str, Any]:
-    results = run_kv_bench(engine, contexts, new_tokens, plan_name, repeats, native)
+             json_path: Path, native: OrtEngine | None = None, tiered_engine: OrtEngine | None = None
+             ) -> dict[str, Any]:
+    results = run_kv_bench(engine, contexts, new_tokens, plan_name, repeats, native, tiered_engine)
     write_json(json_path, results)
     plot_kv_bench(results, json_path.with_suffix(".png"))
     return results

@@ -168,7 +168,9 @@ def _gguf_for_llamacpp(wanted: bool | None, gguf: Path | None, model_name: str) 
 
 @bench.command("kv")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True)
-@click.option("--kv", "plan", default="dynamic", show_default=True, help="Plan of the tiered cache.")
+@click.option("--kv", "plan", default="dynamic", show_default=True,
+              help="Plan of the tiered cache (attention-ranked on the probe graph, as the server runs it, unless "
+                   "-keynorm/-recency).")
 @click.option("--context", "contexts", multiple=True, type=int, default=(512, 2048), show_default=True)
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--repeats", default=3, show_default=True)
@@ -184,14 +186,19 @@ def bench_kv_cmd(model_name: str, plan: str, contexts: tuple[int, ...], new_toke
     from lemonade_inferos.engine.build import BuildSpec, build_model, resolve_model
     from lemonade_inferos.engine.ort_engine import OrtEngine
 
+    from lemonade_inferos.engine.session import SessionPolicy
+    from lemonade_inferos.eval.ppl import needs_attention_probe
+
     folder = resolve_model(model_name, build_missing=True, progress=console.log)
     engine = OrtEngine(folder)
+    # the tiered cache runs as the server runs it: on the probe graph when blocks are ranked by attention
+    tiered_engine = OrtEngine(folder, SessionPolicy(attention_probe=True)) if needs_attention_probe([plan]) else None
     native_engine = None
     if native:
         manifest = folder / "inferos_build.json"
         weights = json.loads(manifest.read_text())["spec"]["weights"] if manifest.is_file() else "fp32"
         native_engine = OrtEngine(build_model(BuildSpec("smollm2-135m", weights, "int8"), progress=console.log))
-    results = bench_kv(engine, list(contexts), new_tokens, plan, repeats, json_path, native_engine)
+    results = bench_kv(engine, list(contexts), new_tokens, plan, repeats, json_path, native_engine, tiered_engine)
     table = Table("context", "mode", "decode tok/s", "x plain")
     for context, row in results["contexts"].items():
         for mode, r in row.items():
@@ -243,7 +250,8 @@ def eval_group() -> None:
 @eval_group.command("ppl")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
 @click.option("--kv", "plans", multiple=True, help="KV plan (repeatable): fp, int8, int4, dynamic, streaming, a kv.mode, "
-              "with @PRESSURE (dynamic@0.9) or -inverse/-recency importance ablations. Default: all five named plans.")
+              "with @PRESSURE (dynamic@0.9); blocks are ranked by attention as the server does, or by -keynorm/"
+              "-recency/-inverse (ablations). Default: all five named plans.")
 @click.option("--context", default=2048, show_default=True, help="Tokens per scored segment.")
 @click.option("--segments", default=1, show_default=True, help="Consecutive segments of the corpus to score.")
 @click.option("--window", default=64, show_default=True, help="Recent window (full precision); also the chunk size.")
@@ -263,10 +271,10 @@ def eval_ppl_cmd(model_name: str, plans: tuple[str, ...], context: int, segments
     from lemonade_inferos.engine.build import resolve_model
     from lemonade_inferos.engine.ort_engine import OrtEngine
     from lemonade_inferos.engine.session import SessionPolicy
-    from lemonade_inferos.eval.ppl import DEFAULT_PLANS, eval_ppl, write_report
+    from lemonade_inferos.eval.ppl import DEFAULT_PLANS, eval_ppl, needs_attention_probe, write_report
 
     folder = resolve_model(model_name, build_missing=True, progress=console.log)
-    engine = OrtEngine(folder, SessionPolicy(attention_probe=any("-attention" in p for p in plans)))
+    engine = OrtEngine(folder, SessionPolicy(attention_probe=needs_attention_probe(list(plans or DEFAULT_PLANS))))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("scoring", total=None)
         results = eval_ppl(engine, list(plans or DEFAULT_PLANS), context, window, segments, pressure,
@@ -306,10 +314,11 @@ def eval_long_cmd(model_name: str, plan: str, tokens: int, json_path: Path) -> N
     from lemonade_inferos.bench.common import write_json
     from lemonade_inferos.engine.build import resolve_model
     from lemonade_inferos.engine.ort_engine import OrtEngine
-    from lemonade_inferos.eval.ppl import eval_long_context
+    from lemonade_inferos.engine.session import SessionPolicy
+    from lemonade_inferos.eval.ppl import eval_long_context, needs_attention_probe
 
     folder = resolve_model(model_name, build_missing=True, progress=console.log)
-    engine = OrtEngine(folder)
+    engine = OrtEngine(folder, SessionPolicy(attention_probe=needs_attention_probe([plan])))
     far = (min(8192, tokens // 3 * 2), tokens)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("scoring", total=None)

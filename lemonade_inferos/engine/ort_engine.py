@@ -49,6 +49,10 @@ class _StepBinding:
         # decode (and prefill, where the graph selects logits rows) writes one row of logits into the same buffer
         self._step_logits = np.empty((1, 1, engine.folder.vocab_size), dtype=np.float32)
         self._last_row = np.zeros(1, dtype=np.int64)
+        # decode steps write the probes' attention rows ([heads, 1, past + 1] each) into buffers of their own
+        heads = engine.folder.num_attention_heads
+        self._step_probes = [np.empty(heads * (cache.layout.max_tokens + 1), dtype=np.float32)
+                             for _ in engine.probe_outputs]
 
     def run(self, token_ids: np.ndarray, all_logits: bool) -> np.ndarray:
         """Run the model on ``token_ids`` ``[1, n]`` after the cached tokens; commit them.
@@ -74,17 +78,30 @@ class _StepBinding:
                   else np.empty((1, rows, engine.folder.vocab_size), dtype=np.float32))
         io.bind_output(engine.folder.output_names["logits"], "cpu", 0, np.float32, list(logits.shape),
                        logits.ctypes.data)
-        probing = bool(engine.probe_outputs)
-        if probing:
-            for name in engine.probe_outputs:
-                io.bind_output(name, "cpu")
+        probes = self._bind_probes(num_new, cache.num_tokens + num_new)
         engine.session.run_with_iobinding(io, self.run_options)
-        if probing and hasattr(cache, "observe_attention"):
-            # probes were bound last; their rows cover the past plus the new tokens
-            probes = [value.numpy() for value in io.get_outputs()[-len(engine.probe_outputs):]]
+        if engine.probe_outputs and hasattr(cache, "observe_attention"):
+            if probes is None:  # prefill: ORT allocated them; they were bound last
+                probes = [value.numpy() for value in io.get_outputs()[-len(engine.probe_outputs):]]
             cache.observe_attention(probes, num_new)
         cache.commit(token_ids[0].tolist())
         return logits[0] if all_logits else logits[0, -1]
+
+    def _bind_probes(self, num_new: int, total: int) -> list[np.ndarray] | None:
+        """Bind the attention probe outputs: a decode step's into preallocated buffers (returned as the
+        ``[1, heads, 1, total]`` views ORT writes), a prefill chunk's to ORT-allocated memory (None)."""
+        names = self.engine.probe_outputs
+        if not names:
+            return None
+        if num_new > 1:
+            for name in names:
+                self.io.bind_output(name, "cpu")
+            return None
+        shape = [1, self.engine.folder.num_attention_heads, 1, total]
+        views = [buffer[: shape[1] * total].reshape(shape) for buffer in self._step_probes]
+        for name, view in zip(names, views):
+            self.io.bind_output(name, "cpu", 0, np.float32, shape, view.ctypes.data)
+        return views
 
     def _bind_cache(self) -> None:
         folder, io = self.engine.folder, self.io

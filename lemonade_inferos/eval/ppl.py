@@ -28,7 +28,6 @@ from lemonade_inferos.kvcache.rope import RopeTables
 DEFAULT_PLANS = ("fp", "int8", "int4", "dynamic", "streaming")
 
 
-
 def corpus_ids(engine: OrtEngine, num_tokens: int) -> list[int]:
     text = corpus_text()
     ids = engine.tokenizer.encode(text[: num_tokens * 8])
@@ -37,16 +36,33 @@ def corpus_ids(engine: OrtEngine, num_tokens: int) -> list[int]:
     return ids[:num_tokens]
 
 
-def make_plan(name: str, recent_window: int, pressure: float) -> KVPlan:
-    """A named plan; suffixes ``@P`` set the memory pressure (``dynamic@0.9``) and ``-inverse``/``-recency``/
-    ``-attention`` swap the importance signal (``-attention`` needs an engine with attention probes)."""
+def make_plan(name: str, recent_window: int, pressure: float, default_signal: str = "attention") -> KVPlan:
+    """A named plan; suffixes ``@P`` set the memory pressure (``dynamic@0.9``) and ``-attention``/``-keynorm``/
+    ``-recency``/``-inverse`` the importance signal, which is otherwise ``default_signal`` (the server's default,
+    attention, where the engine has attention probes)."""
     base, _, at = name.partition("@")
-    signal = "key_norm"
-    for suffix, alt in (("-inverse", "inverse_key_norm"), ("-recency", "recency"), ("-attention", "attention")):
+    signal = default_signal
+    for suffix, alt in (("-inverse", "inverse_key_norm"), ("-recency", "recency"), ("-attention", "attention"),
+                        ("-keynorm", "key_norm")):
         if base.endswith(suffix):
             base, signal = base[: -len(suffix)], alt
     plan = named_plan(base, recent_window=recent_window)
     return replace(plan, name=name, importance=signal, pressure=float(at) if at else pressure)
+
+
+def needs_attention_probe(plans: list[str]) -> bool:
+    """Whether any of these plans ranks blocks by attention (the engine must then be loaded with probes)."""
+    return any(make_plan(p, 64, 0.0).importance == "attention" for p in plans)
+
+
+def _build_plans(engine: OrtEngine, plans: list[str], recent_window: int, pressure: float) -> list[KVPlan]:
+    default_signal = "attention" if engine.probe_outputs else "key_norm"
+    built = [make_plan(p, recent_window, pressure, default_signal) for p in plans]
+    for plan in built:
+        if plan.importance == "attention" and not engine.probe_outputs:
+            raise ValueError(f"plan {plan.name} ranks blocks by attention, but the engine has no attention probe: "
+                             "load it with SessionPolicy(attention_probe=True)")
+    return built
 
 
 def eval_ppl(engine: OrtEngine, plans: list[str], context: int = 2048, recent_window: int = 64,
@@ -55,7 +71,7 @@ def eval_ppl(engine: OrtEngine, plans: list[str], context: int = 2048, recent_wi
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
     ids = corpus_ids(engine, context * segments + 1)
     chunk = recent_window
-    built = [make_plan(p, recent_window, pressure) for p in plans]
+    built = _build_plans(engine, plans, recent_window, pressure)
     scores = {p.name: ScoreAccumulator() for p in built}
     caches: dict[str, TieredKVCache] = {}
     stats: dict[str, list] = {p.name: [] for p in built}
@@ -137,7 +153,7 @@ def eval_long_context(engine: OrtEngine, plan_name: str = "dynamic", total_token
                       chunk: int = 256, progress=lambda done, total: None) -> dict[str, Any]:
     """One continuous stream past the context length: PPL far away vs PPL near the start."""
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
-    plan = make_plan(plan_name, 64, 0.0)
+    plan = _build_plans(engine, [plan_name], 64, 0.0)[0]
     ids = corpus_ids(engine, total_tokens + 1)
     cache = TieredKVCache(engine.layout, plan, rope)
     nll = np.zeros(len(ids) - 1)
