@@ -177,7 +177,8 @@ class InferosPlugin:
         if self._last_engine is None:
             raise RuntimeError("no request has been served yet, so there is no loaded engine to evaluate")
         plan = self.controller.kv_plan()
-        name = f"{plan.name}@{plan.pressure:.2f}"
+        signal = {"attention": "-attention", "key_norm": "-keynorm", "recency": "-recency"}[plan.importance]
+        name = f"{plan.name}{signal}@{plan.pressure:.2f}"  # the plan exactly as requests run it
         return eval_ppl(self._last_engine, [name], context=context, recent_window=plan.recent_window)[0]
 
     def _on_guard_step(self, event: dict[str, Any]) -> None:
