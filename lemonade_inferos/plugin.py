@@ -66,7 +66,9 @@ class InferosPlugin:
         self._requests = itertools.count()
         self._shadow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferos-shadow")
         self.activity = RequestActivity()  # shadow passes run between requests, never beside one
-        self.warm = WarmCaches(int(self.config["warm_caches"]), min_tokens=self.prefix_store.block_size)
+        # live caches are bounded by the prefix store's budget too (their buffers are full precision)
+        self.warm = WarmCaches(int(self.config["warm_caches"]), min_tokens=self.prefix_store.block_size,
+                               max_bytes=self.prefix_budget_bytes)
         self.control_server: ControlServer | None = None
         self._snapshots = SnapshotLoop(self.controller.metrics, self.controller.history,
                                        float(self.config["history_period_s"]))

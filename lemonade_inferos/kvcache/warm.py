@@ -22,11 +22,14 @@ class WarmCaches:
     """At most ``capacity`` finished caches, most recent first. Thread-safe.
 
     A cache is reused for a prompt sharing at least ``min_tokens`` with it (the prefix store's block size).
+    Their working buffers (allocated bytes) stay within ``max_bytes``: the oldest go first, and a cache larger
+    than the whole budget is not kept (its blocks are in the prefix store anyway).
     """
 
-    def __init__(self, capacity: int = 1, min_tokens: int = 32) -> None:
+    def __init__(self, capacity: int = 1, min_tokens: int = 32, max_bytes: int | None = None) -> None:
         self.capacity = capacity
         self.min_tokens = min_tokens
+        self.max_bytes = max_bytes
         self._caches: list[TieredKVCache] = []
         self._lock = threading.Lock()
         self.hits = 0
@@ -54,9 +57,13 @@ class WarmCaches:
         """Keep a finished cache for its next turn (a cache that has evicted cannot line up with a prompt)."""
         if self.capacity <= 0 or cache.num_tokens != len(cache.token_ids) or cache.num_tokens == 0:
             return
+        if self.max_bytes is not None and cache.nbytes > self.max_bytes:
+            return
         with self._lock:
             self._caches = [cache] + [c for c in self._caches if c is not cache]
             del self._caches[self.capacity:]
+            while self.max_bytes is not None and sum(c.nbytes for c in self._caches) > self.max_bytes:
+                self._caches.pop()
 
     def clear(self) -> int:
         with self._lock:

@@ -76,3 +76,17 @@ def test_exact_reuse_refuses_quantized_caches_and_evicted_ones_are_not_kept():
     evicted._token_ids = evicted._token_ids + [1, 2]  # more ids committed than tokens held: it has evicted
     warm.put(evicted)
     assert warm.stats()["caches"] == 0
+
+
+def test_working_buffers_stay_within_the_byte_budget():
+    one = _finished(100)
+    warm = WarmCaches(capacity=4, max_bytes=int(one.nbytes * 2.5))
+    caches = [_finished(100, seed=s) for s in range(3)]
+    for index, cache in enumerate(caches):
+        cache._token_ids = [t + 1000 * index for t in cache.token_ids]
+        warm.put(cache)
+    assert warm.stats()["caches"] == 2 and warm.stats()["bytes"] <= warm.max_bytes  # the oldest went first
+    assert warm.take(caches[0].token_ids + [1], SALT, LAYOUT, TIER_INT4) == (None, 0)
+    tiny = WarmCaches(capacity=4, max_bytes=one.nbytes - 1)
+    tiny.put(one)
+    assert tiny.stats()["caches"] == 0
