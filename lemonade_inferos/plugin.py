@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -178,10 +179,9 @@ class InferosPlugin:
 
         if self._last_engine is None:
             raise RuntimeError("no request has been served yet, so there is no loaded engine to evaluate")
-        plan = self.controller.kv_plan()
-        signal = {"attention": "-attention", "key_norm": "-keynorm", "recency": "-recency"}[plan.importance]
-        name = f"{plan.name}{signal}@{plan.pressure:.2f}"  # the plan exactly as requests run it
-        return eval_ppl(self._last_engine, [name], context=context, recent_window=plan.recent_window)[0]
+        plan = self.controller.kv_plan()  # exactly as requests run it, importance signal included
+        named = replace(plan, name=f"{plan.name}@{plan.pressure:.2f}")
+        return eval_ppl(self._last_engine, [named], context=context, recent_window=plan.recent_window)[0]
 
     def _on_guard_step(self, event: dict[str, Any]) -> None:
         """A step back re-prefills affected sessions: blocks stored beyond the new cap leave the prefix store."""

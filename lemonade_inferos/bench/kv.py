@@ -33,11 +33,11 @@ def run_kv_bench(engine: OrtEngine, contexts: list[int], new_tokens: int, plan_n
                  native: OrtEngine | None = None, tiered_engine: OrtEngine | None = None) -> dict[str, Any]:
     """``tiered_engine``: the engine the tiered cache runs on (the server's: with attention probes when the plan
     ranks blocks by attention); ``engine`` (plain graph, dense cache) is the baseline."""
-    from lemonade_inferos.eval.ppl import make_plan
+    from lemonade_inferos.eval.ppl import build_plans
 
     tiered_engine = tiered_engine or engine
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
-    plan = make_plan(plan_name, 64, 0.0, "attention" if tiered_engine.probe_outputs else "key_norm")
+    plan = build_plans(tiered_engine, [plan_name], 64, 0.0)[0]
     ids = engine.tokenizer.encode(corpus_text()[: max(contexts) * 8])
     modes: dict[str, tuple[OrtEngine, Callable[[], Any]]] = {
         "plain": (engine, engine.new_cache),

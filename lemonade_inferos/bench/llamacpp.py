@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from lemonade_inferos.engine.kv import common_prefix
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
 
@@ -39,8 +40,8 @@ class LlamaCppEngine:
         stats = stats if stats is not None else GenerationStats()
         prompt = [int(t) for t in prompt_ids]
         stats.prompt_n = len(prompt)
-        self.llm.reset()
-        tokens = self.llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True)
+        self.llm.reset()  # a cold prefill every run: nothing of the last one is reused
+        tokens = self.llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0)
         for token in tokens:
             stats.mark_token()
             if stats.predicted_n == 1:
@@ -54,20 +55,10 @@ class LlamaCppEngine:
         yield GenerationChunk("", [], finish_reason="length")
 
 
-def _common_prefix(held: Sequence[int], prompt: Sequence[int]) -> int:
-    """What llama-cpp-python keeps of its cache for ``prompt`` (it always re-evaluates the last token)."""
-    common = 0
-    for a, b in zip(held, prompt[:-1]):
-        if a != b:
-            break
-        common += 1
-    return common
-
-
 def timed_turn(engine: LlamaCppEngine, prompt: list[int], max_tokens: int) -> dict:
     """One greedy reply with llama.cpp's own prefix reuse (its KV cache keeps the longest common prefix)."""
     llm = engine.llm
-    cached = _common_prefix(list(llm._input_ids[: llm.n_tokens]), prompt)
+    cached = common_prefix(list(llm._input_ids[: llm.n_tokens]), prompt)  # what llama.cpp keeps
     eos = llm.token_eos()
     started, first, ids = time.perf_counter(), None, []
     tokens = llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0)

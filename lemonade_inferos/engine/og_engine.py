@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from lemonade_inferos.engine.emit import TokenEmitter
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
 from lemonade_inferos.engine.sampling import SamplingParams
-from lemonade_inferos.engine.emit import TokenEmitter
 from lemonade_inferos.engine.tokenizer import ChatTokenizer
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
 from lemonade_inferos.errors import GenerationError, MissingExtraError

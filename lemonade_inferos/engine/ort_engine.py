@@ -21,12 +21,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from lemonade_inferos.engine.emit import TokenEmitter
 from lemonade_inferos.engine.graph import LOGITS_POSITIONS, POSITION_IDS, prepare_graph
 from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout, common_prefix
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
 from lemonade_inferos.engine.sampling import Sampler, SamplingParams
 from lemonade_inferos.engine.session import AppliedSessionOptions, SessionPolicy, build_session_options
-from lemonade_inferos.engine.emit import TokenEmitter
 from lemonade_inferos.engine.tokenizer import ChatTokenizer
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
 from lemonade_inferos.errors import GenerationError
@@ -49,10 +49,9 @@ class _StepBinding:
         # decode (and prefill, where the graph selects logits rows) writes one row of logits into the same buffer
         self._step_logits = np.empty((1, 1, engine.folder.vocab_size), dtype=np.float32)
         self._last_row = np.zeros(1, dtype=np.int64)
-        # decode steps write the probes' attention rows ([heads, 1, past + 1] each) into buffers of their own
-        heads = engine.folder.num_attention_heads
-        self._step_probes = [np.empty(heads * (cache.layout.max_tokens + 1), dtype=np.float32)
-                             for _ in engine.probe_outputs]
+        # decode steps write the probes' attention rows ([heads, 1, past + 1] each) into buffers of their own,
+        # allocated at the first decode step (scoring runs chunks only)
+        self._step_probes: list[np.ndarray] = []
 
     def run(self, token_ids: np.ndarray, all_logits: bool) -> np.ndarray:
         """Run the model on ``token_ids`` ``[1, n]`` after the cached tokens; commit them.
@@ -97,7 +96,11 @@ class _StepBinding:
             for name in names:
                 self.io.bind_output(name, "cpu")
             return None
-        shape = [1, self.engine.folder.num_attention_heads, 1, total]
+        heads = self.engine.folder.num_attention_heads
+        if not self._step_probes:
+            self._step_probes = [np.empty(heads * (self.cache.layout.max_tokens + 1), dtype=np.float32)
+                                 for _ in names]
+        shape = [1, heads, 1, total]
         views = [buffer[: shape[1] * total].reshape(shape) for buffer in self._step_probes]
         for name, view in zip(names, views):
             self.io.bind_output(name, "cpu", 0, np.float32, shape, view.ctypes.data)

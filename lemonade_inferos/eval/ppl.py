@@ -55,9 +55,10 @@ def needs_attention_probe(plans: list[str]) -> bool:
     return any(make_plan(p, 64, 0.0).importance == "attention" for p in plans)
 
 
-def _build_plans(engine: OrtEngine, plans: list[str], recent_window: int, pressure: float) -> list[KVPlan]:
+def build_plans(engine: OrtEngine, plans: list[str | KVPlan], recent_window: int, pressure: float) -> list[KVPlan]:
+    """Plans by name (ranked by attention where the engine has probes, by key norm otherwise) or as given."""
     default_signal = "attention" if engine.probe_outputs else "key_norm"
-    built = [make_plan(p, recent_window, pressure, default_signal) for p in plans]
+    built = [p if isinstance(p, KVPlan) else make_plan(p, recent_window, pressure, default_signal) for p in plans]
     for plan in built:
         if plan.importance == "attention" and not engine.probe_outputs:
             raise ValueError(f"plan {plan.name} ranks blocks by attention, but the engine has no attention probe: "
@@ -65,13 +66,13 @@ def _build_plans(engine: OrtEngine, plans: list[str], recent_window: int, pressu
     return built
 
 
-def eval_ppl(engine: OrtEngine, plans: list[str], context: int = 2048, recent_window: int = 64,
+def eval_ppl(engine: OrtEngine, plans: list[str | KVPlan], context: int = 2048, recent_window: int = 64,
              segments: int = 1, pressure: float = 0.0, progress=lambda done, total: None) -> list[dict[str, Any]]:
     """Score every plan against the full-precision cache; one result dict per plan."""
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
     ids = corpus_ids(engine, context * segments + 1)
     chunk = recent_window
-    built = _build_plans(engine, plans, recent_window, pressure)
+    built = build_plans(engine, plans, recent_window, pressure)
     scores = {p.name: ScoreAccumulator() for p in built}
     caches: dict[str, TieredKVCache] = {}
     stats: dict[str, list] = {p.name: [] for p in built}
@@ -153,7 +154,7 @@ def eval_long_context(engine: OrtEngine, plan_name: str = "dynamic", total_token
                       chunk: int = 256, progress=lambda done, total: None) -> dict[str, Any]:
     """One continuous stream past the context length: PPL far away vs PPL near the start."""
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
-    plan = _build_plans(engine, [plan_name], 64, 0.0)[0]
+    plan = build_plans(engine, [plan_name], 64, 0.0)[0]
     ids = corpus_ids(engine, total_tokens + 1)
     cache = TieredKVCache(engine.layout, plan, rope)
     nll = np.zeros(len(ids) - 1)

@@ -27,10 +27,7 @@ def block_scores(keys_by_layer: list[np.ndarray] | np.ndarray, signal: str, bloc
     """Raw importance per layer of one block; ``keys_by_layer[l]`` is ``[H, T, D]`` (a list, or stacked)."""
     if signal == "recency":
         return np.full(len(keys_by_layer), float(block_index), dtype=np.float32)
-    if isinstance(keys_by_layer, np.ndarray):  # [layers, H, T, D]: one pass for all layers
-        norms = np.linalg.norm(keys_by_layer, axis=-1).mean(axis=(1, 2)).astype(np.float32)
-    else:
-        norms = np.array([np.linalg.norm(k, axis=-1).mean() for k in keys_by_layer], dtype=np.float32)
+    norms = np.linalg.norm(np.asarray(keys_by_layer), axis=-1).mean(axis=(1, 2)).astype(np.float32)
     return -norms if signal == "key_norm" else norms
 
 
