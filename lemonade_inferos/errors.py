@@ -41,7 +41,23 @@ class MissingExtraError(InferosError):
     code = "missing_dependency"
 
 
-class GenerationError(InferosError, ValueError):
-    """A generation request cannot be served as asked (bad parameters, prompt too long)."""
+class RequestError(InferosError, ValueError):
+    """The caller's input cannot be served as given (HTTP 400): never a reason to distrust the engine."""
 
     code = "invalid_request"
+
+
+class RequestTimeout(InferosError):
+    """A generation ran past the per-request time limit (``--request-timeout``) and was ended."""
+
+    code = "request_timeout"
+
+
+class ServerStopping(InferosError):
+    """The server is shutting down: running generations end, new requests are refused."""
+
+    code = "server_shutting_down"
+
+
+class GenerationError(RequestError):
+    """A generation request cannot be served as asked (bad parameters, prompt too long)."""

@@ -152,16 +152,30 @@ class InferosPlugin:
         stored = [] if common >= (len(prompt) - 1) // block * block else \
             self.prefix_store.lookup(prompt, salt, usable, record=False)
         if warm is not None and common >= len(stored) * block:
-            warm.truncate(common)
-            warm.stats = KVStats()  # this request's work, not the earlier turns'
-            warm.max_tier = max_tier  # before the plan is applied again
-            warm.set_plan(kv_plan)
-            return warm, common
+            try:
+                warm.truncate(common)
+                warm.stats = KVStats()  # this request's work, not the earlier turns'
+                warm.max_tier = max_tier  # before the plan is applied again
+                warm.set_plan(kv_plan)
+                return warm, common
+            except Exception:  # that warm cache is damaged: it is dropped (not put back), the store serves
+                log.exception("reusing a warm cache failed; dropping it")
+                warm = None
+                stored = self.prefix_store.lookup(prompt, salt, usable, record=False)
         if warm is not None:
             self.warm.put(warm)  # the store has more of this prompt; keep the warm one for its own conversation
+        cache = self._new_cache(engine, kv_plan, max_tier)
+        try:
+            return cache, self.prefix_store.restore(cache, stored)
+        except Exception:  # a damaged entry is that entry's fault: drop it and prefill instead
+            log.exception("restoring %d prefix blocks failed; dropping them and prefilling the prompt", len(stored))
+            self.prefix_store.discard(stored)
+            return self._new_cache(engine, kv_plan, max_tier), 0
+
+    def _new_cache(self, engine: Any, kv_plan: Any, max_tier: int) -> TieredKVCache:
         cache = TieredKVCache(engine.layout, kv_plan, self._rope(engine))
         cache.max_tier = max_tier
-        return cache, self.prefix_store.restore(cache, stored)
+        return cache
 
     def _shadow_pass(self, engine: Any, token_ids: list[int], plan: Any, rope: Any, max_tier: int) -> None:
         try:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 import httpx
 
-from lemonade_inferos.controller.auth import TOKEN_ENV, token_file
+from lemonade_inferos.controller.auth import TOKEN_ENV, read_token_file, token_file
 from lemonade_inferos.controller.server import DEFAULT_PORT, port_file
 from lemonade_inferos.errors import InferosError
 
@@ -22,17 +22,24 @@ def _base_url(port: int | None) -> str:
     if port is None:
         if os.environ.get("INFEROS_AGENT_PORT"):
             port = int(os.environ["INFEROS_AGENT_PORT"])
-        elif port_file().is_file():
-            port = int(port_file().read_text())
         else:
-            port = DEFAULT_PORT
+            port = _recorded_port() or DEFAULT_PORT
     return f"http://127.0.0.1:{port}/v1"
+
+
+def _recorded_port() -> int | None:
+    """The port the last server wrote to INFEROS_HOME/agent-port (None when missing or not a port)."""
+    try:
+        port = int(port_file().read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return None
+    return port if 0 < port < 65536 else None
 
 
 def _token() -> str | None:
     if os.environ.get(TOKEN_ENV):
         return os.environ[TOKEN_ENV]
-    return token_file().read_text().strip() if token_file().is_file() else None
+    return read_token_file(token_file())
 
 
 def call(method: str, path: str, port: int | None = None, body: Any = None) -> Any:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,26 +23,35 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from lemonade_inferos import __version__
 from lemonade_inferos.cli.common import console, handle_errors
-from lemonade_inferos.paths import inferos_home
+from lemonade_inferos.host.routes import LEMONADE_API_VERSION
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 
 
 def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--host", default="127.0.0.1", envvar="LEMONADE_HOST", show_default=True,
-                     help="Address to bind (loopback by default)."),
-        click.option("--port", default=13305, type=int, envvar="LEMONADE_PORT", show_default=True),
-        click.option("--log-level", default="info", type=click.Choice(LOG_LEVELS), show_default=True),
-        click.option("--ctx-size", type=int, envvar="LEMONADE_CTX_SIZE", default=None,
-                     help="Context length of loaded models (default: the model's)."),
-        click.option("--max-loaded-models", type=int, default=1, show_default=True),
+        click.option("--host", default="127.0.0.1", envvar="LEMONADE_HOST", show_envvar=True, show_default=True,
+                     help="Address to bind (loopback by default). Requests must name a loopback host or an IP "
+                          "address in their Host header, or one listed in LEMONADE_ALLOWED_HOSTS."),
+        click.option("--port", default=13305, type=click.IntRange(0, 65535), envvar="LEMONADE_PORT",
+                     show_envvar=True, show_default=True, help="Port to listen on."),
+        click.option("--log-level", default="info", type=click.Choice(LOG_LEVELS), envvar="LEMONADE_LOG_LEVEL",
+                     show_envvar=True, show_default=True, help="Log verbosity; info includes one line per request."),
+        click.option("--ctx-size", type=click.IntRange(min=16), envvar="LEMONADE_CTX_SIZE", show_envvar=True,
+                     default=None, help="Context length of loaded models (default: the model's)."),
+        click.option("--max-loaded-models", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Models kept in memory at once; loading another unloads the least recently used."),
         click.option("--no-tray", is_flag=True, help="Accepted for compatibility; there is no tray here."),
         click.option("--plugin", "plugins", multiple=True,
                      help="Plugin to load (repeatable), e.g. --plugin inferos. Without one: baseline og.Generator."),
-        click.option("--max-queue", type=int, default=16, show_default=True,
+        click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
                      help="Requests that may wait for a busy model before HTTP 503."),
+        click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+                     envvar="LEMONADE_REQUEST_TIMEOUT", show_envvar=True, show_default=True,
+                     help="Seconds one generation may run (queue wait not counted); a longer one ends with "
+                          "HTTP 504 request_timeout (an SSE error event when streaming)."),
         click.option("--inferos-kv-mode", type=click.Choice(["dynamic", "latency_optimized", "throughput_optimized",
                                                              "quality_optimized", "disabled"]), default=None,
                      help="inferos: KV cache mode (policy kv.mode)."),
@@ -63,25 +73,19 @@ def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="inferos: re-score every Nth request under full precision for the quality guard, while "
                           "the server is idle (default 8; 0 turns the online estimate off)."),
         click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-                     help="inferos: policy config file (YAML or TOML)."),
+                     help="inferos: policy config file (YAML or TOML), watched for edits."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _pid_file(port: int) -> Path:
-    path = inferos_home() / "run" / f"server-{port}.pid"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
-           plugins: tuple[str, ...], max_queue: int, plugin_config: dict[str, Any], config_path: Path | None) -> None:
-    import uvicorn
-
+           plugins: tuple[str, ...], max_queue: int, request_timeout: float, plugin_config: dict[str, Any],
+           config_path: Path | None) -> None:
     from lemonade_inferos.host.app import create_app
     from lemonade_inferos.host.registry import ModelRegistry
+    from lemonade_inferos.host.server import bind_socket, pid_file, serve
     from lemonade_inferos.host.settings import HostSettings
     from lemonade_inferos.plugins import load_plugins
 
@@ -89,22 +93,23 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = HostSettings(host=host, port=port, log_level=log_level, ctx_size=ctx_size,
                             max_loaded_models=max_loaded_models, api_key=os.environ.get("LEMONADE_API_KEY") or None,
-                            plugins=list(plugins), max_queue=max_queue, plugin_config=plugin_config,
-                            config_path=config_path)
+                            plugins=list(plugins), max_queue=max_queue, request_timeout_s=request_timeout,
+                            plugin_config=plugin_config, config_path=config_path)
     if model:
         settings.default_model = model
+    sock = bind_socket(host, port)  # first: a busy port fails now, before a build or a plugin starts
     registry = ModelRegistry()
     if not registry.is_downloaded(settings.default_model):
         with console.status(f"building {settings.default_model} (first use, offline)") as status:
             registry.pull(settings.default_model, progress=lambda msg: (status.update(msg), console.log(msg)))
     pm, manifests = load_plugins(list(plugins), {**plugin_config, "config": config_path})
     app = create_app(settings, pm, manifests)
-    pid_file = _pid_file(port)
-    pid_file.write_text(str(os.getpid()))
-    try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level if log_level != "trace" else "trace")
-    finally:
-        pid_file.unlink(missing_ok=True)
+    address = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+    with pid_file(port):
+        started = serve(app, sock, address, log_level, on_stop=app.state.host.generator.stop)
+    if not started:
+        console.print("[red]error:[/red] the server did not start (see the log above)")
+        sys.exit(3)
 
 
 def _plugin_config(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -116,19 +121,30 @@ def _plugin_config(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {mapping[k]: v for k, v in kwargs.items() if k in mapping and v is not None}
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-v", prog_name="lemonade-server",
+                      message=f"%(prog)s %(version)s (Lemonade API {LEMONADE_API_VERSION})")
 def cli() -> None:
-    """Lemonade-compatible LLM server (Python host with plugins)."""
+    """Lemonade-compatible LLM server (Python host with plugins).
+
+    Environment: LEMONADE_API_KEY (every API route and /metrics then need 'Authorization: Bearer KEY'),
+    LEMONADE_ALLOWED_HOSTS and LEMONADE_ALLOWED_ORIGINS (comma-separated: host names and browser origins
+    admitted besides loopback), LEMONADE_SERVER_PLUGINS (allow-list), INFEROS_HOME (models, caches, state).
+    """
 
 
 @cli.command()
 @server_options
 @handle_errors
 def serve(host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int, no_tray: bool,
-          plugins: tuple[str, ...], max_queue: int, config_path: Path | None, **inferos: Any) -> None:
-    """Start the server (default model: SmolLM2-135M-Instruct-CPU, built offline on first use)."""
-    _serve(None, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, _plugin_config(inferos),
-           config_path)
+          plugins: tuple[str, ...], max_queue: int, request_timeout: float, config_path: Path | None,
+          **inferos: Any) -> None:
+    """Start the server (default model: SmolLM2-135M-Instruct-CPU, built offline on first use).
+
+    SIGTERM or SIGINT stop it cleanly: running generations end, state is written, exit code 0.
+    """
+    _serve(None, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, request_timeout,
+           _plugin_config(inferos), config_path)
 
 
 @cli.command()
@@ -136,10 +152,11 @@ def serve(host: str, port: int, log_level: str, ctx_size: int | None, max_loaded
 @server_options
 @handle_errors
 def run(model: str, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
-        no_tray: bool, plugins: tuple[str, ...], max_queue: int, config_path: Path | None, **inferos: Any) -> None:
+        no_tray: bool, plugins: tuple[str, ...], max_queue: int, request_timeout: float, config_path: Path | None,
+        **inferos: Any) -> None:
     """Start the server with MODEL loaded."""
-    _serve(model, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, _plugin_config(inferos),
-           config_path)
+    _serve(model, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, request_timeout,
+           _plugin_config(inferos), config_path)
 
 
 @cli.command()
@@ -169,35 +186,53 @@ def list_models() -> None:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", envvar="LEMONADE_HOST")
-@click.option("--port", default=13305, type=int, envvar="LEMONADE_PORT")
+@click.option("--host", default="127.0.0.1", envvar="LEMONADE_HOST", show_envvar=True, help="Server address.")
+@click.option("--port", default=13305, type=int, envvar="LEMONADE_PORT", show_envvar=True, help="Server port.")
 def status(host: str, port: int) -> None:
     """Say whether a server is running on HOST:PORT, and which model it has loaded."""
     try:
-        health = httpx.get(f"http://{host}:{port}/api/v1/health", timeout=5,
-                           headers=_auth_headers()).json()
+        response = httpx.get(f"http://{host}:{port}/api/v1/health", timeout=5, headers=_auth_headers())
     except httpx.HTTPError:
         click.echo(f"Server is not running on {host}:{port}")
+        sys.exit(1)
+    if response.status_code == 401:
+        click.echo(f"Server is running on {host}:{port}, but it needs an API key: set LEMONADE_API_KEY "
+                   f"{'(the one set was refused)' if os.environ.get('LEMONADE_API_KEY') else 'to see its status'}")
+        return
+    try:
+        health = response.json()
+        response.raise_for_status()
+    except (ValueError, httpx.HTTPStatusError):
+        click.echo(f"Something answers on {host}:{port} but not as a Lemonade server "
+                   f"(HTTP {response.status_code} on /api/v1/health)")
         sys.exit(1)
     click.echo(f"Server is running on {host}:{port}, version {health.get('version')}, "
                f"model loaded: {health.get('model_loaded')}, plugins: {health.get('inferos', {}).get('plugins')}")
 
 
 @cli.command()
-@click.option("--port", default=13305, type=int, envvar="LEMONADE_PORT")
-def stop(port: int) -> None:
-    """Stop the server started on PORT from this machine."""
-    pid_file = _pid_file(port)
-    if not pid_file.is_file():
+@click.option("--port", default=13305, type=int, envvar="LEMONADE_PORT", show_envvar=True, help="Server port.")
+@click.option("--wait", "wait_s", default=30.0, show_default=True, help="Seconds to wait for it to exit.")
+def stop(port: int, wait_s: float) -> None:
+    """Stop the server started on PORT from this machine (it finishes cleanly: state is written)."""
+    from lemonade_inferos.host.server import pid_alive, pid_path, read_pid
+
+    path = pid_path(port)
+    pid = read_pid(path)
+    if pid is None:
         click.echo(f"No server started by lemonade-server is running on port {port}")
         sys.exit(1)
-    pid = int(pid_file.read_text())
-    try:
-        os.kill(pid, signal.SIGTERM if hasattr(signal, "SIGTERM") else signal.SIGINT)
-    except ProcessLookupError:
-        pid_file.unlink(missing_ok=True)
+    if not pid_alive(pid):
+        path.unlink(missing_ok=True)
         click.echo(f"Server (pid {pid}) was not running; removed its stale pid file")
         return
+    os.kill(pid, signal.SIGTERM if hasattr(signal, "SIGTERM") else signal.SIGINT)
+    deadline = time.monotonic() + wait_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid):
+        click.echo(f"Server (pid {pid}) on port {port} is still stopping after {wait_s:g} s")
+        sys.exit(1)
     click.echo(f"Stopped server (pid {pid}) on port {port}")
 
 

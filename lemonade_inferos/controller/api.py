@@ -7,20 +7,24 @@ document's security headers; CORS admits loopback origins only.
 
 from __future__ import annotations
 
+import json
+import os
 from datetime import datetime, timezone
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Request
+import yaml
+from fastapi import APIRouter, Body, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lemonade_inferos import __version__
-from lemonade_inferos.controller.auth import make_token_check
 from lemonade_inferos.controller.config import ConfigError, parse_config
 from lemonade_inferos.controller.controller import Controller
-from lemonade_inferos.host.errors import APIError, install_error_handlers
+from lemonade_inferos.host.errors import install_error_handlers
+from lemonade_inferos.http.errors import APIError, document_errors_as_400
+from lemonade_inferos.http.guard import RequestGuard, TokenRule, guard_policy_from_env
 from lemonade_inferos.metrics.prometheus import ControllerCollector
 
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
@@ -29,7 +33,20 @@ LOOPBACK_ORIGINS = r"^https?://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?$"
 
 
 class BaselineRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     enable: bool
+
+
+class EvaluateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    context: int = Field(512, ge=64, le=8192, description="tokens of pydoc_data.topics to score")
+    delay_s: float = Field(0.0, ge=0.0, le=86_400.0, description="start after this many seconds")
+
+
+def token_rule(token: str) -> TokenRule:
+    """Reads are open; every POST needs ``X-Inferos-Token`` (checked before the body is read)."""
+    return TokenRule(token, "x-inferos-token", needs=lambda method, path: method == "POST",
+                     message="Unauthorized: a valid X-Inferos-Token header is required")
 
 
 def _validation_error(exc: ValidationError) -> APIError:
@@ -42,6 +59,7 @@ def _validation_error(exc: ValidationError) -> APIError:
 def create_control_app(controller: Controller, token: str) -> FastAPI:
     app = FastAPI(title="Infer-OS Control Agent", version=__version__)
     install_error_handlers(app)
+    document_errors_as_400(app)
     app.add_middleware(CORSMiddleware, allow_origin_regex=LOOPBACK_ORIGINS, allow_methods=["GET", "POST"],
                        allow_headers=["X-Inferos-Token", "Content-Type"])
 
@@ -54,7 +72,6 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
     registry = CollectorRegistry()
     registry.register(ControllerCollector(controller.metrics))
     router = APIRouter(prefix="/v1")
-    auth = [Depends(make_token_check(token))]
 
     @router.get("/health")
     async def health() -> dict[str, Any]:
@@ -75,7 +92,7 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
     async def get_policy() -> dict[str, Any]:
         return {"policy": controller.policy.model_dump(), "version": controller.policy_version}
 
-    @router.post("/policy", dependencies=auth)
+    @router.post("/policy")
     async def set_policy(update: dict[str, Any] = Body(...)) -> dict[str, Any]:
         try:
             policy = controller.update_policy(update)
@@ -83,7 +100,7 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
             raise _validation_error(exc) from exc
         return {"status": "applied", "policy": policy.model_dump(), "version": controller.policy_version}
 
-    @router.post("/baseline", dependencies=auth)
+    @router.post("/baseline")
     async def baseline(body: BaselineRequest) -> dict[str, Any]:
         controller.set_baseline(body.enable)
         return {"baseline_mode": controller.baseline}
@@ -93,37 +110,35 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
         return {**controller.config.to_document(), "source": str(controller.config_path) if controller.config_path
                 else None, "last_error": controller.config_error}
 
-    @router.post("/config", dependencies=auth)
+    @router.post("/config")
     async def set_config(request: Request) -> dict[str, Any]:
         """Body: ``{"reload": true}`` re-reads the config file; a YAML/TOML/JSON document replaces the config."""
         raw = await request.body()
         content_type = request.headers.get("content-type", "")
         try:
             if "json" in content_type:
-                import json
                 data = json.loads(raw or b"{}")
-                if data.get("reload"):
+                if not isinstance(data, dict):
+                    raise APIError(400, "invalid_config", "the body must be a JSON object: {\"reload\": true} or "
+                                   "a config document ({\"infer_os\": {...}})")
+                if data.get("reload") is True:
                     config = controller.reload_config()
                     return {"status": "reloaded", **config.to_document()}
-                import yaml
                 config = parse_config(yaml.safe_dump(data), "request body")
             else:
-                config = parse_config(raw.decode(), "request body", "toml" if "toml" in content_type else "yaml")
+                config = parse_config(raw.decode("utf-8"), "request body", "toml" if "toml" in content_type else "yaml")
         except ConfigError as exc:
             raise APIError(400, "invalid_config", str(exc), **exc.details()) from exc
-        except ValueError as exc:
-            raise APIError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from exc
+        except ValueError as exc:  # JSON syntax, or bytes that are not UTF-8
+            raise APIError(400, "invalid_json", f"the request body cannot be read: {exc}") from exc
         controller.apply_config(config, "POST /v1/config")
         return {"status": "applied", **config.to_document()}
 
-    @router.post("/evaluate", dependencies=auth)
-    async def evaluate(body: dict[str, Any] = Body(default={})) -> dict[str, Any]:
+    @router.post("/evaluate")
+    async def evaluate(body: EvaluateRequest = Body(default_factory=EvaluateRequest)) -> dict[str, Any]:
         """Schedule a full ``inferos eval ppl`` of the active plan: ``{"context": 512, "delay_s": 0}``."""
-        context, delay = int(body.get("context", 512)), float(body.get("delay_s", 0))
-        if not 64 <= context <= 8192 or delay < 0:
-            raise APIError(400, "invalid_request", "context must be in 64..8192 and delay_s >= 0")
         try:
-            return controller.schedule_full_evaluation(context, delay)
+            return controller.schedule_full_evaluation(body.context, body.delay_s)
         except RuntimeError as exc:
             raise APIError(409, "not_ready", str(exc)) from exc
 
@@ -134,4 +149,6 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
         return {"history": controller.history.entries(limit, kind), "max_entries": controller.history.max_entries}
 
     app.include_router(router)
+    # outermost: the host allow-list, cross-site refusal and the token come before CORS, routing and bodies
+    app.add_middleware(RequestGuard, policy=guard_policy_from_env(os.environ, token_rule(token)))
     return app

@@ -85,6 +85,10 @@ def parse_config(text: str, source: str, fmt: str | None = None) -> InferOSConfi
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise ConfigError(f"{source}:{line}: YAML syntax error: {exc.problem}", source, line) from exc
+    except yaml.YAMLError as exc:  # e.g. a control character: the reader names its position
+        mark = getattr(exc, "position", None)
+        line = text.count("\n", 0, mark) + 1 if isinstance(mark, int) else None
+        raise ConfigError(f"{source}:{line}: YAML cannot read this document: {exc}", source, line) from exc
     except tomllib.TOMLDecodeError as exc:
         line = getattr(exc, "lineno", None)
         raise ConfigError(f"{source}: TOML syntax error: {exc}", source, line) from exc
@@ -124,7 +128,18 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
 
 
 def load_config(path: Path) -> InferOSConfig:
-    return parse_config(path.read_text(encoding="utf-8"), str(path))
+    """Read and validate a config file. Raises ConfigError for anything wrong with it, bytes included."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}", str(path)) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})",
+                          str(path), line) from exc
+    return parse_config(text, str(path))
 
 
 def preset_path(name: str) -> Path:
@@ -172,5 +187,13 @@ class ConfigWatcher:
         self.on_change(config)
 
     def _run(self) -> None:
+        """Never dies: whatever one check raises is reported as a rejected edit and the next check runs."""
         while not self._stop.wait(self.interval_s):
-            self.check_now()
+            try:
+                self.check_now()
+            except Exception as exc:
+                log.exception("config watcher: checking %s failed", self.path)
+                try:
+                    self.on_error(ConfigError(f"{self.path}: {exc!r}", str(self.path)))
+                except Exception:
+                    log.exception("config watcher: reporting the failure failed")

@@ -155,9 +155,11 @@ class Controller:
         self.recorder.record(stats)
         if stats.kv:
             self.last_kv_stats = stats.kv
-        if stats.error and "Cancelled" not in stats.error and not stats.baseline:
-            self.fallbacks.backend_error(stats.error)
-        elif stats.error is None and not stats.baseline:
+        if stats.baseline:
+            return
+        if stats.error_kind == "fault":  # only our engine's own faults open the fallback, never a bad request
+            self.fallbacks.backend_error(stats.error or "")
+        elif stats.error is None:
             self.fallbacks.backend_ok()
 
     def add_shadow_sample(self, sample: ShadowSample) -> None:

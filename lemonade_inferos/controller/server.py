@@ -13,6 +13,7 @@ import uvicorn
 from lemonade_inferos.controller.api import create_control_app
 from lemonade_inferos.controller.auth import resolve_token
 from lemonade_inferos.controller.controller import Controller
+from lemonade_inferos.durable import atomic_write
 from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ class ControlServer:
         self.port = choose_port(port)
         self.token, self.token_source = resolve_token()
         app = create_control_app(controller, self.token)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        # log_config/log_level None: uvicorn.Config would otherwise reconfigure the process's loggers (and with
+        # access_log=False silence the host's access log too)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, log_level=None)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="inferos-control-api", daemon=True)
         self.error: str | None = None
@@ -54,8 +57,8 @@ class ControlServer:
                 log.error("%s (set INFEROS_AGENT_PORT or INFEROS_RANDOM_PORT=true)", self.error)
                 return False
             time.sleep(0.05)
-        port_file().write_text(str(self.port))
-        log.warning("inferos control API on http://127.0.0.1:%d/v1 (token from %s)", self.port, self.token_source)
+        atomic_write(port_file(), str(self.port))
+        log.info("inferos control API on http://127.0.0.1:%d/v1 (token from %s)", self.port, self.token_source)
         return self._server.started
 
     def stop(self) -> None:

@@ -13,6 +13,9 @@ import numpy as np
 from lemonade_inferos.errors import GenerationError
 
 
+SEED_RANGE = 2**31
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` (or ``do_sample=False``) means greedy."""
@@ -27,6 +30,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        if self.seed is not None:
+            # a negative seed asks for a random one (llama.cpp's -1); others are folded into the range
+            # og.Generator's random_seed takes (a C int), so both engines accept every integer seed
+            object.__setattr__(self, "seed", None if self.seed < 0 else self.seed % SEED_RANGE)
         if self.max_tokens < 0:
             raise GenerationError(f"max_tokens must be >= 0, got {self.max_tokens}", param="max_tokens")
         if self.temperature < 0:
@@ -74,7 +81,9 @@ class Sampler:
 
     def _sample_random(self, logits: np.ndarray) -> int:
         params = self.params
-        scaled = logits.astype(np.float64) / params.temperature
+        logits = logits.astype(np.float64)
+        # shift before dividing: a tiny temperature then sends the others to -inf, never the best to inf (NaN)
+        scaled = (logits - logits.max()) / params.temperature
         if params.top_k and params.top_k < scaled.shape[0]:
             candidate_ids = np.argpartition(-scaled, params.top_k - 1)[: params.top_k]
         else:

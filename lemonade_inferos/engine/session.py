@@ -82,15 +82,15 @@ def choose_providers(devices: list[str]) -> tuple[list[str], list[str], list[str
         requested.append("CPUExecutionProvider")
     chosen = [p for p in requested if p in available]
     missing = [p for p in requested if p not in available]
-    for provider in missing:
-        _warn_once("execution provider %s is not available in this onnxruntime build; falling back to %s",
-                    provider, chosen[0] if chosen else "CPUExecutionProvider")
+    for provider in missing:  # info, not a warning: CPU is a documented path, and the API reports the fallback
+        _log_once("execution provider %s is not available in this onnxruntime build; using %s",
+                  provider, chosen[0] if chosen else "CPUExecutionProvider")
     return requested, chosen or ["CPUExecutionProvider"], missing
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str, *args: object) -> None:
-    log.warning(message, *args)
+def _log_once(message: str, *args: object) -> None:
+    log.info(message, *args)
 
 
 def build_session_options(policy: SessionPolicy) -> tuple[ort.SessionOptions, AppliedSessionOptions]:

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import logging
-import secrets
+import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lemonade_inferos import __version__
-from lemonade_inferos.host.errors import APIError, install_error_handlers
+from lemonade_inferos.host.errors import install_error_handlers
 from lemonade_inferos.host.generate import GenerateService, HostStats
 from lemonade_inferos.host.models import ModelManager
 from lemonade_inferos.host.registry import ModelRegistry
 from lemonade_inferos.host.routes import LEMONADE_API_VERSION, router
 from lemonade_inferos.host.settings import HostSettings
+from lemonade_inferos.http.errors import document_errors_as_400
+from lemonade_inferos.http.guard import RequestGuard, TokenRule, guard_policy_from_env
 from lemonade_inferos.plugins import PluginManifest, new_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,10 @@ class HostCollector:
                                  ("prompt_tokens", stats.prompt_tokens_total, "Prompt tokens, cached included."),
                                  ("cache_tokens", stats.cache_tokens_total, "Prompt tokens served from the KV cache."),
                                  ("completion_tokens", stats.output_tokens_total, "Tokens generated."),
-                                 ("request_errors", stats.errors_total, "Generate calls that failed.")):
+                                 ("request_errors", stats.errors_total,
+                                  "Generate calls that failed (bad input, time limit, engine fault)."),
+                                 ("requests_cancelled", stats.cancelled_total,
+                                  "Generate calls ended because the client went away or the server stopped.")):
             counter = CounterMetricFamily(f"inferos_{name}", doc)
             counter.add_metric([], value)
             yield counter
@@ -76,18 +81,12 @@ class HostCollector:
                     yield gauge
 
 
-def make_auth(api_key: str | None):
-    """A dependency that requires ``Authorization: Bearer <LEMONADE_API_KEY>`` when a key is set."""
-
-    async def require_key(request: Request) -> None:
-        if not api_key:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not secrets.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'")
-
-    return require_key
+def api_key_rule(api_key: str | None) -> TokenRule | None:
+    """``LEMONADE_API_KEY``: every route but ``/live`` needs ``Authorization: Bearer <key>``."""
+    if not api_key:
+        return None
+    return TokenRule(api_key, "authorization", needs=lambda method, path: path != "/live", scheme="Bearer",
+                     message="missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
 def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
@@ -97,8 +96,8 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
     registry = ModelRegistry()
     models = ModelManager(registry, settings)
     host_stats = HostStats()
-    host = Host(settings, pm, manifests or {}, registry, models, host_stats, GenerateService(pm, models, host_stats),
-                CollectorRegistry())
+    host = Host(settings, pm, manifests or {}, registry, models, host_stats,
+                GenerateService(pm, models, host_stats, settings.request_timeout_s), CollectorRegistry())
     host.prometheus_registry.register(HostCollector(host))
 
     @asynccontextmanager
@@ -106,28 +105,30 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
         pm.hook.host_startup(host=host)
         if preload:
             await models.load(settings.default_model)
-        log.info("serving on http://%s:%s (plugins: %s)", settings.host, settings.port,
-                 ", ".join(host.manifests) or "none, baseline mode")
+        log.info("host ready (plugins: %s)", ", ".join(host.manifests) or "none, baseline mode")
         try:
             yield
         finally:
+            host.generator.stop()
             pm.hook.host_shutdown(host=host)
 
     app = FastAPI(title="lemonade-server (inferos host)", version=LEMONADE_API_VERSION, lifespan=lifespan)
     app.state.host = host
     install_error_handlers(app)
-    auth = [Depends(make_auth(settings.api_key))]
+    document_errors_as_400(app)
     for prefix in API_PREFIXES:
-        app.include_router(router, prefix=prefix, dependencies=auth)
+        app.include_router(router, prefix=prefix)
 
     @app.get("/live")
     async def live():
         return {"status": "ok"}
 
-    @app.get("/metrics", dependencies=auth)
+    @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(generate_latest(host.prometheus_registry).decode(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     pm.hook.extra_routes(app=app)
+    app.add_middleware(RequestGuard, policy=guard_policy_from_env(os.environ, api_key_rule(settings.api_key),
+                                                                  bind_host=settings.host))
     return app

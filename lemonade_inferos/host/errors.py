@@ -1,6 +1,6 @@
-"""HTTP errors in the design document's shape, OpenAI-compatible too.
+"""Exception handlers of the host app: every error leaves in the shape of ``lemonade_inferos.http.errors``.
 
-    {"error": {"code": "...", "message": "...", "details": {...}, "type": "invalid_request_error"}}
+A caller's mistake is a 4xx; only the server's own faults are 5xx (and the fuzz test holds it to that).
 """
 
 from __future__ import annotations
@@ -12,25 +12,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lemonade_inferos.errors import GenerationError, InferosError, ModelFolderError, ModelNotFoundError
+from lemonade_inferos.errors import (GenerationError, InferosError, ModelFolderError, ModelNotFoundError,
+                                     RequestError, RequestTimeout, ServerStopping)
+from lemonade_inferos.http.errors import APIError, error_body, error_response  # noqa: F401 (re-exported)
 
-OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                409: "conflict_error", 413: "invalid_request_error", 503: "server_busy", 500: "server_error"}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.details = status, code, message, details
+STATUS_OF = ((ModelNotFoundError, 404), (ModelFolderError, 400), (RequestError, 400), (RequestTimeout, 504),
+             (ServerStopping, 503))
 
 
-def error_body(status: int, code: str, message: str, details: Any = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details or {},
-                      "type": OPENAI_TYPES.get(status, "invalid_request_error")}}
+def status_of(exc: InferosError) -> int:
+    """The HTTP status an InferosError is answered with (500 for anything not a caller's mistake)."""
+    return next((status for kind, status in STATUS_OF if isinstance(exc, kind)), 500)
 
 
-def error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
-    return JSONResponse(error_body(status, code, message, details), status_code=status)
+def inferos_error_body(exc: InferosError) -> tuple[int, dict[str, Any]]:
+    status = status_of(exc)
+    code = "context_length_exceeded" if isinstance(exc, GenerationError) and "context holds" in exc.message \
+        else exc.code
+    return status, error_body(status, code, exc.message, exc.details)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -45,26 +44,14 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(400, "invalid_json", "the request body is not valid JSON",
                                   {"errors": _jsonable(errors)})
         first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         return error_response(400, "invalid_request", f"{where}: {first.get('msg', 'invalid value')}",
                               {"errors": _jsonable(errors)})
 
-    @app.exception_handler(ModelNotFoundError)
-    async def _not_found(_: Request, exc: ModelNotFoundError) -> JSONResponse:
-        return error_response(404, exc.code, exc.message, exc.details)
-
-    @app.exception_handler(GenerationError)
-    async def _generation(_: Request, exc: GenerationError) -> JSONResponse:
-        code = "context_length_exceeded" if "context holds" in exc.message else exc.code
-        return error_response(400, code, exc.message, exc.details)
-
-    @app.exception_handler(ModelFolderError)
-    async def _folder(_: Request, exc: ModelFolderError) -> JSONResponse:
-        return error_response(400, exc.code, exc.message, exc.details)
-
     @app.exception_handler(InferosError)
     async def _inferos(_: Request, exc: InferosError) -> JSONResponse:
-        return error_response(500, exc.code, exc.message, exc.details)
+        status, body = inferos_error_body(exc)
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -21,7 +21,7 @@ from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.engine.og_engine import OgEngine
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.session import SessionPolicy
-from lemonade_inferos.host.errors import APIError
+from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.host.registry import ModelRegistry, devices_for_recipe
 from lemonade_inferos.host.settings import HostSettings
 
@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 
 
 class RequestGate:
-    """One generation at a time, at most ``max_queue`` waiting."""
+    """One generation at a time, at most ``max_queue`` waiting.
+
+    A request takes its place in the queue with :meth:`admit` while its route still runs, so a full queue
+    is a plain HTTP 503 even for a streamed request (whose response would otherwise have begun).
+    """
 
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
@@ -37,22 +41,39 @@ class RequestGate:
         self.busy = False
         self._semaphore = asyncio.Semaphore(1)
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    def admit(self) -> "Ticket":
         if self.waiting >= self.max_queue:
             raise APIError(503, "server_busy", f"{self.waiting} requests are already waiting for this model; "
                            "retry later", queue=self.waiting)
         self.waiting += 1
+        return Ticket(self)
+
+
+class Ticket:
+    """A place in a gate's queue: :meth:`slot` waits for the engine; :meth:`release` gives an unused place back."""
+
+    def __init__(self, gate: RequestGate) -> None:
+        self.gate = gate
+        self._waiting = True
+
+    def release(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self.gate.waiting -= 1
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        gate = self.gate
         try:
-            await self._semaphore.acquire()
+            await gate._semaphore.acquire()
         finally:
-            self.waiting -= 1
-        self.busy = True
+            self.release()
+        gate.busy = True
         try:
             yield
         finally:
-            self.busy = False
-            self._semaphore.release()
+            gate.busy = False
+            gate._semaphore.release()
 
 
 @dataclass

@@ -18,7 +18,8 @@ from typing import Any
 from lemonade_inferos.engine.build import BuildSpec, build_model, is_built
 from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.engine.session import available_providers
-from lemonade_inferos.errors import InferosError, ModelNotFoundError
+from lemonade_inferos.durable import atomic_write, quarantine
+from lemonade_inferos.errors import ModelNotFoundError, RequestError
 from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,20 @@ class ModelRegistry:
         self.user_models_path = user_models_path or inferos_home() / "user_models.json"
 
     def _user_models(self) -> dict[str, dict[str, Any]]:
-        if not self.user_models_path.is_file():
+        """``user.*`` registrations; a damaged file is quarantined (the registrations are lost, not the server)."""
+        path = self.user_models_path
+        if not path.is_file():
             return {}
-        return json.loads(self.user_models_path.read_text())
+        try:
+            models = json.loads(path.read_bytes().decode("utf-8"))
+            if isinstance(models, dict) and all(isinstance(v, dict) and isinstance(v.get("checkpoint"), str)
+                                                for v in models.values()):
+                return models
+            reason = "not a mapping of model names to registrations"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            reason = f"unreadable: {exc}"
+        quarantine(path, reason)
+        return {}
 
     def all(self) -> dict[str, dict[str, Any]]:
         """Every model by name: built-in, then ``user.*``."""
@@ -87,12 +99,14 @@ class ModelRegistry:
             raise ModelNotFoundError(f"'{name}' is not a built-in model; register a local folder as 'user.{name}' "
                                      "with a checkpoint path", model=name)
         if not checkpoint:
-            raise InferosError(f"pulling {name} needs a checkpoint: the path of an onnxruntime-genai model folder")
+            raise RequestError(f"pulling {name} needs a checkpoint: the path of an onnxruntime-genai model folder",
+                               model=name)
         folder = Path(checkpoint).expanduser().resolve()
         load_model_folder(folder)  # validate before registering
         recipe = recipe or "oga-cpu"
         if recipe not in RECIPE_PROVIDER:
-            raise InferosError(f"recipe '{recipe}' is not served here; use one of {sorted(RECIPE_PROVIDER)}")
+            raise RequestError(f"recipe '{recipe}' is not served here; use one of {sorted(RECIPE_PROVIDER)}",
+                               recipe=recipe)
         models = self._user_models()
         models[name] = {"checkpoint": str(folder), "recipe": recipe, "suggested": False,
                         "size": round(sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e9, 3),
@@ -110,10 +124,7 @@ class ModelRegistry:
         self._save(models)
 
     def _save(self, models: dict[str, dict[str, Any]]) -> None:
-        self.user_models_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.user_models_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(models, indent=2))
-        tmp.replace(self.user_models_path)
+        atomic_write(self.user_models_path, json.dumps(models, indent=2))
 
 
 def devices_for_recipe(recipe: str) -> tuple[list[str], str | None]:

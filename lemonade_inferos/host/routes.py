@@ -6,29 +6,35 @@ Mounted under /api/v1, /api/v0, /v1 and /v0 by the app factory.
 from __future__ import annotations
 
 import asyncio
+import logging
 import platform
 import time
+from dataclasses import replace
 from typing import Any
 
+import jinja2
 import psutil
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from lemonade_inferos import __version__
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.session import available_providers
 from lemonade_inferos.engine.types import GenerationChunk
-from lemonade_inferos.errors import GenerationError
+from lemonade_inferos.errors import GenerationError, InferosError
 from lemonade_inferos.host import openai_format as fmt
-from lemonade_inferos.host.errors import APIError
+from lemonade_inferos.host.errors import inferos_error_body
 from lemonade_inferos.host.generate import new_request_id
 from lemonade_inferos.host.schemas import (ChatCompletionRequest, CompletionRequest, LoadRequest, ParamsRequest,
-                                          PullRequest, ResponsesRequest, SamplingFields)
+                                          PullRequest, ResponsesRequest, SamplingFields, UnloadRequest)
+from lemonade_inferos.http.errors import APIError, error_body
 from lemonade_inferos.metrics.stats import InferenceStats
 
 LEMONADE_API_VERSION = "10.2.0"  # the Lemonade API level this host implements (GAIA needs >= 10.2.0)
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 def _host(request: Request) -> Any:
@@ -58,38 +64,74 @@ async def _prepare(request: Request, body: SamplingFields, text: str | None, mes
             text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as exc:
             raise APIError(400, "no_chat_template", str(exc)) from exc
+        except jinja2.TemplateError as exc:  # the model's template refuses these messages (e.g. role order)
+            raise APIError(400, "invalid_messages", f"the model's chat template refused the messages: {exc}") \
+                from exc
     prompt_ids = model.tokenizer.encode(text or "")
     if not prompt_ids:
         raise APIError(400, "empty_prompt", "the prompt is empty")
     if len(prompt_ids) >= model.ctx_size:
         raise GenerationError(f"the prompt has {len(prompt_ids)} tokens but the context holds {model.ctx_size}; "
                               "shorten it", prompt_tokens=len(prompt_ids), context_length=model.ctx_size)
-    return host, model, prompt_ids, _sampling(body, host, max_tokens)
+    params = _sampling(body, host, max_tokens)
+    # no more tokens than the context has room for: a huge max_tokens ends with finish_reason "length"
+    params = replace(params, max_tokens=min(params.max_tokens, model.ctx_size - len(prompt_ids)))
+    return host, model, prompt_ids, params
 
 
-async def _collect(stream) -> tuple[str, InferenceStats]:
+def _open(request: Request, host: Any, model: Any, prompt_ids: list[int], params: SamplingParams,
+          endpoint: str, stream: bool):
+    """Admit the run now (a full queue is a 503 before any response starts). A non-streaming run watches its
+    client: one that hangs up stops the generation."""
+    return host.generator.open(model, prompt_ids, params, endpoint, new_request_id(),
+                               is_disconnected=None if stream else request.is_disconnected)
+
+
+async def _collect(run) -> tuple[str, InferenceStats]:
     parts, stats = [], None
-    async for item in stream:
-        if isinstance(item, GenerationChunk):
-            parts.append(item.text)
-        else:
-            stats = item
+    try:
+        async for item in run:
+            if isinstance(item, GenerationChunk):
+                parts.append(item.text)
+            else:
+                stats = item
+    finally:
+        run.release()
     return "".join(parts), stats
+
+
+def _event_stream(run, events) -> StreamingResponse:
+    """SSE for ``events``; an error after the stream has begun is sent as a ``data: {"error": ...}`` event
+    (the status line is already out), and the queue place is given back however the stream ends."""
+
+    async def guarded():
+        try:
+            async for event in events:
+                yield event
+        except InferosError as exc:
+            yield fmt.sse(inferos_error_body(exc)[1])
+        except APIError as exc:
+            yield fmt.sse(exc.body())
+        except Exception as exc:  # an engine fault mid-stream: the client gets the error shape, not a cut
+            log.exception("streamed generation failed")
+            yield fmt.sse(error_body(500, "internal_error", f"generation failed: {exc!r}"))
+
+    return StreamingResponse(guarded(), media_type="text/event-stream", background=BackgroundTask(run.release))
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
     host, model, prompt_ids, params = await _prepare(request, body, None, messages)
-    request_id = new_request_id()
-    stream = host.generator.stream(model, prompt_ids, params, "chat/completions", request_id)
+    run = _open(request, host, model, prompt_ids, params, "chat/completions", body.stream)
+    request_id = run.request_id
     if not body.stream:
-        text, stats = await _collect(stream)
+        text, stats = await _collect(run)
         return fmt.chat_completion(request_id, model.name, text, stats)
 
     async def events():
         created, first = int(time.time()), True
-        async for item in stream:
+        async for item in run:
             if isinstance(item, GenerationChunk):
                 if item.text or first:
                     delta = {"role": "assistant", "content": item.text} if first else {"content": item.text}
@@ -99,23 +141,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 yield fmt.sse(fmt.chat_chunk(request_id, model.name, created, {}, item.finish_reason, item))
         yield fmt.sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return _event_stream(run, events())
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
     prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
     host, model, prompt_ids, params = await _prepare(request, body, prompt, None)
-    request_id = new_request_id()
-    stream = host.generator.stream(model, prompt_ids, params, "completions", request_id)
+    run = _open(request, host, model, prompt_ids, params, "completions", body.stream)
+    request_id = run.request_id
     if not body.stream:
-        text, stats = await _collect(stream)
+        text, stats = await _collect(run)
         return fmt.completion_chunk(request_id, model.name, int(stats.start_unix),
                                     (prompt if body.echo else "") + text, stats.finish_reason, stats)
 
     async def events():
         created = int(time.time())
-        async for item in stream:
+        async for item in run:
             if isinstance(item, GenerationChunk):
                 if item.text:
                     yield fmt.sse(fmt.completion_chunk(request_id, model.name, created, item.text))
@@ -123,7 +165,7 @@ async def completions(body: CompletionRequest, request: Request):
                 yield fmt.sse(fmt.completion_chunk(request_id, model.name, created, "", item.finish_reason, item))
         yield fmt.sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return _event_stream(run, events())
 
 
 @router.post("/responses")
@@ -131,14 +173,14 @@ async def responses(body: ResponsesRequest, request: Request):
     if isinstance(body.input, str):
         messages = [{"role": "user", "content": body.input}]
     else:
-        messages = [{"role": m.get("role", "user"), "content": _input_text(m.get("content", ""))} for m in body.input]
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.input]
     if body.instructions:
         messages.insert(0, {"role": "system", "content": body.instructions})
     host, model, prompt_ids, params = await _prepare(request, body, None, messages, body.max_output_tokens)
-    request_id = new_request_id()
-    stream = host.generator.stream(model, prompt_ids, params, "responses", request_id)
+    run = _open(request, host, model, prompt_ids, params, "responses", body.stream)
+    request_id = run.request_id
     if not body.stream:
-        text, stats = await _collect(stream)
+        text, stats = await _collect(run)
         return fmt.response_object(request_id, model.name, text, stats)
 
     async def events():
@@ -146,7 +188,7 @@ async def responses(body: ResponsesRequest, request: Request):
         yield fmt.sse({"type": "response.created", "response": fmt.response_object(request_id, model.name, "", None,
                                                                                      "in_progress")},
                       "response.created")
-        async for item in stream:
+        async for item in run:
             if isinstance(item, GenerationChunk):
                 if item.text:
                     parts.append(item.text)
@@ -157,13 +199,7 @@ async def responses(body: ResponsesRequest, request: Request):
                                "response": fmt.response_object(request_id, model.name, "".join(parts), item)},
                               "response.completed")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def _input_text(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return str(content)
+    return _event_stream(run, events())
 
 
 @router.get("/models")
@@ -200,11 +236,8 @@ async def load(body: LoadRequest, request: Request):
 
 
 @router.post("/unload")
-async def unload(request: Request):
-    body: dict[str, Any] = {}
-    if await request.body():
-        body = await request.json()
-    names = await _host(request).models.unload(body.get("model_name") or body.get("model"))
+async def unload(request: Request, body: UnloadRequest | None = None):
+    names = await _host(request).models.unload(body.name if body else None)
     return {"status": "success", "message": f"Unloaded: {', '.join(names) or 'nothing'}"}
 
 

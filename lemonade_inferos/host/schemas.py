@@ -11,7 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ChatMessage(_Lenient):
@@ -35,9 +39,10 @@ class SamplingFields(_Lenient):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
-    repeat_penalty: float | None = Field(None, gt=0.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    seed: int | None = None
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    seed: int | None = Field(None, description="negative: a random seed (llama.cpp's -1)")
+    n: int | None = Field(None, description="choices to return; only 1 is served (requests are not batched)")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -52,6 +57,13 @@ class SamplingFields(_Lenient):
             raise ValueError("at most 4 stop sequences")
         return values
 
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise ValueError(f"n={value} is not served: this server returns exactly one choice (n=1)")
+        return value
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -62,8 +74,18 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
 
 
+class ResponsesMessage(_Lenient):
+    role: Literal["system", "user", "assistant", "tool", "developer"] = "user"
+    content: str | list[dict[str, Any]] = ""
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(str(part.get("text", "")) for part in self.content)
+        return self.content
+
+
 class ResponsesRequest(SamplingFields):
-    input: str | list[dict[str, Any]]
+    input: str | list[ResponsesMessage]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=0)
 
@@ -89,9 +111,22 @@ class PullRequest(_Lenient):
         return self.model_name or self.model
 
 
-class ParamsRequest(_Lenient):
+class UnloadRequest(_Lenient):
+    model_name: str | None = None
+    model: str | None = None
+
+    @property
+    def name(self) -> str | None:
+        return self.model_name or self.model
+
+
+class ParamsRequest(_Strict):
+    """Defaults for later requests: validated like a request's own fields, so no stored value can break one."""
+
+    model: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
-    repeat_penalty: float | None = Field(None, gt=0.0)
-    max_new_tokens: int | None = Field(None, ge=0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    max_new_tokens: int | None = Field(None, ge=1, description="at least 1: a default of 0 would answer every "
+                                                                 "request with nothing")

@@ -22,8 +22,9 @@ server still has the conversations it served.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import os
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lemonade_inferos.durable import atomic_write, quarantine
 from lemonade_inferos.kvcache.codecs import AsymmetricCodec, QuantizedTensor
 from lemonade_inferos.kvcache.manager import TieredKVCache
 from lemonade_inferos.kvcache.plan import TIER_INT4, TIER_INT8, TIER_L0
@@ -140,6 +142,16 @@ class PrefixStore:
                 self.nbytes -= self._blocks.pop(block_hash).nbytes
         return len(doomed)
 
+    def discard(self, blocks: list[StoredBlock]) -> None:
+        """Forget ``blocks`` in memory and on disk: restoring them failed, so they must not be offered again."""
+        with self._lock:
+            for stored in blocks:
+                held = self._blocks.pop(stored.block_hash, None)
+                if held is not None:
+                    self.nbytes -= held.nbytes
+                if self.spill is not None:
+                    self.spill.discard(stored.block_hash)
+
     def set_budget(self, budget_bytes: int) -> None:
         with self._lock:
             self.budget_bytes = budget_bytes
@@ -208,17 +220,32 @@ class PrefixStore:
 
 
 class _SpillDir:
-    """Blocks on disk, one ``<hash>.npz`` each, LRU by file time within a byte budget."""
+    """Blocks on disk, one ``<hash>.npz`` each, LRU by file time within a byte budget.
+
+    Each file carries a checksum over its arrays and its own block hash; a file that fails either check
+    when read (torn write, bit rot, a file copied in from elsewhere) is quarantined and counts as a miss.
+    At start, files whose names are not ``<32 hex digits>.npz`` (a crashed writer's temporary, anything
+    foreign) are quarantined too, so nothing in the folder can stop the server.
+    """
+
+    FORMAT_VERSION = 1
+    NAME = re.compile(r"[0-9a-f]{32}\.npz")
 
     def __init__(self, root: Path, budget_bytes: int) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.budget_bytes = budget_bytes
-        files = sorted(self.root.glob("*.npz"), key=lambda f: f.stat().st_mtime)
+        files = []
+        for path in self.root.iterdir():
+            if path.is_file() and self.NAME.fullmatch(path.name):
+                files.append(path)
+            else:
+                quarantine(path, "not a prefix-cache block file (a crashed write's leftover or a foreign file)")
+        files.sort(key=lambda f: f.stat().st_mtime)
         self._files: OrderedDict[bytes, int] = OrderedDict((bytes.fromhex(f.stem), f.stat().st_size) for f in files)
         self.nbytes = sum(self._files.values())
         self._exact: set[bytes] = set()  # files known to hold a full-precision block
-        self.writes = self.reads = 0
+        self.writes = self.reads = self.corrupt = 0
 
     def _path(self, block_hash: bytes) -> Path:
         return self.root / f"{block_hash.hex()}.npz"
@@ -229,9 +256,9 @@ class _SpillDir:
                 self._files.move_to_end(stored.block_hash)
                 return False
             self.nbytes -= self._files.pop(stored.block_hash)  # an exact block replaces a quantized file
-        path = self._path(stored.block_hash)
-        tmp = path.with_suffix(".tmp.npz")
-        arrays = {"token_ids": np.asarray(stored.token_ids, dtype=np.int64), "tier": np.asarray(stored.tier)}
+        arrays = {"token_ids": np.asarray(stored.token_ids, dtype=np.int64), "tier": np.asarray(stored.tier),
+                  "block_hash": np.frombuffer(stored.block_hash, dtype=np.uint8),
+                  "format": np.asarray(self.FORMAT_VERSION)}
         if stored.tier == TIER_L0:
             arrays.update(k_raw=stored.keys, v_raw=stored.values)
         else:
@@ -239,8 +266,15 @@ class _SpillDir:
             for name, q in (("k", stored.keys), ("v", stored.values)):
                 arrays.update({f"{name}_codes": q.codes, f"{name}_scale": q.scale, f"{name}_minimum": q.minimum,
                                f"{name}_shape": np.asarray(q.shape)})
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        arrays["checksum"] = np.frombuffer(_checksum(arrays), dtype=np.uint8)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        path = self._path(stored.block_hash)
+        try:
+            atomic_write(path, buffer.getvalue())
+        except OSError as exc:  # a full disk loses this block's copy, nothing else
+            log.warning("could not spill prefix block %s: %s", path, exc)
+            return False
         self._files[stored.block_hash] = path.stat().st_size
         if stored.tier == TIER_L0:
             self._exact.add(stored.block_hash)
@@ -256,27 +290,56 @@ class _SpillDir:
     def read(self, block_hash: bytes) -> StoredBlock | None:
         if block_hash not in self._files:
             return None
+        path = self._path(block_hash)
         try:
-            with np.load(self._path(block_hash)) as data:
-                tier = int(data["tier"])
-                if tier == TIER_L0:
-                    tensors = [data["k_raw"], data["v_raw"]]
-                    self._exact.add(block_hash)
-                else:
-                    bits = int(data["bits"])
-                    tensors = [QuantizedTensor(data[f"{n}_codes"], data[f"{n}_scale"], data[f"{n}_minimum"],
-                                               tuple(int(x) for x in data[f"{n}_shape"]), bits, axis)
-                               for n, axis in (("k", "token"), ("v", "channel"))]
-                block = StoredBlock(block_hash, tuple(int(t) for t in data["token_ids"]), tier, *tensors)
-        except (OSError, ValueError, KeyError):
-            log.warning("unreadable spilled block %s: dropped", block_hash.hex())
+            block = self._load(path, block_hash)
+        except Exception as exc:  # any damage (zip, npy header, checksum, missing key) is this file's alone
+            self.corrupt += 1
             self.nbytes -= self._files.pop(block_hash, 0)
-            self._path(block_hash).unlink(missing_ok=True)
+            self._exact.discard(block_hash)
+            if path.exists():
+                quarantine(path, f"unreadable prefix-cache block: {exc!r}")
             return None
         self._files.move_to_end(block_hash)
         self.reads += 1
         return block
 
+    def _load(self, path: Path, block_hash: bytes) -> StoredBlock:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+        checksum = arrays.pop("checksum", None)
+        if checksum is None or checksum.tobytes() != _checksum(arrays):
+            raise ValueError("checksum mismatch")
+        if int(arrays["format"]) != self.FORMAT_VERSION or arrays["block_hash"].tobytes() != block_hash:
+            raise ValueError("written for another block or in another format")
+        tier = int(arrays["tier"])
+        if tier == TIER_L0:
+            tensors = [arrays["k_raw"], arrays["v_raw"]]
+            self._exact.add(block_hash)
+        else:
+            bits = int(arrays["bits"])
+            tensors = [QuantizedTensor(arrays[f"{n}_codes"], arrays[f"{n}_scale"], arrays[f"{n}_minimum"],
+                                       tuple(int(x) for x in arrays[f"{n}_shape"]), bits, axis)
+                       for n, axis in (("k", "token"), ("v", "channel"))]
+        return StoredBlock(block_hash, tuple(int(t) for t in arrays["token_ids"]), tier, *tensors)
+
+    def discard(self, block_hash: bytes) -> None:
+        if block_hash in self._files:
+            self.nbytes -= self._files.pop(block_hash)
+            self._exact.discard(block_hash)
+            self._path(block_hash).unlink(missing_ok=True)
+
     def stats(self) -> dict[str, object]:
         return {"dir": str(self.root), "files": len(self._files), "bytes": self.nbytes,
-                "budget_bytes": self.budget_bytes, "writes": self.writes, "reads": self.reads}
+                "budget_bytes": self.budget_bytes, "writes": self.writes, "reads": self.reads,
+                "corrupt_files": self.corrupt}
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> bytes:
+    """BLAKE2b over every array's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.digest()

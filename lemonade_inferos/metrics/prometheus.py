@@ -64,7 +64,7 @@ class ControllerCollector:
         totals = doc.get("totals", {})
         for name, key in (("requests_total", "requests"), ("prompt_tokens_total", "prompt_tokens"),
                           ("cache_tokens_total", "cache_tokens"), ("completion_tokens_total", "completion_tokens"),
-                          ("request_errors_total", "errors")):
+                          ("request_errors_total", "errors"), ("requests_cancelled_total", "cancelled")):
             counter = CounterMetricFamily(f"{PREFIX}_controller_{name[:-6]}", f"{key} since start.")
             counter.add_metric([], totals.get(key, 0))
             yield counter

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import psutil
 
+from lemonade_inferos.durable import atomic_write, quarantine
 from lemonade_inferos.metrics.stats import InferenceStats
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class MetricsRecorder:
         self.window_s = window_s
         self._requests: deque[InferenceStats] = deque(maxlen=max_requests)
         self._lock = threading.Lock()
-        self.totals = {"requests": 0, "prompt_tokens": 0, "cache_tokens": 0, "completion_tokens": 0, "errors": 0}
+        self.totals = {"requests": 0, "prompt_tokens": 0, "cache_tokens": 0, "completion_tokens": 0, "errors": 0,
+                       "cancelled": 0}
         self.peak_rss_bytes = 0
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # prime: the first call always returns 0.0
@@ -56,7 +58,8 @@ class MetricsRecorder:
             self.totals["prompt_tokens"] += stats.prompt_n
             self.totals["cache_tokens"] += stats.cache_n
             self.totals["completion_tokens"] += stats.predicted_n
-            self.totals["errors"] += stats.error is not None
+            self.totals["errors"] += stats.error_kind in ("request", "timeout", "fault")
+            self.totals["cancelled"] += stats.error_kind in ("cancelled", "shutdown")
             self.peak_rss_bytes = max(self.peak_rss_bytes, stats.peak_rss_bytes or 0, stats.rss_bytes)
 
     def recent(self) -> list[InferenceStats]:
@@ -86,7 +89,9 @@ class MetricsRecorder:
                            "calculation": "total_tokens / total_time_seconds",
                            "note": "generated tokens and requests over the time from the first request's start in "
                                    "the window to now"},
-            "latency": {**_percentiles([s.latency_s for s in recent]), "calculation": "end_time - start_time per request"},
+            "latency": {**_percentiles([s.latency_s for s in recent]),
+                        "queue_wait": _percentiles([s.queue_wait_s for s in recent]),
+                        "calculation": "end_time - arrival_time per request (queue wait included)"},
             "first_token_latency": {**{k: v for k, v in _percentiles([s.ttft_s for s in recent if s.ttft_s is not None])
                                        .items() if k in ("mean_ms", "median_ms", "p95_ms")},
                                     "measurement_method": "measured: first token produced - request start",
@@ -123,25 +128,44 @@ class History:
         self._load()
 
     def _load(self) -> None:
+        """Read the entries back; a damaged file (bad bytes, a line that is not a JSON object) is quarantined
+        and rewritten with the entries that are intact, so one bad line never stops the server."""
         if not self.path.is_file():
             return
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        try:
+            raw = self.path.read_bytes()
+        except OSError as exc:
+            log.warning("cannot read %s (%s): starting a new history", self.path, exc)
+            return
+        bad = 0
+        for line in raw.splitlines():
             try:
-                self._entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("skipping a corrupt line in %s", self.path)
+                entry = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                entry = None
+            if isinstance(entry, dict):
+                self._entries.append(entry)
+            elif line.strip():
+                bad += 1
+        if bad:
+            quarantine(self.path, f"{bad} line(s) that are not JSON objects")
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        atomic_write(self.path, "".join(json.dumps(e, default=str) + "\n" for e in self._entries))
 
     def append(self, entry: dict[str, Any]) -> None:
         with self._lock:
             self._entries.append(entry)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if len(self._entries) == self.max_entries:  # rewrite to keep the file bounded too
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(e) + "\n" for e in self._entries), encoding="utf-8")
-                tmp.replace(self.path)
-            else:
-                with self.path.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(entry) + "\n")
+            try:
+                if len(self._entries) == self.max_entries:  # rewrite to keep the file bounded too
+                    self._rewrite()
+                else:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    with self.path.open("a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(entry, default=str) + "\n")
+            except OSError as exc:  # a full disk loses history lines, never a request
+                log.warning("could not write %s: %s", self.path, exc)
 
     def entries(self, limit: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         with self._lock:

@@ -31,7 +31,7 @@ class InferenceStats:
     predicted_ms: float | None
     predicted_per_second: float | None
     prompt_per_second: float | None
-    latency_s: float
+    latency_s: float                    # from arrival (queue wait included) to the last token
     finish_reason: str | None
     decode_token_times_s: list[float] = field(default_factory=list)
     rss_bytes: int = 0
@@ -40,6 +40,8 @@ class InferenceStats:
     kv: dict[str, Any] = field(default_factory=dict)
     baseline: bool = False
     error: str | None = None
+    error_kind: str | None = None       # request | cancelled | shutdown | timeout | fault (host/generate.py)
+    queue_wait_s: float = 0.0           # time waiting for the model's engine before the run began
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +61,8 @@ def _peak_rss() -> int | None:
 
 def stats_from_generation(request_id: str, model: str, engine: str, gen: GenerationStats, start_unix: float,
                           kv: dict[str, Any] | None = None, baseline: bool = False,
-                          error: str | None = None) -> InferenceStats:
+                          error: str | None = None, error_kind: str | None = None,
+                          queue_s: float = 0.0) -> InferenceStats:
     """Turn the engine's timings into the record PostRun and /stats see."""
     end = gen.end_time or time.perf_counter()
     times = gen.token_times
@@ -68,7 +71,8 @@ def stats_from_generation(request_id: str, model: str, engine: str, gen: Generat
         end_unix=start_unix + (end - gen.start_time), prompt_n=gen.prompt_n, cache_n=gen.cache_n,
         predicted_n=gen.predicted_n, prompt_ms=gen.prompt_ms, ttft_s=gen.ttft_s, predicted_ms=gen.predicted_ms,
         predicted_per_second=gen.predicted_per_second, prompt_per_second=gen.prompt_per_second,
-        latency_s=end - gen.start_time, finish_reason=gen.finish_reason,
+        latency_s=queue_s + end - gen.start_time, finish_reason=gen.finish_reason,
         decode_token_times_s=[b - a for a, b in zip(times, times[1:])],
         rss_bytes=psutil.Process().memory_info().rss, peak_rss_bytes=_peak_rss(),
-        kv_bytes_by_tier=dict((kv or {}).get("bytes_by_tier", {})), kv=kv or {}, baseline=baseline, error=error)
+        kv_bytes_by_tier=dict((kv or {}).get("bytes_by_tier", {})), kv=kv or {}, baseline=baseline, error=error,
+        error_kind=error_kind, queue_wait_s=queue_s)

@@ -8,12 +8,12 @@ from lemonade_inferos.metrics.stats import InferenceStats
 from lemonade_inferos.plugin import InferosPlugin
 
 
-def _stats(error=None, baseline=False):
+def _stats(error=None, baseline=False, error_kind="fault"):
     now = time.time()
     return InferenceStats(request_id="r", model="m", engine="inferos", start_unix=now, end_unix=now, prompt_n=5,
                           cache_n=0, predicted_n=1, prompt_ms=1.0, ttft_s=0.01, predicted_ms=None,
                           predicted_per_second=None, prompt_per_second=None, latency_s=0.01, finish_reason="stop",
-                          baseline=baseline, error=error)
+                          baseline=baseline, error=error, error_kind=error_kind if error else None)
 
 
 def test_missing_provider_falls_back_to_cpu_with_conservative_thresholds(tmp_path):
