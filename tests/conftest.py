@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,19 @@ def plugin_server(model_dir, tmp_path_factory):
 def baseline_server(model_dir, tmp_path_factory):
     with running_server(log_path=tmp_path_factory.mktemp("logs") / "baseline-server.log") as base:
         yield base
+
+
+@pytest.fixture
+def isolated_home(model_dir, tmp_path) -> Path:
+    """An INFEROS_HOME of its own (spill, history, token, pid files, quarantine) whose built model is the shared
+    one, file by file through symlinks (deleting the model there removes links, never the shared build)."""
+    home = tmp_path / "home"
+    shutil.copytree(model_dir, home / "models" / model_dir.name, copy_function=os.symlink)
+    return home
+
+
+def control_url(base: str) -> str:
+    """The control API of a host started with the inferos plugin (its port is random in tests)."""
+    import httpx
+
+    return httpx.get(f"{base}/api/v1/health", timeout=10).json()["inferos"]["control_api"]["url"]

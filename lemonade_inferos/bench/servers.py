@@ -21,9 +21,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(*args: str, env: dict[str, str] | None = None, port: int | None = None,
-                   log_path: Path | None = None, startup_timeout_s: float = 180) -> Iterator[str]:
-    """Run ``lemonade-server serve ARGS``; yield its base URL once ``/live`` answers; stop it afterwards."""
+def server_process(*args: str, env: dict[str, str] | None = None, port: int | None = None,
+                   log_path: Path | None = None, startup_timeout_s: float = 180
+                   ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run ``lemonade-server serve ARGS``; yield its base URL and process once ``/live`` answers; stop it after."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "lemonade_inferos.cli.lemonade_server", "serve", "--port", str(port), *args]
     log = open(log_path or os.devnull, "w")
@@ -42,11 +43,20 @@ def running_server(*args: str, env: dict[str, str] | None = None, port: int | No
             if time.time() > deadline:
                 raise RuntimeError(f"server did not start in {startup_timeout_s:.0f} s")
             time.sleep(0.3)
-        yield base
+        yield base, proc
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@contextlib.contextmanager
+def running_server(*args: str, env: dict[str, str] | None = None, port: int | None = None,
+                   log_path: Path | None = None, startup_timeout_s: float = 180) -> Iterator[str]:
+    """Run ``lemonade-server serve ARGS``; yield its base URL once ``/live`` answers; stop it afterwards."""
+    with server_process(*args, env=env, port=port, log_path=log_path, startup_timeout_s=startup_timeout_s) as (base, _):
+        yield base

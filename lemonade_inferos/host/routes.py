@@ -52,7 +52,7 @@ def _sampling(body: SamplingFields, host: Any, max_tokens: int | None = None) ->
         top_k=body.top_k if body.top_k is not None else defaults.get("top_k", 0),
         repetition_penalty=(body.repetition_penalty or body.repeat_penalty
                             or defaults.get("repeat_penalty", 1.0)),
-        seed=body.seed, stop=tuple(body.stop or ()))
+        seed=body.seed, stop=tuple(body.stop or ()), ignore_eos=body.ignore_eos)
 
 
 async def _prepare(request: Request, body: SamplingFields, text: str | None, messages: list[dict] | None,

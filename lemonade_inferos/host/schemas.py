@@ -44,6 +44,7 @@ class SamplingFields(_Lenient):
     seed: int | None = Field(None, description="negative: a random seed (llama.cpp's -1)")
     n: int | None = Field(None, description="choices to return; only 1 is served (requests are not batched)")
     stop: str | list[str] | None = None
+    ignore_eos: bool = Field(False, description="keep generating past end-of-sequence, up to max_tokens (llama.cpp)")
     stream: bool = False
     stream_options: StreamOptions | None = None
 

@@ -35,9 +35,8 @@ class RopeTables:
         found = {i.name: i for i in model.graph.initializer if i.name in ("cos_cache", "sin_cache")}
         if len(found) != 2:
             return None
-        base = str(onnx_path.parent)
-        return cls(numpy_helper.to_array(found["cos_cache"], base).astype(np.float32),
-                   numpy_helper.to_array(found["sin_cache"], base).astype(np.float32))
+        return cls(initializer_array(found["cos_cache"], onnx_path.parent).astype(np.float32),
+                   initializer_array(found["sin_cache"], onnx_path.parent).astype(np.float32))
 
     def rotate(self, keys: np.ndarray, delta: np.ndarray) -> None:
         """Rotate ``keys`` ``[H, T, D]`` in place by ``delta`` ``[T]`` positions (may be negative)."""
@@ -49,3 +48,27 @@ class RopeTables:
         x1, x2 = keys[..., :half].copy(), keys[..., half:].copy()
         keys[..., :half] = x1 * cos - x2 * sin
         keys[..., half:] = x2 * cos + x1 * sin
+
+
+def initializer_array(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
+    """An initializer's values, reading external data through symlinks.
+
+    onnx refuses external data behind a symbolic link, and the Hugging Face cache (where Lemonade keeps its
+    OGA models) is made of them; so the bytes are read here, from the location named in the tensor, which
+    must stay inside ``folder``.
+    """
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = Path(info["location"])
+    if location.is_absolute() or ".." in location.parts:
+        raise ValueError(f"initializer {tensor.name}: external data outside the model folder ({location})")
+    with (folder / location).open("rb") as fh:
+        fh.seek(int(info.get("offset", 0)))
+        raw = fh.read(int(info["length"])) if "length" in info else fh.read()
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = raw
+    return numpy_helper.to_array(inline)

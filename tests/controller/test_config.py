@@ -68,3 +68,29 @@ def test_hot_reload_applies_a_good_edit_and_rejects_a_bad_one_keeping_the_old(tm
     assert controller.config_error["field"] == "infer_os.kv.recent_window"
     kinds = [e["kind"] for e in controller.history.entries()]
     assert "config" in kinds and "config_rejected" in kinds
+
+
+def test_the_watcher_survives_any_bytes_and_applies_the_next_good_edit(tmp_path):
+    path = tmp_path / "inferos.yaml"
+    path.write_text("infer_os:\n  kv:\n    recent_window: 64\n")
+    controller = Controller(config_path=path, history_path=tmp_path / "history.jsonl")
+    watcher = ConfigWatcher(path, lambda c: controller.apply_config(c, str(path)), controller.reject_config,
+                            interval_s=0.02)
+    watcher.start()
+    try:
+        for bad, line in ((b"infer_os:\n  kv:\n    mode: x\x07\n", 3), (b"infer_os:\n  kv: {mode: \xff\xfe}\n", 2)):
+            controller.config_error = None
+            path.write_bytes(bad)
+            _wait(lambda: controller.config_error is not None)
+            assert controller.config_error["line"] == line and controller.policy.kv.recent_window == 64
+        path.write_text("infer_os:\n  kv:\n    recent_window: 96\n")
+        _wait(lambda: controller.policy.kv.recent_window == 96)
+    finally:
+        watcher.stop()
+
+
+def _wait(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, "the watcher did not react"
+        time.sleep(0.02)

@@ -131,3 +131,69 @@ def test_an_exact_block_replaces_a_quantized_copy_on_disk_too(tmp_path):
     found = restarted.lookup(exact.token_ids + [1], SALT, TIER_L0)
     assert len(found) == 6 and all(b.tier == TIER_L0 for b in found)
     assert restarted.spill.stats()["files"] == 6
+
+
+def _spilled_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFEROS_HOME", str(tmp_path / "home"))
+    store = PrefixStore(1, spill_dir=tmp_path / "spill", spill_budget_bytes=2**30)  # everything goes to disk
+    cache = _sequence(6 * 32 + 5)
+    store.park(cache, SALT)
+    return store, cache
+
+
+def test_a_truncated_spill_file_is_quarantined_and_counts_as_a_miss(tmp_path, monkeypatch):
+    store, cache = _spilled_store(tmp_path, monkeypatch)
+    files = sorted((tmp_path / "spill").glob("*.npz"))
+    hashes = block_hashes(cache.token_ids, 32, SALT)
+    damaged = tmp_path / "spill" / f"{hashes[2].hex()}.npz"
+    with damaged.open("r+b") as fh:  # what `truncate -s 200000` does to a block file
+        fh.truncate(damaged.stat().st_size // 2)
+    restarted = PrefixStore(2**30, spill_dir=tmp_path / "spill", spill_budget_bytes=2**30)
+    found = restarted.lookup(cache.token_ids + [1], SALT)
+    assert len(found) == 2  # the prefix ends before the damaged block
+    assert not damaged.exists() and len(files) == 6
+    assert [p.name.endswith(damaged.name) for p in (tmp_path / "home" / "quarantine").iterdir()] == [True]
+    assert restarted.spill.stats()["corrupt_files"] == 1
+    assert len(restarted.lookup(cache.token_ids + [1], SALT)) == 2  # asked again: a plain miss, no error
+
+
+def test_a_flipped_byte_fails_the_checksum(tmp_path, monkeypatch):
+    store, cache = _spilled_store(tmp_path, monkeypatch)
+    first = tmp_path / "spill" / f"{block_hashes(cache.token_ids, 32, SALT)[0].hex()}.npz"
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the stored codes: the zip is still readable
+    first.write_bytes(bytes(data))
+    restarted = PrefixStore(2**30, spill_dir=tmp_path / "spill", spill_budget_bytes=2**30)
+    assert restarted.lookup(cache.token_ids + [1], SALT) == []
+    assert restarted.spill.stats()["corrupt_files"] == 1 and not first.exists()
+
+
+def test_a_block_file_renamed_to_another_hash_is_refused(tmp_path, monkeypatch):
+    store, cache = _spilled_store(tmp_path, monkeypatch)
+    hashes = block_hashes(cache.token_ids, 32, SALT)
+    first, second = (tmp_path / "spill" / f"{h.hex()}.npz" for h in hashes[:2])
+    second.write_bytes(first.read_bytes())  # valid file, wrong name: would restore the wrong tokens' KV
+    restarted = PrefixStore(2**30, spill_dir=tmp_path / "spill", spill_budget_bytes=2**30)
+    assert len(restarted.lookup(cache.token_ids + [1], SALT)) == 1
+
+
+def test_leftover_and_foreign_files_in_the_spill_folder_do_not_stop_a_start(tmp_path, monkeypatch):
+    store, cache = _spilled_store(tmp_path, monkeypatch)
+    spill = tmp_path / "spill"
+    name = next(spill.glob("*.npz")).name
+    (spill / f"{name[:-4]}.tmp.npz").write_bytes(b"half a block")  # the old writer's temporary name
+    (spill / f".{name}.inferos-tmp-x1y2").write_bytes(b"half a block")
+    (spill / "notes.txt").write_text("not ours")
+    restarted = PrefixStore(2**30, spill_dir=spill, spill_budget_bytes=2**30)
+    assert restarted.spill.stats()["files"] == 6
+    assert sorted(p.name for p in spill.iterdir() if not p.name.endswith(".npz") or ".tmp" in p.name) == []
+    assert len(list((tmp_path / "home" / "quarantine").iterdir())) == 3
+    assert len(restarted.lookup(cache.token_ids + [1], SALT)) == 6
+
+
+def test_discarded_blocks_are_gone_from_memory_and_disk(tmp_path, monkeypatch):
+    store, cache = _spilled_store(tmp_path, monkeypatch)
+    found = store.lookup(cache.token_ids + [1], SALT)
+    store.discard(found[1:3])
+    assert len(store.lookup(cache.token_ids + [1], SALT)) == 1
+    assert len(list((tmp_path / "spill").glob("*.npz"))) == 4
