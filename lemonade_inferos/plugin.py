@@ -32,6 +32,7 @@ from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
 
+INTERRUPTED = ("cancelled", "shutdown", "timeout")  # error kinds of runs ended between two tokens
 DEFAULT_CONFIG = {"kv_mode": None, "recent_window": None, "prefix_cache_mb": 256, "control_port": None,
                   "memory_limit": None, "config": None, "control_api": True, "shadow_every": 8, "warm_caches": 1,
                   "shadow_max_tokens": 512, "history_path": None, "guard": None, "history_period_s": 10.0,
@@ -132,11 +133,13 @@ class InferosPlugin:
     def post_run(self, context: InferenceContext, plan: RunPlan | None, stats: Any, cache: Any) -> None:
         self.activity.end(context.request_id)
         self.controller.record(stats)
-        if not isinstance(cache, TieredKVCache) or stats.error is not None:
+        # a run that ended early (client gone, time limit, shutdown) holds valid KV up to its last token: keep
+        # it, a resent request or the next start reuses it; a fault's or a rejected request's cache is dropped
+        if not isinstance(cache, TieredKVCache) or stats.error_kind not in (None, *INTERRUPTED):
             return
         self.prefix_store.park(cache, cache.prefix_salt)
         every = int(self.config["shadow_every"])
-        if every > 0 and next(self._requests) % every == 0 and cache.plan.quantizes:
+        if stats.error is None and every > 0 and next(self._requests) % every == 0 and cache.plan.quantizes:
             self._shadow.submit(self._shadow_pass, cache.engine, list(cache.token_ids), cache.plan,
                                 self._rope(cache.engine), cache.max_tier)
         cache.engine = None  # a kept cache must not keep an unloaded model's session alive

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+import psutil
 import uvicorn
 
 from lemonade_inferos.durable import atomic_write, quarantine
@@ -78,15 +79,13 @@ def read_pid(path: Path) -> int | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` runs (a zombie, exited but not yet reaped by its parent, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.AccessDenied:  # someone else's, and running
         return True
-    except OSError:
+    except psutil.Error:
         return False
-    return True
 
 
 @contextlib.contextmanager
