@@ -39,8 +39,8 @@ class SamplingFields(_Lenient):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
-    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repeat_penalty: float | None = Field(None, ge=0.01, le=10.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
     seed: int | None = Field(None, description="negative: a random seed (llama.cpp's -1)")
     n: int | None = Field(None, description="choices to return; only 1 is served (requests are not batched)")
     stop: str | list[str] | None = None
@@ -128,6 +128,6 @@ class ParamsRequest(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
-    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repeat_penalty: float | None = Field(None, ge=0.01, le=10.0)
     max_new_tokens: int | None = Field(None, ge=1, description="at least 1: a default of 0 would answer every "
                                                                  "request with nothing")
