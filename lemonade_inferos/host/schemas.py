@@ -91,34 +91,28 @@ class ResponsesRequest(SamplingFields):
     max_output_tokens: int | None = Field(None, ge=0)
 
 
-class LoadRequest(_Lenient):
+class ModelNamed(_Lenient):
+    """A management request naming a model, as ``model_name`` (Lemonade) or ``model`` (OpenAI style)."""
+
     model_name: str | None = None
     model: str | None = None
-    ctx_size: int | None = Field(None, ge=16)
 
     @property
     def name(self) -> str | None:
         return self.model_name or self.model
 
 
-class PullRequest(_Lenient):
-    model_name: str | None = None
-    model: str | None = None
+class LoadRequest(ModelNamed):
+    ctx_size: int | None = Field(None, ge=16)
+
+
+class PullRequest(ModelNamed):
     checkpoint: str | None = None
     recipe: str | None = None
 
-    @property
-    def name(self) -> str | None:
-        return self.model_name or self.model
 
-
-class UnloadRequest(_Lenient):
-    model_name: str | None = None
-    model: str | None = None
-
-    @property
-    def name(self) -> str | None:
-        return self.model_name or self.model
+class UnloadRequest(ModelNamed):
+    pass
 
 
 class ParamsRequest(_Strict):
