@@ -38,7 +38,7 @@ def og_engine(model_dir: Path):
 
 @pytest.fixture(scope="session")
 def corpus_ids(ort_engine) -> list[int]:
-    from lemonade_inferos.bench.common import corpus_text
+    from lemonade_inferos.corpus import corpus_text
 
     return ort_engine.tokenizer.encode(corpus_text()[:200_000])
 

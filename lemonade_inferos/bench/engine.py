@@ -17,7 +17,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lemonade_inferos.bench.common import PeakRssSampler, corpus_text, plot_path_for, write_json
+from lemonade_inferos.bench.rss import PeakRssSampler
+from lemonade_inferos.corpus import corpus_text
+from lemonade_inferos.reports import plot_path_for, write_json
 from lemonade_inferos.engine.og_engine import OgEngine
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.sampling import SamplingParams

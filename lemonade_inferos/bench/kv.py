@@ -13,7 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from lemonade_inferos.bench.common import corpus_text, write_json
+from lemonade_inferos.corpus import corpus_text
+from lemonade_inferos.reports import write_json
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.types import GenerationStats
@@ -33,11 +34,11 @@ def run_kv_bench(engine: OrtEngine, contexts: list[int], new_tokens: int, plan_n
                  native: OrtEngine | None = None, tiered_engine: OrtEngine | None = None) -> dict[str, Any]:
     """``tiered_engine``: the engine the tiered cache runs on (the server's: with attention probes when the plan
     ranks blocks by attention); ``engine`` (plain graph, dense cache) is the baseline."""
-    from lemonade_inferos.eval.ppl import build_plans
+    from lemonade_inferos.kvcache.plan import build_plans
 
     tiered_engine = tiered_engine or engine
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
-    plan = build_plans(tiered_engine, [plan_name], 64, 0.0)[0]
+    plan = build_plans([plan_name], 64, 0.0, bool(tiered_engine.probe_outputs))[0]
     ids = engine.tokenizer.encode(corpus_text()[: max(contexts) * 8])
     modes: dict[str, tuple[OrtEngine, Callable[[], Any]]] = {
         "plain": (engine, engine.new_cache),

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from lemonade_inferos.bench.common import write_json
+from lemonade_inferos.reports import write_json
 from lemonade_inferos.bench.servers import running_server
 
 SYSTEM = ("You are a helpful assistant for Python programmers. Answer briefly, with one or two sentences, and "

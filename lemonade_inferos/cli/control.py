@@ -1,4 +1,4 @@
-"""``inferos policy|metrics|baseline``: a small client of the control API."""
+"""``inferos policy|metrics|baseline``: the commands and their small client of the control API."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import click
 import httpx
 
+from lemonade_inferos.cli.common import handle_errors
 from lemonade_inferos.controller.auth import TOKEN_ENV, read_token_file, token_file
 from lemonade_inferos.controller.server import DEFAULT_PORT, port_file
 from lemonade_inferos.errors import InferosError
@@ -74,3 +75,46 @@ def parse_assignments(assignments: tuple[str, ...]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return update
+
+
+port_option = click.option("--port", type=int, default=None,
+                           help="Control API port (default: INFEROS_AGENT_PORT, the running server's, or 7031).")
+
+
+@click.group()
+def policy() -> None:
+    """Read or change the running controller's policy (control API)."""
+
+
+@policy.command("get")
+@port_option
+@handle_errors
+def policy_get(port: int | None) -> None:
+    """Print the current policy as JSON."""
+    click.echo(json.dumps(call("GET", "/policy", port), indent=2))
+
+
+@policy.command("set")
+@click.argument("assignments", nargs=-1, required=True)
+@port_option
+@handle_errors
+def policy_set(assignments: tuple[str, ...], port: int | None) -> None:
+    """Merge KEY=VALUE settings into the policy, e.g. kv.mode=quality_optimized kv.recent_window=128."""
+    click.echo(json.dumps(call("POST", "/policy", port, parse_assignments(assignments)), indent=2))
+
+
+@click.command()
+@port_option
+@handle_errors
+def metrics(port: int | None) -> None:
+    """Print the controller's measurements (GET /v1/metrics)."""
+    click.echo(json.dumps(call("GET", "/metrics", port), indent=2))
+
+
+@click.command()
+@click.argument("state", type=click.Choice(["on", "off"]))
+@port_option
+@handle_errors
+def baseline(state: str, port: int | None) -> None:
+    """Turn baseline mode (every optimisation off) on or off."""
+    click.echo(json.dumps(call("POST", "/baseline", port, {"enable": state == "on"})))

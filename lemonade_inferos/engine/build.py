@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from lemonade_inferos.corpus import calibration_passages
 from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.errors import InferosError, MissingExtraError, ModelNotFoundError
 from lemonade_inferos.paths import inferos_home, models_dir
@@ -198,14 +199,6 @@ def _calibrate_kv_scales(base: BuildSpec, hf_dir: Path, progress: Progress) -> P
                  "--quant-type", "int8_per_channel", "--corpus-file", str(corpus)],
                 log_path=inferos_home() / "logs" / f"calibrate-{base.variant}.log")
     return scales
-
-
-def calibration_passages(num_passages: int = 64) -> list[str]:
-    """Passages for KV calibration: pydoc topics from the second half of the corpus."""
-    from pydoc_data.topics import topics
-    names = sorted(topics)
-    second_half = names[len(names) // 2:]
-    return [topics[name] for name in second_half[:num_passages]]
 
 
 def _run_logged(cmd: list[str], log_path: Path) -> None:

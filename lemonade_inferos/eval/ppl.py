@@ -12,67 +12,29 @@ tokens seen, against FP16 for the same tokens.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lemonade_inferos.bench.common import corpus_text, write_json
+from lemonade_inferos.corpus import corpus_ids
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.eval.scoring import ScoreAccumulator, log_softmax
 from lemonade_inferos.kvcache.manager import TieredKVCache
-from lemonade_inferos.kvcache.plan import KVPlan, named_plan
+from lemonade_inferos.kvcache.plan import KVPlan, build_plans
 from lemonade_inferos.kvcache.rope import RopeTables
+from lemonade_inferos.reports import write_json
 
 DEFAULT_PLANS = ("fp", "int8", "int4", "dynamic", "streaming")
-
-
-def corpus_ids(engine: OrtEngine, num_tokens: int) -> list[int]:
-    text = corpus_text()
-    ids = engine.tokenizer.encode(text[: num_tokens * 8])
-    if len(ids) < num_tokens:
-        ids = engine.tokenizer.encode(text)
-    return ids[:num_tokens]
-
-
-def make_plan(name: str, recent_window: int, pressure: float, default_signal: str = "attention") -> KVPlan:
-    """A named plan; suffixes ``@P`` set the memory pressure (``dynamic@0.9``) and ``-attention``/``-keynorm``/
-    ``-recency``/``-inverse`` the importance signal, which is otherwise ``default_signal`` (the server's default,
-    attention, where the engine has attention probes)."""
-    base, _, at = name.partition("@")
-    signal = default_signal
-    for suffix, alt in (("-inverse", "inverse_key_norm"), ("-recency", "recency"), ("-attention", "attention"),
-                        ("-keynorm", "key_norm")):
-        if base.endswith(suffix):
-            base, signal = base[: -len(suffix)], alt
-    plan = named_plan(base, recent_window=recent_window)
-    return replace(plan, name=name, importance=signal, pressure=float(at) if at else pressure)
-
-
-def needs_attention_probe(plans: list[str]) -> bool:
-    """Whether any of these plans ranks blocks by attention (the engine must then be loaded with probes)."""
-    return any(make_plan(p, 64, 0.0).importance == "attention" for p in plans)
-
-
-def build_plans(engine: OrtEngine, plans: list[str | KVPlan], recent_window: int, pressure: float) -> list[KVPlan]:
-    """Plans by name (ranked by attention where the engine has probes, by key norm otherwise) or as given."""
-    default_signal = "attention" if engine.probe_outputs else "key_norm"
-    built = [p if isinstance(p, KVPlan) else make_plan(p, recent_window, pressure, default_signal) for p in plans]
-    for plan in built:
-        if plan.importance == "attention" and not engine.probe_outputs:
-            raise ValueError(f"plan {plan.name} ranks blocks by attention, but the engine has no attention probe: "
-                             "load it with SessionPolicy(attention_probe=True)")
-    return built
 
 
 def eval_ppl(engine: OrtEngine, plans: list[str | KVPlan], context: int = 2048, recent_window: int = 64,
              segments: int = 1, pressure: float = 0.0, progress=lambda done, total: None) -> list[dict[str, Any]]:
     """Score every plan against the full-precision cache; one result dict per plan."""
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
-    ids = corpus_ids(engine, context * segments + 1)
+    ids = corpus_ids(engine.tokenizer, context * segments + 1)
     chunk = recent_window
-    built = build_plans(engine, plans, recent_window, pressure)
+    built = build_plans(plans, recent_window, pressure, bool(engine.probe_outputs))
     scores = {p.name: ScoreAccumulator() for p in built}
     caches: dict[str, TieredKVCache] = {}
     stats: dict[str, list] = {p.name: [] for p in built}
@@ -154,8 +116,8 @@ def eval_long_context(engine: OrtEngine, plan_name: str = "dynamic", total_token
                       chunk: int = 256, progress=lambda done, total: None) -> dict[str, Any]:
     """One continuous stream past the context length: PPL far away vs PPL near the start."""
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
-    plan = build_plans(engine, [plan_name], 64, 0.0)[0]
-    ids = corpus_ids(engine, total_tokens + 1)
+    plan = build_plans([plan_name], 64, 0.0, bool(engine.probe_outputs))[0]
+    ids = corpus_ids(engine.tokenizer, total_tokens + 1)
     cache = TieredKVCache(engine.layout, plan, rope)
     nll = np.zeros(len(ids) - 1)
     total = (len(ids) - 1 + chunk - 1) // chunk

@@ -109,3 +109,34 @@ def named_plan(name: str, recent_window: int = 64, sink_tokens: int = 4) -> KVPl
         return plan_for_mode(name, recent_window=recent_window, sink_tokens=sink_tokens)  # type: ignore[arg-type]
     except ValueError:
         raise ValueError(f"unknown KV plan '{name}'; choose one of {sorted(plans) + ['dynamic', 'quality_optimized', 'latency_optimized', 'throughput_optimized', 'disabled']}") from None
+
+
+def make_plan(name: str, recent_window: int, pressure: float, default_signal: str = "attention") -> KVPlan:
+    """A named plan; suffixes ``@P`` set the memory pressure (``dynamic@0.9``) and ``-attention``/``-keynorm``/
+    ``-recency``/``-inverse`` the importance signal, which is otherwise ``default_signal`` (the server's default,
+    attention, where the engine has attention probes)."""
+    base, _, at = name.partition("@")
+    signal = default_signal
+    for suffix, alt in (("-inverse", "inverse_key_norm"), ("-recency", "recency"), ("-attention", "attention"),
+                        ("-keynorm", "key_norm")):
+        if base.endswith(suffix):
+            base, signal = base[: -len(suffix)], alt
+    plan = named_plan(base, recent_window=recent_window)
+    return replace(plan, name=name, importance=signal, pressure=float(at) if at else pressure)
+
+
+def needs_attention_probe(plans: list[str]) -> bool:
+    """Whether any of these plans ranks blocks by attention (the engine must then be loaded with probes)."""
+    return any(make_plan(p, 64, 0.0).importance == "attention" for p in plans)
+
+
+def build_plans(plans: list[str | KVPlan], recent_window: int, pressure: float, has_probe: bool) -> list[KVPlan]:
+    """Plans by name (ranked by attention where the engine has attention probes, by key norm otherwise) or as
+    given; a plan ranking by attention on an engine without probes is refused."""
+    default_signal = "attention" if has_probe else "key_norm"
+    built = [p if isinstance(p, KVPlan) else make_plan(p, recent_window, pressure, default_signal) for p in plans]
+    for plan in built:
+        if plan.importance == "attention" and not has_probe:
+            raise ValueError(f"plan {plan.name} ranks blocks by attention, but the engine has no attention probe: "
+                             "load it with SessionPolicy(attention_probe=True)")
+    return built

@@ -1,20 +1,11 @@
-"""Shared benchmark plumbing: the prompt text, RSS sampling, JSON and PNG output."""
+"""Memory as benchmarks measure it: the RSS of this process, sampled while a run is in progress."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from pathlib import Path
-from typing import Any
 
 import psutil
-
-
-def corpus_text() -> str:
-    """CPython's own ``pydoc_data.topics``: deterministic English/code text, ~113k tokens."""
-    from pydoc_data.topics import topics
-    return "\n\n".join(topics[name] for name in sorted(topics))
 
 
 class PeakRssSampler:
@@ -55,12 +46,3 @@ class PeakRssSampler:
 
 def current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
-
-
-def plot_path_for(json_path: Path) -> Path:
-    return json_path.with_suffix(".png")

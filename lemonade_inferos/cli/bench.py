@@ -1,0 +1,126 @@
+"""``inferos bench engine|kv|multiturn``: benchmarks, JSON plus a PNG, against a baseline in the same run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from lemonade_inferos.cli.common import console, handle_errors
+from lemonade_inferos.cli.llamacpp_options import gguf_for_llamacpp, llamacpp_options
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: JSON plus a PNG plot, measured against a baseline in the same run."""
+
+
+@bench.command("engine")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
+@click.option("--prompt-tokens", default=512, show_default=True)
+@click.option("--new-tokens", default=128, show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per engine (median reported).")
+@click.option("--threads", default=0, show_default=True,
+              help="intra-op threads for our engine and llama.cpp (0: their defaults).")
+@llamacpp_options("time llama.cpp on it in the same loop")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/engine.json"),
+              show_default=True, help="Where to write the JSON; the PNG goes beside it.")
+@handle_errors
+def bench_engine_cmd(model_name: str, prompt_tokens: int, new_tokens: int, repeats: int, threads: int,
+                     llamacpp: bool | None, gguf: Path | None, json_path: Path) -> None:
+    """Our engine vs og.Generator (and llama.cpp): prefill/decode tok/s, TTFT, peak RSS, identical greedy tokens."""
+    from lemonade_inferos.bench.engine import bench_engine
+    from lemonade_inferos.engine.build import resolve_model
+    from lemonade_inferos.engine.session import SessionPolicy
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    gguf = gguf_for_llamacpp(llamacpp, gguf, model_name)
+    results = bench_engine(folder, prompt_tokens, new_tokens, repeats, json_path,
+                           SessionPolicy(intra_op_num_threads=threads), gguf)
+    table = Table("engine", "prefill tok/s", "decode tok/s", "TTFT s", "peak RSS MiB")
+    for name in results["engines"]:
+        r = results[name]
+        table.add_row(name, f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.1f}", f"{r['ttft_s']:.3f}",
+                      f"{r['peak_rss_mb']:.0f}")
+    Console().print(table)
+    Console().print(f"decode x{results['decode_speedup']:.2f}, prefill x{results['prefill_speedup']:.2f}, "
+                    f"identical greedy tokens {results['identical_tokens']}/{results['compared_tokens']}; "
+                    f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    if "vs_llamacpp" in results:
+        Console().print(f"against llama.cpp ({gguf.name}): decode x{results['vs_llamacpp']['decode']:.2f}, "
+                        f"prefill x{results['vs_llamacpp']['prefill']:.2f}")
+
+
+@bench.command("kv")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True)
+@click.option("--kv", "plan", default="dynamic", show_default=True,
+              help="Plan of the tiered cache (attention-ranked on the probe graph, as the server runs it, unless "
+                   "-keynorm/-recency).")
+@click.option("--context", "contexts", multiple=True, type=int, default=(512, 2048), show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--native/--no-native", default=True, show_default=True,
+              help="Also run the native INT8-KV model variant (built if missing).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/kv.json"),
+              show_default=True)
+@handle_errors
+def bench_kv_cmd(model_name: str, plan: str, contexts: tuple[int, ...], new_tokens: int, repeats: int, native: bool,
+                 json_path: Path) -> None:
+    """Decode tok/s: tiered cache vs plain cache (and the native INT8-KV variant) at each context length."""
+    from lemonade_inferos.bench.kv import bench_kv
+    from lemonade_inferos.engine.build import BuildSpec, build_model, resolve_model
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+    from lemonade_inferos.engine.session import SessionPolicy
+    from lemonade_inferos.kvcache.plan import needs_attention_probe
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    engine = OrtEngine(folder)
+    # the tiered cache runs as the server runs it: on the probe graph when blocks are ranked by attention
+    tiered_engine = OrtEngine(folder, SessionPolicy(attention_probe=True)) if needs_attention_probe([plan]) else None
+    native_engine = None
+    if native:
+        manifest = folder / "inferos_build.json"
+        weights = json.loads(manifest.read_text())["spec"]["weights"] if manifest.is_file() else "fp32"
+        native_engine = OrtEngine(build_model(BuildSpec("smollm2-135m", weights, "int8"), progress=console.log))
+    results = bench_kv(engine, list(contexts), new_tokens, plan, repeats, json_path, native_engine, tiered_engine)
+    table = Table("context", "mode", "decode tok/s", "x plain")
+    for context, row in results["contexts"].items():
+        for mode, r in row.items():
+            table.add_row(context, mode, f"{r['decode_tps']:.1f}", f"{r['ratio_vs_plain']:.2f}")
+    Console().print(table)
+    Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+@bench.command("multiturn")
+@click.option("--model", "model_name", default="SmolLM2-135M-Instruct-CPU", show_default=True,
+              help="Registry model name served by lemonade-server.")
+@click.option("--turns", default=10, show_default=True)
+@click.option("--reply-tokens", default=48, show_default=True, help="max_tokens of each assistant reply.")
+@llamacpp_options("play the same chat on llama.cpp in process")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/multiturn.json"),
+              show_default=True)
+@handle_errors
+def bench_multiturn_cmd(model_name: str, turns: int, reply_tokens: int, llamacpp: bool | None, gguf: Path | None,
+                        json_path: Path) -> None:
+    """A scripted multi-turn chat against lemonade-server with --plugin inferos and without (og baseline)."""
+    from lemonade_inferos.bench.multiturn import bench_multiturn
+    from lemonade_inferos.host.registry import ModelRegistry
+
+    registry = ModelRegistry()
+    folder = registry.pull(model_name, progress=console.log) if not registry.is_downloaded(model_name) \
+        else registry.folder(model_name)
+    gguf = gguf_for_llamacpp(llamacpp, gguf, "smollm2-135m")
+    results = bench_multiturn(model_name, folder, turns, reply_tokens, json_path, gguf)
+    table = Table("mode", "last-turn TTFT s", "cold TTFT s", "ratio", "hit rate")
+    for mode in ("baseline", "inferos", "llama.cpp"):
+        if mode in results:
+            r = results[mode]
+            table.add_row(mode, f"{r['last_turn_ttft_s']:.3f}", f"{r['cold_ttft_s']:.3f}",
+                          f"{r['last_turn_ttft_vs_cold']:.3f}", f"{r['hit_rate']:.1%}" if "hit_rate" in r else "-")
+    Console().print(table)
+    Console().print(f"restored-prefix first-token KLD {results['restore']['kld']:.2e} (prefix store), "
+                    f"{results['restore']['warm_kld']:.2e} (warm cache); "
+                    f"wrote {json_path} and {json_path.with_suffix('.png')}")
