@@ -1,14 +1,26 @@
 """The hooks a Lemonade-compatible host calls on its plugins (pluggy).
 
-Each function's docstring is the contract. The host calls them from one place,
-``host/generate.py``.
+Each function's docstring is the contract; what they pass is in ``hooktypes.py``. The host calls them from
+one place, ``host/generate.py``, in this order for every generate call::
+
+    pre_run(context) -> RunPlan | None                   on the event loop; first plan wins
+    run_generation(context, plan, run)                   in a worker thread, around the whole run:
+        make_cache(context, plan, engine) -> KVCache     (our engine only) first cache wins
+        engine.generate(...)                             tokens stream out as they come
+    post_run(context, plan, stats, cache)                always, also after an error or a client gone
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from lemonade_inferos.engine.kv import KVCache
+    from lemonade_inferos.hooktypes import InferenceContext, InferenceStats, RunPlan
 
 PROJECT = "lemonade_server"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -26,23 +38,39 @@ def host_shutdown(host: Any) -> None:
 
 
 @hookspec(firstresult=True)
-def pre_run(context: Any) -> Any:
+def pre_run(context: InferenceContext) -> RunPlan | None:
     """PreRun: before every generate call, return a ``RunPlan`` (or None to pass).
 
-    The first plugin that returns a plan wins; with no plan the host runs its
-    plain engine (the baseline).
+    The first plugin that returns a plan wins; with no plan the host runs its plain engine (the baseline).
+    """
+
+
+@hookspec(firstresult=True)
+def make_cache(context: InferenceContext, plan: RunPlan, engine: Any) -> KVCache | None:
+    """The KV cache our engine runs this request in (e.g. one already holding a cached prefix of the prompt).
+
+    Called in the worker thread, inside ``run_generation``; the first cache returned wins; with none the host
+    uses ``engine.new_cache()``. Not called for baseline runs (og.Generator keeps its own cache).
     """
 
 
 @hookspec
-def post_run(context: Any, plan: Any, stats: Any, cache: Any) -> None:
-    """PostRun: after every generate call (also a failed one, with ``stats.error`` set).
+def run_generation(context: InferenceContext, plan: RunPlan, run: Any) -> None:
+    """The run itself, in a worker thread: the host's own implementation builds the cache and drives the engine.
 
-    ``stats`` is the measured :class:`~lemonade_inferos.metrics.stats.InferenceStats`;
-    ``cache`` the KV cache the request used (None in baseline mode), to keep for reuse.
+    Plugins implement this only as a wrapper (``@hookimpl(wrapper=True)``, code before and after a ``yield``)
+    to bracket what must span the run (e.g. marking the server busy); returning a value is not theirs to do.
     """
 
 
 @hookspec
-def extra_routes(app: Any) -> None:
+def post_run(context: InferenceContext, plan: RunPlan | None, stats: InferenceStats, cache: KVCache | None) -> None:
+    """PostRun: after every generate call (also a failed one, with ``stats.error`` and ``stats.error_kind``).
+
+    ``cache`` is the KV cache the request used (None in baseline mode), to keep for reuse.
+    """
+
+
+@hookspec
+def extra_routes(app: FastAPI) -> None:
     """Add HTTP routes to the host's app (under a path of the plugin's own)."""

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
@@ -25,7 +25,7 @@ from lemonade_inferos.controller.policy import Policy
 from lemonade_inferos.engine.session import SessionPolicy
 from lemonade_inferos.kvcache.plan import NEVER, KVPlan, plan_for_mode
 from lemonade_inferos.metrics.recorder import History, MetricsRecorder
-from lemonade_inferos.metrics.stats import InferenceStats
+from lemonade_inferos.hooktypes import InferenceStats
 from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,14 @@ SCHEDULER_DEVICES = {"gpu_only": ["dml"], "npu_only": ["npu"]}
 class Controller:
     def __init__(self, policy: Policy | None = None, memory_limit_bytes: int | None = None,
                  history_path: Path | None = None, config_path: Path | None = None,
-                 guard_options: dict[str, Any] | None = None) -> None:
+                 guard_options: dict[str, Any] | None = None, importance: str = "attention",
+                 prefix_stats: Callable[[], dict[str, Any]] | None = None,
+                 evaluation_runner: Callable[[int], dict[str, Any]] | None = None,
+                 on_guard_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Collaborators come in here: ``importance`` (the block importance signal requests run with),
+        ``prefix_stats`` (the prefix store's numbers for the metrics document), ``evaluation_runner`` (a full
+        ``inferos eval ppl`` of the active plan, for ``POST /v1/evaluate``) and ``on_guard_step`` (told of each
+        guard transition before it is logged, e.g. to drop blocks beyond the new cap)."""
         self._lock = threading.RLock()
         self.config = InferOSConfig(policy=policy or Policy())
         self.config_path = config_path
@@ -44,15 +51,17 @@ class Controller:
         self.policy_version = 1
         self.baseline = False
         self.memory_limit_bytes = memory_limit_bytes
-        self.importance = "attention"   # block importance signal (README: measured against the others)
+        self.importance = importance   # block importance signal (README: measured against the others)
         self.recorder = MetricsRecorder()
         self.history = History(history_path or inferos_home() / "history.jsonl")
-        self.guard = QualityGuard(lambda: self.policy.quality.max_delta_ppl, self.notify, **(guard_options or {}))
+        self.guard = QualityGuard(lambda: self.policy.quality.max_delta_ppl, self._guard_transition,
+                                  **(guard_options or {}))
+        self._on_guard_step = on_guard_step
         self.fallbacks = Fallbacks(self.notify)
         self.last_kv_stats: dict[str, Any] = {}
-        self.prefix_stats: Any = None  # set by the plugin: a callable returning the prefix store's stats
+        self.prefix_stats = prefix_stats
         self._watcher: ConfigWatcher | None = None
-        self.full_evaluation_runner: Any = None   # set by the plugin: context -> eval_ppl result
+        self.full_evaluation_runner = evaluation_runner
         self.full_evaluation: dict[str, Any] = {"status": "never_run"}
         if config_path is not None:
             self.config = load_config(config_path)
@@ -107,6 +116,11 @@ class Controller:
     def set_baseline(self, enable: bool) -> None:
         self.baseline = enable
         self.notify({"kind": "baseline", "enabled": enable})
+
+    def _guard_transition(self, event: dict[str, Any]) -> None:
+        if self._on_guard_step is not None:
+            self._on_guard_step(event)
+        self.notify(event)
 
     def notify(self, event: dict[str, Any]) -> None:
         """A notification: logged and kept in the history."""
@@ -196,7 +210,7 @@ class Controller:
     # -- the metrics document ------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
         kv = self.last_kv_stats
-        prefix = self.prefix_stats() if callable(self.prefix_stats) else {}
+        prefix = self.prefix_stats() if self.prefix_stats is not None else {}
         status = self.policy
         extra = {
             "quality": {"delta_ppl_est": self.guard.estimate(), "guard": self.guard.status(),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -99,6 +99,19 @@ class KVCache(ABC):
 
     def reset(self) -> None:
         self.truncate(0)
+
+    # -- optional capabilities: no-ops here, so callers never ask ``hasattr`` -----------------------------
+    @property
+    def wants_attention(self) -> bool:
+        """Whether :meth:`observe_attention` uses the probes (the engine skips fetching them otherwise)."""
+        return False
+
+    def observe_attention(self, probes: list[np.ndarray], num_new: int) -> None:
+        """The attention probe layers' probabilities for the last step (caches that rank blocks by them)."""
+
+    def kv_stats(self) -> Any:
+        """Measured bytes and tokens by tier (``kvcache.stats.KVStats``), or None for a cache without tiers."""
+        return None
 
 
 def common_prefix(held: list[int], prompt: list[int]) -> int:

@@ -79,7 +79,7 @@ class _StepBinding:
                        logits.ctypes.data)
         probes = self._bind_probes(num_new, cache.num_tokens + num_new)
         engine.session.run_with_iobinding(io, self.run_options)
-        if engine.probe_outputs and hasattr(cache, "observe_attention"):
+        if engine.probe_outputs and cache.wants_attention:
             if probes is None:  # prefill: ORT allocated them; they were bound last
                 probes = [value.numpy() for value in io.get_outputs()[-len(engine.probe_outputs):]]
             cache.observe_attention(probes, num_new)
@@ -265,6 +265,8 @@ def cache_prefix_reuse(cache: KVCache, prompt: list[int]) -> int:
     if len(held) != cache.num_tokens:
         cache.reset()
         return 0
+    if len(held) < len(prompt) and held == prompt[:len(held)]:  # matched already (kvcache/reuse.py): confirm
+        return len(held)
     common = common_prefix(held, prompt)
     cache.truncate(common)
     return common

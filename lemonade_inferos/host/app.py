@@ -12,17 +12,18 @@ import pluggy
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lemonade_inferos import __version__
 from lemonade_inferos.host.errors import install_error_handlers
-from lemonade_inferos.host.generate import GenerateService, HostStats
+from lemonade_inferos.host.generate import GenerateService
 from lemonade_inferos.host.models import ModelManager
 from lemonade_inferos.host.registry import ModelRegistry
 from lemonade_inferos.host.routes import LEMONADE_API_VERSION, router
+from lemonade_inferos.host.run import HostRunner
 from lemonade_inferos.host.settings import HostSettings
 from lemonade_inferos.http.errors import document_errors_as_400
 from lemonade_inferos.http.guard import RequestGuard, TokenRule, guard_policy_from_env
+from lemonade_inferos.metrics.host import HostCollector, HostStats
 from lemonade_inferos.plugins import PluginManifest, new_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -45,42 +46,6 @@ class Host:
     extras: dict[str, Any] = field(default_factory=dict)  # what plugins publish in /health under "inferos"
 
 
-class HostCollector:
-    """Host counters for Prometheus, built from HostStats on each scrape."""
-
-    def __init__(self, host: Host) -> None:
-        self.host = host
-
-    def collect(self):
-        stats = self.host.host_stats
-        up = GaugeMetricFamily("lemonade_server_up", "Whether the Lemonade server is running.")
-        up.add_metric([], 1)
-        info = GaugeMetricFamily("lemonade_server_info", "Server build information.", labels=["version", "inferos"])
-        info.add_metric([LEMONADE_API_VERSION, __version__], 1)
-        yield up
-        yield info
-        for name, value, doc in (("requests", stats.request_count_total, "Generate calls served."),
-                                 ("prompt_tokens", stats.prompt_tokens_total, "Prompt tokens, cached included."),
-                                 ("cache_tokens", stats.cache_tokens_total, "Prompt tokens served from the KV cache."),
-                                 ("completion_tokens", stats.output_tokens_total, "Tokens generated."),
-                                 ("request_errors", stats.errors_total,
-                                  "Generate calls that failed (bad input, time limit, engine fault)."),
-                                 ("requests_cancelled", stats.cancelled_total,
-                                  "Generate calls ended because the client went away or the server stopped.")):
-            counter = CounterMetricFamily(f"inferos_{name}", doc)
-            counter.add_metric([], value)
-            yield counter
-        if stats.last is not None:
-            last = stats.last
-            for name, value, doc in (("last_time_to_first_token_seconds", last.ttft_s, "TTFT of the last request."),
-                                     ("last_decode_tokens_per_second", last.predicted_per_second,
-                                      "Decode speed of the last request.")):
-                if value is not None:
-                    gauge = GaugeMetricFamily(f"inferos_{name}", doc)
-                    gauge.add_metric([], value)
-                    yield gauge
-
-
 def api_key_rule(api_key: str | None) -> TokenRule | None:
     """``LEMONADE_API_KEY``: every route but ``/live`` needs ``Authorization: Bearer <key>``."""
     if not api_key:
@@ -98,7 +63,8 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
     host_stats = HostStats()
     host = Host(settings, pm, manifests or {}, registry, models, host_stats,
                 GenerateService(pm, models, host_stats, settings.request_timeout_s), CollectorRegistry())
-    host.prometheus_registry.register(HostCollector(host))
+    host.prometheus_registry.register(HostCollector(host_stats, LEMONADE_API_VERSION, __version__))
+    pm.register(HostRunner(pm), name="host")  # the run itself; plugins wrap it
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -3,13 +3,13 @@
     ticket = gate.admit()            (in the route, before any response starts: a full queue is a plain 503)
       ticket.slot()                  (queue: one generation per model at a time)
         plan = pre_run(context)      (first plugin to answer wins; None -> baseline og.Generator)
-        engine.generate(...)         (in a worker thread; chunks streamed back; between chunks the run ends
-                                      early for a client that has gone, the time limit, or shutdown)
+        run_generation(context, plan, run)   in a worker thread (host/run.py): make_cache, then the engine;
+                                     chunks stream back; between chunks the loop ends the run early for a
+                                     client that has gone, the time limit, or shutdown
         post_run(context, plan, stats, cache)   (always, also on error or client disconnect)
 
-Errors have kinds (:func:`error_kind`): a caller's mistake (``request``), a client gone or a shutdown
-(``cancelled``/``shutdown``), the time limit (``timeout``) and the engine's own ``fault``. Only a fault
-before the first token is retried on the baseline engine, and only faults count against our engine.
+Only a ``fault`` of our engine before the first token is retried on the baseline engine, and only faults count
+against our engine (``host/run.py`` sorts errors into kinds).
 """
 
 from __future__ import annotations
@@ -19,89 +19,23 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
 
+import anyio
 import pluggy
-from starlette.concurrency import iterate_in_threadpool
 
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
-from lemonade_inferos.errors import RequestError, RequestTimeout, ServerStopping
-from lemonade_inferos.host.context import InferenceContext, RunPlan
+from lemonade_inferos.errors import ServerStopping
+from lemonade_inferos.hooktypes import InferenceContext, InferenceStats, RunPlan
 from lemonade_inferos.host.models import LoadedModel, ModelManager, Ticket
-from lemonade_inferos.http.errors import APIError
-from lemonade_inferos.metrics.stats import InferenceStats, stats_from_generation
+from lemonade_inferos.host.run import GenerationRun, RunLimits, error_kind
+from lemonade_inferos.metrics.host import HostStats
+from lemonade_inferos.metrics.stats import stats_from_generation
 
 log = logging.getLogger(__name__)
-
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming run asks whether its client is still there
-
-
-class ClientDisconnected(Exception):
-    """The client of a non-streaming request went away: its generation stops."""
-
-
-def error_kind(exc: BaseException) -> str:
-    """``request``, ``cancelled``, ``shutdown``, ``timeout`` or ``fault`` (see the module docstring)."""
-    if isinstance(exc, (asyncio.CancelledError, ClientDisconnected, GeneratorExit)):
-        return "cancelled"
-    if isinstance(exc, ServerStopping):
-        return "shutdown"
-    if isinstance(exc, RequestTimeout):
-        return "timeout"
-    if isinstance(exc, RequestError) or (isinstance(exc, APIError) and exc.status < 500):
-        return "request"
-    return "fault"
-
-
-@dataclass
-class HostStats:
-    """What ``/stats`` reports: the last request and totals since start."""
-
-    last: InferenceStats | None = None
-    request_count_total: int = 0
-    input_tokens_total: int = 0
-    output_tokens_total: int = 0
-    prompt_tokens_total: int = 0
-    cache_tokens_total: int = 0
-    errors_total: int = 0        # requests that failed: the caller's mistakes, time limits and faults
-    cancelled_total: int = 0     # clients that went away, and runs ended by a shutdown: not errors
-
-    def record(self, stats: InferenceStats) -> None:
-        self.last = stats
-        self.request_count_total += 1
-        self.prompt_tokens_total += stats.prompt_n
-        self.cache_tokens_total += stats.cache_n
-        self.input_tokens_total += stats.prompt_n - stats.cache_n
-        self.output_tokens_total += stats.predicted_n
-        self.errors_total += stats.error_kind in ("request", "timeout", "fault")
-        self.cancelled_total += stats.error_kind in ("cancelled", "shutdown")
-
-
-@dataclass
-class RunLimits:
-    """When a run must end early: its time limit, its client gone (non-streaming), the server stopping."""
-
-    timeout_s: float
-    stopping: threading.Event
-    is_disconnected: Callable[[], Awaitable[bool]] | None = None
-    started: float = field(default_factory=time.monotonic)
-    _next_poll: float = 0.0
-
-    async def check(self, stats: GenerationStats) -> None:
-        now = time.monotonic()
-        if self.stopping.is_set():
-            raise ServerStopping("the server is shutting down; this generation was ended",
-                                 completion_tokens=stats.predicted_n)
-        if now - self.started > self.timeout_s:
-            raise RequestTimeout(f"the generation ran past the request time limit of {self.timeout_s:g} s "
-                                 f"(--request-timeout) after {stats.predicted_n} tokens; ask for fewer tokens",
-                                 limit_s=self.timeout_s, completion_tokens=stats.predicted_n)
-        if self.is_disconnected is not None and now >= self._next_poll:
-            self._next_poll = now + DISCONNECT_POLL_S
-            if await self.is_disconnected():
-                raise ClientDisconnected()
+_END = object()  # the worker's last word on the queue
 
 
 @dataclass
@@ -173,63 +107,87 @@ class GenerateService:
         baseline = plan is None or plan.baseline
         # from here on PostRun sees every outcome: a failure to build our engine or its cache included
         engine_name = "og" if baseline else "inferos"
-        gen_stats, start_unix = GenerationStats(), time.time()
-        cache: Any = None
-        iterator: Any = None
+        run: GenerationRun | None = None
+        start_unix = time.time()
         error: BaseException | None = None
         fallback_error: BaseException | None = None
         try:
             try:
-                engine = await asyncio.to_thread(model.engine, engine_name, None if baseline else plan.session)
-                # TTFT counts from here, as before any engine existed: restoring a cached prefix is part of it
-                gen_stats, start_unix = GenerationStats(), time.time()
-                if not baseline:
-                    make_cache = plan.make_cache or (lambda eng: eng.new_cache())
-                    cache = await asyncio.to_thread(make_cache, engine)
-                kwargs = {} if baseline else {"cache": cache, "run_options": plan.run_options}
-                iterator = engine.generate(prompt_ids, params, stats=gen_stats, **kwargs)
-                async for chunk in iterate_in_threadpool(iterator):
+                run, start_unix = await self._new_run(model, plan, prompt_ids, params), time.time()
+                async for chunk in self._drive(context, plan, run, limits):
                     yield chunk
-                    await limits.check(gen_stats)
             except Exception as exc:
-                if baseline or gen_stats.predicted_n or error_kind(exc) != "fault":
+                if baseline or (run is not None and run.stats.predicted_n) or error_kind(exc) != "fault":
                     raise
                 # our engine's own fault before any token: serve this request on the baseline engine
                 log.exception("engine %s failed; serving this request on the baseline engine", engine_name)
                 fallback_error = exc
-                self._report(context, plan, model, engine_name, gen_stats, start_unix, cache, False, exc, queue_s)
-                if iterator is not None:
-                    iterator.close()
-                engine_name, baseline, cache, plan = ("og", True, None,
-                                                      RunPlan(baseline=True, notes={"fallback": repr(exc)}))
-                engine = await asyncio.to_thread(model.engine, "og")
-                gen_stats, start_unix = GenerationStats(), time.time()
-                iterator = engine.generate(prompt_ids, params, stats=gen_stats)
-                async for chunk in iterate_in_threadpool(iterator):
+                self._report(context, plan, model, engine_name, run, start_unix, False, exc, queue_s)
+                engine_name, baseline = "og", True
+                plan, run = RunPlan(baseline=True, notes={"fallback": repr(exc)}), None
+                run, start_unix = await self._new_run(model, plan, prompt_ids, params), time.time()
+                async for chunk in self._drive(context, plan, run, limits):
                     yield chunk
-                    await limits.check(gen_stats)
         except BaseException as exc:  # includes client disconnects (CancelledError)
             error = exc
             raise
         finally:
-            if iterator is not None:
-                iterator.close()
-            if error is not None and gen_stats.finish_reason is None:
-                gen_stats.finish_reason = {"cancelled": "cancelled", "shutdown": "cancelled",
-                                           "timeout": "timeout"}.get(error_kind(error), "error")
-            stats = self._report(context, plan, model, engine_name, gen_stats, start_unix, cache, baseline, error,
-                                 queue_s)
+            stats = self._report(context, plan, model, engine_name, run, start_unix, baseline, error, queue_s)
             if fallback_error is not None:
                 stats.kv["fallback_from_error"] = repr(fallback_error)
             if error is None:
                 yield stats
 
-    def _report(self, context: InferenceContext, plan: RunPlan | None, model: LoadedModel, engine_name: str,
-                gen_stats: GenerationStats, start_unix: float, cache: Any, baseline: bool,
-                error: BaseException | None, queue_s: float) -> InferenceStats:
-        """Build InferenceStats, record them for /stats and hand them to PostRun."""
+    async def _new_run(self, model: LoadedModel, plan: RunPlan | None, prompt_ids: list[int],
+                       params: SamplingParams) -> GenerationRun:
+        baseline = plan is None or plan.baseline
+        engine = await asyncio.to_thread(model.engine, "og" if baseline else "inferos",
+                                         None if baseline else plan.session)
+        return GenerationRun(engine, baseline, prompt_ids, params, {} if plan is None else plan.run_options)
+
+    async def _drive(self, context: InferenceContext, plan: RunPlan | None, run: GenerationRun, limits: RunLimits
+                     ) -> AsyncIterator[GenerationChunk]:
+        """Execute ``run`` through the ``run_generation`` hook in a worker thread and yield its chunks.
+
+        However the stream ends (done, an error, the limits, the consumer cancelled), the worker is told to stop
+        and waited for, shielded from cancellation: PostRun must see a cache no thread is still writing.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        run.emit = lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, chunk)
+        effective = plan if plan is not None else RunPlan(baseline=True)
+
+        def work() -> None:
+            try:
+                self.pm.hook.run_generation(context=context, plan=effective, run=run)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+        done = loop.run_in_executor(None, work)
         try:
-            kv = cache.kv_stats().to_dict() if hasattr(cache, "kv_stats") else {}
+            while (chunk := await queue.get()) is not _END:
+                yield chunk
+                await limits.check(run.stats)
+            await done  # the worker's exception, if it raised
+        finally:
+            run.stop()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([done])
+            if not done.cancelled():
+                done.exception()  # retrieved: it was raised above or is superseded by the error in flight
+
+    def _report(self, context: InferenceContext, plan: RunPlan | None, model: LoadedModel, engine_name: str,
+                run: GenerationRun | None, start_unix: float, baseline: bool, error: BaseException | None,
+                queue_s: float) -> InferenceStats:
+        """Build InferenceStats, record them for /stats and hand them to PostRun."""
+        gen_stats = run.stats if run is not None else GenerationStats()
+        cache = run.cache if run is not None else None
+        if error is not None and gen_stats.finish_reason is None:
+            gen_stats.finish_reason = {"cancelled": "cancelled", "shutdown": "cancelled",
+                                       "timeout": "timeout"}.get(error_kind(error), "error")
+        try:
+            measured = cache.kv_stats() if cache is not None else None
+            kv = measured.to_dict() if measured is not None else {}
         except Exception:  # a damaged cache must not hide the request's own outcome
             log.exception("kv_stats of the request's cache failed")
             kv = {}

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from lemonade_inferos.metrics.stats import InferenceStats
+from lemonade_inferos.hooktypes import InferenceStats
 
 
 def usage(stats: InferenceStats) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from lemonade_inferos.host.generate import new_request_id
 from lemonade_inferos.host.schemas import (ChatCompletionRequest, CompletionRequest, LoadRequest, ParamsRequest,
                                           PullRequest, ResponsesRequest, SamplingFields, UnloadRequest)
 from lemonade_inferos.http.errors import APIError, error_body
-from lemonade_inferos.metrics.stats import InferenceStats
+from lemonade_inferos.hooktypes import InferenceStats
 
 LEMONADE_API_VERSION = "10.2.0"  # the Lemonade API level this host implements (GAIA needs >= 10.2.0)
 

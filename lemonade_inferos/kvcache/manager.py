@@ -72,6 +72,10 @@ class TieredKVCache(DenseKVCache):
                 grown[:min(len(old), capacity)] = old[:capacity]
             setattr(self, name, grown)
 
+    @property
+    def wants_attention(self) -> bool:
+        return self.plan.importance == "attention"
+
     def observe_attention(self, probes: list[np.ndarray], num_new: int) -> None:
         """Accumulate the probe layers' attention probabilities ``[1, H, S, T]`` per cached token.
 

@@ -11,8 +11,10 @@ half-split (non-interleaved) layout that GroupQueryAttention uses with
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -72,3 +74,14 @@ def initializer_array(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
     inline.data_location = onnx.TensorProto.DEFAULT
     inline.raw_data = raw
     return numpy_helper.to_array(inline)
+
+
+def rope_tables(engine: Any) -> RopeTables | None:
+    """The RoPE tables of ``engine``'s model, read once per model; None where the graph takes no true positions
+    (a cache without them refuses tokens past the table instead of re-indexing)."""
+    return _tables_of(str(engine.folder.onnx_path)) if engine.has_position_ids else None
+
+
+@functools.lru_cache(maxsize=8)
+def _tables_of(onnx_path: str) -> RopeTables | None:
+    return RopeTables.from_onnx(Path(onnx_path))

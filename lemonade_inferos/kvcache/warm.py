@@ -30,7 +30,7 @@ class WarmCaches:
         self.capacity = capacity
         self.min_tokens = min_tokens
         self.max_bytes = max_bytes
-        self._caches: list[TieredKVCache] = []
+        self._caches: list[tuple[bytes, TieredKVCache]] = []  # (prefix salt: model and KV format, cache)
         self._lock = threading.Lock()
         self.hits = 0
         self.hit_tokens = 0
@@ -43,26 +43,26 @@ class WarmCaches:
         the quality guard's cap) are dropped on the way.
         """
         with self._lock:
-            self._caches = [c for c in self._caches if self._usable(c, salt, layout, max_tier)]
-            scored = [(common_prefix(c.token_ids, prompt_ids), c) for c in self._caches]
-            common, best = max(scored, key=lambda pair: pair[0], default=(0, None))
+            self._caches = [(s, c) for s, c in self._caches if s == salt and self._usable(c, layout, max_tier)]
+            scored = [(common_prefix(c.token_ids, prompt_ids), s, c) for s, c in self._caches]
+            common, _, best = max(scored, key=lambda item: item[0], default=(0, None, None))
             if best is None or common < self.min_tokens:
                 return None, 0  # a few shared template tokens are not worth changing the prefill's chunking
-            self._caches.remove(best)
+            self._caches = [(s, c) for s, c in self._caches if c is not best]
             self.hits += 1
             self.hit_tokens += common
             return best, common
 
-    def put(self, cache: TieredKVCache) -> None:
+    def put(self, cache: TieredKVCache, salt: bytes) -> None:
         """Keep a finished cache for its next turn (a cache that has evicted cannot line up with a prompt)."""
         if self.capacity <= 0 or cache.num_tokens != len(cache.token_ids) or cache.num_tokens == 0:
             return
         if self.max_bytes is not None and cache.nbytes > self.max_bytes:
             return
         with self._lock:
-            self._caches = [cache] + [c for c in self._caches if c is not cache]
+            self._caches = [(salt, cache)] + [(s, c) for s, c in self._caches if c is not cache]
             del self._caches[self.capacity:]
-            while self.max_bytes is not None and sum(c.nbytes for c in self._caches) > self.max_bytes:
+            while self.max_bytes is not None and sum(c.nbytes for _, c in self._caches) > self.max_bytes:
                 self._caches.pop()
 
     def clear(self) -> int:
@@ -71,13 +71,12 @@ class WarmCaches:
         return dropped
 
     @staticmethod
-    def _usable(cache: TieredKVCache, salt: bytes, layout: KVLayout, max_tier: int) -> bool:
-        return (getattr(cache, "prefix_salt", None) == salt and cache.layout == layout
-                and cache.num_tokens == len(cache.token_ids)
+    def _usable(cache: TieredKVCache, layout: KVLayout, max_tier: int) -> bool:
+        return (cache.layout == layout and cache.num_tokens == len(cache.token_ids)
                 and all(int(b.tiers.max(initial=0)) <= max_tier for b in cache.blocks))
 
     def stats(self) -> dict[str, object]:
         with self._lock:
-            return {"caches": len(self._caches), "capacity": self.capacity,
-                    "tokens": sum(c.num_tokens for c in self._caches),
-                    "bytes": sum(c.nbytes for c in self._caches), "hits": self.hits, "hit_tokens": self.hit_tokens}
+            caches = [c for _, c in self._caches]
+            return {"caches": len(caches), "capacity": self.capacity, "tokens": sum(c.num_tokens for c in caches),
+                    "bytes": sum(c.nbytes for c in caches), "hits": self.hits, "hit_tokens": self.hit_tokens}

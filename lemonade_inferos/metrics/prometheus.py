@@ -9,11 +9,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 PREFIX = "inferos"
 
 
-class ControllerCollector:
-    """Reads the ``/v1/metrics`` document and exposes it with units in the names."""
+QUANTILES = (("0.5", "median_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms"))
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+
+class ControllerCollector:
+    """Reads the ``/v1/metrics`` document and exposes it with units in the names and quantiles as labels.
+
+    ``totals=False`` leaves out the request and token counters: registered into the host's registry, the host's
+    own counters already count them (the control API's exposition, which has no host beside it, keeps them).
+    """
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], totals: bool = True) -> None:
         self._snapshot = snapshot
+        self._totals = totals
 
     def collect(self) -> Iterator[Metric]:
         doc = self._snapshot()
@@ -28,14 +36,10 @@ class ControllerCollector:
                     doc["throughput"]["tokens_per_second"])
         yield gauge("requests_per_second", "Requests per second over the window.",
                     doc["throughput"]["requests_per_second"])
-        for key in ("mean_ms", "median_ms", "p95_ms", "p99_ms"):
-            value = doc["latency"][key]
-            yield gauge(f"request_latency_{key[:-3]}_seconds", f"Request latency ({key[:-3]}) over the window.",
-                        None if value is None else value / 1000.0)
-        for key in ("mean_ms", "median_ms", "p95_ms"):
-            value = doc["first_token_latency"][key]
-            yield gauge(f"time_to_first_token_{key[:-3]}_seconds", f"Measured TTFT ({key[:-3]}) over the window.",
-                        None if value is None else value / 1000.0)
+        yield from _quantile_families("request_latency", "Request latency over the window, queue wait included.",
+                                      doc["latency"])
+        yield from _quantile_families("time_to_first_token", "Measured TTFT over the window.",
+                                      doc["first_token_latency"])
         yield gauge("process_resident_memory_bytes", "RSS of the server process.", doc["memory"]["rss_mb"] * 2**20)
         yield gauge("process_peak_resident_memory_bytes", "Peak RSS.", doc["memory"]["peak_usage_mb"] * 2**20)
         kv_bytes = GaugeMetricFamily(f"{PREFIX}_kv_cache_bytes", "KV bytes of the last request by tier (at rest).",
@@ -61,6 +65,8 @@ class ControllerCollector:
                     doc.get("quality", {}).get("guard", {}).get("level"))
         yield gauge("baseline_mode", "1 when baseline mode (every optimisation off) is on.",
                     1.0 if doc.get("optimization_status", {}).get("baseline_mode") else 0.0)
+        if not self._totals:
+            return
         totals = doc.get("totals", {})
         for name, key in (("requests_total", "requests"), ("prompt_tokens_total", "prompt_tokens"),
                           ("cache_tokens_total", "cache_tokens"), ("completion_tokens_total", "completion_tokens"),
@@ -68,3 +74,16 @@ class ControllerCollector:
             counter = CounterMetricFamily(f"{PREFIX}_controller_{name[:-6]}", f"{key} since start.")
             counter.add_metric([], totals.get(key, 0))
             yield counter
+
+
+def _quantile_families(name: str, doc_text: str, section: dict[str, Any]) -> Iterator[Metric]:
+    """``{name}_seconds{quantile=...}`` and ``{name}_mean_seconds``, from a section of ``*_ms`` values."""
+    quantiles = GaugeMetricFamily(f"{PREFIX}_{name}_seconds", doc_text, labels=["quantile"])
+    for quantile, key in QUANTILES:
+        if section.get(key) is not None:
+            quantiles.add_metric([quantile], section[key] / 1000.0)
+    yield quantiles
+    mean = GaugeMetricFamily(f"{PREFIX}_{name}_mean_seconds", f"{doc_text} Mean.")
+    if section.get("mean_ms") is not None:
+        mean.add_metric([], section["mean_ms"] / 1000.0)
+    yield mean

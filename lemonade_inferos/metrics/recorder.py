@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 
 from lemonade_inferos.durable import atomic_write, quarantine
-from lemonade_inferos.metrics.stats import InferenceStats
+from lemonade_inferos.hooktypes import InferenceStats
 
 log = logging.getLogger(__name__)
 

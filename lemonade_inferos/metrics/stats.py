@@ -1,50 +1,14 @@
-"""InferenceStats: what one generate call measured, handed to PostRun.
-
-Field names follow llama.cpp's ``timings`` (``prompt_n``, ``prompt_ms``,
-``predicted_per_second``, ``cache_n``) so people who read llama-server output
-read these too. Every value is measured; what was not measured is ``None``.
-"""
+"""Turning an engine's timings into :class:`~lemonade_inferos.hooktypes.InferenceStats` (what PostRun sees)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psutil
 
 from lemonade_inferos.engine.types import GenerationStats
-
-
-@dataclass
-class InferenceStats:
-    request_id: str
-    model: str
-    engine: str
-    start_unix: float
-    end_unix: float
-    prompt_n: int
-    cache_n: int
-    predicted_n: int
-    prompt_ms: float | None
-    ttft_s: float | None
-    predicted_ms: float | None
-    predicted_per_second: float | None
-    prompt_per_second: float | None
-    latency_s: float                    # from arrival (queue wait included) to the last token
-    finish_reason: str | None
-    decode_token_times_s: list[float] = field(default_factory=list)
-    rss_bytes: int = 0
-    peak_rss_bytes: int | None = None
-    kv_bytes_by_tier: dict[str, int] = field(default_factory=dict)
-    kv: dict[str, Any] = field(default_factory=dict)
-    baseline: bool = False
-    error: str | None = None
-    error_kind: str | None = None       # request | cancelled | shutdown | timeout | fault (host/generate.py)
-    queue_wait_s: float = 0.0           # time waiting for the model's engine before the run began
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from lemonade_inferos.hooktypes import InferenceStats
 
 
 def _peak_rss() -> int | None:

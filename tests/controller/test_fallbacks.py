@@ -3,8 +3,7 @@ from __future__ import annotations
 import time
 
 from lemonade_inferos.controller.controller import Controller
-from lemonade_inferos.host.context import InferenceContext
-from lemonade_inferos.metrics.stats import InferenceStats
+from lemonade_inferos.hooktypes import InferenceContext, InferenceStats
 from lemonade_inferos.plugin import InferosPlugin
 
 
@@ -60,13 +59,13 @@ def test_memory_pressure_gives_back_the_warm_caches_first(tmp_path, ort_engine):
                             "prefix_spill_mb": 0})
     prompt = list(range(1000, 1100))
     context = InferenceContext(request_id="a", model="m", model_path="/m", prompt_ids=prompt, max_tokens=2)
-    cache = plugin.pre_run(context).make_cache(ort_engine)
+    cache = plugin.make_cache(context, plugin.pre_run(context), ort_engine)
     ort_engine.forward(prompt, cache)
     plugin.post_run(context, None, _stats(), cache)
-    assert plugin.warm.stats()["caches"] == 1 and cache.engine is None  # kept, without the engine
+    assert plugin.warm.stats()["caches"] == 1 and getattr(cache, "engine", None) is None  # kept, without the engine
     plugin.controller.memory_limit_bytes = 1  # any RSS is over the limit now
     follow_up = InferenceContext(request_id="b", model="m", model_path="/m", prompt_ids=prompt + [5], max_tokens=2)
     plan = plugin.pre_run(follow_up)
     assert plugin.warm.stats()["caches"] == 0
-    restored = plan.make_cache(ort_engine)
+    restored = plugin.make_cache(follow_up, plan, ort_engine)
     assert restored is not cache and restored.num_tokens == 96  # the prefix store still serves the prompt

@@ -15,7 +15,7 @@ import uvicorn
 
 from lemonade_inferos.hookspecs import hookimpl
 from lemonade_inferos.host.app import create_app
-from lemonade_inferos.host.context import RunPlan
+from lemonade_inferos.hooktypes import RunPlan
 from lemonade_inferos.host.settings import HostSettings
 from lemonade_inferos.plugins import new_plugin_manager
 
@@ -30,9 +30,11 @@ class BrokenCachePlugin:
 
     @hookimpl
     def pre_run(self, context):
-        def make_cache(engine):
-            raise RuntimeError("restore failed: simulated")
-        return RunPlan(make_cache=make_cache)
+        return RunPlan()
+
+    @hookimpl
+    def make_cache(self, context, plan, engine):
+        raise RuntimeError("restore failed: simulated")
 
     @hookimpl
     def post_run(self, context, plan, stats, cache):

@@ -1,0 +1,78 @@
+"""What the hooks pass (see ``hookspecs.py``): the run as the host knows it, PreRun's plan, and what was measured.
+
+Host and plugins share these and nothing else: the KV plan, the prefix store and the controller are the
+plugin's own business, so the host imports none of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lemonade_inferos.engine.session import SessionPolicy
+
+
+@dataclass
+class InferenceContext:
+    """One generate call, as the host knows it before running."""
+
+    request_id: str
+    model: str
+    model_path: str
+    prompt_ids: list[int]
+    max_tokens: int
+    batch_size: int = 1
+    target_ttft_ms: float | None = None
+    quality_budget: float | None = None   # max ΔPPL the caller accepts
+    endpoint: str = "chat/completions"
+    context_length: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunPlan:
+    """PreRun's answer: which engine and session options run this request (the cache comes from ``make_cache``)."""
+
+    session: SessionPolicy | None = None
+    run_options: dict[str, str] = field(default_factory=dict)
+    baseline: bool = False
+    policy_version: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InferenceStats:
+    """What one generate call measured, handed to PostRun and kept for ``/stats``.
+
+    Field names follow llama.cpp's ``timings`` (``prompt_n``, ``prompt_ms``, ``predicted_per_second``,
+    ``cache_n``) so people who read llama-server output read these too. Every value is measured; what was not
+    measured is ``None``.
+    """
+
+    request_id: str
+    model: str
+    engine: str
+    start_unix: float
+    end_unix: float
+    prompt_n: int
+    cache_n: int
+    predicted_n: int
+    prompt_ms: float | None
+    ttft_s: float | None
+    predicted_ms: float | None
+    predicted_per_second: float | None
+    prompt_per_second: float | None
+    latency_s: float                    # from arrival (queue wait included) to the last token
+    finish_reason: str | None
+    decode_token_times_s: list[float] = field(default_factory=list)
+    rss_bytes: int = 0
+    peak_rss_bytes: int | None = None
+    kv_bytes_by_tier: dict[str, int] = field(default_factory=dict)
+    kv: dict[str, Any] = field(default_factory=dict)
+    baseline: bool = False
+    error: str | None = None
+    error_kind: str | None = None       # request | cancelled | shutdown | timeout | fault (host/generate.py)
+    queue_wait_s: float = 0.0           # time waiting for the model's engine before the run began
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

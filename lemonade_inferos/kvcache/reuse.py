@@ -1,0 +1,90 @@
+"""Prefix reuse: the best cache for a prompt, and what becomes of a finished one.
+
+Two layers hold earlier sequences: the warm caches (the live caches of the last finished sequences, reused
+token-exactly) and the prefix store (32-token blocks at rest, INT8/INT4 or exact, with a disk spill). For a
+prompt, :meth:`PrefixReuse.acquire` matches the prompt's prefix against both once, takes whichever holds more
+of it and returns the cache truncated to that prefix (the engine then prefills only the rest);
+:meth:`PrefixReuse.release` parks a finished cache's blocks in the store and keeps the cache warm.
+
+A damaged entry is that entry's fault: a warm cache that cannot be reused is dropped, blocks that cannot be
+restored are forgotten (memory and disk), and the prompt is prefilled instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from lemonade_inferos.engine.kv import KVLayout
+from lemonade_inferos.kvcache.manager import TieredKVCache
+from lemonade_inferos.kvcache.plan import TIER_L0, KVPlan
+from lemonade_inferos.kvcache.prefix_store import PrefixStore, StoredBlock
+from lemonade_inferos.kvcache.stats import KVStats
+from lemonade_inferos.kvcache.warm import WarmCaches
+
+log = logging.getLogger(__name__)
+
+
+class PrefixReuse:
+    def __init__(self, store: PrefixStore, warm: WarmCaches) -> None:
+        self.store = store
+        self.warm = warm
+
+    def acquire(self, prompt: list[int], salt: bytes, layout: KVLayout, plan: KVPlan, max_tier: int,
+                new_cache: Callable[[], TieredKVCache]) -> tuple[TieredKVCache, int]:
+        """The cache to run ``prompt`` in under ``plan`` and the guard's ``max_tier``, and how many of the
+        prompt's tokens it already holds (``cache.token_ids == prompt[:reused]``)."""
+        # a cache that may not quantize reuses exact KV only: the guard's last step and kv.mode disabled mean
+        # full precision, for the prefix too
+        usable = TIER_L0 if max_tier == TIER_L0 or not plan.quantizes else max_tier
+        block = self.store.block_size
+        warm, common = self.warm.take(prompt, salt, layout, usable)
+        whole_blocks = (len(prompt) - 1) // block * block
+        stored = [] if common >= whole_blocks else self.store.lookup(prompt, salt, usable, record=False)
+        if warm is not None and common >= len(stored) * block:
+            cache, reused = self._reuse_warm(warm, common, plan, max_tier), common
+            if cache is None:  # that warm cache was damaged: the store serves what it has
+                stored = self.store.lookup(prompt, salt, usable, record=False)
+        else:
+            cache, reused = None, 0
+            if warm is not None:
+                self.warm.put(warm, salt)  # the store has more of this prompt; keep the warm one for its own chat
+        if cache is None:
+            cache, reused = self._restore(stored, max_tier, new_cache)
+        self.store.record_lookup(len(prompt), reused)
+        return cache, reused
+
+    def release(self, cache: TieredKVCache, salt: bytes, keep_warm: bool) -> None:
+        """Park a finished cache's full blocks in the store; keep the cache itself warm when asked."""
+        self.store.park(cache, salt)
+        if keep_warm:
+            self.warm.put(cache, salt)
+
+    def _reuse_warm(self, warm: TieredKVCache, common: int, plan: KVPlan, max_tier: int) -> TieredKVCache | None:
+        try:
+            warm.truncate(common)
+            warm.stats = KVStats()  # this request's work, not the earlier turns'
+            warm.max_tier = max_tier  # before the plan is applied again
+            warm.set_plan(plan)
+            return warm
+        except Exception:
+            log.exception("reusing a warm cache failed; dropping it")
+            return None
+
+    def _restore(self, stored: list[StoredBlock], max_tier: int, new_cache: Callable[[], TieredKVCache]) -> tuple[TieredKVCache, int]:
+        cache = self._fresh(max_tier, new_cache)
+        try:
+            return cache, self.store.restore(cache, stored)
+        except Exception:
+            log.exception("restoring %d prefix blocks failed; dropping them and prefilling the prompt", len(stored))
+            self.store.discard(stored)
+            return self._fresh(max_tier, new_cache), 0
+
+    @staticmethod
+    def _fresh(max_tier: int, new_cache: Callable[[], TieredKVCache]) -> TieredKVCache:
+        cache = new_cache()
+        cache.max_tier = max_tier
+        return cache
+
+    def stats(self) -> dict[str, object]:
+        return {**self.store.stats(), "warm": self.warm.stats()}
