@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -130,7 +130,8 @@ class DenseKVCache(KVCache):
     (the model's context length), so short chats do not pay for 8K tokens.
     """
 
-    def __init__(self, layout: KVLayout, initial_tokens: int = 256) -> None:
+    def __init__(self, layout: KVLayout, initial_tokens: int = 256,
+                 on_grow: Callable[[int], None] | None = None) -> None:
         self.layout = layout
         self._capacity = 0
         self._version = 0
@@ -140,7 +141,9 @@ class DenseKVCache(KVCache):
         self._token_ids: list[int] = []
         self._positions = np.zeros(0, dtype=np.int64)
         self._num_tokens = 0
+        self._on_grow: Callable[[int], None] | None = None
         self._grow_to(min(initial_tokens, layout.max_tokens))
+        self._on_grow = on_grow  # told of every later reallocation (a cache built on this one grows its own arrays)
 
     # -- KVCache -------------------------------------------------------------------------
     @property
@@ -190,7 +193,37 @@ class DenseKVCache(KVCache):
         self._num_tokens = num_tokens
         del self._token_ids[num_tokens:]
 
-    # -- dense specifics -------------------------------------------------------------------
+    # -- dense specifics: what a cache built on this buffer (kvcache/manager.py) works with ---------
+    @property
+    def keys(self) -> list[np.ndarray]:
+        """Per layer, the key buffer ``[1, kv_heads, capacity, head_size]`` (the first ``num_tokens`` are held)."""
+        return self._keys
+
+    @property
+    def values(self) -> list[np.ndarray]:
+        return self._values
+
+    @property
+    def positions(self) -> np.ndarray:
+        """The true RoPE position of every held token (capacity-long; the first ``num_tokens`` are valid)."""
+        return self._positions
+
+    def remove(self, start: int, end: int) -> None:
+        """Drop held tokens ``[start, end)`` from the buffers, moving later ones down (eviction); their ids stay
+        committed, so ``token_ids`` then holds more ids than ``num_tokens``."""
+        n, removed = self._num_tokens, end - start
+        for buffer in (*self._keys, *self._values):
+            buffer[0, :, start:n - removed] = buffer[0, :, end:n]
+        self._positions[start:n - removed] = self._positions[end:n]
+        self._num_tokens -= removed
+
+    def hold_prefix(self, token_ids: Sequence[int]) -> None:
+        """The first ``len(token_ids)`` slots (written by the caller) now hold these tokens at positions 0..n-1."""
+        total = len(token_ids)
+        self._positions[:total] = np.arange(total)
+        self._num_tokens = total
+        self._token_ids = [int(t) for t in token_ids]
+
     def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of layer ``index``'s keys and values, ``[kv_heads, num_tokens, head_size]``."""
         return (self._keys[index][0, :, :self._num_tokens], self._values[index][0, :, :self._num_tokens])
@@ -220,3 +253,5 @@ class DenseKVCache(KVCache):
                             for k, v in zip(new_keys, new_values)]
         self._capacity = capacity
         self._version += 1
+        if self._on_grow is not None:
+            self._on_grow(capacity)

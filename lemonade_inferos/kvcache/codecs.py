@@ -11,9 +11,13 @@ Shapes: a block's keys or values for one layer are ``[kv_heads, tokens, head_siz
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import numpy as np
+
+from lemonade_inferos.kvcache.plan import TIER_INT4, TIER_INT8
 
 ALLOWED_BITS = (4, 8)
 ALLOWED_GROUP_SIZES = (16, 32, 64, 128)
@@ -127,9 +131,18 @@ CODECS = {
     "int8": lambda group_size=32: AsymmetricCodec(8, group_size),
     "int4": lambda group_size=32: AsymmetricCodec(4, group_size),
 }
+TIER_BITS = {TIER_INT8: 8, TIER_INT4: 4}  # the one tier -> codec registry: L1 is INT8, L2 is INT4
 
 
 def get_codec(name: str, group_size: int = 32) -> AsymmetricCodec:
     if name not in CODECS:
         raise ValueError(f"unknown KV codec '{name}'; choose one of {sorted(CODECS)}")
     return CODECS[name](group_size)
+
+
+@functools.lru_cache(maxsize=None)
+def codec_for_tier(tier: int, group_size: int = 32) -> AsymmetricCodec:
+    """The codec of a quantized tier (codecs hold no state, so one instance serves every cache and store)."""
+    if tier not in TIER_BITS:
+        raise ValueError(f"tier {tier} is not a quantized tier ({sorted(TIER_BITS)})")
+    return AsymmetricCodec(TIER_BITS[tier], group_size)

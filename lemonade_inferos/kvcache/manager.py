@@ -21,33 +21,36 @@ from dataclasses import replace
 
 import numpy as np
 
-from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVLayout
+from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout
 from lemonade_inferos.kvcache.block import KVBlock
-from lemonade_inferos.kvcache.codecs import get_codec
+from lemonade_inferos.kvcache.codecs import codec_for_tier
 from lemonade_inferos.kvcache.importance import block_scores, per_layer_rank
 from lemonade_inferos.kvcache.plan import (TIER_EVICTED, TIER_INT4, TIER_INT8, TIER_L0, TIER_NAMES, KVPlan)
 from lemonade_inferos.kvcache.pool import BlockPool
 from lemonade_inferos.kvcache.rope import RopeTables
 from lemonade_inferos.kvcache.stats import KVStats
 
-TIER_CODEC = {TIER_INT8: "int8", TIER_INT4: "int4"}
 
 
-class TieredKVCache(DenseKVCache):
-    """A :class:`DenseKVCache` whose history is quantized and evicted block by block under a :class:`KVPlan`.
+class TieredKVCache(KVCache):
+    """A KV cache whose history is quantized and evicted block by block under a :class:`KVPlan`.
+
+    It composes a :class:`DenseKVCache`, the working buffer the model reads and writes (``buffer``), and keeps
+    the block table, the importance signal and the quantized bytes (its ``pool``) beside it.
 
     Args:
         layout: the model's KV shape.
         plan: tiers, thresholds and window.
         rope: the model's RoPE tables, needed to keep generating past the table length; without them the
             cache refuses tokens past it.
-        pool: where block metadata and quantized bytes live (shared with the prefix store).
+        pool: where block metadata and quantized bytes live.
         max_tier: the quality guard's cap (``TIER_INT8`` stops INT4 demotion, ``TIER_L0`` all quantization).
     """
 
     def __init__(self, layout: KVLayout, plan: KVPlan, rope: RopeTables | None = None,
                  pool: BlockPool | None = None, initial_tokens: int = 256) -> None:
-        super().__init__(layout, initial_tokens)
+        self.layout = layout
+        self.buffer = DenseKVCache(layout, initial_tokens, on_grow=self._grow_accumulators)
         self.plan = plan
         self.rope = rope
         self.pool = pool or BlockPool(layout.num_layers)
@@ -57,19 +60,43 @@ class TieredKVCache(DenseKVCache):
         self._next_block_index = 0
         self._evicted_scores: list[np.ndarray] = []
         # attention probe accumulators per working-buffer token (only used with importance="attention")
-        self._attn_sum = np.zeros(self._capacity, dtype=np.float64)
-        self._attn_count = np.zeros(self._capacity, dtype=np.float64)
+        self._attn_sum = np.zeros(self.buffer.capacity, dtype=np.float64)
+        self._attn_count = np.zeros(self.buffer.capacity, dtype=np.float64)
         self.stats = KVStats()
-        self._codecs = {tier: get_codec(name, plan.group_size) for tier, name in TIER_CODEC.items()}
+        self._codecs = {tier: codec_for_tier(tier, plan.group_size) for tier in (TIER_INT8, TIER_INT4)}
 
-    # -- KVCache -----------------------------------------------------------------------------
-    def _grow_to(self, capacity: int) -> None:
-        super()._grow_to(capacity)
+    # -- KVCache: the working buffer's, with tiers around it ---------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.buffer.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.buffer.token_ids
+
+    @property
+    def buffers_version(self) -> int:
+        return self.buffer.buffers_version
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for the working buffer (the quantized bytes are the pool's)."""
+        return self.buffer.nbytes
+
+    def ort_values(self):
+        return self.buffer.ort_values()
+
+    def plan_capacity(self, num_tokens: int) -> None:
+        self.buffer.plan_capacity(num_tokens)
+
+    def new_positions(self, num_new: int) -> np.ndarray:
+        return self.buffer.new_positions(num_new)
+
+    def _grow_accumulators(self, capacity: int) -> None:
         for name in ("_attn_sum", "_attn_count"):
-            old = getattr(self, name, None)
+            old = getattr(self, name)
             grown = np.zeros(capacity, dtype=np.float64)
-            if old is not None:
-                grown[:min(len(old), capacity)] = old[:capacity]
+            grown[:min(len(old), capacity)] = old[:capacity]
             setattr(self, name, grown)
 
     @property
@@ -108,10 +135,10 @@ class TieredKVCache(DenseKVCache):
             raise CacheFullError(self.num_tokens + num_new, self.layout.max_tokens)
         if self.rope is not None and self._next_position() + num_new > self.rope.max_positions:
             self._rebase_positions()
-        super().reserve(num_new)
+        self.buffer.reserve(num_new)
 
     def commit(self, token_ids) -> None:
-        super().commit(token_ids)
+        self.buffer.commit(token_ids)
         self._seal_ready_blocks()
 
     def truncate(self, num_tokens: int) -> None:
@@ -126,7 +153,7 @@ class TieredKVCache(DenseKVCache):
             self._evicted_scores.clear()
             self._next_block_index = 0
             self.stats = KVStats()
-        super().truncate(num_tokens)
+        self.buffer.truncate(num_tokens)
 
     def set_plan(self, plan: KVPlan) -> None:
         """Adopt a new plan (e.g. new pressure); already-demoted blocks stay demoted."""
@@ -135,7 +162,8 @@ class TieredKVCache(DenseKVCache):
 
     # -- sealing and tiers ----------------------------------------------------------------------
     def _next_position(self) -> int:
-        return int(self._positions[self._num_tokens - 1]) + 1 if self._num_tokens else 0
+        n = self.num_tokens
+        return int(self.buffer.positions[n - 1]) + 1 if n else 0
 
     def _seal_ready_blocks(self) -> None:
         plan = self.plan
@@ -143,9 +171,9 @@ class TieredKVCache(DenseKVCache):
             return
         # blocks sit on a grid from token 0 (the prefix store's grid); the block holding the sinks stays L0
         first_block = -(-plan.sink_tokens // plan.block_size) * plan.block_size
-        self._sealed_end = max(self._sealed_end, min(first_block, self._num_tokens))
+        self._sealed_end = max(self._sealed_end, min(first_block, self.num_tokens))
         sealed_any = False
-        while self._num_tokens - self._sealed_end >= plan.recent_window + plan.block_size:
+        while self.num_tokens - self._sealed_end >= plan.recent_window + plan.block_size:
             self._seal(self._sealed_end)
             sealed_any = True
         if sealed_any:
@@ -157,7 +185,7 @@ class TieredKVCache(DenseKVCache):
         if self.plan.importance == "attention":
             block.scores = self._attention_score(block)
         else:
-            keys = [k[0, :, start:block.end] for k in self._keys]
+            keys = [k[0, :, start:block.end] for k in self.buffer.keys]
             block.scores = block_scores(keys, self.plan.importance, self._next_block_index)
         self._next_block_index += 1
         self.blocks.append(block)
@@ -166,7 +194,7 @@ class TieredKVCache(DenseKVCache):
 
     def pressure(self) -> float:
         """Memory pressure the plan's gates compare against: the controller's, or how full the context is."""
-        return max(self.plan.pressure, self._num_tokens / self.layout.max_tokens)
+        return max(self.plan.pressure, self.num_tokens / self.layout.max_tokens)
 
     def _apply_plan(self) -> None:
         if not self.blocks:
@@ -205,7 +233,7 @@ class TieredKVCache(DenseKVCache):
         """
         started = time.perf_counter()
         codec, heads = self._codecs[tier], self.layout.num_kv_heads
-        for buffers, axis, slot in ((self._keys, "token", 0), (self._values, "channel", 1)):
+        for buffers, axis, slot in ((self.buffer.keys, "token", 0), (self.buffer.values, "channel", 1)):
             views = [buffers[int(layer)][0, :, block.start:block.end] for layer in layers]
             stacked = np.concatenate(views, axis=0)                      # [len(layers) * H, T, D]
             quantized = codec.quantize(stacked, axis)
@@ -219,14 +247,11 @@ class TieredKVCache(DenseKVCache):
 
     def _evict(self, block: KVBlock) -> None:
         """Remove a block's tokens from the working buffer (compaction) and release its bytes."""
-        start, end, n = block.start, block.end, self._num_tokens
-        for buf in (*self._keys, *self._values):
-            buf[0, :, start:n - (end - start)] = buf[0, :, end:n]
-        self._positions[start:n - (end - start)] = self._positions[end:n]
+        start, end, n = block.start, block.end, self.num_tokens
+        self.buffer.remove(start, end)
         for accumulator in (self._attn_sum, self._attn_count):
             accumulator[start:n - (end - start)] = accumulator[end:n]
             accumulator[n - (end - start):n] = 0.0
-        self._num_tokens -= end - start
         index = self.blocks.index(block)
         for later in self.blocks[index + 1:]:
             later.start -= end - start
@@ -240,11 +265,11 @@ class TieredKVCache(DenseKVCache):
     def _rebase_positions(self) -> None:
         """Re-index held tokens to positions 0..n-1, rotating their keys to match (see rope.py)."""
         assert self.rope is not None
-        n = self._num_tokens
-        delta = np.arange(n, dtype=np.int64) - self._positions[:n]
-        for keys in self._keys:
+        n, positions = self.num_tokens, self.buffer.positions
+        delta = np.arange(n, dtype=np.int64) - positions[:n]
+        for keys in self.buffer.keys:
             self.rope.rotate(keys[0, :, :n], delta)
-        self._positions[:n] = np.arange(n)
+        positions[:n] = np.arange(n)
         for block in self.blocks:  # the at-rest codes must describe the re-rotated keys
             for tier in (TIER_INT8, TIER_INT4):
                 layers = np.nonzero(block.tiers == tier)[0]
@@ -256,34 +281,40 @@ class TieredKVCache(DenseKVCache):
     # -- prefix store support ------------------------------------------------------------------
     def block_arrays(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values of tokens ``[start, end)`` for all layers, stacked: ``[layers * H, T, D]``."""
-        keys = np.concatenate([k[0, :, start:end] for k in self._keys], axis=0)
-        values = np.concatenate([v[0, :, start:end] for v in self._values], axis=0)
+        keys = np.concatenate([k[0, :, start:end] for k in self.buffer.keys], axis=0)
+        values = np.concatenate([v[0, :, start:end] for v in self.buffer.values], axis=0)
         return keys, values
 
-    def load_prefix(self, blocks: list[tuple], num_layers: int) -> None:
-        """Fill an empty cache with restored blocks ``(token_ids, tier, keys, values, qkeys, qvalues)``.
+    def load_prefix(self, source: BlockPool, block_ids: list[int]) -> None:
+        """Fill an empty cache with the cached blocks ``block_ids`` of ``source`` (a prefix store's pool), in order.
 
-        ``keys``/``values`` are dequantized and ``qkeys``/``qvalues`` the stored codes (None for exact L0
-        blocks), all layers stacked along heads.
-
-        The restored blocks (all but the one holding the sinks) become sealed blocks at their stored tier,
-        so they are not quantized again.
+        Each block's stacked keys/values (all layers along heads; quantized, or raw for an exact block) are
+        dequantized into the working buffer. The restored blocks (all but the one holding the sinks) become sealed
+        blocks of this cache at their stored tier, holding the stored codes, so they are not quantized again.
         """
         assert self.num_tokens == 0, "load_prefix into a non-empty cache: this indicates a bug in the caller"
-        block_size, heads = self.plan.block_size, self.layout.num_kv_heads
-        total = sum(len(ids) for ids, *_ in blocks)
+        block_size, heads, num_layers = self.plan.block_size, self.layout.num_kv_heads, self.layout.num_layers
+        restored = []
+        for block_id in block_ids:
+            block = source.block(block_id)
+            keys, values = source.load(block)
+            if block.tier == TIER_L0:
+                restored.append((block.token_ids, block.tier, keys, values, None, None))
+            else:
+                codec = self._codecs[block.tier]
+                restored.append((block.token_ids, block.tier, codec.dequantize(keys), codec.dequantize(values),
+                                 keys, values))
+        total = sum(len(ids) for ids, *_ in restored)
         self.plan_capacity(total)
         self.reserve(total)
-        for index, (ids, tier, keys, values, _, _) in enumerate(blocks):
+        for index, (ids, tier, keys, values, _, _) in enumerate(restored):
             start = index * block_size
             for layer in range(num_layers):
-                self._keys[layer][0, :, start:start + len(ids)] = keys[layer * heads:(layer + 1) * heads]
-                self._values[layer][0, :, start:start + len(ids)] = values[layer * heads:(layer + 1) * heads]
-        self._positions[:total] = np.arange(total)
-        self._num_tokens = total
-        self._token_ids = [t for ids, *_ in blocks for t in ids]
+                self.buffer.keys[layer][0, :, start:start + len(ids)] = keys[layer * heads:(layer + 1) * heads]
+                self.buffer.values[layer][0, :, start:start + len(ids)] = values[layer * heads:(layer + 1) * heads]
+        self.buffer.hold_prefix([t for ids, *_ in restored for t in ids])
         first_block = -(-self.plan.sink_tokens // block_size) * block_size
-        for index, (ids, tier, keys, _, qkeys, qvalues) in enumerate(blocks):
+        for index, (ids, tier, keys, _, qkeys, qvalues) in enumerate(restored):
             start = index * block_size
             if start < first_block:
                 continue
@@ -302,7 +333,7 @@ class TieredKVCache(DenseKVCache):
                                             self.plan.importance, self._next_block_index)
             self._next_block_index += 1
             self.blocks.append(block)
-        self._sealed_end = max(first_block, len(blocks) * block_size) if blocks else 0
+        self._sealed_end = max(first_block, len(restored) * block_size) if restored else 0
 
     # -- reporting -----------------------------------------------------------------------------
     def kv_stats(self) -> KVStats:
@@ -314,15 +345,15 @@ class TieredKVCache(DenseKVCache):
             for tier in tier_tokens:
                 tier_tokens[tier] += int((block.tiers == tier).sum()) * block.num_tokens
         quantized_token_layers = sum(tier_tokens.values())
-        l0_token_layers = self._num_tokens * layout.num_layers - quantized_token_layers
+        l0_token_layers = self.num_tokens * layout.num_layers - quantized_token_layers
         by_bits = self.pool.nbytes_by_bits()
-        stats.tokens_seen = len(self._token_ids)
-        stats.tokens_held = self._num_tokens
+        stats.tokens_seen = len(self.token_ids)
+        stats.tokens_held = self.num_tokens
         stats.tokens_by_tier = {
             TIER_NAMES[TIER_L0]: l0_token_layers / layout.num_layers,
             TIER_NAMES[TIER_INT8]: tier_tokens[TIER_INT8] / layout.num_layers,
             TIER_NAMES[TIER_INT4]: tier_tokens[TIER_INT4] / layout.num_layers,
-            TIER_NAMES[TIER_EVICTED]: float(stats.tokens_seen - self._num_tokens),
+            TIER_NAMES[TIER_EVICTED]: float(stats.tokens_seen - self.num_tokens),
         }
         stats.bytes_by_tier = {
             TIER_NAMES[TIER_L0]: l0_token_layers * per_token_layer * layout.dtype.itemsize,

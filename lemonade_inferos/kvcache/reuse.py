@@ -18,7 +18,8 @@ from typing import Callable
 from lemonade_inferos.engine.kv import KVLayout
 from lemonade_inferos.kvcache.manager import TieredKVCache
 from lemonade_inferos.kvcache.plan import TIER_L0, KVPlan
-from lemonade_inferos.kvcache.prefix_store import PrefixStore, StoredBlock
+from lemonade_inferos.kvcache.block import KVBlock
+from lemonade_inferos.kvcache.prefix_store import PrefixStore
 from lemonade_inferos.kvcache.stats import KVStats
 from lemonade_inferos.kvcache.warm import WarmCaches
 
@@ -41,16 +42,16 @@ class PrefixReuse:
         warm, common = self.warm.take(prompt, salt, layout, usable)
         whole_blocks = (len(prompt) - 1) // block * block
         stored = [] if common >= whole_blocks else self.store.lookup(prompt, salt, usable, record=False)
+        cache, reused = None, 0
         if warm is not None and common >= len(stored) * block:
+            self.store.release(stored)  # pinned by the lookup, not needed
             cache, reused = self._reuse_warm(warm, common, plan, max_tier), common
             if cache is None:  # that warm cache was damaged: the store serves what it has
                 stored = self.store.lookup(prompt, salt, usable, record=False)
-        else:
-            cache, reused = None, 0
-            if warm is not None:
-                self.warm.put(warm, salt)  # the store has more of this prompt; keep the warm one for its own chat
+        elif warm is not None:
+            self.warm.put(warm, salt)  # the store has more of this prompt; keep the warm one for its own chat
         if cache is None:
-            cache, reused = self._restore(stored, max_tier, new_cache)
+            cache, reused = self._restore(stored, max_tier, new_cache)  # releases the pinned blocks
         self.store.record_lookup(len(prompt), reused)
         return cache, reused
 
@@ -71,7 +72,7 @@ class PrefixReuse:
             log.exception("reusing a warm cache failed; dropping it")
             return None
 
-    def _restore(self, stored: list[StoredBlock], max_tier: int, new_cache: Callable[[], TieredKVCache]) -> tuple[TieredKVCache, int]:
+    def _restore(self, stored: list[KVBlock], max_tier: int, new_cache: Callable[[], TieredKVCache]) -> tuple[TieredKVCache, int]:
         cache = self._fresh(max_tier, new_cache)
         try:
             return cache, self.store.restore(cache, stored)

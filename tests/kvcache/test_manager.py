@@ -21,7 +21,7 @@ def fill(cache: TieredKVCache, num_tokens: int, seed: int = 0, scale_by_token=No
     for _ in range(num_tokens):
         cache.reserve(1)
         n = cache.num_tokens
-        for keys, values in zip(cache._keys, cache._values):
+        for keys, values in zip(cache.buffer.keys, cache.buffer.values):
             factor = 1.0 if scale_by_token is None else scale_by_token(n)
             keys[0, :, n] = rng.normal(size=(LAYOUT.num_kv_heads, LAYOUT.head_size)) * factor
             values[0, :, n] = rng.normal(size=(LAYOUT.num_kv_heads, LAYOUT.head_size))
@@ -43,8 +43,8 @@ def test_quantized_block_values_in_the_working_buffer_are_the_dequantized_codes(
     block = cache.blocks[0]
     keys, values = cache.pool.load(block, 1)
     codec = cache._codecs[TIER_INT4]
-    np.testing.assert_array_equal(codec.dequantize(keys), cache._keys[1][0, :, block.start:block.end])
-    np.testing.assert_array_equal(codec.dequantize(values), cache._values[1][0, :, block.start:block.end])
+    np.testing.assert_array_equal(codec.dequantize(keys), cache.buffer.keys[1][0, :, block.start:block.end])
+    np.testing.assert_array_equal(codec.dequantize(values), cache.buffer.values[1][0, :, block.start:block.end])
 
 
 def test_tiers_follow_thresholds_and_pressure():
@@ -81,15 +81,15 @@ def test_eviction_removes_tokens_and_keeps_the_rest_in_order_with_true_positions
     plan = named_plan("int8", recent_window=32)  # seals blocks, never evicts by itself
     cache = TieredKVCache(LAYOUT, plan)
     fill(cache, 32 + 32 + 3 * 32)
-    before_keys = cache._keys[0][0, :, :cache.num_tokens].copy()
+    before_keys = cache.buffer.keys[0][0, :, :cache.num_tokens].copy()
     victim = cache.blocks[1]
     start, end = victim.start, victim.end
     cache._evict(victim)
     assert cache.num_tokens == 32 + 32 + 2 * 32
     kept = np.concatenate([before_keys[:, :start], before_keys[:, end:]], axis=1)
-    np.testing.assert_array_equal(cache._keys[0][0, :, :cache.num_tokens], kept)
+    np.testing.assert_array_equal(cache.buffer.keys[0][0, :, :cache.num_tokens], kept)
     expected_positions = np.concatenate([np.arange(start), np.arange(end, 32 + 32 + 3 * 32)])
-    np.testing.assert_array_equal(cache._positions[:cache.num_tokens], expected_positions)
+    np.testing.assert_array_equal(cache.buffer.positions[:cache.num_tokens], expected_positions)
     assert cache.new_positions(1)[0, 0] == 32 + 32 + 3 * 32
     assert [b.start for b in cache.blocks] == [32, 64]
 
@@ -108,7 +108,7 @@ def test_eviction_takes_the_least_important_blocks():
     fill(cache, 4 + 32 + 20 * 32, scale_by_token=lambda n: 5.0 if ((n - 4) // 32) % 2 else 1.0)
     assert cache.stats.blocks_evicted > 0
     loud = [float(np.linalg.norm(k[0, :, b.start:b.end], axis=-1).mean()) for b in cache.blocks
-            for k in cache._keys[:1]]
+            for k in cache.buffer.keys[:1]]
     # what is left is mostly quiet (important) blocks
     assert sum(n < 20 for n in loud) > sum(n >= 20 for n in loud)
 
@@ -160,12 +160,12 @@ def test_positions_are_reindexed_with_rotated_keys_past_the_rope_table():
     rope = _rope(300)
     cache = TieredKVCache(LAYOUT, named_plan("streaming", recent_window=32), rope)
     fill(cache, 250)
-    held_positions = cache._positions[:cache.num_tokens].copy()
-    keys_before = cache._keys[0][0, :, :cache.num_tokens].copy()
+    held_positions = cache.buffer.positions[:cache.num_tokens].copy()
+    keys_before = cache.buffer.keys[0][0, :, :cache.num_tokens].copy()
     fill(cache, 100)
     assert cache.stats.rebases >= 1
-    assert cache._positions[:cache.num_tokens].max() < 300
+    assert cache.buffer.positions[:cache.num_tokens].max() < 300
     # the rebased keys equal the old keys rotated by their position change
     expected = keys_before.copy()
     rope.rotate(expected, np.arange(len(held_positions)) - held_positions)
-    assert np.isfinite(cache._keys[0]).all() and expected.shape[1] == len(held_positions)
+    assert np.isfinite(cache.buffer.keys[0]).all() and expected.shape[1] == len(held_positions)

@@ -36,7 +36,7 @@ def test_restored_prefix_holds_the_parked_values():
     restored = TieredKVCache(LAYOUT, named_plan("int8", recent_window=32))
     assert store.restore(restored, found) == 192
     assert restored.token_ids == cache.token_ids[:192]
-    np.testing.assert_allclose(restored._keys[1][0, :, :192], cache._keys[1][0, :, :192], atol=0.05)
+    np.testing.assert_allclose(restored.buffer.keys[1][0, :, :192], cache.buffer.keys[1][0, :, :192], atol=0.05)
     assert restored.kv_stats().bytes_by_tier["L1_int8"] > 0  # restored blocks are accounted at their tier
 
 
@@ -54,7 +54,7 @@ def test_lru_budget_drops_tails_before_shared_prefixes():
     per_block = store.nbytes // 4
     store.set_budget(per_block * 4)
     other = _sequence(128, seed=1)
-    other._token_ids = other._token_ids[:64] + [7] * 64  # same first two blocks, different tail
+    other.token_ids[:] = other.token_ids[:64] + [7] * 64  # same first two blocks, different tail
     store.park(other, SALT)
     # the shared first blocks were stamped most recently, the old tail went first
     assert len(store.lookup(shared.token_ids + [0], SALT)) == 2
@@ -69,7 +69,7 @@ def test_blocks_spilled_to_disk_come_back_and_survive_a_restart(tmp_path):
     assert len(store.lookup(cache.token_ids + [5], SALT)) == 6
     restarted = PrefixStore(2**30, spill_dir=tmp_path, spill_budget_bytes=2**30)
     found = restarted.lookup(cache.token_ids + [5], SALT)
-    assert len(found) == 6 and found[0].keys.bits == 8
+    assert len(found) == 6 and restarted.pool.load(found[0])[0].bits == 8
 
 
 def test_flush_writes_memory_blocks_for_the_next_start(tmp_path):
@@ -84,7 +84,7 @@ def test_guard_drop_removes_blocks_beyond_the_cap():
     fill(cache, 200)
     store.park(cache, SALT)
     assert store.drop_above(TIER_INT8) > 0
-    assert all(b.tier <= TIER_INT8 for b in store._blocks.values())
+    assert all(b.tier <= TIER_INT8 for b in store.pool.cached_blocks())
 
 
 def _exact_sequence(num_tokens: int, seed: int = 0) -> TieredKVCache:
@@ -97,14 +97,14 @@ def test_a_cache_that_may_not_quantize_parks_and_restores_exact_blocks(tmp_path)
     cache = _exact_sequence(200)
     store = PrefixStore(2**30, spill_dir=tmp_path, spill_budget_bytes=2**30)
     assert store.park(cache, SALT) == 6
-    assert {b.tier for b in store._blocks.values()} == {TIER_L0}
+    assert {b.tier for b in store.pool.cached_blocks()} == {TIER_L0}
     store.flush()
     restarted = PrefixStore(2**30, spill_dir=tmp_path, spill_budget_bytes=2**30)  # through the disk as well
     for source in (store, restarted):
         restored = TieredKVCache(LAYOUT, named_plan("disabled"))
         assert source.restore(restored, source.lookup(cache.token_ids + [1], SALT, TIER_L0)) == 192
-        np.testing.assert_array_equal(restored._keys[1][0, :, :192], cache._keys[1][0, :, :192])
-        np.testing.assert_array_equal(restored._values[0][0, :, :192], cache._values[0][0, :, :192])
+        np.testing.assert_array_equal(restored.buffer.keys[1][0, :, :192], cache.buffer.keys[1][0, :, :192])
+        np.testing.assert_array_equal(restored.buffer.values[0][0, :, :192], cache.buffer.values[0][0, :, :192])
         assert restored.kv_stats().bytes_by_tier["L1_int8"] == 0
 
 

@@ -47,7 +47,7 @@ def test_a_prompt_always_leaves_one_token_to_run():
 def test_capacity_keeps_the_most_recent():
     warm = WarmCaches(capacity=1)
     first, second = _finished(40, seed=1), _finished(40, seed=2)
-    second._token_ids = [t + 1000 for t in second.token_ids]
+    second.token_ids[:] = [t + 1000 for t in second.token_ids]
     warm.put(first, SALT)
     warm.put(second, SALT)
     assert warm.take(first.token_ids + [1], SALT, LAYOUT, TIER_INT4) == (None, 0)
@@ -71,7 +71,7 @@ def test_exact_reuse_refuses_quantized_caches_and_evicted_ones_are_not_kept():
     warm.put(quantized, SALT)
     assert warm.take(quantized.token_ids + [1], SALT, LAYOUT, TIER_L0) == (None, 0)
     evicted = _finished(100)
-    evicted._token_ids = evicted._token_ids + [1, 2]  # more ids committed than tokens held: it has evicted
+    evicted.token_ids[:] = evicted.token_ids + [1, 2]  # more ids committed than tokens held: it has evicted
     warm.put(evicted, SALT)
     assert warm.stats()["caches"] == 0
 
@@ -81,7 +81,7 @@ def test_working_buffers_stay_within_the_byte_budget():
     warm = WarmCaches(capacity=4, max_bytes=int(one.nbytes * 2.5))
     caches = [_finished(100, seed=s) for s in range(3)]
     for index, cache in enumerate(caches):
-        cache._token_ids = [t + 1000 * index for t in cache.token_ids]
+        cache.token_ids[:] = [t + 1000 * index for t in cache.token_ids]
         warm.put(cache, SALT)
     assert warm.stats()["caches"] == 2 and warm.stats()["bytes"] <= warm.max_bytes  # the oldest went first
     assert warm.take(caches[0].token_ids + [1], SALT, LAYOUT, TIER_INT4) == (None, 0)
