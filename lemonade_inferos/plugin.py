@@ -94,10 +94,6 @@ class InferosPlugin:
         self._last_engine: Any = None
 
     @property
-    def prefix_store(self) -> PrefixStore:
-        return self.reuse.store
-
-    @property
     def warm(self) -> WarmCaches:
         return self.reuse.warm
 
@@ -114,18 +110,18 @@ class InferosPlugin:
             host.extras["control_api"] = {"url": f"http://127.0.0.1:{self.control_server.port}/v1",
                                           "running": started, "error": self.control_server.error}
         log.info("inferos plugin active: kv mode %s, prefix cache %.0f MiB", self.controller.policy.kv.mode,
-                 self.prefix_store.budget_bytes / 2**20)
+                 self.reuse.store.budget_bytes / 2**20)
 
     @hookimpl
     def host_shutdown(self, host: Any) -> None:
         self.controller.stop()
         self._snapshots.stop()
-        self.prefix_store.flush()
+        self.reuse.store.flush()
         self.activity.close()
         self._shadow.shutdown(wait=False, cancel_futures=True)
         if self.control_server:
             self.control_server.stop()
-        log.info("inferos plugin stopped; prefix store %s", self.prefix_store.stats())
+        log.info("inferos plugin stopped; prefix store %s", self.reuse.store.stats())
 
     @hookimpl
     def pre_run(self, context: InferenceContext) -> RunPlan:
@@ -134,7 +130,7 @@ class InferosPlugin:
             return RunPlan(baseline=True, policy_version=controller.policy_version)
         kv_plan = controller.kv_plan()
         under_pressure = controller.fallbacks.memory_pressure
-        self.prefix_store.set_budget(self.prefix_budget_bytes // (2 if under_pressure else 1))
+        self.reuse.store.set_budget(self.prefix_budget_bytes // (2 if under_pressure else 1))
         if under_pressure:
             self.warm.clear()  # live fp caches are the first memory to give back
         with self._records_lock:
@@ -208,7 +204,7 @@ class InferosPlugin:
     def _on_guard_step(self, event: dict[str, Any]) -> None:
         """A step back re-prefills affected sessions: blocks stored beyond the new cap leave the prefix store."""
         if event["to_level"] > event["from_level"]:
-            event["prefix_blocks_dropped"] = self.prefix_store.drop_above(self.controller.guard.max_tier)
+            event["prefix_blocks_dropped"] = self.reuse.store.drop_above(self.controller.guard.max_tier)
             event["warm_caches_dropped"] = self.warm.clear()
 
     @staticmethod
