@@ -27,6 +27,7 @@ from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KV
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
 from lemonade_inferos.engine.sampling import Sampler, SamplingParams
 from lemonade_inferos.engine.session import AppliedSessionOptions, SessionPolicy, build_session_options
+from lemonade_inferos.engine.speculative import AcceptanceWatch, SpeculationConfig, make_drafter
 from lemonade_inferos.engine.tokenizer import ChatTokenizer
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
 from lemonade_inferos.errors import GenerationError
@@ -59,6 +60,28 @@ class _StepBinding:
         Returns:
             logits ``[n, vocab]`` when ``all_logits`` else ``[vocab]`` for the last token.
         """
+        logits, probes = self._forward(token_ids, all_logits)
+        self.engine.observe(self.cache, probes, token_ids.shape[1])
+        self.cache.commit(token_ids[0].tolist())
+        return logits[0] if all_logits else logits[0, -1]
+
+    def verify(self, token_ids: list[int]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Run ``token_ids`` (the last sampled token and a draft) and return every row's logits ``[n, vocab]`` and
+        the probes, committing nothing: :meth:`keep` then commits the accepted prefix."""
+        logits, probes = self._forward(np.asarray(token_ids, dtype=np.int64)[None, :], all_logits=True)
+        return logits[0], probes
+
+    def keep(self, token_ids: list[int], probes: list[np.ndarray] | None) -> None:
+        """Commit the first ``len(token_ids)`` tokens of the last :meth:`verify` (their K/V is in place already);
+        the attention they saw is observed as if they had run alone: their rows, up to their own keys."""
+        num_keep = len(token_ids)
+        if probes is not None:
+            total = self.cache.num_tokens + num_keep
+            probes = [p[:, :, :num_keep, :total] for p in probes]
+        self.engine.observe(self.cache, probes, num_keep)
+        self.cache.commit(token_ids)
+
+    def _forward(self, token_ids: np.ndarray, all_logits: bool) -> tuple[np.ndarray, list[np.ndarray] | None]:
         engine, cache, io = self.engine, self.cache, self.io
         num_new = token_ids.shape[1]
         cache.reserve(num_new)
@@ -79,12 +102,11 @@ class _StepBinding:
                        logits.ctypes.data)
         probes = self._bind_probes(num_new, cache.num_tokens + num_new)
         engine.session.run_with_iobinding(io, self.run_options)
-        if engine.probe_outputs and cache.wants_attention:
-            if probes is None:  # prefill: ORT allocated them; they were bound last
-                probes = [value.numpy() for value in io.get_outputs()[-len(engine.probe_outputs):]]
-            cache.observe_attention(probes, num_new)
-        cache.commit(token_ids[0].tolist())
-        return logits[0] if all_logits else logits[0, -1]
+        if not (engine.probe_outputs and cache.wants_attention):
+            return logits, None
+        if probes is None:  # a chunk: ORT allocated them; they were bound last
+            probes = [value.numpy() for value in io.get_outputs()[-len(engine.probe_outputs):]]
+        return logits, probes
 
     def _bind_probes(self, num_new: int, total: int) -> list[np.ndarray] | None:
         """Bind the attention probe outputs: a decode step's into preallocated buffers (returned as the
@@ -154,6 +176,11 @@ class OrtEngine:
         log.info("loaded %s on %s (true positions: %s)", self.folder.path, self.session.get_providers(),
                  self.has_position_ids)
 
+    @staticmethod
+    def observe(cache: KVCache, probes: list[np.ndarray] | None, num_new: int) -> None:
+        if probes is not None:
+            cache.observe_attention(probes, num_new)
+
     @property
     def report(self) -> AppliedSessionOptions:
         return self.applied_options
@@ -174,8 +201,8 @@ class OrtEngine:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None,
-                 cache: KVCache | None = None, run_options: dict[str, str] | None = None
-                 ) -> Iterator[GenerationChunk]:
+                 cache: KVCache | None = None, run_options: dict[str, str] | None = None,
+                 speculation: SpeculationConfig | None = None) -> Iterator[GenerationChunk]:
         """Stream a completion of ``prompt_ids``.
 
         Args:
@@ -184,6 +211,7 @@ class OrtEngine:
             stats: filled with measured timings as generation proceeds.
             cache: the KV cache to read and extend; a new dense cache when omitted.
             run_options: ONNX Runtime run config entries (e.g. ``memory.enable_memory_arena_shrinkage``).
+            speculation: draft and verify (``speculative.py``); plain decoding when None or ``mode="off"``.
 
         Raises:
             GenerationError: empty prompt, or a prompt longer than the cache can hold.
@@ -205,7 +233,7 @@ class OrtEngine:
                 f"the prompt has {len(prompt)} tokens but the context holds {exc.limit}; shorten it",
                 param="messages", prompt_tokens=len(prompt), context_length=exc.limit) from exc
         stats.prefill_end_time = time.perf_counter()
-        yield from self._decode(binding, logits, prompt, params, stats)
+        yield from self._decode(binding, logits, prompt, params, stats, speculation)
 
     def _prefill(self, binding: _StepBinding, ids: list[int]) -> np.ndarray:
         logits = None
@@ -216,28 +244,78 @@ class OrtEngine:
         return logits
 
     def _decode(self, binding: _StepBinding, logits: np.ndarray, prompt: list[int], params: SamplingParams,
-                stats: GenerationStats) -> Iterator[GenerationChunk]:
+                stats: GenerationStats, speculation: SpeculationConfig | None = None) -> Iterator[GenerationChunk]:
+        """Sample, stream, run the token, repeat. With a drafter, a step runs the last token and a draft at once
+        and emits every token the model agrees with (``speculative.py``); the tokens committed and observed are
+        exactly those plain decoding would have run, in the same order."""
         sampler = Sampler(params, self.folder.vocab_size)
         if params.repetition_penalty != 1.0:
             sampler.observe(prompt)
         emitter = TokenEmitter(self.tokenizer, self.folder.eos_token_ids, params)
+        drafter = make_drafter(speculation) if speculation is not None and speculation.drafts else None
+        watch = AcceptanceWatch(speculation.min_accept_rate) if drafter is not None else None
+        if drafter is not None:
+            drafter.extend(prompt)
         step_ids = np.zeros((1, 1), dtype=np.int64)  # reused every step: no per-token allocations
-        for index in range(params.max_tokens):
-            token = sampler.sample(logits)
+        token = sampler.sample(logits)
+        produced = 0
+        while True:
             stats.mark_token()
+            produced += 1
             chunk = emitter.push(token)
             if chunk is not None:
                 yield chunk
-            if emitter.done or index + 1 == params.max_tokens:
+            if emitter.done or produced == params.max_tokens:
                 break
-            step_ids[0, 0] = token
+            if drafter is not None:  # the drafter continues the sequence as emitted
+                drafter.extend([token])
+            room = params.max_tokens - produced - 1  # tokens a draft may add after this one
+            draft = drafter.propose(min(speculation.num_draft_tokens, room)) \
+                if drafter is not None and not watch.stopped and room > 0 else []
             try:
-                logits = binding.run(step_ids, all_logits=False)
+                if not draft:
+                    step_ids[0, 0] = token
+                    logits = binding.run(step_ids, all_logits=False)
+                    token = sampler.sample(logits)
+                    continue
+                rows, probes = binding.verify([token, *draft])
             except CacheFullError:
                 break  # context exhausted and the cache may not evict: finish with "length"
+            outs = self._accepted(sampler, rows, draft)
+            watch.record(len(draft), len(outs) - 1)
+            stats.drafted_n += len(draft)
+            stats.accepted_n += len(outs) - 1
+            kept = [token]
+            for out in outs[:-1]:  # every accepted draft token is emitted here; the last out goes round the loop
+                stats.mark_token()
+                produced += 1
+                chunk = emitter.push(out)
+                if chunk is not None:
+                    yield chunk
+                if emitter.done or produced == params.max_tokens:
+                    break
+                kept.append(out)
+                drafter.extend([out])
+            binding.keep(kept, probes)
+            if emitter.done or produced == params.max_tokens:
+                break
+            token = outs[-1]
         stats.end_time = time.perf_counter()
         stats.finish_reason = emitter.finish_reason
         yield emitter.final()
+
+    @staticmethod
+    def _accepted(sampler: Sampler, rows: np.ndarray, draft: list[int]) -> list[int]:
+        """The draft tokens the model keeps, then one more token: the correction of the first rejected one, or
+        (all kept) the token after the draft from the last row."""
+        outs = []
+        for index, proposed in enumerate(draft):
+            token, kept = sampler.verify(rows[index], proposed)
+            outs.append(token)
+            if not kept:
+                return outs
+        outs.append(sampler.sample(rows[len(draft)]))
+        return outs
 
 
 def default_probe_layers(num_layers: int) -> tuple[int, ...]:

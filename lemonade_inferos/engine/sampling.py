@@ -65,21 +65,52 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> int:
         """Pick the next token from one row of logits (shape ``[vocab]``)."""
-        params = self.params
-        if params.repetition_penalty != 1.0:
-            logits = logits.astype(np.float32, copy=True)
-            seen = self._seen[: logits.shape[0]]
-            penalized = logits[seen]
-            logits[seen] = np.where(penalized > 0, penalized / params.repetition_penalty,
-                                    penalized * params.repetition_penalty)
-        if params.greedy:
+        logits = self._penalized(logits)
+        if self.params.greedy:
             token = int(np.argmax(logits))
         else:
-            token = self._sample_random(logits)
+            candidate_ids, probs = self._distribution(logits)
+            token = int(candidate_ids[self._rng.choice(len(probs), p=probs)])
         self._seen[token] = True
         return token
 
-    def _sample_random(self, logits: np.ndarray) -> int:
+    def verify(self, logits: np.ndarray, draft: int) -> tuple[int, bool]:
+        """Speculative decoding's rule for a drafted token: the token to emit, and whether it is the draft.
+
+        Greedy: the draft is kept when it is the argmax. Sampling: the drafters here propose one token with
+        certainty (q = 1 on the draft), so the draft is kept with probability p(draft), else a token is drawn
+        from p with the draft removed (``max(0, p - q)`` renormalized): the emitted token is distributed exactly
+        as :meth:`sample` would draw it (Leviathan et al., 2023; Chen et al., 2023).
+        """
+        logits = self._penalized(logits)
+        if self.params.greedy:
+            token = int(np.argmax(logits))
+        else:
+            candidate_ids, probs = self._distribution(logits)
+            where = np.nonzero(candidate_ids == draft)[0]
+            p_draft = float(probs[where[0]]) if len(where) else 0.0
+            if self._rng.random() < p_draft:
+                token = draft
+            else:
+                residual = probs.copy()
+                residual[where] = 0.0
+                token = int(candidate_ids[self._rng.choice(len(residual), p=residual / residual.sum())])
+        self._seen[token] = True
+        return token, token == draft
+
+    def _penalized(self, logits: np.ndarray) -> np.ndarray:
+        params = self.params
+        if params.repetition_penalty == 1.0:
+            return logits
+        logits = logits.astype(np.float32, copy=True)
+        seen = self._seen[: logits.shape[0]]
+        penalized = logits[seen]
+        logits[seen] = np.where(penalized > 0, penalized / params.repetition_penalty,
+                                penalized * params.repetition_penalty)
+        return logits
+
+    def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates and their probabilities after temperature, top-k and top-p (most likely first)."""
         params = self.params
         logits = logits.astype(np.float64)
         # shift before dividing: a tiny temperature then sends the others to -inf, never the best to inf (NaN)
@@ -97,4 +128,4 @@ class Sampler:
             # keep the smallest prefix whose mass reaches top_p (always at least one token)
             cutoff = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
             candidate_ids, probs = candidate_ids[:cutoff], probs[:cutoff] / probs[:cutoff].sum()
-        return int(candidate_ids[self._rng.choice(len(probs), p=probs)])
+        return candidate_ids, probs

@@ -34,6 +34,8 @@ class GenerationStats:
     end_time: float | None = None
     finish_reason: str | None = None
     token_times: list[float] = field(default_factory=list)
+    drafted_n: int = 0                   # speculative decoding: tokens proposed by the drafter
+    accepted_n: int = 0                  # ... and kept by the model
 
     @property
     def prompt_ms(self) -> float | None:

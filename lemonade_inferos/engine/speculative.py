@@ -1,0 +1,116 @@
+"""Speculative decoding: a cheap drafter proposes the next few tokens, the model checks them all in one forward.
+
+One verify forward reads the weights once for ``k + 1`` positions (the LM head computes exactly those rows), so
+every accepted draft token is a decode step saved; on a CPU, where a decode step is bound by reading the weights,
+that is decode speed per core. The engine keeps the longest run the model agrees with (greedy: the argmax; with
+sampling: the accept/resample rule in ``Sampler.verify``, which leaves the output distribution unchanged) and
+commits only those tokens: the K/V written for rejected ones lies past the committed length and is overwritten
+later, so the cache never holds, seals, quantizes or scores a rejected token.
+
+Drafters (one interface, :class:`Drafter`):
+
+- :class:`NgramDrafter`, prompt lookup: the last ``n`` tokens (n from ``ngram_max`` down to ``ngram_min``) are
+  looked up in the prompt and everything generated so far; the tokens that followed their latest earlier
+  occurrence are the draft. Chats that quote their context, RAG answers and code edits repeat long spans.
+
+Acceptance is watched per request: once ``min_accept_rate`` is not met over the drafted tokens (after a few
+verify steps), drafting stops for the rest of that request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SpeculativeMode = Literal["off", "ngram", "draft", "auto"]
+MIN_DRAFTED_BEFORE_JUDGING = 12  # drafted tokens before a low acceptance may switch drafting off
+
+
+class SpeculationConfig(BaseModel):
+    """How a request drafts (the policy's ``speculative`` section, resolved for one request)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: SpeculativeMode = "off"
+    num_draft_tokens: int = Field(4, ge=1, le=16)
+    ngram_min: int = Field(2, ge=1, le=8)
+    ngram_max: int = Field(4, ge=1, le=8)
+    min_accept_rate: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> "SpeculationConfig":
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        return self
+
+    @property
+    def drafts(self) -> bool:
+        return self.mode != "off"
+
+
+class Drafter(Protocol):
+    def extend(self, token_ids: Sequence[int]) -> None:
+        """Tokens now part of the sequence (prompt, then every committed token)."""
+
+    def propose(self, k: int) -> list[int]:
+        """Up to ``k`` tokens to follow the sequence (empty when there is no guess)."""
+
+
+class NgramDrafter:
+    """Prompt lookup over the sequence so far, with one index per n-gram size (updated as tokens arrive)."""
+
+    def __init__(self, ngram_min: int = 2, ngram_max: int = 4) -> None:
+        self.sizes = range(ngram_max, ngram_min - 1, -1)
+        self.ids: list[int] = []
+        # n-gram -> the position right after its latest occurrence that is not the sequence's own suffix
+        self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+
+    def extend(self, token_ids: Sequence[int]) -> None:
+        for token in token_ids:
+            self.ids.append(int(token))
+            end = len(self.ids)
+            for n, index in self._index.items():
+                if end > n:  # the n-gram that ended one token earlier is now followed by this token
+                    index[tuple(self.ids[end - 1 - n:end - 1])] = end - 1
+
+    def propose(self, k: int) -> list[int]:
+        ids = self.ids
+        for n in self.sizes:
+            if len(ids) < n:
+                continue
+            follow = self._index[n].get(tuple(ids[-n:]))
+            if follow is not None:
+                return ids[follow:follow + k]
+        return []
+
+
+@dataclass
+class AcceptanceWatch:
+    """Drafted and accepted tokens of one request, and whether drafting should go on."""
+
+    min_accept_rate: float
+    drafted: int = 0
+    accepted: int = 0
+    stopped: bool = False
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        if self.drafted >= MIN_DRAFTED_BEFORE_JUDGING and self.rate is not None \
+                and self.rate < self.min_accept_rate:
+            self.stopped = True
+
+    @property
+    def rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+
+def make_drafter(config: SpeculationConfig) -> Drafter | None:
+    """The drafter a config asks for; ``auto`` drafts by prompt lookup and lets the acceptance watch decide."""
+    if config.mode in ("ngram", "auto"):
+        return NgramDrafter(config.ngram_min, config.ngram_max)
+    if config.mode == "draft":
+        raise ValueError("speculative mode 'draft' (a draft model) is not available in this build; "
+                         "use 'ngram' or 'auto'")
+    return None
