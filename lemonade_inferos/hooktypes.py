@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lemonade_inferos.engine.session import SessionPolicy
+from lemonade_inferos.engine.speculative import SpeculationConfig
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RunPlan:
 
     session: SessionPolicy | None = None
     run_options: dict[str, str] = field(default_factory=dict)
+    speculation: SpeculationConfig | None = None   # draft and verify on our engine (None: plain decoding)
     baseline: bool = False
     policy_version: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
@@ -73,6 +75,8 @@ class InferenceStats:
     error: str | None = None
     error_kind: str | None = None       # request | cancelled | shutdown | timeout | fault (host/generate.py)
     queue_wait_s: float = 0.0           # time waiting for the model's engine before the run began
+    drafted_n: int = 0                  # speculative decoding: tokens drafted, and accepted by the model
+    accepted_n: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

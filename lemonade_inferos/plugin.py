@@ -11,9 +11,11 @@ Per-request state is a small record keyed by request id, never attributes on a s
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +41,8 @@ from lemonade_inferos.paths import inferos_home
 log = logging.getLogger(__name__)
 
 INTERRUPTED = ("cancelled", "shutdown", "timeout")  # error kinds of runs ended between two tokens
+CHATS_REMEMBERED = 256    # chats whose last drafting acceptance is kept
+CHAT_KEY_TOKENS = 64      # a chat is known by the model and the first tokens of its prompt
 IMPORTANCE_SIGNALS = ("attention", "key_norm", "recency")
 DEFAULT_CONFIG = {"kv_mode": None, "recent_window": None, "prefix_cache_mb": 256, "control_port": None,
                   "memory_limit": None, "config": None, "control_api": True, "shadow_every": 8, "warm_caches": 1,
@@ -84,6 +88,7 @@ class InferosPlugin:
         if overrides:
             self.controller.update_policy({"kv": overrides})
         self._records: dict[str, RequestRecord] = {}
+        self._chat_acceptance: OrderedDict[bytes, float] = OrderedDict()  # chat -> its last turn's acceptance
         self._records_lock = threading.Lock()
         self._shadow_counter = itertools.count()
         self._shadow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferos-shadow")
@@ -135,8 +140,11 @@ class InferosPlugin:
             self.warm.clear()  # live fp caches are the first memory to give back
         with self._records_lock:
             self._records[context.request_id] = RequestRecord(kv_plan, controller.guard.max_tier)
-        return RunPlan(session=controller.session_policy(), policy_version=controller.policy_version,
-                       notes={"guard_level": controller.guard.level, "pressure": kv_plan.pressure})
+        speculation = controller.speculation(self._draft_tokens_for(context))
+        return RunPlan(session=controller.session_policy(), speculation=speculation,
+                       policy_version=controller.policy_version,
+                       notes={"guard_level": controller.guard.level, "pressure": kv_plan.pressure,
+                              "num_draft_tokens": speculation.num_draft_tokens})
 
     @hookimpl(wrapper=True)
     def run_generation(self, context: InferenceContext, plan: RunPlan, run: Any):
@@ -164,6 +172,8 @@ class InferosPlugin:
         with self._records_lock:
             record = self._records.pop(context.request_id, None)
         self.controller.record(stats)
+        if stats.drafted_n:
+            self._remember_acceptance(context, stats.accepted_n / stats.drafted_n)
         # a run that ended early (client gone, time limit, shutdown) holds valid KV up to its last token: keep
         # it, a resent request or the next start reuses it; a fault's or a rejected request's cache is dropped
         if (record is None or record.engine is None or not isinstance(cache, TieredKVCache)
@@ -177,6 +187,25 @@ class InferosPlugin:
         self.reuse.release(cache, record.salt, keep_warm=not self.controller.fallbacks.memory_pressure)
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _draft_tokens_for(self, context: InferenceContext) -> int:
+        """The policy's draft length, shortened for a chat whose last turn accepted less than
+        ``quality.min_accept_rate`` of its drafts (it starts more cautiously; the acceptance watch does the rest)."""
+        policy = self.controller.policy
+        tokens, target = policy.speculative.num_draft_tokens, policy.quality.min_accept_rate
+        with self._records_lock:
+            last = self._chat_acceptance.get(_chat_key(context))
+        if last is None or target <= 0 or last >= target:
+            return tokens
+        return max(1, int(tokens * last / target))
+
+    def _remember_acceptance(self, context: InferenceContext, rate: float) -> None:
+        with self._records_lock:
+            key = _chat_key(context)
+            self._chat_acceptance[key] = rate
+            self._chat_acceptance.move_to_end(key)
+            while len(self._chat_acceptance) > CHATS_REMEMBERED:
+                self._chat_acceptance.popitem(last=False)
+
     def _record(self, request_id: str) -> RequestRecord | None:
         with self._records_lock:
             return self._records.get(request_id)
@@ -210,3 +239,8 @@ class InferosPlugin:
     @staticmethod
     def _kv_format(engine: Any, plan: KVPlan) -> str:
         return f"{engine.layout.dtype}|block{plan.block_size}|group{plan.group_size}"
+
+
+def _chat_key(context: InferenceContext) -> bytes:
+    head = ",".join(map(str, context.prompt_ids[:CHAT_KEY_TOKENS]))
+    return hashlib.blake2b(f"{context.model_path}|{head}".encode(), digest_size=16).digest()

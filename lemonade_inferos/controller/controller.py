@@ -23,6 +23,7 @@ from lemonade_inferos.controller.fallbacks import Fallbacks
 from lemonade_inferos.controller.guard import QualityGuard, ShadowSample
 from lemonade_inferos.controller.policy import Policy
 from lemonade_inferos.engine.session import SessionPolicy
+from lemonade_inferos.engine.speculative import SpeculationConfig
 from lemonade_inferos.kvcache.plan import NEVER, KVPlan, plan_for_mode
 from lemonade_inferos.metrics.recorder import History, MetricsRecorder
 from lemonade_inferos.hooktypes import InferenceStats
@@ -152,6 +153,14 @@ class Controller:
             plan = replace(plan, evict_below=NEVER)
         return replace(plan, pressure=pressure, importance=self.importance)
 
+    def speculation(self, num_draft_tokens: int | None = None) -> SpeculationConfig:
+        """The policy's ``speculative`` section for one request (``num_draft_tokens`` overrides the policy's,
+        for a chat whose last turn drafted poorly), enforcing ``quality.min_accept_rate``."""
+        spec = self.policy.speculative
+        return SpeculationConfig(mode=spec.mode, num_draft_tokens=num_draft_tokens or spec.num_draft_tokens,
+                                 ngram_min=spec.ngram_min, ngram_max=spec.ngram_max,
+                                 min_accept_rate=self.policy.quality.min_accept_rate)
+
     def session_policy(self) -> SessionPolicy:
         scheduler, io = self.policy.scheduler, self.policy.io
         devices = SCHEDULER_DEVICES.get(scheduler.mode, [scheduler.prefill_device, scheduler.decode_device])
@@ -216,8 +225,8 @@ class Controller:
             "quality": {"delta_ppl_est": self.guard.estimate(), "guard": self.guard.status(),
                         "full_evaluation": self.full_evaluation,
                         "max_delta_ppl": status.quality.max_delta_ppl,
-                        "accept_rate": {"current": None, "target": status.quality.min_accept_rate,
-                                        "reason": "no speculative decoding runs here, so there is no accept rate"}},
+                        "accept_rate": {**self.recorder.accept_rate(), "target": status.quality.min_accept_rate,
+                                        "mode": status.speculative.mode}},
             "memory": {"kv_cache_usage_mb": (kv.get("kv_bytes") or 0) / 2**20 if kv else None,
                        "kv_cache_hit_rate": prefix.get("hit_rate"), "prefix_cache_bytes": prefix.get("bytes"),
                        "warm_cache_bytes": (prefix.get("warm") or {}).get("bytes"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lemonade_inferos.controller.sizes import parse_size
 
@@ -54,11 +54,32 @@ class QualityPolicy(_Strict):
     min_accept_rate: float = Field(0.5, ge=0.0, le=1.0)
 
 
+class SpeculativePolicy(_Strict):
+    """Speculative decoding: this project's extension of the design document's schema (README, "Decode").
+
+    ``auto`` drafts by prompt lookup and stops drafting in a request whose acceptance falls below
+    ``quality.min_accept_rate`` (and starts that chat's next turn with fewer draft tokens); ``ngram`` drafts the
+    same way; ``off`` decodes plainly.
+    """
+
+    mode: Literal["off", "ngram", "auto"] = "auto"
+    num_draft_tokens: int = Field(4, ge=1, le=16)
+    ngram_min: int = Field(2, ge=1, le=8)
+    ngram_max: int = Field(4, ge=1, le=8)
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> "SpeculativePolicy":
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        return self
+
+
 class Policy(_Strict):
     kv: KVPolicy = Field(default_factory=KVPolicy)
     io: IOPolicy = Field(default_factory=IOPolicy)
     scheduler: SchedulerPolicy = Field(default_factory=SchedulerPolicy)
     quality: QualityPolicy = Field(default_factory=QualityPolicy)
+    speculative: SpeculativePolicy = Field(default_factory=SpeculativePolicy)
 
     def merged(self, update: dict[str, Any]) -> "Policy":
         """A new policy with ``update`` (a partial policy document) merged in; validated as a whole.

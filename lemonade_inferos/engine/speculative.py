@@ -24,7 +24,7 @@ from typing import Literal, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SpeculativeMode = Literal["off", "ngram", "draft", "auto"]
+SpeculativeMode = Literal["off", "ngram", "auto"]
 MIN_DRAFTED_BEFORE_JUDGING = 12  # drafted tokens before a low acceptance may switch drafting off
 
 
@@ -110,7 +110,4 @@ def make_drafter(config: SpeculationConfig) -> Drafter | None:
     """The drafter a config asks for; ``auto`` drafts by prompt lookup and lets the acceptance watch decide."""
     if config.mode in ("ngram", "auto"):
         return NgramDrafter(config.ngram_min, config.ngram_max)
-    if config.mode == "draft":
-        raise ValueError("speculative mode 'draft' (a draft model) is not available in this build; "
-                         "use 'ngram' or 'auto'")
     return None

@@ -143,7 +143,8 @@ class GenerateService:
         baseline = plan is None or plan.baseline
         engine = await asyncio.to_thread(model.engine, "og" if baseline else "inferos",
                                          None if baseline else plan.session)
-        return GenerationRun(engine, baseline, prompt_ids, params, {} if plan is None else plan.run_options)
+        return GenerationRun(engine, baseline, prompt_ids, params, {} if plan is None else plan.run_options,
+                             None if plan is None else plan.speculation)
 
     async def _drive(self, context: InferenceContext, plan: RunPlan | None, run: GenerationRun, limits: RunLimits
                      ) -> AsyncIterator[GenerationChunk]:

@@ -17,6 +17,7 @@ def usage(stats: InferenceStats) -> dict[str, Any]:
         "prompt_tokens_details": {"cached_tokens": stats.cache_n},
         "prefill_duration_ttft": stats.ttft_s,
         "decoding_speed_tps": stats.predicted_per_second,
+        "inferos": {"drafted_tokens": stats.drafted_n, "accepted_tokens": stats.accepted_n},
     }
 
 

@@ -301,7 +301,8 @@ async def stats(request: Request):
     }
     if last:
         body["inferos"] = {"engine": last.engine, "baseline": last.baseline, "kv_bytes_by_tier": last.kv_bytes_by_tier,
-                           "prompt_ms": last.prompt_ms, "finish_reason": last.finish_reason}
+                           "prompt_ms": last.prompt_ms, "finish_reason": last.finish_reason,
+                           "drafted_tokens": last.drafted_n, "accepted_tokens": last.accepted_n}
     return body
 
 

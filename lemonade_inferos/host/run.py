@@ -74,12 +74,13 @@ class GenerationRun:
     """
 
     def __init__(self, engine: Any, baseline: bool, prompt_ids: Sequence[int], params: SamplingParams,
-                 run_options: dict[str, str]) -> None:
+                 run_options: dict[str, str], speculation: Any = None) -> None:
         self.engine = engine
         self.baseline = baseline
         self.prompt_ids = prompt_ids
         self.params = params
         self.run_options = run_options
+        self.speculation = speculation
         self.stats = GenerationStats()  # TTFT counts from here: building the cache (a restore) is part of it
         self.cache: Any = None
         self.emit: Callable[[GenerationChunk], None] = lambda chunk: None
@@ -91,7 +92,8 @@ class GenerationRun:
     def execute(self, cache: Any) -> None:
         """Drive the engine until it finishes or :meth:`stop` is called (checked between tokens)."""
         self.cache = cache
-        kwargs = {} if self.baseline else {"cache": cache, "run_options": self.run_options}
+        kwargs = {} if self.baseline else {"cache": cache, "run_options": self.run_options,
+                                           "speculation": self.speculation}
         iterator = self.engine.generate(self.prompt_ids, self.params, stats=self.stats, **kwargs)
         try:
             for chunk in iterator:

@@ -27,6 +27,8 @@ class HostStats:
     cache_tokens_total: int = 0
     errors_total: int = 0        # requests that failed: the caller's mistakes, time limits and faults
     cancelled_total: int = 0     # clients that went away, and runs ended by a shutdown: not errors
+    drafted_tokens_total: int = 0
+    accepted_tokens_total: int = 0
 
     def record(self, stats: InferenceStats) -> None:
         self.last = stats
@@ -37,6 +39,8 @@ class HostStats:
         self.output_tokens_total += stats.predicted_n
         self.errors_total += stats.error_kind in ("request", "timeout", "fault")
         self.cancelled_total += stats.error_kind in ("cancelled", "shutdown")
+        self.drafted_tokens_total += stats.drafted_n
+        self.accepted_tokens_total += stats.accepted_n
 
 
 class HostCollector:
@@ -60,7 +64,11 @@ class HostCollector:
                                  ("request_errors", stats.errors_total,
                                   "Generate calls that failed (bad input, time limit, engine fault)."),
                                  ("requests_cancelled", stats.cancelled_total,
-                                  "Generate calls ended because the client went away or the server stopped.")):
+                                  "Generate calls ended because the client went away or the server stopped."),
+                                 ("speculative_drafted_tokens", stats.drafted_tokens_total,
+                                  "Tokens proposed by speculative decoding's drafter."),
+                                 ("speculative_accepted_tokens", stats.accepted_tokens_total,
+                                  "Drafted tokens the model accepted.")):
             counter = CounterMetricFamily(f"inferos_{name}", doc)
             counter.add_metric([], value)
             yield counter

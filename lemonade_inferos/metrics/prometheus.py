@@ -61,6 +61,8 @@ class ControllerCollector:
                     doc["device_utilization"]["cpu_utilization"])
         quality = doc.get("quality", {}).get("delta_ppl_est", {})
         yield gauge("quality_delta_ppl", "Online ΔPPL estimate of the active KV plan.", quality.get("current"))
+        yield gauge("speculative_accept_ratio", "Accepted / drafted tokens over the last requests that drafted.",
+                    doc.get("quality", {}).get("accept_rate", {}).get("current"))
         yield gauge("guard_level", "Quality guard step-back level (0 none, 1 no INT4, 2 no quantization).",
                     doc.get("quality", {}).get("guard", {}).get("level"))
         yield gauge("baseline_mode", "1 when baseline mode (every optimisation off) is on.",

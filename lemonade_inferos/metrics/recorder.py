@@ -24,6 +24,7 @@ from lemonade_inferos.durable import atomic_write, quarantine
 from lemonade_inferos.hooktypes import InferenceStats
 
 log = logging.getLogger(__name__)
+ACCEPT_RATE_WINDOW = 50  # requests that drafted (the design document's quality.accept_rate window)
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -46,7 +47,8 @@ class MetricsRecorder:
         self._requests: deque[InferenceStats] = deque(maxlen=max_requests)
         self._lock = threading.Lock()
         self.totals = {"requests": 0, "prompt_tokens": 0, "cache_tokens": 0, "completion_tokens": 0, "errors": 0,
-                       "cancelled": 0}
+                       "cancelled": 0, "drafted_tokens": 0, "accepted_tokens": 0}
+        self._drafting: deque[tuple[int, int]] = deque(maxlen=ACCEPT_RATE_WINDOW)  # (drafted, accepted)
         self.peak_rss_bytes = 0
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # prime: the first call always returns 0.0
@@ -60,7 +62,22 @@ class MetricsRecorder:
             self.totals["completion_tokens"] += stats.predicted_n
             self.totals["errors"] += stats.error_kind in ("request", "timeout", "fault")
             self.totals["cancelled"] += stats.error_kind in ("cancelled", "shutdown")
+            self.totals["drafted_tokens"] += stats.drafted_n
+            self.totals["accepted_tokens"] += stats.accepted_n
+            if stats.drafted_n:
+                self._drafting.append((stats.drafted_n, stats.accepted_n))
             self.peak_rss_bytes = max(self.peak_rss_bytes, stats.peak_rss_bytes or 0, stats.rss_bytes)
+
+    def accept_rate(self) -> dict[str, Any]:
+        """Speculative decoding's acceptance over the last requests that drafted (the design document's window)."""
+        with self._lock:
+            window = list(self._drafting)
+        drafted = sum(d for d, _ in window)
+        return {"current": sum(a for _, a in window) / drafted if drafted else None,
+                "method": "accepted / drafted tokens over the last requests that drafted",
+                "window": ACCEPT_RATE_WINDOW, "sample_count": len(window),
+                "drafted_tokens_total": self.totals["drafted_tokens"],
+                "accepted_tokens_total": self.totals["accepted_tokens"]}
 
     def recent(self) -> list[InferenceStats]:
         cutoff = time.time() - self.window_s

@@ -39,4 +39,4 @@ def stats_from_generation(request_id: str, model: str, engine: str, gen: Generat
         decode_token_times_s=[b - a for a, b in zip(times, times[1:])],
         rss_bytes=psutil.Process().memory_info().rss, peak_rss_bytes=_peak_rss(),
         kv_bytes_by_tier=dict((kv or {}).get("bytes_by_tier", {})), kv=kv or {}, baseline=baseline, error=error,
-        error_kind=error_kind, queue_wait_s=queue_s)
+        error_kind=error_kind, queue_wait_s=queue_s, drafted_n=gen.drafted_n, accepted_n=gen.accepted_n)
