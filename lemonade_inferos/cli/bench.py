@@ -54,6 +54,33 @@ def bench_engine_cmd(model_name: str, prompt_tokens: int, new_tokens: int, repea
                         f"prefill x{results['vs_llamacpp']['prefill']:.2f}")
 
 
+@bench.command("spec")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
+@click.option("--new-tokens", default=96, show_default=True, help="Greedy tokens decoded per run.")
+@click.option("--repeats", default=2, show_default=True, help="Runs per configuration (median reported).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/spec.json"),
+              show_default=True)
+@handle_errors
+def bench_spec_cmd(model_name: str, new_tokens: int, repeats: int, json_path: Path) -> None:
+    """Speculative decoding and the thread policy: four prompt sets, og.Generator (plain and n-gram) and our engine
+    (plain, ngram, auto) at 1 thread, 2 threads, and 2 threads with a core kept busy."""
+    from lemonade_inferos.bench.spec import CONDITIONS, bench_spec
+    from lemonade_inferos.engine.build import resolve_model
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    with console.status("benchmarking") as status:
+        results = bench_spec(folder, new_tokens, repeats, json_path, progress=status.update)
+    table = Table("condition", "set", "config", "decode tok/s", "x og plain", "x og ngram", "accept", "identical")
+    for row in results["rows"]:
+        ratio = results["ratios"][f"{row['condition']} | {row['set']}"][row["config"]]
+        table.add_row(row["condition"], row["set"], row["config"], f"{row['decode_tps']:.1f}",
+                      f"{ratio['vs_og_plain']:.2f}", f"{ratio['vs_og_ngram']:.2f}",
+                      "-" if row["accept_rate"] is None else f"{row['accept_rate']:.0%}",
+                      f"{row['identical_tokens']}/{new_tokens}")
+    Console().print(table)
+    Console().print(f"conditions: {', '.join(CONDITIONS)}; wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
 @bench.command("kv")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True)
 @click.option("--kv", "plan", default="dynamic", show_default=True,

@@ -22,6 +22,7 @@ from lemonade_inferos.controller.config import ConfigError, ConfigWatcher, Infer
 from lemonade_inferos.controller.fallbacks import Fallbacks
 from lemonade_inferos.controller.guard import QualityGuard, ShadowSample
 from lemonade_inferos.controller.policy import Policy
+from lemonade_inferos.controller.threads import ThreadPolicy
 from lemonade_inferos.engine.session import SessionPolicy
 from lemonade_inferos.engine.speculative import SpeculationConfig
 from lemonade_inferos.kvcache.plan import NEVER, KVPlan, plan_for_mode
@@ -59,6 +60,7 @@ class Controller:
                                   **(guard_options or {}))
         self._on_guard_step = on_guard_step
         self.fallbacks = Fallbacks(self.notify)
+        self.threads = ThreadPolicy()
         self.last_kv_stats: dict[str, Any] = {}
         self.prefix_stats = prefix_stats
         self._watcher: ConfigWatcher | None = None
@@ -143,7 +145,7 @@ class Controller:
         l1, l2, l3, window = t.L1_int8, t.L2_int4, t.L3_evict, kv.recent_window
         pressure = self.memory_pressure()
         self.fallbacks.check_memory(pressure)
-        self.fallbacks.check_devices(self.session_policy().devices)
+        self.fallbacks.check_devices(self.devices())
         if self.fallbacks.device_missing:  # CPU fallback: be conservative with quality
             l1, l2, l3, window = min(1, l1 + 0.1), min(1, l2 + 0.1), min(1, l3 + 0.1), max(window, 128)
         if self.fallbacks.memory_pressure:  # compress harder
@@ -161,13 +163,18 @@ class Controller:
                                  ngram_min=spec.ngram_min, ngram_max=spec.ngram_max,
                                  min_accept_rate=self.policy.quality.min_accept_rate)
 
-    def session_policy(self) -> SessionPolicy:
-        scheduler, io = self.policy.scheduler, self.policy.io
+    def devices(self) -> list[str]:
+        scheduler = self.policy.scheduler
         devices = SCHEDULER_DEVICES.get(scheduler.mode, [scheduler.prefill_device, scheduler.decode_device])
-        ordered = list(dict.fromkeys([*devices, "cpu"]))
-        return SessionPolicy(devices=ordered, enable_iobinding=io.enable_iobinding,
-                             dml_pool_bytes=io.dml_pool_bytes if "dml" in ordered else None,
-                             attention_probe=self.importance == "attention")
+        return list(dict.fromkeys([*devices, "cpu"]))
+
+    def session_policy(self) -> SessionPolicy:
+        """Session options for the next request; spinning follows the measured load (``threads.py``)."""
+        devices, io = self.devices(), self.policy.io
+        return SessionPolicy(devices=devices, enable_iobinding=io.enable_iobinding,
+                             dml_pool_bytes=io.dml_pool_bytes if "dml" in devices else None,
+                             attention_probe=self.importance == "attention",
+                             allow_spinning=self.threads.allow_spinning())
 
     @property
     def use_baseline(self) -> bool:
@@ -242,6 +249,7 @@ class Controller:
                 "hybrid_scheduling_reason": "one ONNX Runtime session per model; prefill/decode device split is not "
                                             "implemented",
                 "current_policy": status.kv.mode, "policy_version": self.policy_version,
+                "thread_policy": self.threads.status(),
                 "fallbacks": self.fallbacks.status()},
             "kv_stats": {key: kv.get(key) for key in ("tokens_by_tier", "bytes_by_tier", "blocks_sealed",
                                                       "block_layers_quantized", "blocks_evicted",

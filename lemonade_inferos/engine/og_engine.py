@@ -40,7 +40,9 @@ class OgEngine:
         self.model = og.Model(str(self.folder.path))
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                 stats: GenerationStats | None = None, **_: object) -> Iterator[GenerationChunk]:
+                 stats: GenerationStats | None = None, ngram: bool = False,
+                 **_: object) -> Iterator[GenerationChunk]:
+        """Stream a completion; ``ngram`` turns on og.Generator's own n-gram speculation (for benchmarks)."""
         og = self._og
         stats = stats if stats is not None else GenerationStats()
         prompt = [int(t) for t in prompt_ids]
@@ -62,18 +64,30 @@ class OgEngine:
             search["min_length"] = max_length
         og_params = og.GeneratorParams(self.model)
         og_params.set_search_options(**search)
+        if ngram:
+            og_params.set_speculative_options(ngram_size=3, max_draft_tokens=4)
         generator = og.Generator(self.model, og_params)
         stats.prompt_n = len(prompt)
         generator.append_tokens(prompt)
         stats.prefill_end_time = time.perf_counter()
         emitter = TokenEmitter(self.tokenizer, self.folder.eos_token_ids, params)
+        length = len(prompt)
         while stats.predicted_n < params.max_tokens and not generator.is_done():
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            stats.mark_token()
-            chunk = emitter.push(token)
-            if chunk is not None:
-                yield chunk
+            generator.generate_next_token()  # one token, or several with speculation
+            sequence = generator.get_sequence(0)
+            tokens = [int(t) for t in sequence[length:len(sequence)]]
+            if generator.is_done():  # an EOS that ends the generation is not appended to the sequence
+                last = int(generator.get_next_tokens()[0])
+                if not tokens or tokens[-1] != last:
+                    tokens.append(last)
+            for token in tokens:
+                stats.mark_token()
+                chunk = emitter.push(token)
+                if chunk is not None:
+                    yield chunk
+                if emitter.done or stats.predicted_n == params.max_tokens:
+                    break
+            length = len(sequence)
             if emitter.done:
                 break
         stats.end_time = time.perf_counter()
