@@ -253,7 +253,8 @@ class OrtEngine:
             sampler.observe(prompt)
         emitter = TokenEmitter(self.tokenizer, self.folder.eos_token_ids, params)
         drafter = make_drafter(speculation) if speculation is not None and speculation.drafts else None
-        watch = AcceptanceWatch(speculation.min_accept_rate) if drafter is not None else None
+        watch = AcceptanceWatch(speculation.min_accept_rate, speculation.num_draft_tokens) \
+            if drafter is not None else None
         if drafter is not None:
             drafter.extend(prompt)
         step_ids = np.zeros((1, 1), dtype=np.int64)  # reused every step: no per-token allocations
@@ -270,7 +271,7 @@ class OrtEngine:
             if drafter is not None:  # the drafter continues the sequence as emitted
                 drafter.extend([token])
             room = params.max_tokens - produced - 1  # tokens a draft may add after this one
-            draft = drafter.propose(min(speculation.num_draft_tokens, room)) \
+            draft = drafter.propose(min(watch.next_draft, room)) \
                 if drafter is not None and not watch.stopped and room > 0 else []
             try:
                 if not draft:
