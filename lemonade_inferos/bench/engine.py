@@ -12,11 +12,13 @@ freed, so in-process peaks would charge one engine for the other).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import statistics
 from pathlib import Path
 from typing import Any
 
+from lemonade_inferos.bench.load import busy_core
 from lemonade_inferos.bench.rss import PeakRssSampler
 from lemonade_inferos.corpus import corpus_text
 from lemonade_inferos.reports import plot_path_for, write_json
@@ -82,8 +84,28 @@ def measure_peak_rss(name: str, model_dir: Path, prompt: list[int], new_tokens: 
     return float(peak)
 
 
+def condition_rows(model_dir: Path, prompt: list[int], new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Decode tok/s of og.Generator and our engine where users run: at one intra-op thread, and with another
+    process keeping a core busy (our engine then runs as the server's thread policy runs it: no spinning)."""
+    og = OgEngine(model_dir)
+    ours = {"1 thread": OrtEngine(model_dir, SessionPolicy(devices=["cpu"], intra_op_num_threads=1)),
+            "2 threads, 1 core busy": OrtEngine(model_dir, SessionPolicy(devices=["cpu"], allow_spinning=False)),
+            "2 threads spinning, 1 core busy": OrtEngine(model_dir, SessionPolicy(devices=["cpu"]))}
+    rows: dict[str, Any] = {}
+    for condition, engine in ours.items():
+        with busy_core() if "busy" in condition else contextlib.nullcontext():
+            tps: dict[str, list[float]] = {"og": [], "inferos": []}
+            for _ in range(repeats):
+                for name, runner in (("og", og), ("inferos", engine)):
+                    tps[name].append(_run_once(runner, prompt, new_tokens)[1].predicted_per_second)
+        og_tps, our_tps = statistics.median(tps["og"]), statistics.median(tps["inferos"])
+        rows[condition] = {"og_decode_tps": og_tps, "inferos_decode_tps": our_tps, "decode_speedup": our_tps / og_tps}
+    return rows
+
+
 def run_engine_bench(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int = 3,
-                     policy: SessionPolicy | None = None, gguf: Path | None = None) -> dict[str, Any]:
+                     policy: SessionPolicy | None = None, gguf: Path | None = None,
+                     conditions: bool = True) -> dict[str, Any]:
     """Measure the engines; returns the JSON document (see ``inferos bench engine --help``)."""
     policy = policy or SessionPolicy()
     names = ENGINES + ((LLAMACPP,) if gguf else ())
@@ -106,6 +128,8 @@ def run_engine_bench(model_dir: Path, prompt_tokens: int, new_tokens: int, repea
     del engines
     for name in names:
         results[name]["peak_rss_mb"] = measure_peak_rss(name, model_dir, prompt, new_tokens, policy, gguf)
+    if conditions:
+        results["conditions"] = condition_rows(model_dir, prompt, new_tokens, repeats)
     results["identical_tokens"] = sum(a == b for a, b in zip(tokens["og"], tokens["inferos"]))
     results["compared_tokens"] = max(len(tokens["og"]), len(tokens["inferos"]))
     results["decode_speedup"] = results["inferos"]["decode_tps"] / results["og"]["decode_tps"]
@@ -144,8 +168,9 @@ def plot_engine_bench(results: dict[str, Any], path: Path) -> None:
 
 
 def bench_engine(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, json_path: Path,
-                 policy: SessionPolicy | None = None, gguf: Path | None = None) -> dict[str, Any]:
-    results = run_engine_bench(model_dir, prompt_tokens, new_tokens, repeats, policy, gguf)
+                 policy: SessionPolicy | None = None, gguf: Path | None = None,
+                 conditions: bool = True) -> dict[str, Any]:
+    results = run_engine_bench(model_dir, prompt_tokens, new_tokens, repeats, policy, gguf, conditions)
     write_json(json_path, results)
     plot_engine_bench(results, plot_path_for(json_path))
     return results

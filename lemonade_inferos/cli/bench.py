@@ -26,11 +26,13 @@ def bench() -> None:
 @click.option("--threads", default=0, show_default=True,
               help="intra-op threads for our engine and llama.cpp (0: their defaults).")
 @llamacpp_options("time llama.cpp on it in the same loop")
+@click.option("--conditions/--no-conditions", default=True, show_default=True,
+              help="Also decode at 1 thread and with another process keeping a core busy.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/engine.json"),
               show_default=True, help="Where to write the JSON; the PNG goes beside it.")
 @handle_errors
 def bench_engine_cmd(model_name: str, prompt_tokens: int, new_tokens: int, repeats: int, threads: int,
-                     llamacpp: bool | None, gguf: Path | None, json_path: Path) -> None:
+                     llamacpp: bool | None, gguf: Path | None, conditions: bool, json_path: Path) -> None:
     """Our engine vs og.Generator (and llama.cpp): prefill/decode tok/s, TTFT, peak RSS, identical greedy tokens."""
     from lemonade_inferos.bench.engine import bench_engine
     from lemonade_inferos.engine.build import resolve_model
@@ -39,13 +41,16 @@ def bench_engine_cmd(model_name: str, prompt_tokens: int, new_tokens: int, repea
     folder = resolve_model(model_name, build_missing=True, progress=console.log)
     gguf = gguf_for_llamacpp(llamacpp, gguf, model_name)
     results = bench_engine(folder, prompt_tokens, new_tokens, repeats, json_path,
-                           SessionPolicy(intra_op_num_threads=threads), gguf)
+                           SessionPolicy(intra_op_num_threads=threads), gguf, conditions)
     table = Table("engine", "prefill tok/s", "decode tok/s", "TTFT s", "peak RSS MiB")
     for name in results["engines"]:
         r = results[name]
         table.add_row(name, f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.1f}", f"{r['ttft_s']:.3f}",
                       f"{r['peak_rss_mb']:.0f}")
     Console().print(table)
+    for condition, row in results.get("conditions", {}).items():
+        Console().print(f"{condition}: og {row['og_decode_tps']:.1f} tok/s, inferos {row['inferos_decode_tps']:.1f} "
+                        f"tok/s, decode x{row['decode_speedup']:.2f}")
     Console().print(f"decode x{results['decode_speedup']:.2f}, prefill x{results['prefill_speedup']:.2f}, "
                     f"identical greedy tokens {results['identical_tokens']}/{results['compared_tokens']}; "
                     f"wrote {json_path} and {json_path.with_suffix('.png')}")

@@ -20,6 +20,21 @@ def test_bench_engine_writes_both_engines_measured_and_a_plot(model_dir, tmp_pat
         assert doc[engine]["decode_tps"] > 0 and doc[engine]["peak_rss_mb"] > 100
     assert doc["new_tokens"] == 8 and doc["identical_tokens"] == 8
     assert out.with_suffix(".png").stat().st_size > 10_000
+    assert set(doc["conditions"]) == {"1 thread", "2 threads, 1 core busy", "2 threads spinning, 1 core busy"}
+    assert all(row["og_decode_tps"] > 0 and row["inferos_decode_tps"] > 0 for row in doc["conditions"].values())
+
+
+def test_bench_spec_measures_every_config_in_every_condition(model_dir, tmp_path):
+    out = tmp_path / "spec.json"
+    result = CliRunner().invoke(cli, ["bench", "spec", "--model", str(model_dir), "--new-tokens", "8",
+                                      "--repeats", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert len(doc["rows"]) == 3 * 4 * 5  # conditions x prompt sets x configs
+    assert all(row["decode_tps"] > 0 for row in doc["rows"])
+    ours = [row for row in doc["rows"] if row["config"].startswith("inferos")]
+    assert all(row["identical_tokens"] == 8 for row in ours)  # greedy: speculation changes no token
+    assert out.with_suffix(".png").stat().st_size > 10_000
 
 
 def test_eval_ppl_writes_the_documented_keys(model_dir, tmp_path):
