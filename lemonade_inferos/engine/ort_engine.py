@@ -253,7 +253,7 @@ class OrtEngine:
             sampler.observe(prompt)
         emitter = TokenEmitter(self.tokenizer, self.folder.eos_token_ids, params)
         drafter = make_drafter(speculation) if speculation is not None and speculation.drafts else None
-        watch = AcceptanceWatch(speculation.min_accept_rate, speculation.num_draft_tokens) \
+        watch = AcceptanceWatch(speculation.stop_below, speculation.num_draft_tokens) \
             if drafter is not None else None
         if drafter is not None:
             drafter.extend(prompt)

@@ -49,6 +49,12 @@ class SpeculationConfig(BaseModel):
     def drafts(self) -> bool:
         return self.mode != "off"
 
+    @property
+    def stop_below(self) -> float:
+        """The acceptance under which a request stops drafting: ``min_accept_rate`` in ``auto``; ``ngram`` always
+        drafts."""
+        return self.min_accept_rate if self.mode == "auto" else 0.0
+
 
 class Drafter(Protocol):
     def extend(self, token_ids: Sequence[int]) -> None:
