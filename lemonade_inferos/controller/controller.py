@@ -161,7 +161,7 @@ class Controller:
         spec = self.policy.speculative
         return SpeculationConfig(mode=spec.mode, num_draft_tokens=num_draft_tokens or spec.num_draft_tokens,
                                  ngram_min=spec.ngram_min, ngram_max=spec.ngram_max,
-                                 min_accept_rate=self.policy.quality.min_accept_rate)
+                                 min_accept_rate=self.policy.quality.min_accept_rate, draft_model=spec.draft_model)
 
     def devices(self) -> list[str]:
         scheduler = self.policy.scheduler

@@ -62,15 +62,26 @@ class SpeculativePolicy(_Strict):
     same way; ``off`` decodes plainly.
     """
 
-    mode: Literal["off", "ngram", "auto"] = "auto"
+    mode: Literal["off", "ngram", "draft", "auto"] = "auto"
     num_draft_tokens: int = Field(4, ge=1, le=16)
     ngram_min: int = Field(2, ge=1, le=8)
     ngram_max: int = Field(4, ge=1, le=8)
+    draft_model: str | None = Field(None, description="mode draft: a built model name or a model folder")
 
     @model_validator(mode="after")
-    def _ngram_range(self) -> "SpeculativePolicy":
+    def _consistent(self) -> "SpeculativePolicy":
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        if self.mode == "draft":
+            if not self.draft_model:
+                raise ValueError("mode 'draft' needs draft_model: a smaller model with the same tokenizer")
+            from lemonade_inferos.engine.build import resolve_model
+            from lemonade_inferos.errors import InferosError
+
+            try:
+                resolve_model(self.draft_model)
+            except InferosError as exc:
+                raise ValueError(f"draft_model: {exc.message}") from exc
         return self
 
 

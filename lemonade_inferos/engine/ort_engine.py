@@ -13,6 +13,7 @@ writes new K/V in place and nothing is copied per step.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -27,10 +28,10 @@ from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KV
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
 from lemonade_inferos.engine.sampling import Sampler, SamplingParams
 from lemonade_inferos.engine.session import AppliedSessionOptions, SessionPolicy, build_session_options
-from lemonade_inferos.engine.speculative import AcceptanceWatch, SpeculationConfig, make_drafter
+from lemonade_inferos.engine.speculative import AcceptanceWatch, Drafter, SpeculationConfig, ngram_drafter
 from lemonade_inferos.engine.tokenizer import ChatTokenizer
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
-from lemonade_inferos.errors import GenerationError
+from lemonade_inferos.errors import GenerationError, InferosError
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class OrtEngine:
         self.has_logits_positions = graph.has_logits_positions
         self.probe_outputs = graph.probe_outputs
         self.session = ort.InferenceSession(graph.model, options, providers=self.applied_options.providers)
+        self._draft_engines: dict[str, OrtEngine] = {}
         self.layout = KVLayout(num_layers=self.folder.num_layers, num_kv_heads=self.folder.num_kv_heads,
                                head_size=self.folder.head_size,
                                max_tokens=min(context_length or self.folder.context_length, self.folder.context_length),
@@ -252,7 +254,7 @@ class OrtEngine:
         if params.repetition_penalty != 1.0:
             sampler.observe(prompt)
         emitter = TokenEmitter(self.tokenizer, self.folder.eos_token_ids, params)
-        drafter = make_drafter(speculation) if speculation is not None and speculation.drafts else None
+        drafter = self._drafter(speculation) if speculation is not None and speculation.drafts else None
         watch = AcceptanceWatch(speculation.stop_below, speculation.num_draft_tokens) \
             if drafter is not None else None
         if drafter is not None:
@@ -305,6 +307,36 @@ class OrtEngine:
         stats.finish_reason = emitter.finish_reason
         yield emitter.final()
 
+    def _drafter(self, speculation: SpeculationConfig) -> Drafter | None:
+        """The request's drafter; a draft model that cannot serve (missing, another tokenizer) is logged and the
+        request decodes plainly (it is a setting's fault, not the request's nor the engine's)."""
+        if speculation.mode != "draft":
+            return ngram_drafter(speculation)
+        try:
+            return ModelDrafter(self.draft_engine(speculation.draft_model))
+        except (ValueError, InferosError) as exc:
+            _log_once_per_reason(f"speculative decoding off for this model: {exc}")
+            return None
+
+    def draft_engine(self, name_or_path: str) -> "OrtEngine":
+        """The draft model's engine (loaded once, one thread: it runs between the target's steps).
+
+        Raises:
+            ValueError: the draft model's tokenizer is not this model's (its ids would mean other tokens).
+        """
+        from lemonade_inferos.engine.build import resolve_model
+
+        folder = resolve_model(name_or_path)
+        key = str(folder.resolve())
+        if key not in self._draft_engines:
+            draft = OrtEngine(folder, SessionPolicy(devices=self.policy.devices, intra_op_num_threads=1),
+                              context_length=self.layout.max_tokens)
+            if draft.tokenizer.tokenizer.get_vocab() != self.tokenizer.tokenizer.get_vocab():
+                raise ValueError(f"draft model {folder} has a different tokenizer than {self.folder.path}: "
+                                 "its token ids would mean other tokens; pick a model of the same family")
+            self._draft_engines[key] = draft
+        return self._draft_engines[key]
+
     @staticmethod
     def _accepted(sampler: Sampler, rows: np.ndarray, draft: list[int]) -> list[int]:
         """The draft tokens the model keeps, then one more token: the correction of the first rejected one, or
@@ -317,6 +349,40 @@ class OrtEngine:
                 return outs
         outs.append(sampler.sample(rows[len(draft)]))
         return outs
+
+
+class ModelDrafter:
+    """A draft model proposes greedily in its own dense cache, kept in step with the target's sequence: before each
+    draft its cache is cut back to the common prefix (rejected draft tokens leave) and the missing tokens run."""
+
+    def __init__(self, engine: OrtEngine) -> None:
+        self.engine = engine
+        self.cache = engine.new_cache()
+        self.binding = _StepBinding(engine, self.cache)
+        self.ids: list[int] = []
+
+    def extend(self, token_ids: Sequence[int]) -> None:
+        self.ids.extend(int(t) for t in token_ids)
+
+    def propose(self, k: int) -> list[int]:
+        if k <= 0 or not self.ids:
+            return []
+        self.cache.truncate(common_prefix(self.cache.token_ids, self.ids))
+        logits = self.engine._prefill(self.binding, self.ids[self.cache.num_tokens:])
+        draft = [int(np.argmax(logits))]
+        step = np.zeros((1, 1), dtype=np.int64)
+        while len(draft) < k:
+            step[0, 0] = draft[-1]
+            try:
+                draft.append(int(np.argmax(self.binding.run(step, all_logits=False))))
+            except CacheFullError:
+                break
+        return draft
+
+
+@functools.lru_cache(maxsize=32)
+def _log_once_per_reason(message: str) -> None:
+    log.warning(message)
 
 
 def default_probe_layers(num_layers: int) -> tuple[int, ...]:

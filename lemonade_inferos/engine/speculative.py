@@ -12,6 +12,8 @@ Drafters (one interface, :class:`Drafter`):
 - :class:`NgramDrafter`, prompt lookup: the last ``n`` tokens (n from ``ngram_max`` down to ``ngram_min``) are
   looked up in the prompt and everything generated so far; the tokens that followed their latest earlier
   occurrence are the draft. Chats that quote their context, RAG answers and code edits repeat long spans.
+- ``ModelDrafter`` (``ort_engine.py``), a draft model: a smaller model with the same tokenizer decodes the draft
+  greedily in its own KV cache, truncated back to what the target kept before the next draft.
 
 Acceptance is watched per request: once ``min_accept_rate`` is not met over the drafted tokens (after a few
 verify steps), drafting stops for the rest of that request.
@@ -24,7 +26,7 @@ from typing import Literal, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SpeculativeMode = Literal["off", "ngram", "auto"]
+SpeculativeMode = Literal["off", "ngram", "draft", "auto"]
 MIN_DRAFTED_BEFORE_JUDGING = 32  # drafted tokens before a low acceptance may switch drafting off (measured:
                                  # judging after 12 stopped drafting in prompts that went on to accept 60%)
 
@@ -38,11 +40,14 @@ class SpeculationConfig(BaseModel):
     ngram_min: int = Field(2, ge=1, le=8)
     ngram_max: int = Field(4, ge=1, le=8)
     min_accept_rate: float = Field(0.5, ge=0.0, le=1.0)
+    draft_model: str | None = Field(None, description="mode draft: a model folder or name with the same tokenizer")
 
     @model_validator(mode="after")
-    def _ngram_range(self) -> "SpeculationConfig":
+    def _consistent(self) -> "SpeculationConfig":
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        if self.mode == "draft" and not self.draft_model:
+            raise ValueError("speculative mode 'draft' needs draft_model (a smaller model with the same tokenizer)")
         return self
 
     @property
@@ -51,9 +56,9 @@ class SpeculationConfig(BaseModel):
 
     @property
     def stop_below(self) -> float:
-        """The acceptance under which a request stops drafting: ``min_accept_rate`` in ``auto``; ``ngram`` always
-        drafts."""
-        return self.min_accept_rate if self.mode == "auto" else 0.0
+        """The acceptance under which a request stops drafting: ``min_accept_rate`` in ``auto`` and ``draft`` (a draft
+        model's steps cost time); ``ngram`` always drafts."""
+        return 0.0 if self.mode == "ngram" else self.min_accept_rate
 
 
 class Drafter(Protocol):
@@ -121,8 +126,8 @@ class AcceptanceWatch:
         return self.accepted / self.drafted if self.drafted else None
 
 
-def make_drafter(config: SpeculationConfig) -> Drafter | None:
-    """The drafter a config asks for; ``auto`` drafts by prompt lookup and lets the acceptance watch decide."""
+def ngram_drafter(config: SpeculationConfig) -> Drafter | None:
+    """Prompt lookup for ``ngram`` and ``auto`` (which lets the acceptance watch decide); None otherwise."""
     if config.mode in ("ngram", "auto"):
         return NgramDrafter(config.ngram_min, config.ngram_max)
     return None
