@@ -70,7 +70,7 @@ def _decode(engine: Any, prompt: list[int], new_tokens: int, speculation: Specul
 
 
 def bench_spec(model_dir: Path, new_tokens: int, repeats: int, json_path: Path,
-               progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+               progress: Callable[[str], None] = lambda msg: None, draft_model: str | None = None) -> dict[str, Any]:
     og = OgEngine(model_dir)
     one = OrtEngine(model_dir, SessionPolicy(devices=["cpu"], intra_op_num_threads=1))
     spinning = OrtEngine(model_dir, SessionPolicy(devices=["cpu"], allow_spinning=True))
@@ -78,6 +78,7 @@ def bench_spec(model_dir: Path, new_tokens: int, repeats: int, json_path: Path,
     sets = {name: one.tokenizer.encode(one.tokenizer.apply_chat_template(messages))
             for name, messages in prompt_sets().items()}
     ngram, auto = SpeculationConfig(mode="ngram", min_accept_rate=0.0), SpeculationConfig(mode="auto")
+    draft = SpeculationConfig(mode="draft", draft_model=draft_model, min_accept_rate=0.0) if draft_model else None
     results: dict[str, Any] = {"model": model_dir.name, "new_tokens": new_tokens, "repeats": repeats,
                                "prompt_tokens": {name: len(ids) for name, ids in sets.items()}, "rows": []}
     for condition in CONDITIONS:
@@ -87,6 +88,8 @@ def bench_spec(model_dir: Path, new_tokens: int, repeats: int, json_path: Path,
                    "inferos plain": lambda ids: _decode(ours, ids, new_tokens),
                    "inferos ngram": lambda ids: _decode(ours, ids, new_tokens, ngram),
                    "inferos auto": lambda ids: _decode(ours, ids, new_tokens, auto)}
+        if draft is not None:
+            runners["inferos draft"] = lambda ids: _decode(ours, ids, new_tokens, draft)
         with busy_core() if "busy" in condition else contextlib.nullcontext():
             for set_name, ids in sets.items():
                 progress(f"{condition}: {set_name}")
@@ -128,10 +131,11 @@ def plot_spec(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sets = list(results["prompt_tokens"])
+    configs = [c for c in (*CONFIGS, "inferos draft") if any(r["config"] == c for r in results["rows"])]
     fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(5 * len(CONDITIONS), 4.5), sharey=True)
-    width = 0.8 / len(CONFIGS)
+    width = 0.8 / len(configs)
     for axis, condition in zip(axes, CONDITIONS):
-        for index, config in enumerate(CONFIGS):
+        for index, config in enumerate(configs):
             values = [next(r["decode_tps"] for r in results["rows"] if r["condition"] == condition
                            and r["set"] == s and r["config"] == config) for s in sets]
             axis.bar([x + index * width for x in range(len(sets))], values, width, label=config)

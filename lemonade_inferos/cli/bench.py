@@ -63,10 +63,12 @@ def bench_engine_cmd(model_name: str, prompt_tokens: int, new_tokens: int, repea
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
 @click.option("--new-tokens", default=96, show_default=True, help="Greedy tokens decoded per run.")
 @click.option("--repeats", default=2, show_default=True, help="Runs per configuration (median reported).")
+@click.option("--draft-model", default=None,
+              help="Also draft with this model (same tokenizer), e.g. smollm2-135m-int4 for smollm2-135m.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/spec.json"),
               show_default=True)
 @handle_errors
-def bench_spec_cmd(model_name: str, new_tokens: int, repeats: int, json_path: Path) -> None:
+def bench_spec_cmd(model_name: str, new_tokens: int, repeats: int, draft_model: str | None, json_path: Path) -> None:
     """Speculative decoding and the thread policy: four prompt sets, og.Generator (plain and n-gram) and our engine
     (plain, ngram, auto) at 1 thread, 2 threads, and 2 threads with a core kept busy."""
     from lemonade_inferos.bench.spec import CONDITIONS, bench_spec
@@ -74,7 +76,9 @@ def bench_spec_cmd(model_name: str, new_tokens: int, repeats: int, json_path: Pa
 
     folder = resolve_model(model_name, build_missing=True, progress=console.log)
     with console.status("benchmarking") as status:
-        results = bench_spec(folder, new_tokens, repeats, json_path, progress=status.update)
+        if draft_model:
+            resolve_model(draft_model, build_missing=True, progress=console.log)
+        results = bench_spec(folder, new_tokens, repeats, json_path, progress=status.update, draft_model=draft_model)
     table = Table("condition", "set", "config", "decode tok/s", "x og plain", "x og ngram", "accept", "identical")
     for row in results["rows"]:
         ratio = results["ratios"][f"{row['condition']} | {row['set']}"][row["config"]]

@@ -22,8 +22,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from lemonade_inferos.engine.binding import StepBinding
 from lemonade_inferos.engine.emit import TokenEmitter
-from lemonade_inferos.engine.graph import LOGITS_POSITIONS, POSITION_IDS, prepare_graph
+from lemonade_inferos.engine.graph import prepare_graph
 from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout, common_prefix
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
 from lemonade_inferos.engine.sampling import Sampler, SamplingParams
@@ -36,107 +37,6 @@ from lemonade_inferos.errors import GenerationError, InferosError
 log = logging.getLogger(__name__)
 
 CacheFactory = Callable[[KVLayout], KVCache]
-
-
-class _StepBinding:
-    """One request's IOBinding; rebinds K/V only when the cache reallocates its buffers."""
-
-    def __init__(self, engine: "OrtEngine", cache: KVCache, run_options: ort.RunOptions | None = None) -> None:
-        self.engine = engine
-        self.run_options = run_options
-        self.cache = cache
-        self.io = engine.session.io_binding()
-        self._bound_version = -1
-        self._mask = np.ones((1, cache.layout.max_tokens + 1), dtype=np.int64)
-        # decode (and prefill, where the graph selects logits rows) writes one row of logits into the same buffer
-        self._step_logits = np.empty((1, 1, engine.folder.vocab_size), dtype=np.float32)
-        self._last_row = np.zeros(1, dtype=np.int64)
-        # decode steps write the probes' attention rows ([heads, 1, past + 1] each) into buffers of their own,
-        # allocated at the first decode step (scoring runs chunks only)
-        self._step_probes: list[np.ndarray] = []
-
-    def run(self, token_ids: np.ndarray, all_logits: bool) -> np.ndarray:
-        """Run the model on ``token_ids`` ``[1, n]`` after the cached tokens; commit them.
-
-        Returns:
-            logits ``[n, vocab]`` when ``all_logits`` else ``[vocab]`` for the last token.
-        """
-        logits, probes = self._forward(token_ids, all_logits)
-        self.engine.observe(self.cache, probes, token_ids.shape[1])
-        self.cache.commit(token_ids[0].tolist())
-        return logits[0] if all_logits else logits[0, -1]
-
-    def verify(self, token_ids: list[int]) -> tuple[np.ndarray, list[np.ndarray] | None]:
-        """Run ``token_ids`` (the last sampled token and a draft) and return every row's logits ``[n, vocab]`` and
-        the probes, committing nothing: :meth:`keep` then commits the accepted prefix."""
-        logits, probes = self._forward(np.asarray(token_ids, dtype=np.int64)[None, :], all_logits=True)
-        return logits[0], probes
-
-    def keep(self, token_ids: list[int], probes: list[np.ndarray] | None) -> None:
-        """Commit the first ``len(token_ids)`` tokens of the last :meth:`verify` (their K/V is in place already);
-        the attention they saw is observed as if they had run alone: their rows, up to their own keys."""
-        num_keep = len(token_ids)
-        if probes is not None:
-            total = self.cache.num_tokens + num_keep
-            probes = [p[:, :, :num_keep, :total] for p in probes]
-        self.engine.observe(self.cache, probes, num_keep)
-        self.cache.commit(token_ids)
-
-    def _forward(self, token_ids: np.ndarray, all_logits: bool) -> tuple[np.ndarray, list[np.ndarray] | None]:
-        engine, cache, io = self.engine, self.cache, self.io
-        num_new = token_ids.shape[1]
-        cache.reserve(num_new)
-        if cache.buffers_version != self._bound_version:
-            self._bind_cache()
-        names = engine.folder.input_names
-        io.bind_cpu_input(names["input_ids"], token_ids)
-        io.bind_cpu_input(names["attention_mask"], self._mask[:, :cache.num_tokens + num_new])
-        if engine.has_position_ids:
-            io.bind_cpu_input(POSITION_IDS, cache.new_positions(num_new))
-        rows = num_new if all_logits or not engine.has_logits_positions else 1
-        if engine.has_logits_positions:
-            self._last_row[0] = num_new - 1
-            io.bind_cpu_input(LOGITS_POSITIONS, np.arange(num_new, dtype=np.int64) if rows > 1 else self._last_row)
-        logits = (self._step_logits if rows == 1
-                  else np.empty((1, rows, engine.folder.vocab_size), dtype=np.float32))
-        io.bind_output(engine.folder.output_names["logits"], "cpu", 0, np.float32, list(logits.shape),
-                       logits.ctypes.data)
-        probes = self._bind_probes(num_new, cache.num_tokens + num_new)
-        engine.session.run_with_iobinding(io, self.run_options)
-        if not (engine.probe_outputs and cache.wants_attention):
-            return logits, None
-        if probes is None:  # a chunk: ORT allocated them; they were bound last
-            probes = [value.numpy() for value in io.get_outputs()[-len(engine.probe_outputs):]]
-        return logits, probes
-
-    def _bind_probes(self, num_new: int, total: int) -> list[np.ndarray] | None:
-        """Bind the attention probe outputs: a decode step's into preallocated buffers (returned as the
-        ``[1, heads, 1, total]`` views ORT writes), a prefill chunk's to ORT-allocated memory (None)."""
-        names = self.engine.probe_outputs
-        if not names:
-            return None
-        if num_new > 1:
-            for name in names:
-                self.io.bind_output(name, "cpu")
-            return None
-        heads = self.engine.folder.num_attention_heads
-        if not self._step_probes:
-            self._step_probes = [np.empty(heads * (self.cache.layout.max_tokens + 1), dtype=np.float32)
-                                 for _ in names]
-        shape = [1, heads, 1, total]
-        views = [buffer[: shape[1] * total].reshape(shape) for buffer in self._step_probes]
-        for name, view in zip(names, views):
-            self.io.bind_output(name, "cpu", 0, np.float32, shape, view.ctypes.data)
-        return views
-
-    def _bind_cache(self) -> None:
-        folder, io = self.engine.folder, self.io
-        for layer, (key, value) in enumerate(self.cache.ort_values()):
-            io.bind_ortvalue_input(folder.past_key_name(layer), key)
-            io.bind_ortvalue_input(folder.past_value_name(layer), value)
-            io.bind_ortvalue_output(folder.present_key_name(layer), key)
-            io.bind_ortvalue_output(folder.present_value_name(layer), value)
-        self._bound_version = self.cache.buffers_version
 
 
 class OrtEngine:
@@ -199,7 +99,7 @@ class OrtEngine:
     def forward(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         """Run ``token_ids`` after what ``cache`` holds and return every position's logits ``[n, vocab]``."""
         ids = np.asarray(token_ids, dtype=np.int64)[None, :]
-        return _StepBinding(self, cache).run(ids, all_logits=True)
+        return StepBinding(self, cache).run(ids, all_logits=True)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None,
@@ -226,9 +126,9 @@ class OrtEngine:
         reused = cache_prefix_reuse(cache, prompt)
         cache.plan_capacity(len(prompt) + params.max_tokens)
         stats.prompt_n, stats.cache_n = len(prompt), reused
-        binding = _StepBinding(self, cache, make_run_options(run_options))
+        binding = StepBinding(self, cache, make_run_options(run_options))
         try:
-            logits = self._prefill(binding, prompt[reused:])
+            logits = self.prefill(binding, prompt[reused:])
         except CacheFullError as exc:
             cache.truncate(reused)
             raise GenerationError(
@@ -237,7 +137,7 @@ class OrtEngine:
         stats.prefill_end_time = time.perf_counter()
         yield from self._decode(binding, logits, prompt, params, stats, speculation)
 
-    def _prefill(self, binding: _StepBinding, ids: list[int]) -> np.ndarray:
+    def prefill(self, binding: StepBinding, ids: list[int]) -> np.ndarray:
         logits = None
         for start in range(0, len(ids), self.prefill_chunk_tokens):
             chunk = np.asarray(ids[start:start + self.prefill_chunk_tokens], dtype=np.int64)[None, :]
@@ -245,7 +145,7 @@ class OrtEngine:
         assert logits is not None, "prefill of zero tokens: this indicates a bug in cache_prefix_reuse"
         return logits
 
-    def _decode(self, binding: _StepBinding, logits: np.ndarray, prompt: list[int], params: SamplingParams,
+    def _decode(self, binding: StepBinding, logits: np.ndarray, prompt: list[int], params: SamplingParams,
                 stats: GenerationStats, speculation: SpeculationConfig | None = None) -> Iterator[GenerationChunk]:
         """Sample, stream, run the token, repeat. With a drafter, a step runs the last token and a draft at once
         and emits every token the model agrees with (``speculative.py``); the tokens committed and observed are
@@ -312,6 +212,8 @@ class OrtEngine:
         request decodes plainly (it is a setting's fault, not the request's nor the engine's)."""
         if speculation.mode != "draft":
             return ngram_drafter(speculation)
+        from lemonade_inferos.engine.draft_model import ModelDrafter
+
         try:
             return ModelDrafter(self.draft_engine(speculation.draft_model))
         except (ValueError, InferosError) as exc:
@@ -349,35 +251,6 @@ class OrtEngine:
                 return outs
         outs.append(sampler.sample(rows[len(draft)]))
         return outs
-
-
-class ModelDrafter:
-    """A draft model proposes greedily in its own dense cache, kept in step with the target's sequence: before each
-    draft its cache is cut back to the common prefix (rejected draft tokens leave) and the missing tokens run."""
-
-    def __init__(self, engine: OrtEngine) -> None:
-        self.engine = engine
-        self.cache = engine.new_cache()
-        self.binding = _StepBinding(engine, self.cache)
-        self.ids: list[int] = []
-
-    def extend(self, token_ids: Sequence[int]) -> None:
-        self.ids.extend(int(t) for t in token_ids)
-
-    def propose(self, k: int) -> list[int]:
-        if k <= 0 or not self.ids:
-            return []
-        self.cache.truncate(common_prefix(self.cache.token_ids, self.ids))
-        logits = self.engine._prefill(self.binding, self.ids[self.cache.num_tokens:])
-        draft = [int(np.argmax(logits))]
-        step = np.zeros((1, 1), dtype=np.int64)
-        while len(draft) < k:
-            step[0, 0] = draft[-1]
-            try:
-                draft.append(int(np.argmax(self.binding.run(step, all_logits=False))))
-            except CacheFullError:
-                break
-        return draft
 
 
 @functools.lru_cache(maxsize=32)

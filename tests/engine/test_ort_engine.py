@@ -43,12 +43,12 @@ def test_chunked_prefill_gives_the_same_logits_as_one_pass(ort_engine, corpus_id
 
 
 def test_prefill_computes_only_the_last_logits_row_and_it_equals_the_full_pass(ort_engine, corpus_ids):
-    from lemonade_inferos.engine.ort_engine import _StepBinding
+    from lemonade_inferos.engine.binding import StepBinding
 
     assert ort_engine.has_logits_positions, "the LM head of the built model was not found by the graph patch"
     chunk = np.asarray(corpus_ids[:200], dtype=np.int64)[None, :]
-    full = _StepBinding(ort_engine, ort_engine.new_cache()).run(chunk, all_logits=True)
-    last = _StepBinding(ort_engine, ort_engine.new_cache()).run(chunk, all_logits=False)
+    full = StepBinding(ort_engine, ort_engine.new_cache()).run(chunk, all_logits=True)
+    last = StepBinding(ort_engine, ort_engine.new_cache()).run(chunk, all_logits=False)
     assert full.shape == (200, ort_engine.folder.vocab_size) and last.shape == (ort_engine.folder.vocab_size,)
     np.testing.assert_array_equal(last, full[-1])
 

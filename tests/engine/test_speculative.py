@@ -145,3 +145,34 @@ def test_a_bad_speculation_config_is_refused():
     for bad in ({"mode": "sometimes"}, {"num_draft_tokens": -1}, {"ngram_min": 4, "ngram_max": 2}):
         with pytest.raises(ValueError):
             SpeculationConfig(**bad)
+
+
+def test_a_draft_model_drafts_in_its_own_cache_and_changes_no_greedy_token(ort_engine, model_dir, repeat_prompt):
+    """The model drafting for itself (a second session of it): the draft cache follows every rollback."""
+    plain, _ = _run(ort_engine, repeat_prompt)
+    drafted, stats = _run(ort_engine, repeat_prompt,
+                          speculation=SpeculationConfig(mode="draft", draft_model=str(model_dir), min_accept_rate=0))
+    assert drafted == plain
+    assert stats.drafted_n > 40 and stats.accepted_n / stats.drafted_n > 0.8
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused_clearly(ort_engine, model_dir, tmp_path):
+    import json
+    import os
+
+    other = tmp_path / "other-tokenizer"
+    other.mkdir()
+    for path in model_dir.iterdir():
+        if path.name != "tokenizer.json":
+            os.symlink(path, other / path.name)
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # same size, other ids
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ValueError, match="different tokenizer"):
+        ort_engine.draft_engine(str(other))
+    # a request asking for it decodes plainly instead of failing
+    tokens, stats = _run(ort_engine, [1, 2, 3], speculation=SpeculationConfig(mode="draft", draft_model=str(other)),
+                         max_tokens=4)
+    assert len(tokens) <= 4 and stats.drafted_n == 0

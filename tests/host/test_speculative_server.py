@@ -57,3 +57,11 @@ def test_bad_speculative_policy_values_are_refused_and_change_nothing(plugin_ser
         response = httpx.post(f"{control}/policy", json={"speculative": bad}, headers=headers)
         assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_policy"
     assert httpx.get(f"{control}/policy").json() == before
+
+
+def test_draft_mode_needs_a_draft_model_that_exists(plugin_server, tmp_path):
+    control = control_url(plugin_server)
+    headers = {"X-Inferos-Token": read_token_file(token_file())}
+    for bad in ({"mode": "draft"}, {"mode": "draft", "draft_model": str(tmp_path / "missing")}):
+        response = httpx.post(f"{control}/policy", json={"speculative": bad}, headers=headers)
+        assert response.status_code == 400 and "draft_model" in response.json()["error"]["message"]

@@ -1,0 +1,120 @@
+"""One request's IOBinding on our engine's session: the cache's buffers bound as past and present, the inputs of
+each step, and the outputs written into preallocated memory.
+
+``run`` runs tokens and commits them; ``verify`` runs the last token and a draft without committing, and ``keep``
+commits the accepted prefix (speculative decoding).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+
+from lemonade_inferos.engine.graph import LOGITS_POSITIONS, POSITION_IDS
+from lemonade_inferos.engine.kv import KVCache
+
+if TYPE_CHECKING:
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+
+
+class StepBinding:
+    """One request's IOBinding; rebinds K/V only when the cache reallocates its buffers."""
+
+    def __init__(self, engine: "OrtEngine", cache: KVCache, run_options: ort.RunOptions | None = None) -> None:
+        self.engine = engine
+        self.run_options = run_options
+        self.cache = cache
+        self.io = engine.session.io_binding()
+        self._bound_version = -1
+        self._mask = np.ones((1, cache.layout.max_tokens + 1), dtype=np.int64)
+        # decode (and prefill, where the graph selects logits rows) writes one row of logits into the same buffer
+        self._step_logits = np.empty((1, 1, engine.folder.vocab_size), dtype=np.float32)
+        self._last_row = np.zeros(1, dtype=np.int64)
+        # decode steps write the probes' attention rows ([heads, 1, past + 1] each) into buffers of their own,
+        # allocated at the first decode step (scoring runs chunks only)
+        self._step_probes: list[np.ndarray] = []
+
+    def run(self, token_ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        """Run the model on ``token_ids`` ``[1, n]`` after the cached tokens; commit them.
+
+        Returns:
+            logits ``[n, vocab]`` when ``all_logits`` else ``[vocab]`` for the last token.
+        """
+        logits, probes = self._forward(token_ids, all_logits)
+        self.engine.observe(self.cache, probes, token_ids.shape[1])
+        self.cache.commit(token_ids[0].tolist())
+        return logits[0] if all_logits else logits[0, -1]
+
+    def verify(self, token_ids: list[int]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Run ``token_ids`` (the last sampled token and a draft) and return every row's logits ``[n, vocab]`` and
+        the probes, committing nothing: :meth:`keep` then commits the accepted prefix."""
+        logits, probes = self._forward(np.asarray(token_ids, dtype=np.int64)[None, :], all_logits=True)
+        return logits[0], probes
+
+    def keep(self, token_ids: list[int], probes: list[np.ndarray] | None) -> None:
+        """Commit the first ``len(token_ids)`` tokens of the last :meth:`verify` (their K/V is in place already);
+        the attention they saw is observed as if they had run alone: their rows, up to their own keys."""
+        num_keep = len(token_ids)
+        if probes is not None:
+            total = self.cache.num_tokens + num_keep
+            probes = [p[:, :, :num_keep, :total] for p in probes]
+        self.engine.observe(self.cache, probes, num_keep)
+        self.cache.commit(token_ids)
+
+    def _forward(self, token_ids: np.ndarray, all_logits: bool) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        engine, cache, io = self.engine, self.cache, self.io
+        num_new = token_ids.shape[1]
+        cache.reserve(num_new)
+        if cache.buffers_version != self._bound_version:
+            self._bind_cache()
+        names = engine.folder.input_names
+        io.bind_cpu_input(names["input_ids"], token_ids)
+        io.bind_cpu_input(names["attention_mask"], self._mask[:, :cache.num_tokens + num_new])
+        if engine.has_position_ids:
+            io.bind_cpu_input(POSITION_IDS, cache.new_positions(num_new))
+        rows = num_new if all_logits or not engine.has_logits_positions else 1
+        if engine.has_logits_positions:
+            self._last_row[0] = num_new - 1
+            io.bind_cpu_input(LOGITS_POSITIONS, np.arange(num_new, dtype=np.int64) if rows > 1 else self._last_row)
+        logits = (self._step_logits if rows == 1
+                  else np.empty((1, rows, engine.folder.vocab_size), dtype=np.float32))
+        io.bind_output(engine.folder.output_names["logits"], "cpu", 0, np.float32, list(logits.shape),
+                       logits.ctypes.data)
+        probes = self._bind_probes(num_new, cache.num_tokens + num_new)
+        engine.session.run_with_iobinding(io, self.run_options)
+        if not (engine.probe_outputs and cache.wants_attention):
+            return logits, None
+        if probes is None:  # a chunk: ORT allocated them; they were bound last
+            probes = [value.numpy() for value in io.get_outputs()[-len(engine.probe_outputs):]]
+        return logits, probes
+
+    def _bind_probes(self, num_new: int, total: int) -> list[np.ndarray] | None:
+        """Bind the attention probe outputs: a decode step's into preallocated buffers (returned as the
+        ``[1, heads, 1, total]`` views ORT writes), a prefill chunk's to ORT-allocated memory (None)."""
+        names = self.engine.probe_outputs
+        if not names:
+            return None
+        if num_new > 1:
+            for name in names:
+                self.io.bind_output(name, "cpu")
+            return None
+        heads = self.engine.folder.num_attention_heads
+        if not self._step_probes:
+            self._step_probes = [np.empty(heads * (self.cache.layout.max_tokens + 1), dtype=np.float32)
+                                 for _ in names]
+        shape = [1, heads, 1, total]
+        views = [buffer[: shape[1] * total].reshape(shape) for buffer in self._step_probes]
+        for name, view in zip(names, views):
+            self.io.bind_output(name, "cpu", 0, np.float32, shape, view.ctypes.data)
+        return views
+
+    def _bind_cache(self) -> None:
+        folder, io = self.engine.folder, self.io
+        for layer, (key, value) in enumerate(self.cache.ort_values()):
+            io.bind_ortvalue_input(folder.past_key_name(layer), key)
+            io.bind_ortvalue_input(folder.past_value_name(layer), value)
+            io.bind_ortvalue_output(folder.present_key_name(layer), key)
+            io.bind_ortvalue_output(folder.present_value_name(layer), value)
+        self._bound_version = self.cache.buffers_version
