@@ -63,7 +63,7 @@ class SpeculativePolicy(_Strict):
     """
 
     mode: Literal["off", "ngram", "draft", "auto"] = "auto"
-    num_draft_tokens: int = Field(4, ge=1, le=16)
+    num_draft_tokens: int = Field(6, ge=1, le=16)
     ngram_min: int = Field(2, ge=1, le=8)
     ngram_max: int = Field(4, ge=1, le=8)
     draft_model: str | None = Field(None, description="mode draft: a built model name or a model folder")

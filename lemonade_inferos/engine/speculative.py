@@ -36,7 +36,7 @@ class SpeculationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     mode: SpeculativeMode = "off"
-    num_draft_tokens: int = Field(4, ge=1, le=16)
+    num_draft_tokens: int = Field(6, ge=1, le=16)
     ngram_min: int = Field(2, ge=1, le=8)
     ngram_max: int = Field(4, ge=1, le=8)
     min_accept_rate: float = Field(0.5, ge=0.0, le=1.0)
