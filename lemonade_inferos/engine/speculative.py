@@ -104,7 +104,7 @@ class AcceptanceWatch:
     (up to ``max_draft``), so a drafter that guesses poorly costs short verify steps, not long ones."""
 
     min_accept_rate: float
-    max_draft: int = 4
+    max_draft: int = 6
     drafted: int = 0
     accepted: int = 0
     stopped: bool = False
