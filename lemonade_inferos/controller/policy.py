@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lemonade_inferos.controller.sizes import parse_size
+from lemonade_inferos.engine.speculative import SpeculativeSettings
 
 GIB = 1024**3
 
@@ -54,7 +55,7 @@ class QualityPolicy(_Strict):
     min_accept_rate: float = Field(0.5, ge=0.0, le=1.0)
 
 
-class SpeculativePolicy(_Strict):
+class SpeculativePolicy(SpeculativeSettings):
     """Speculative decoding: this project's extension of the design document's schema (README, "Decode").
 
     ``auto`` drafts by prompt lookup and stops drafting in a request whose acceptance falls below
@@ -62,19 +63,9 @@ class SpeculativePolicy(_Strict):
     same way; ``off`` decodes plainly.
     """
 
-    mode: Literal["off", "ngram", "draft", "auto"] = "auto"
-    num_draft_tokens: int = Field(6, ge=1, le=16)
-    ngram_min: int = Field(2, ge=1, le=8)
-    ngram_max: int = Field(4, ge=1, le=8)
-    draft_model: str | None = Field(None, description="mode draft: a built model name or a model folder")
-
     @model_validator(mode="after")
-    def _consistent(self) -> "SpeculativePolicy":
-        if self.ngram_min > self.ngram_max:
-            raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+    def _draft_model_exists(self) -> "SpeculativePolicy":
         if self.mode == "draft":
-            if not self.draft_model:
-                raise ValueError("mode 'draft' needs draft_model: a smaller model with the same tokenizer")
             from lemonade_inferos.engine.build import resolve_model
             from lemonade_inferos.errors import InferosError
 

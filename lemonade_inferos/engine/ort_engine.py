@@ -160,19 +160,16 @@ class OrtEngine:
         if drafter is not None:
             drafter.extend(prompt)
         step_ids = np.zeros((1, 1), dtype=np.int64)  # reused every step: no per-token allocations
+        out = _Output(emitter, stats, params.max_tokens)
         token = sampler.sample(logits)
-        produced = 0
         while True:
-            stats.mark_token()
-            produced += 1
-            chunk = emitter.push(token)
-            if chunk is not None:
+            if (chunk := out.push(token)) is not None:
                 yield chunk
-            if emitter.done or produced == params.max_tokens:
+            if out.over:
                 break
             if drafter is not None:  # the drafter continues the sequence as emitted
                 drafter.extend([token])
-            room = params.max_tokens - produced - 1  # tokens a draft may add after this one
+            room = params.max_tokens - out.produced - 1  # tokens a draft may add after this one
             draft = drafter.propose(min(watch.next_draft, room)) \
                 if drafter is not None and not watch.stopped and room > 0 else []
             try:
@@ -189,18 +186,15 @@ class OrtEngine:
             stats.drafted_n += len(draft)
             stats.accepted_n += len(outs) - 1
             kept = [token]
-            for out in outs[:-1]:  # every accepted draft token is emitted here; the last out goes round the loop
-                stats.mark_token()
-                produced += 1
-                chunk = emitter.push(out)
-                if chunk is not None:
+            for accepted in outs[:-1]:  # accepted draft tokens are emitted here; the last out goes round the loop
+                if (chunk := out.push(accepted)) is not None:
                     yield chunk
-                if emitter.done or produced == params.max_tokens:
+                if out.over:
                     break
-                kept.append(out)
-                drafter.extend([out])
+                kept.append(accepted)
+                drafter.extend([accepted])
             binding.keep(kept, probes)
-            if emitter.done or produced == params.max_tokens:
+            if out.over:
                 break
             token = outs[-1]
         stats.end_time = time.perf_counter()
@@ -251,6 +245,23 @@ class OrtEngine:
                 return outs
         outs.append(sampler.sample(rows[len(draft)]))
         return outs
+
+
+class _Output:
+    """The tokens a generation emits: counted, turned into chunks, and the word on when it is over."""
+
+    def __init__(self, emitter: TokenEmitter, stats: GenerationStats, max_tokens: int) -> None:
+        self.emitter, self.stats, self.max_tokens = emitter, stats, max_tokens
+        self.produced = 0
+
+    def push(self, token: int) -> GenerationChunk | None:
+        self.stats.mark_token()
+        self.produced += 1
+        return self.emitter.push(token)
+
+    @property
+    def over(self) -> bool:
+        return self.emitter.done or self.produced == self.max_tokens
 
 
 @functools.lru_cache(maxsize=32)

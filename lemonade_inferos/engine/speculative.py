@@ -31,24 +31,30 @@ MIN_DRAFTED_BEFORE_JUDGING = 32  # drafted tokens before a low acceptance may sw
                                  # judging after 12 stopped drafting in prompts that went on to accept 60%)
 
 
-class SpeculationConfig(BaseModel):
-    """How a request drafts (the policy's ``speculative`` section, resolved for one request)."""
+class SpeculativeSettings(BaseModel):
+    """What drafts and how much: the policy's ``speculative`` section (``controller/policy.py``) is this."""
 
-    model_config = ConfigDict(extra="forbid")
-    mode: SpeculativeMode = "off"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    mode: SpeculativeMode = "auto"
     num_draft_tokens: int = Field(6, ge=1, le=16)
     ngram_min: int = Field(2, ge=1, le=8)
     ngram_max: int = Field(4, ge=1, le=8)
-    min_accept_rate: float = Field(0.5, ge=0.0, le=1.0)
     draft_model: str | None = Field(None, description="mode draft: a model folder or name with the same tokenizer")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SpeculationConfig":
+    def _consistent(self) -> "SpeculativeSettings":
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
         if self.mode == "draft" and not self.draft_model:
             raise ValueError("speculative mode 'draft' needs draft_model (a smaller model with the same tokenizer)")
         return self
+
+
+class SpeculationConfig(SpeculativeSettings):
+    """How one request drafts: the settings and the acceptance it must keep up (``quality.min_accept_rate``)."""
+
+    mode: SpeculativeMode = "off"
+    min_accept_rate: float = Field(0.5, ge=0.0, le=1.0)
 
     @property
     def drafts(self) -> bool:

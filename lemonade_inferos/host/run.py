@@ -66,25 +66,25 @@ class RunLimits:
                 raise ClientDisconnected()
 
 
+@dataclass
 class GenerationRun:
     """One attempt on one engine: what the worker executes and the loop streams.
 
     ``emit`` is set by the loop before the worker starts; ``cache`` is the cache the attempt ran in (None for
-    the baseline engine), for PostRun.
+    the baseline engine), for PostRun. ``stats`` starts when the run is made: TTFT includes building the cache
+    (a restore is part of it).
     """
 
-    def __init__(self, engine: Any, baseline: bool, prompt_ids: Sequence[int], params: SamplingParams,
-                 run_options: dict[str, str], speculation: Any = None) -> None:
-        self.engine = engine
-        self.baseline = baseline
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.run_options = run_options
-        self.speculation = speculation
-        self.stats = GenerationStats()  # TTFT counts from here: building the cache (a restore) is part of it
-        self.cache: Any = None
-        self.emit: Callable[[GenerationChunk], None] = lambda chunk: None
-        self._stop = threading.Event()
+    engine: Any
+    baseline: bool
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+    run_options: dict[str, str]
+    speculation: Any = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    cache: Any = None
+    emit: Callable[[GenerationChunk], None] = lambda chunk: None
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     def stop(self) -> None:
         self._stop.set()
