@@ -58,6 +58,7 @@ class RequestRecord:
     max_tier: int
     engine: Any = None
     salt: bytes = b""
+    chat: bytes = b""                  # the chat this request belongs to (its drafting acceptance is remembered)
 
 
 class InferosPlugin:
@@ -139,8 +140,9 @@ class InferosPlugin:
         if under_pressure:
             self.warm.clear()  # live fp caches are the first memory to give back
         with self._records_lock:
-            self._records[context.request_id] = RequestRecord(kv_plan, controller.guard.max_tier)
-        speculation = controller.speculation(self._draft_tokens_for(context))
+            record = self._records[context.request_id] = RequestRecord(kv_plan, controller.guard.max_tier,
+                                                                       chat=_chat_key(context))
+        speculation = controller.speculation(self._draft_tokens_for(record.chat))
         return RunPlan(session=controller.session_policy(), speculation=speculation,
                        policy_version=controller.policy_version,
                        notes={"guard_level": controller.guard.level, "pressure": kv_plan.pressure,
@@ -172,8 +174,8 @@ class InferosPlugin:
         with self._records_lock:
             record = self._records.pop(context.request_id, None)
         self.controller.record(stats)
-        if stats.drafted_n:
-            self._remember_acceptance(context, stats.accepted_n / stats.drafted_n)
+        if record is not None and stats.drafted_n:
+            self._remember_acceptance(record.chat, stats.accepted_n / stats.drafted_n)
         # a run that ended early (client gone, time limit, shutdown) holds valid KV up to its last token: keep
         # it, a resent request or the next start reuses it; a fault's or a rejected request's cache is dropped
         if (record is None or record.engine is None or not isinstance(cache, TieredKVCache)
@@ -187,22 +189,21 @@ class InferosPlugin:
         self.reuse.release(cache, record.salt, keep_warm=not self.controller.fallbacks.memory_pressure)
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _draft_tokens_for(self, context: InferenceContext) -> int:
+    def _draft_tokens_for(self, chat: bytes) -> int:
         """The policy's draft length, shortened for a chat whose last turn accepted less than
         ``quality.min_accept_rate`` of its drafts (it starts more cautiously; the acceptance watch does the rest)."""
         policy = self.controller.policy
         tokens, target = policy.speculative.num_draft_tokens, policy.quality.min_accept_rate
         with self._records_lock:
-            last = self._chat_acceptance.get(_chat_key(context))
+            last = self._chat_acceptance.get(chat)
         if last is None or target <= 0 or last >= target:
             return tokens
         return max(1, int(tokens * last / target))
 
-    def _remember_acceptance(self, context: InferenceContext, rate: float) -> None:
+    def _remember_acceptance(self, chat: bytes, rate: float) -> None:
         with self._records_lock:
-            key = _chat_key(context)
-            self._chat_acceptance[key] = rate
-            self._chat_acceptance.move_to_end(key)
+            self._chat_acceptance[chat] = rate
+            self._chat_acceptance.move_to_end(chat)
             while len(self._chat_acceptance) > CHATS_REMEMBERED:
                 self._chat_acceptance.popitem(last=False)
 

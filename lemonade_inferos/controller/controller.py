@@ -158,10 +158,10 @@ class Controller:
     def speculation(self, num_draft_tokens: int | None = None) -> SpeculationConfig:
         """The policy's ``speculative`` section for one request (``num_draft_tokens`` overrides the policy's,
         for a chat whose last turn drafted poorly), enforcing ``quality.min_accept_rate``."""
-        spec = self.policy.speculative
-        return SpeculationConfig(mode=spec.mode, num_draft_tokens=num_draft_tokens or spec.num_draft_tokens,
-                                 ngram_min=spec.ngram_min, ngram_max=spec.ngram_max,
-                                 min_accept_rate=self.policy.quality.min_accept_rate, draft_model=spec.draft_model)
+        settings = self.policy.speculative.model_dump()
+        if num_draft_tokens:
+            settings["num_draft_tokens"] = num_draft_tokens
+        return SpeculationConfig(**settings, min_accept_rate=self.policy.quality.min_accept_rate)
 
     def devices(self) -> list[str]:
         scheduler = self.policy.scheduler
