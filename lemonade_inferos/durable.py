@@ -8,6 +8,7 @@ bytes) with a warning that names it, and the server goes on without it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -91,3 +92,19 @@ def _bound(folder: Path) -> None:
             oldest.unlink(missing_ok=True)
     except OSError as exc:  # a full or read-only disk must not turn cleanup into a crash
         log.warning("could not bound %s: %s", folder, exc)
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object written by this package, or None when the file is missing; a damaged file (not UTF-8, not
+    JSON, not an object) is quarantined and read as missing."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        quarantine(path, "not a JSON object")
+        return None
+    return data

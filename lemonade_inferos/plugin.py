@@ -59,6 +59,7 @@ class RequestRecord:
     engine: Any = None
     salt: bytes = b""
     chat: bytes = b""                  # the chat this request belongs to (its drafting acceptance is remembered)
+    cache: Any = None                  # the request's live cache, while it runs (its bytes are reported)
 
 
 class InferosPlugin:
@@ -82,7 +83,7 @@ class InferosPlugin:
             config_path=Path(self.config["config"]) if self.config["config"] else None,
             history_path=Path(self.config["history_path"]) if self.config["history_path"] else None,
             guard_options=self.config["guard"], importance=self.config["importance"],
-            prefix_stats=self.reuse.stats, evaluation_runner=self._full_evaluation,
+            prefix_stats=self.reuse.stats, kv_memory=self.kv_memory, evaluation_runner=self._full_evaluation,
             on_guard_step=self._on_guard_step)
         overrides = {k: v for k, v in (("mode", self.config["kv_mode"]),
                                        ("recent_window", self.config["recent_window"])) if v is not None}
@@ -110,6 +111,7 @@ class InferosPlugin:
         self._snapshots.start()
         # one exposition: the controller's families join the host's /metrics (the host counts the totals)
         host.prometheus_registry.register(ControllerCollector(self.controller.metrics, totals=False))
+        host.stat_sources["kv_memory"] = self.kv_memory
         if self.config["control_api"]:
             self.control_server = ControlServer(self.controller, self.config["control_port"])
             started = self.control_server.start()
@@ -163,10 +165,12 @@ class InferosPlugin:
             return None
         self._last_engine = engine
         record.engine = engine
-        record.salt = PrefixStore.salt(engine.folder.fingerprint, self._kv_format(engine, record.kv_plan))
+        layout = engine.layout_for(record.kv_plan)  # INT8 live, or the model's dtype (guard's last steps)
+        record.salt = PrefixStore.salt(engine.folder.fingerprint, self._kv_format(layout, record.kv_plan))
         rope = rope_tables(engine)
-        cache, _ = self.reuse.acquire(context.prompt_ids, record.salt, engine.layout, record.kv_plan,
-                                      record.max_tier, lambda: TieredKVCache(engine.layout, record.kv_plan, rope))
+        cache, _ = self.reuse.acquire(context.prompt_ids, record.salt, layout, record.kv_plan,
+                                      record.max_tier, lambda: TieredKVCache(layout, record.kv_plan, rope))
+        record.cache = cache
         return cache
 
     @hookimpl
@@ -187,6 +191,22 @@ class InferosPlugin:
                                 rope_tables(record.engine), cache.max_tier)
         # under memory pressure the store's INT8 copy is enough: the live cache is not kept
         self.reuse.release(cache, record.salt, keep_warm=not self.controller.fallbacks.memory_pressure)
+
+    # -- what is measured on demand ---------------------------------------------------------------------
+    def kv_memory(self) -> dict[str, Any]:
+        """KV bytes now: the live caches of running requests (working buffer + demoted blocks' codes) and what is
+        kept at rest between requests (the prefix store in memory, the warm caches), measured from their arrays."""
+        with self._records_lock:
+            running = [r.cache for r in self._records.values() if r.cache is not None]
+        live = sum(cache.nbytes for cache in running)
+        reuse = self.reuse.stats()
+        at_rest = int(reuse.get("bytes") or 0) + int((reuse.get("warm") or {}).get("bytes") or 0)
+        engine = self._last_engine
+        return {"live_bytes": live, "live_working_buffer_bytes": sum(c.buffer.nbytes for c in running),
+                "running_requests": len(running), "at_rest_bytes": at_rest,
+                "prefix_store_bytes": reuse.get("bytes"), "warm_cache_bytes": (reuse.get("warm") or {}).get("bytes"),
+                "kv_cache_usage_bytes": live + at_rest,
+                "live_form": engine.live_kv_report() if engine is not None else None}
 
     # -- helpers -----------------------------------------------------------------------------------
     def _draft_tokens_for(self, chat: bytes) -> int:
@@ -238,8 +258,9 @@ class InferosPlugin:
             event["warm_caches_dropped"] = self.warm.clear()
 
     @staticmethod
-    def _kv_format(engine: Any, plan: KVPlan) -> str:
-        return f"{engine.layout.dtype}|block{plan.block_size}|group{plan.group_size}"
+    def _kv_format(layout: Any, plan: KVPlan) -> str:
+        live = f"int8:{layout.scales.fingerprint}" if layout.live_int8 else str(layout.dtype)
+        return f"{live}|block{plan.block_size}|group{plan.group_size}"
 
 
 def _chat_key(context: InferenceContext) -> bytes:

@@ -44,7 +44,7 @@ def corpus_ids(ort_engine) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def plugin_server(model_dir, tmp_path_factory):
+def plugin_server(calibrated_model, tmp_path_factory):
     with running_server("--plugin", "inferos", "--max-queue", "8", "--inferos-prefix-spill-mb", "0",
                         "--inferos-shadow-every", "3",
                         log_path=tmp_path_factory.mktemp("logs") / "plugin-server.log") as base:
@@ -57,12 +57,26 @@ def baseline_server(model_dir, tmp_path_factory):
         yield base
 
 
+@pytest.fixture(scope="session")
+def calibrated_model(model_dir) -> Path:
+    """The shared model with its INT8 live KV scales calibrated (what every plugin server's first request needs)."""
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+    from lemonade_inferos.engine.session import SessionPolicy
+
+    OrtEngine(model_dir, SessionPolicy(devices=["cpu"], kv_cache="int8"))
+    return model_dir
+
+
 @pytest.fixture
-def isolated_home(model_dir, tmp_path) -> Path:
+def isolated_home(calibrated_model, tmp_path) -> Path:
     """An INFEROS_HOME of its own (spill, history, token, pid files, quarantine) whose built model is the shared
-    one, file by file through symlinks (deleting the model there removes links, never the shared build)."""
+    one, file by file through symlinks (deleting the model there removes links, never the shared build), with
+    the shared INT8 calibration copied (a server in it does not calibrate again)."""
+    from lemonade_inferos.paths import inferos_home
+
     home = tmp_path / "home"
-    shutil.copytree(model_dir, home / "models" / model_dir.name, copy_function=os.symlink)
+    shutil.copytree(calibrated_model, home / "models" / calibrated_model.name, copy_function=os.symlink)
+    shutil.copytree(inferos_home() / "calibration" / "live-int8", home / "calibration" / "live-int8")
     return home
 
 
@@ -71,3 +85,47 @@ def control_url(base: str) -> str:
     import httpx
 
     return httpx.get(f"{base}/api/v1/health", timeout=10).json()["inferos"]["control_api"]["url"]
+
+
+TINY_ARCHS = ("llama", "qwen3")
+
+
+def build_tiny_model(arch: str, tokenizer_dir: Path, root: Path) -> Path:
+    """A random-weight model of another architecture (2 layers, hidden 64) with SmolLM2's tokenizer, exported by
+    onnxruntime-genai's builder: proves code is not SmolLM2-only. Built once into ``root`` (seconds)."""
+    import subprocess
+    import sys
+
+    out = root / arch
+    if (out / "genai_config.json").is_file():
+        return out
+    import torch
+    import transformers
+
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+                  eos_token_id=2)
+    config = {"llama": lambda: transformers.LlamaConfig(**common),
+              "qwen3": lambda: transformers.Qwen3Config(head_dim=16, **common)}[arch]()
+    torch.manual_seed(0)
+    hf = root / f"{arch}-hf"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(hf)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copy(f, hf / f.name)
+    partial = root / f"{arch}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(partial),
+                    "-p", "fp32", "-e", "cpu", "-c", str(root / "builder-cache")], check=True,
+                   capture_output=True)
+    shutil.copy(hf / "chat_template.jinja", partial / "chat_template.jinja")
+    os.replace(partial, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(model_dir) -> dict[str, Path]:
+    from lemonade_inferos.paths import inferos_home
+
+    return {arch: build_tiny_model(arch, inferos_home() / "hf" / "smollm2-135m", inferos_home() / "test-models")
+            for arch in TINY_ARCHS}

@@ -2,9 +2,11 @@
 
 For each context length the same corpus prompt is prefilled, then ``new_tokens``
 are decoded greedily with (a) the plain dense cache, (b) the tiered cache under
-the chosen plan, and (c) when built, the native INT8-KV model variant (ORT
+the chosen plan on the model's fp32 KV, (c) the same plan on the INT8 live form
+(the server's default), and (d) when built, the native INT8-KV model variant (ORT
 GroupQueryAttention with static per-channel scales) with a plain cache. Runs
-alternate between modes and medians are reported.
+alternate between modes and medians are reported, with each mode's greedy
+agreement with the plain cache (tokens until the first difference).
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from lemonade_inferos.kvcache.manager import TieredKVCache
 from lemonade_inferos.kvcache.rope import RopeTables
 
 
-def _decode(engine: OrtEngine, prompt: list[int], new_tokens: int, cache: Any) -> tuple[GenerationStats, Any]:
+def _decode(engine: OrtEngine, prompt: list[int], new_tokens: int, cache: Any
+            ) -> tuple[GenerationStats, Any, list[int]]:
     stats = GenerationStats()
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    for _ in engine.generate(prompt, params, stats=stats, cache=cache):
-        pass
-    return stats, cache
+    tokens = [t for chunk in engine.generate(prompt, params, stats=stats, cache=cache) for t in chunk.token_ids]
+    return stats, cache, tokens
+
+
+def _agreement(tokens: list[int], reference: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
 
 
 def run_kv_bench(engine: OrtEngine, contexts: list[int], new_tokens: int, plan_name: str, repeats: int,
@@ -38,11 +44,13 @@ def run_kv_bench(engine: OrtEngine, contexts: list[int], new_tokens: int, plan_n
 
     tiered_engine = tiered_engine or engine
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
-    plan = build_plans([plan_name], 64, 0.0, bool(tiered_engine.probe_outputs))[0]
+    plan, live = build_plans([plan_name, f"live8:{plan_name}"], 64, 0.0, bool(tiered_engine.probe_outputs))
     ids = engine.tokenizer.encode(corpus_text()[: max(contexts) * 8])
     modes: dict[str, tuple[OrtEngine, Callable[[], Any]]] = {
-        "plain": (engine, engine.new_cache),
-        f"tiered:{plan_name}": (tiered_engine, lambda: TieredKVCache(tiered_engine.layout, plan, rope)),
+        "plain": (engine, lambda: engine.new_cache(engine.full_precision_layout)),
+        f"tiered:{plan_name}": (tiered_engine, lambda: TieredKVCache(tiered_engine.layout_for(plan), plan, rope)),
+        f"tiered:live8:{plan_name}": (tiered_engine,
+                                      lambda: TieredKVCache(tiered_engine.layout_for(live), live, rope)),
     }
     if native is not None:
         modes["native_int8_kv"] = (native, native.new_cache)
@@ -50,19 +58,24 @@ def run_kv_bench(engine: OrtEngine, contexts: list[int], new_tokens: int, plan_n
                                "attention_probe": bool(tiered_engine.probe_outputs), "new_tokens": new_tokens,
                                "repeats": repeats, "contexts": {}}
     for context in contexts:
-        prompt = ids[:context]
+        prompt = ids[:min(context, engine.layout.max_tokens - new_tokens)]  # room for the new tokens
         runs: dict[str, list[GenerationStats]] = {m: [] for m in modes}
         kv: dict[str, Any] = {}
+        tokens: dict[str, list[int]] = {}
         for _ in range(repeats):
             for mode, (eng, make_cache) in modes.items():
-                stats, cache = _decode(eng, prompt, new_tokens, make_cache())
+                stats, cache, tokens[mode] = _decode(eng, prompt, new_tokens, make_cache())
                 runs[mode].append(stats)
                 if isinstance(cache, TieredKVCache):
                     kv[mode] = cache.kv_stats().to_dict()
         row = {mode: {"decode_tps": statistics.median(s.predicted_per_second for s in stats),
-                      "ttft_s": statistics.median(s.ttft_s for s in stats)} for mode, stats in runs.items()}
+                      "ttft_s": statistics.median(s.ttft_s for s in stats),
+                      "greedy_agreement_with_plain": _agreement(tokens[mode], tokens["plain"])}
+               for mode, stats in runs.items()}
+        fp32_tiered = row[f"tiered:{plan_name}"]["decode_tps"]
         for mode in row:
             row[mode]["ratio_vs_plain"] = row[mode]["decode_tps"] / row["plain"]["decode_tps"]
+            row[mode]["ratio_vs_fp32_tiered"] = row[mode]["decode_tps"] / fp32_tiered
             if mode in kv:
                 row[mode]["kv"] = kv[mode]
         results["contexts"][str(context)] = row

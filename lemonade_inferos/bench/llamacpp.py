@@ -24,7 +24,10 @@ from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
 class LlamaCppEngine:
     name = "llama.cpp"
 
-    def __init__(self, gguf: Path, context_length: int = 4096, threads: int | None = None) -> None:
+    KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}   # ggml type ids (type_k / type_v)
+
+    def __init__(self, gguf: Path, context_length: int = 4096, threads: int | None = None,
+                 kv_type: str = "f16") -> None:
         from llama_cpp import Llama
 
         # every core, as ONNX Runtime uses (llama-cpp-python would take half of them for decode), and flash
@@ -32,7 +35,8 @@ class LlamaCppEngine:
         threads = threads or os.cpu_count() or 1
         self.gguf = gguf
         self.llm = Llama(model_path=str(gguf), n_ctx=context_length, n_batch=512, n_threads=threads,
-                         n_threads_batch=threads, flash_attn=True, verbose=False)
+                         n_threads_batch=threads, flash_attn=True, verbose=False,
+                         type_k=self.KV_TYPES[kv_type], type_v=self.KV_TYPES[kv_type])
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                  stats: GenerationStats | None = None, **_: object) -> Iterator[GenerationChunk]:

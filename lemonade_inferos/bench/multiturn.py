@@ -113,12 +113,12 @@ def restore_kld(model_dir: Path, messages: list[dict[str, str]], kv_mode: str = 
             logits = engine.forward(ids[start:start + engine.prefill_chunk_tokens], cache)[-1]
         return log_softmax(logits)
 
-    cold = first_token_logprobs(TieredKVCache(engine.layout, plan, rope), prompt)
+    cold = first_token_logprobs(TieredKVCache(engine.layout_for(plan), plan, rope), prompt)
     store, salt = PrefixStore(2**30), PrefixStore.salt(engine.folder.fingerprint, "bench")
-    parked = TieredKVCache(engine.layout, plan, rope)
+    parked = TieredKVCache(engine.layout_for(plan), plan, rope)
     first_token_logprobs(parked, previous)
     store.park(parked, salt)
-    restored_cache = TieredKVCache(engine.layout, plan, rope)
+    restored_cache = TieredKVCache(engine.layout_for(plan), plan, rope)
     restored_tokens = store.restore(restored_cache, store.lookup(prompt, salt))
     restored = first_token_logprobs(restored_cache, prompt)
     kld = float((np.exp(cold) * (cold - restored)).sum())

@@ -18,6 +18,39 @@ def bench() -> None:
     """Benchmarks: JSON plus a PNG plot, measured against a baseline in the same run."""
 
 
+@bench.command("memory")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
+@click.option("--context", "contexts", multiple=True, type=int, help="Context tokens of the request (repeatable); "
+              "default 2048, 8192 and 16384 (past the model's context our cache evicts).")
+@click.option("--new-tokens", default=32, show_default=True)
+@llamacpp_options("add llama.cpp rows with f16 and q8_0 KV on it")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/memory.json"),
+              show_default=True, help="Where to write the JSON; the PNG goes beside it.")
+@handle_errors
+def bench_memory_cmd(model_name: str, contexts: tuple[int, ...], new_tokens: int, llamacpp: bool | None,
+                     gguf: Path | None, json_path: Path) -> None:
+    """Peak RSS of a fresh process for one request: og.Generator, our fp32-live and INT8-live engine (and under
+    memory pressure), llama.cpp's f16 and q8_0 KV."""
+    from lemonade_inferos.bench.memory import bench_memory
+    from lemonade_inferos.engine.build import resolve_model
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    gguf = gguf_for_llamacpp(llamacpp, gguf, model_name)
+    results = bench_memory(folder, list(contexts or (2048, 8192, 16384)), new_tokens, json_path, gguf,
+                           progress=console.log)
+    table = Table("context", "row", "peak RSS MiB", "below fp32-live MiB", "live KV MiB", "live vs FP16")
+    for context, rows in results["contexts"].items():
+        for row, r in rows.items():
+            if "peak_rss_mb" not in r:
+                table.add_row(context, row, r.get("skipped") or r.get("error", ""), "", "", "")
+                continue
+            table.add_row(context, row, f"{r['peak_rss_mb']:.0f}", f"{r.get('peak_rss_below_fp32_live_mb', 0):.0f}",
+                          f"{r['live_kv_bytes'] / 2**20:.0f}" if "live_kv_bytes" in r else "",
+                          f"{r['live_vs_fp16_of_held']:.0%}" if "live_vs_fp16_of_held" in r else "")
+    Console().print(table)
+    Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
 @bench.command("engine")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
 @click.option("--prompt-tokens", default=512, show_default=True)

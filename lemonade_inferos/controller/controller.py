@@ -25,7 +25,7 @@ from lemonade_inferos.controller.policy import Policy
 from lemonade_inferos.controller.threads import ThreadPolicy
 from lemonade_inferos.engine.session import SessionPolicy
 from lemonade_inferos.engine.speculative import SpeculationConfig
-from lemonade_inferos.kvcache.plan import NEVER, KVPlan, plan_for_mode
+from lemonade_inferos.kvcache.plan import NEVER, TIER_INT8, KVPlan, plan_for_mode
 from lemonade_inferos.metrics.recorder import History, MetricsRecorder
 from lemonade_inferos.hooktypes import InferenceStats
 from lemonade_inferos.paths import inferos_home
@@ -40,10 +40,12 @@ class Controller:
                  history_path: Path | None = None, config_path: Path | None = None,
                  guard_options: dict[str, Any] | None = None, importance: str = "attention",
                  prefix_stats: Callable[[], dict[str, Any]] | None = None,
+                 kv_memory: Callable[[], dict[str, Any]] | None = None,
                  evaluation_runner: Callable[[int], dict[str, Any]] | None = None,
                  on_guard_step: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Collaborators come in here: ``importance`` (the block importance signal requests run with),
-        ``prefix_stats`` (the prefix store's numbers for the metrics document), ``evaluation_runner`` (a full
+        ``prefix_stats`` (the prefix store's numbers for the metrics document), ``kv_memory`` (KV bytes live in
+        running requests and at rest, measured now), ``evaluation_runner`` (a full
         ``inferos eval ppl`` of the active plan, for ``POST /v1/evaluate``) and ``on_guard_step`` (told of each
         guard transition before it is logged, e.g. to drop blocks beyond the new cap)."""
         self._lock = threading.RLock()
@@ -63,6 +65,7 @@ class Controller:
         self.threads = ThreadPolicy()
         self.last_kv_stats: dict[str, Any] = {}
         self.prefix_stats = prefix_stats
+        self.kv_memory = kv_memory
         self._watcher: ConfigWatcher | None = None
         self.full_evaluation_runner = evaluation_runner
         self.full_evaluation: dict[str, Any] = {"status": "never_run"}
@@ -153,7 +156,10 @@ class Controller:
         plan = plan_for_mode(kv.mode, recent_window=min(window, 512), l1_int8=l1, l2_int4=l2, l3_evict=l3)
         if not self.guard.evictions_allowed:
             plan = replace(plan, evict_below=NEVER)
-        return replace(plan, pressure=pressure, importance=self.importance)
+        # INT8 live while the plan quantizes and the guard allows INT8; its "no quantization" and "full precision"
+        # steps (and kv.mode disabled) run on the model's own KV dtype
+        live = kv.live_format if plan.quantizes and self.guard.max_tier >= TIER_INT8 else "model"
+        return replace(plan, pressure=pressure, importance=self.importance, live_kv=live)
 
     def speculation(self, num_draft_tokens: int | None = None) -> SpeculationConfig:
         """The policy's ``speculative`` section for one request (``num_draft_tokens`` overrides the policy's,
@@ -174,6 +180,7 @@ class Controller:
         return SessionPolicy(devices=devices, enable_iobinding=io.enable_iobinding,
                              dml_pool_bytes=io.dml_pool_bytes if "dml" in devices else None,
                              attention_probe=self.importance == "attention",
+                             kv_cache=self.policy.kv.live_format,
                              allow_spinning=self.threads.allow_spinning())
 
     @property
@@ -227,6 +234,7 @@ class Controller:
     def metrics(self) -> dict[str, Any]:
         kv = self.last_kv_stats
         prefix = self.prefix_stats() if self.prefix_stats is not None else {}
+        memory = self.kv_memory() if self.kv_memory is not None else None
         status = self.policy
         extra = {
             "quality": {"delta_ppl_est": self.guard.estimate(), "guard": self.guard.status(),
@@ -234,7 +242,13 @@ class Controller:
                         "max_delta_ppl": status.quality.max_delta_ppl,
                         "accept_rate": {**self.recorder.accept_rate(), "target": status.quality.min_accept_rate,
                                         "mode": status.speculative.mode}},
-            "memory": {"kv_cache_usage_mb": (kv.get("kv_bytes") or 0) / 2**20 if kv else None,
+            "memory": {"kv_cache_usage_mb": memory["kv_cache_usage_bytes"] / 2**20 if memory else None,
+                       "kv_live_mb": memory["live_bytes"] / 2**20 if memory else None,
+                       "kv_at_rest_mb": memory["at_rest_bytes"] / 2**20 if memory else None,
+                       "kv_running_requests": memory.get("running_requests") if memory else None,
+                       "last_request_live_bytes": kv.get("live_bytes") if kv else None,
+                       "last_request_at_rest_bytes": kv.get("kv_bytes") if kv else None,
+                       "live_form": memory.get("live_form") if memory else None,
                        "kv_cache_hit_rate": prefix.get("hit_rate"), "prefix_cache_bytes": prefix.get("bytes"),
                        "warm_cache_bytes": (prefix.get("warm") or {}).get("bytes"),
                        "kv_bytes_by_tier": kv.get("bytes_by_tier") if kv else None,
@@ -254,8 +268,9 @@ class Controller:
             "kv_stats": {key: kv.get(key) for key in ("tokens_by_tier", "bytes_by_tier", "blocks_sealed",
                                                       "block_layers_quantized", "blocks_evicted",
                                                       "compression_vs_fp16", "compression_vs_model_dtype",
-                                                      "quantize_seconds", "working_buffer_bytes", "tokens_seen",
-                                                      "tokens_held")} if kv else {},
+                                                      "quantize_seconds", "working_buffer_bytes",
+                                                      "working_buffer_used_bytes", "live_bytes", "live_form",
+                                                      "tokens_seen", "tokens_held")} if kv else {},
             "prefix_cache": prefix,
         }
         return self.recorder.snapshot(extra)

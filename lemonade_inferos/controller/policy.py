@@ -31,6 +31,8 @@ class KVPolicy(_Strict):
     mode: Literal["dynamic", "latency_optimized", "throughput_optimized", "quality_optimized", "disabled"] = "dynamic"
     recent_window: int = Field(64, ge=16, le=512)
     level_thresholds: LevelThresholds = Field(default_factory=LevelThresholds)
+    # this project's extension: the working buffer's form while a request runs (README, "The tiered KV cache")
+    live_format: Literal["int8", "model"] = "int8"
 
 
 class IOPolicy(_Strict):

@@ -3,6 +3,11 @@
 The scored tokens are the request's own (prompt tail and generated tokens); both
 passes feed the same ids in chunks no longer than the recent window, so the
 plan's quantized history is what the scored tokens attend over.
+
+A plan in the INT8 live form is compared with a plain cache of that form (the
+float graph is not kept loaded beside it: that would cost the memory the form
+saves), and the form's own cost, measured against the float graph when its scales
+were calibrated, is added to the plan's NLL.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ def shadow_score(engine: Any, token_ids: list[int], plan: KVPlan, rope: Any, max
     ids = token_ids[-max_tokens:]
     if len(ids) <= plan.recent_window + plan.block_size + 1:
         return None  # nothing would be quantized: no signal
-    planned = TieredKVCache(engine.layout, replace(plan), rope)
+    layout = engine.layout_for(plan)
+    planned = TieredKVCache(layout, replace(plan), rope)
     planned.max_tier = max_tier
-    full = engine.new_cache()
+    full = engine.new_cache(layout)
     chunk = plan.recent_window
     first_scored = len(ids) - 1 - min(score_tokens, len(ids) - 1)
     nll_plan, nll_fp = [], []
@@ -48,4 +54,5 @@ def shadow_score(engine: Any, token_ids: list[int], plan: KVPlan, rope: Any, max
         nll_fp.extend((-lp_fp[rows, targets])[keep].tolist())
     if not nll_plan:
         return None
-    return ShadowSample(float(np.mean(nll_plan)), float(np.mean(nll_fp)), len(nll_plan))
+    live_cost = engine.live_form_delta_nll(layout)
+    return ShadowSample(float(np.mean(nll_plan)) + live_cost, float(np.mean(nll_fp)), len(nll_plan))

@@ -26,7 +26,8 @@ class StepBinding:
         self.engine = engine
         self.run_options = run_options
         self.cache = cache
-        self.io = engine.session.io_binding()
+        self.form = engine.form_for(cache.layout)  # the graph that reads this cache's live form
+        self.io = self.form.session.io_binding()
         self._bound_version = -1
         self._mask = np.ones((1, cache.layout.max_tokens + 1), dtype=np.int64)
         # decode (and prefill, where the graph selects logits rows) writes one row of logits into the same buffer
@@ -83,7 +84,7 @@ class StepBinding:
         io.bind_output(engine.folder.output_names["logits"], "cpu", 0, np.float32, list(logits.shape),
                        logits.ctypes.data)
         probes = self._bind_probes(num_new, cache.num_tokens + num_new)
-        engine.session.run_with_iobinding(io, self.run_options)
+        self.form.session.run_with_iobinding(io, self.run_options)
         if not (engine.probe_outputs and cache.wants_attention):
             return logits, None
         if probes is None:  # a chunk: ORT allocated them; they were bound last
@@ -117,4 +118,6 @@ class StepBinding:
             io.bind_ortvalue_input(folder.past_value_name(layer), value)
             io.bind_ortvalue_output(folder.present_key_name(layer), key)
             io.bind_ortvalue_output(folder.present_value_name(layer), value)
+        for name, scale in self.form.scale_values:  # the INT8 live form's per-channel scales
+            io.bind_ortvalue_input(name, scale)
         self._bound_version = self.cache.buffers_version

@@ -22,13 +22,22 @@ prefill's multiply-adds when it runs on every prompt token, yet generation needs
 the last token's logits only. A ``Gather`` on the sequence axis in front of the
 LM head, fed by the input ``inferos_logits_positions``, lets the engine ask for
 just the rows it uses (all of them when scoring).
+
+INT8 live KV (optional): GroupQueryAttention reads and writes a quantized past
+itself (``k_quant_type``/``v_quant_type`` PER_CHANNEL, ``kv_cache_bit_width`` 8,
+int8 past/present, float ``k_scale``/``v_scale`` inputs 12 and 13). The patch
+turns every GroupQueryAttention of a float-KV graph into that form with the
+scales as graph inputs ``inferos_kv_scale.N.key``/``.value`` the engine binds, so
+the working buffer the model reads is a quarter of fp32's bytes. A graph that
+cannot be patched (no GroupQueryAttention, a past not fed straight into one, a
+KV dtype that is not float) keeps its form and the reason is reported.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -37,10 +46,12 @@ log = logging.getLogger(__name__)
 
 POSITION_IDS = "position_ids"
 GQA_POSITION_IDS_INDEX = 9
-PATCHED_SUFFIX = ".inferos.onnx"
 PROBE_PREFIX = "inferos_attention."
 LOGITS_POSITIONS = "inferos_logits_positions"
 LM_HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
+KV_SCALE_PREFIX = "inferos_kv_scale."
+GQA_K_SCALE_INDEX, GQA_V_SCALE_INDEX = 12, 13
+FLOAT_KV_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,70 @@ class PreparedGraph:
     num_gqa_nodes: int
     probe_outputs: tuple[str, ...] = ()
     has_logits_positions: bool = False
+    kv_scale_inputs: tuple[tuple[str, str], ...] = ()   # per layer (key, value) scale inputs of the INT8 live form
+    kv_int8_reason: str | None = None                    # why the INT8 live form was not made (when asked)
+
+
+def kv_scale_names(layer: int) -> tuple[str, str]:
+    return f"{KV_SCALE_PREFIX}{layer}.key", f"{KV_SCALE_PREFIX}{layer}.value"
+
+
+def int8_kv_obstacle(model: onnx.ModelProto) -> str | None:
+    """Why this graph's GroupQueryAttention nodes cannot take an INT8 past, or None when they can."""
+    graph = model.graph
+    gqa_nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    if not gqa_nodes:
+        return "the graph has no GroupQueryAttention node"
+    inputs = {i.name: i for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    for node in gqa_nodes:
+        if any(a.name in ("k_quant_type", "v_quant_type") for a in node.attribute):
+            return f"{node.name} already reads a quantized past"
+        if len(node.input) < 5 or node.input[3] not in inputs or node.input[4] not in inputs:
+            return f"{node.name}: its past key/value are not graph inputs"
+        if len(node.output) < 3 or node.output[1] not in outputs or node.output[2] not in outputs:
+            return f"{node.name}: its present key/value are not graph outputs"
+        if inputs[node.input[3]].type.tensor_type.elem_type not in FLOAT_KV_TYPES:
+            return f"{node.name}: past KV dtype is not float"
+        used_elsewhere = [n.name for n in graph.node if n is not node and
+                          (node.input[3] in n.input or node.input[4] in n.input)]
+        if used_elsewhere:
+            return f"{node.name}: its past is also read by {used_elsewhere[0]}"
+    return None
+
+
+def _quantize_kv(model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
+    """Make every GroupQueryAttention read and write an INT8 past with per-channel scale inputs (by node order,
+    which is layer order). The caller checked :func:`int8_kv_obstacle`."""
+    graph = model.graph
+    gqa_nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    kv_names = set()
+    names = []
+    for layer, node in enumerate(gqa_nodes):
+        key_scale, value_scale = kv_scale_names(layer)
+        channels = _channels(graph, node.input[3])
+        while len(node.input) <= GQA_V_SCALE_INDEX:
+            node.input.append("")
+        node.input[GQA_K_SCALE_INDEX], node.input[GQA_V_SCALE_INDEX] = key_scale, value_scale
+        node.attribute.extend([onnx.helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                               onnx.helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                               onnx.helper.make_attribute("kv_cache_bit_width", 8)])
+        for name in (key_scale, value_scale):
+            graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [channels]))
+        kv_names.update([node.input[3], node.input[4], node.output[1], node.output[2]])
+        names.append((key_scale, value_scale))
+    for value_info in (*graph.input, *graph.output):
+        if value_info.name in kv_names:
+            value_info.type.tensor_type.elem_type = onnx.TensorProto.INT8
+    return tuple(names)
+
+
+def _channels(graph: onnx.GraphProto, past_name: str) -> int | str:
+    """kv_heads * head_size of a past input ``[batch, kv_heads, past, head_size]`` (symbolic when not fixed)."""
+    dims = next(i for i in graph.input if i.name == past_name).type.tensor_type.shape.dim
+    if len(dims) == 4 and dims[1].dim_value and dims[3].dim_value:
+        return dims[1].dim_value * dims[3].dim_value
+    return "kv_channels"
 
 
 def _patch(model: onnx.ModelProto) -> tuple[bool, int]:
@@ -113,17 +188,20 @@ def _select_logits_rows(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _describe(model: onnx.ModelProto, model_ref: str | bytes, probe_names: tuple[str, ...]) -> PreparedGraph:
+def _describe(model: onnx.ModelProto, model_ref: str | bytes, probe_names: tuple[str, ...],
+              kv_int8_reason: str | None = None) -> PreparedGraph:
     inputs = {i.name for i in model.graph.input}
-    return PreparedGraph(model_ref, POSITION_IDS in inputs,
-                         sum(n.op_type == "GroupQueryAttention" for n in model.graph.node), probe_names,
-                         LOGITS_POSITIONS in inputs)
+    gqa = sum(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    scales = tuple(kv_scale_names(layer) for layer in range(gqa)) if kv_scale_names(0)[0] in inputs else ()
+    return PreparedGraph(model_ref, POSITION_IDS in inputs, gqa, probe_names, LOGITS_POSITIONS in inputs, scales,
+                         kv_int8_reason)
 
 
-def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = ()) -> PreparedGraph:
-    """Return the graph the engine should load, patched for true positions when possible."""
-    suffix = PATCHED_SUFFIX if not probe_layers else f".inferos-probe{'-'.join(map(str, probe_layers))}.onnx"
-    patched_path = onnx_path.with_name(onnx_path.stem + suffix)
+def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: bool = False) -> PreparedGraph:
+    """Return the graph the engine should load, patched for true positions when possible (and for the INT8 live
+    KV form when ``int8_kv``: see :attr:`PreparedGraph.kv_int8_reason` when it could not be)."""
+    suffix = "" if not probe_layers else f"-probe{'-'.join(map(str, probe_layers))}"
+    patched_path = onnx_path.with_name(onnx_path.stem + ".inferos" + suffix + ("-kv8" if int8_kv else "") + ".onnx")
     probe_names = tuple(f"{PROBE_PREFIX}{layer}" for layer in probe_layers)
     if patched_path.is_file() and patched_path.stat().st_mtime >= onnx_path.stat().st_mtime:
         model = onnx.load(str(patched_path), load_external_data=False)
@@ -131,6 +209,13 @@ def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = ()) -> Prepar
             return _describe(model, str(patched_path), probe_names)
     model = onnx.load(str(onnx_path), load_external_data=False)
     original_inputs = {i.name for i in model.graph.input}
+    kv_int8_reason = int8_kv_obstacle(model) if int8_kv else None
+    if int8_kv and kv_int8_reason is None:
+        _quantize_kv(model)
+    elif int8_kv:
+        log.warning("%s: INT8 live KV not possible (%s); the KV cache stays in the model's dtype",
+                    onnx_path, kv_int8_reason)
+        return replace(prepare_graph(onnx_path, probe_layers), kv_int8_reason=kv_int8_reason)
     has_positions, _ = _patch(model)
     if not has_positions:
         log.warning("%s has no rotary GroupQueryAttention: positions follow the mask, eviction is disabled",

@@ -34,15 +34,64 @@ class CacheFullError(Exception):
         self.limit = limit
 
 
+@dataclass(frozen=True, eq=False)
+class StaticKVScales:
+    """Per-channel scales of the INT8 live form: GroupQueryAttention stores ``clip(rint(x / scale), -128, 127)``
+    and reads ``code * scale`` (symmetric, one scale per head channel and layer, fixed for the model).
+
+    ``keys``/``values`` are ``[layers, kv_heads, 1, head_size]`` float32. Two scale sets are equal when their
+    fingerprints are (a hash of the scales), so caches, warm caches and prefix-store salts of one calibration match.
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+    source: str               # "calibrated", "folder scale file" or "graph initializers"
+    fingerprint: str
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StaticKVScales) and other.fingerprint == self.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    def _scale(self, layer: int, slot: int) -> np.ndarray:
+        return (self.keys if slot == 0 else self.values)[layer]
+
+    def quantize(self, x: np.ndarray, layer: int, slot: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Float ``[H, T, D]`` -> int8 codes as the kernel writes them (values outside the range saturate)."""
+        codes = np.clip(np.rint(x / self._scale(layer, slot)), -128, 127)
+        if out is None:
+            return codes.astype(np.int8)
+        out[...] = codes
+        return out
+
+    def dequantize(self, codes: np.ndarray, layer: int, slot: int) -> np.ndarray:
+        """Int8 codes ``[H, T, D]`` -> the float values the model reads."""
+        return codes.astype(np.float32) * self._scale(layer, slot)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
 @dataclass(frozen=True)
 class KVLayout:
-    """Shape facts shared by every cache of one model."""
+    """Shape facts shared by every cache of one model and one live form.
+
+    ``scales`` is set for the INT8 live form (``dtype`` int8: the buffers hold codes), None for the model's own
+    KV dtype.
+    """
 
     num_layers: int
     num_kv_heads: int
     head_size: int
     max_tokens: int
     dtype: np.dtype = np.dtype(np.float32)
+    scales: StaticKVScales | None = None
+
+    @property
+    def live_int8(self) -> bool:
+        return self.scales is not None
 
     @property
     def bytes_per_token(self) -> int:

@@ -26,6 +26,7 @@ from lemonade_inferos.engine.binding import StepBinding
 from lemonade_inferos.engine.emit import TokenEmitter
 from lemonade_inferos.engine.graph import prepare_graph
 from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout, common_prefix
+from lemonade_inferos.engine.live_forms import LiveForms, LoadedForm
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
 from lemonade_inferos.engine.sampling import Sampler, SamplingParams
 from lemonade_inferos.engine.session import AppliedSessionOptions, SessionPolicy, build_session_options
@@ -59,24 +60,54 @@ class OrtEngine:
         self.folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
         self.policy = policy or SessionPolicy()
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.context_length = context_length
         self.tokenizer = ChatTokenizer.from_folder(self.folder.path)
-        options, self.applied_options = build_session_options(self.policy)
+        self._options, self.applied_options = build_session_options(self.policy)
         if self.policy.attention_probe and not attention_probe_layers:
             attention_probe_layers = default_probe_layers(self.folder.num_layers)
             # probabilities are [heads, chunk, context] per probe layer: smaller chunks bound that memory
             self.prefill_chunk_tokens = min(self.prefill_chunk_tokens, 256)
-        graph = prepare_graph(self.folder.onnx_path, tuple(attention_probe_layers))
+        self._probe_layers = tuple(attention_probe_layers)
+        graph = prepare_graph(self.folder.onnx_path, self._probe_layers)
         self.has_position_ids = graph.has_position_ids
         self.has_logits_positions = graph.has_logits_positions
         self.probe_outputs = graph.probe_outputs
-        self.session = ort.InferenceSession(graph.model, options, providers=self.applied_options.providers)
+        self._forms = LiveForms(self, graph)
         self._draft_engines: dict[str, OrtEngine] = {}
-        self.layout = KVLayout(num_layers=self.folder.num_layers, num_kv_heads=self.folder.num_kv_heads,
-                               head_size=self.folder.head_size,
-                               max_tokens=min(context_length or self.folder.context_length, self.folder.context_length),
-                               dtype=self._kv_dtype())
-        log.info("loaded %s on %s (true positions: %s)", self.folder.path, self.session.get_providers(),
-                 self.has_position_ids)
+        self.layout = self._forms.default_layout(self.policy.kv_cache)
+        log.info("loaded %s on %s (true positions: %s; live KV: %s)", self.folder.path,
+                 self.session.get_providers(), self.has_position_ids, self._forms.describe()["live_kv"])
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The session of the default live form (``layout``)."""
+        return self._forms.session_for(self.layout)
+
+    def form_for(self, layout: KVLayout) -> "LoadedForm":
+        """The loaded graph that reads caches of ``layout`` (loaded on first use)."""
+        return self._forms.form(layout)
+
+    def layout_for(self, plan: object) -> KVLayout:
+        """The layout a cache under ``plan`` gets: INT8 live when the plan asks for it (``plan.live_kv``) and the
+        model has that form, else the model's own KV dtype."""
+        return self._forms.layout_for(getattr(plan, "live_kv", "model"))
+
+    @property
+    def full_precision_layout(self) -> KVLayout:
+        """The model's own KV form (the reference every plan is scored against)."""
+        return self._forms.model_layout
+
+    def live_form_delta_nll(self, layout: KVLayout) -> float:
+        """What the live form of ``layout`` costs against the float graph (nats per token, measured when its
+        scales were calibrated; 0 for the model's own form or where it was not measured)."""
+        calibration = self._forms.calibration
+        if not layout.live_int8 or calibration is None or calibration.delta_nll is None:
+            return 0.0
+        return max(0.0, float(calibration.delta_nll))
+
+    def live_kv_report(self) -> dict[str, object]:
+        """Which forms this model runs in, where the INT8 scales came from, and why a form is missing."""
+        return self._forms.describe()
 
     @staticmethod
     def observe(cache: KVCache, probes: list[np.ndarray] | None, num_new: int) -> None:
@@ -87,13 +118,8 @@ class OrtEngine:
     def report(self) -> AppliedSessionOptions:
         return self.applied_options
 
-    def _kv_dtype(self) -> np.dtype:
-        past = next(i for i in self.session.get_inputs() if i.name == self.folder.past_key_name(0))
-        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
-        return np.dtype(types.get(past.type, np.float32))
-
-    def new_cache(self) -> KVCache:
-        return DenseKVCache(self.layout)
+    def new_cache(self, layout: KVLayout | None = None) -> KVCache:
+        return DenseKVCache(layout or self.layout)
 
     # -- scoring -----------------------------------------------------------------------------
     def forward(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:

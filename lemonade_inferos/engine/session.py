@@ -48,6 +48,9 @@ class SessionPolicy(BaseModel):
     host_pool_bytes: int | None = Field(None, ge=0)
     attention_probe: bool = Field(False, description="load the graph variant that returns attention probabilities "
                                                      "of two layers, for caches that rank blocks by attention")
+    kv_cache: Literal["model", "int8"] = Field("model", description="the live KV form caches get by default: the "
+                                               "model's own dtype, or INT8 with per-channel scales (the graph is "
+                                               "patched and calibrated at load; see engine/kv_scales.py)")
 
 
 @dataclass

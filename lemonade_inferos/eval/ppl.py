@@ -38,12 +38,13 @@ def eval_ppl(engine: OrtEngine, plans: list[str | KVPlan], context: int = 2048, 
     scores = {p.name: ScoreAccumulator() for p in built}
     caches: dict[str, TieredKVCache] = {}
     stats: dict[str, list] = {p.name: [] for p in built}
+    edges: dict[str, list] = {}  # INT8 live codes at the range's edge (saturated, or exactly the calibrated max)
     total_chunks = segments * ((context + chunk - 1) // chunk)
     done = 0
     for segment in range(segments):
         tokens = ids[segment * context: (segment + 1) * context + 1]
-        reference = engine.new_cache()
-        caches = {p.name: TieredKVCache(engine.layout, p, rope) for p in built}
+        reference = engine.new_cache(engine.full_precision_layout)
+        caches = {p.name: TieredKVCache(engine.layout_for(p), p, rope) for p in built}
         for start in range(0, len(tokens) - 1, chunk):
             piece = tokens[start:start + chunk]
             targets = np.asarray(tokens[start + 1:start + 1 + len(piece)])
@@ -54,6 +55,7 @@ def eval_ppl(engine: OrtEngine, plans: list[str | KVPlan], context: int = 2048, 
             progress(done, total_chunks)
         for name, cache in caches.items():
             stats[name].append(cache.kv_stats())
+            edges.setdefault(name, []).append(cache.saturated_share())
     results = []
     for plan in built:
         kv = stats[plan.name]
@@ -69,6 +71,9 @@ def eval_ppl(engine: OrtEngine, plans: list[str | KVPlan], context: int = 2048, 
             "recent_window": plan.recent_window, "sink_tokens": plan.sink_tokens, "block_size": plan.block_size,
             "importance": plan.importance, "context": context, "segments": segments, "chunk_tokens": chunk,
             "quantize_seconds": sum(s.quantize_seconds for s in kv),
+            "live_form": kv[-1].live_form,
+            "int8_codes_at_range_edge": (float(np.mean(edges[plan.name])) if edges[plan.name][0] is not None
+                                         else None),
         })
     return results
 
@@ -118,7 +123,7 @@ def eval_long_context(engine: OrtEngine, plan_name: str = "dynamic", total_token
     rope = RopeTables.from_onnx(engine.folder.onnx_path)
     plan = build_plans([plan_name], 64, 0.0, bool(engine.probe_outputs))[0]
     ids = corpus_ids(engine.tokenizer, total_tokens + 1)
-    cache = TieredKVCache(engine.layout, plan, rope)
+    cache = TieredKVCache(engine.layout_for(plan), plan, rope)
     nll = np.zeros(len(ids) - 1)
     total = (len(ids) - 1 + chunk - 1) // chunk
     for index, start in enumerate(range(0, len(ids) - 1, chunk)):

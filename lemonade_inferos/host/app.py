@@ -6,7 +6,7 @@ import logging
 import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pluggy
 from fastapi import FastAPI
@@ -44,6 +44,8 @@ class Host:
     prometheus_registry: CollectorRegistry
     default_params: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # what plugins publish in /health under "inferos"
+    # what plugins measure on demand for /stats under "inferos" (name -> a function returning a JSON object)
+    stat_sources: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
 
 def api_key_rule(api_key: str | None) -> TokenRule | None:

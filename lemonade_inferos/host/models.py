@@ -114,7 +114,13 @@ class LoadedModel:
                 "type": "llm", "device": " ".join(d for d in self.devices if d != "cpu") or "cpu",
                 "recipe": self.info.get("recipe", "oga-cpu"), "pinned": False, "is_busy": self.gate.busy,
                 "recipe_options": {"ctx_size": self.ctx_size},
-                "inferos": {"folder": str(self.folder), "fallback_reason": self.fallback_reason}}
+                "inferos": {"folder": str(self.folder), "fallback_reason": self.fallback_reason,
+                            "live_kv": self._live_kv()}}
+
+    def _live_kv(self) -> dict[str, Any] | None:
+        """The live KV form of our engine for this model (INT8 or the model's dtype, and why), once it is loaded."""
+        engine = next((e for k, e in self._engines.items() if k.startswith("inferos:")), None)
+        return engine.live_kv_report() if engine is not None else None
 
 
 class ModelManager:

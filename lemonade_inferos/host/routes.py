@@ -303,6 +303,8 @@ async def stats(request: Request):
         body["inferos"] = {"engine": last.engine, "baseline": last.baseline, "kv_bytes_by_tier": last.kv_bytes_by_tier,
                            "prompt_ms": last.prompt_ms, "finish_reason": last.finish_reason,
                            "drafted_tokens": last.drafted_n, "accepted_tokens": last.accepted_n}
+    for name, source in _host(request).stat_sources.items():
+        body.setdefault("inferos", {})[name] = source()
     return body
 
 

@@ -64,7 +64,7 @@ class DiskTier:
         arrays = {"token_ids": np.asarray(block.token_ids, dtype=np.int64), "tier": np.asarray(tier),
                   "block_hash": np.frombuffer(block_hash, dtype=np.uint8),
                   "format": np.asarray(self.FORMAT_VERSION)}
-        if tier == TIER_L0:
+        if isinstance(keys, np.ndarray):  # an exact block's floats, or the INT8 live form's own codes
             arrays.update(k_raw=keys, v_raw=values)
         else:
             arrays["bits"] = np.asarray(keys.bits)
@@ -119,9 +119,10 @@ class DiskTier:
         if int(arrays["format"]) != self.FORMAT_VERSION or arrays["block_hash"].tobytes() != block_hash:
             raise ValueError("written for another block or in another format")
         tier = int(arrays["tier"])
-        if tier == TIER_L0:
+        if "k_raw" in arrays:
             tensors = [arrays["k_raw"], arrays["v_raw"]]
-            self._exact.add(block_hash)
+            if tier == TIER_L0:
+                self._exact.add(block_hash)
         else:
             bits = int(arrays["bits"])
             tensors = [QuantizedTensor(arrays[f"{n}_codes"], arrays[f"{n}_scale"], arrays[f"{n}_minimum"],

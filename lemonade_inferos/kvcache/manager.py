@@ -6,9 +6,14 @@ Token layout of one sequence, per layer, in the working buffer ONNX Runtime read
       block 0    each block_size tokens on a grid from token 0, quantized once    always full precision
       (L0)       when it leaves the window; dequantized values replace the originals
 
-The working buffer is the dense view GroupQueryAttention needs; the quantized
-bytes (the at-rest form, what the prefix store keeps between turns) live in the
-pool. Eviction removes tokens from the working buffer for real, so the model
+The working buffer is the dense view GroupQueryAttention needs, in the cache's
+live form (``layout``): the model's KV dtype, or INT8 codes with the model's static
+per-channel scales, which GroupQueryAttention reads itself (``engine/live_forms.py``).
+In the INT8 live form every held token is INT8 (sinks and window included: one
+past tensor has one dtype), so L1 is the floor tier: a sealed block *is* its INT8
+codes, parked as they are, and INT4 demotion rounds a block's values to the INT4
+grid and writes them back as INT8 codes. The quantized bytes of demoted blocks
+(the at-rest form, what the prefix store keeps between turns) live in the pool. Eviction removes tokens from the working buffer for real, so the model
 attends over fewer tokens; new tokens keep their true RoPE positions
 (``position_ids``) until the RoPE table runs out, then cached keys are
 re-indexed (see ``rope.py``).
@@ -64,6 +69,24 @@ class TieredKVCache(KVCache):
         self._attn_count = np.zeros(self.buffer.capacity, dtype=np.float64)
         self.stats = KVStats()
         self._codecs = {tier: codec_for_tier(tier, plan.group_size) for tier in (TIER_INT8, TIER_INT4)}
+        # the tier every held token is at: L0 in the model's dtype, L1 in the INT8 live form
+        self.floor_tier = TIER_INT8 if layout.live_int8 else TIER_L0
+
+    # -- the working buffer in float, whatever its live form ------------------------------------------
+    def read(self, layer: int, slot: int, start: int, end: int) -> np.ndarray:
+        """Float values of tokens ``[start, end)`` of one layer's keys (``slot`` 0) or values (1), ``[H, T, D]``:
+        a view of the buffer in the model's dtype, a dequantized copy in the INT8 live form."""
+        view = (self.buffer.keys if slot == 0 else self.buffer.values)[layer][0, :, start:end]
+        return self.layout.scales.dequantize(view, layer, slot) if self.layout.live_int8 else view
+
+    def write(self, layer: int, slot: int, start: int, values: np.ndarray) -> None:
+        """Write float ``values`` ``[H, T, D]`` from token ``start`` (quantized with the static scales in the INT8
+        live form; values beyond the calibrated range saturate, as the kernel's own writes do)."""
+        view = (self.buffer.keys if slot == 0 else self.buffer.values)[layer][0, :, start:start + values.shape[1]]
+        if self.layout.live_int8:
+            self.layout.scales.quantize(values, layer, slot, out=view)
+        else:
+            view[...] = values
 
     # -- KVCache: the working buffer's, with tiers around it ---------------------------------------
     @property
@@ -80,8 +103,8 @@ class TieredKVCache(KVCache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for the working buffer (the quantized bytes are the pool's)."""
-        return self.buffer.nbytes
+        """Live bytes: the working buffer as allocated plus the quantized bytes of demoted blocks in the pool."""
+        return self.buffer.nbytes + self.pool.nbytes
 
     def ort_values(self):
         return self.buffer.ort_values()
@@ -182,10 +205,11 @@ class TieredKVCache(KVCache):
     def _seal(self, start: int) -> None:
         block = self.pool.allocate(self.plan.block_size)
         block.start = start
+        block.tiers[:] = self.floor_tier
         if self.plan.importance == "attention":
             block.scores = self._attention_score(block)
         else:
-            keys = [k[0, :, start:block.end] for k in self.buffer.keys]
+            keys = [self.read(layer, 0, start, block.end) for layer in range(self.layout.num_layers)]
             block.scores = block_scores(keys, self.plan.importance, self._next_block_index)
         self._next_block_index += 1
         self.blocks.append(block)
@@ -213,8 +237,8 @@ class TieredKVCache(KVCache):
             target[rank < plan.int8_below] = TIER_INT8
             if pressure > plan.int4_pressure:
                 target[rank < plan.int4_below] = TIER_INT4
-            target = np.minimum(target, self.max_tier)
-            for tier in (TIER_INT8, TIER_INT4):
+            target = np.maximum(np.minimum(target, self.max_tier), self.floor_tier)
+            for tier in self._tiers_above_floor():
                 layers = np.nonzero((target == tier) & (block.tiers < tier))[0]  # one-way: never promote
                 if len(layers):
                     self._quantize(block, layers, tier)
@@ -226,6 +250,9 @@ class TieredKVCache(KVCache):
             for block in candidates[:max(0, budget)]:
                 self._evict(block)
 
+    def _tiers_above_floor(self) -> tuple[int, ...]:
+        return tuple(t for t in (TIER_INT8, TIER_INT4) if t > self.floor_tier)
+
     def _quantize(self, block: KVBlock, layers: np.ndarray, tier: int) -> None:
         """Quantize ``layers`` of a block from the working buffer and write the dequantized values back.
 
@@ -233,13 +260,13 @@ class TieredKVCache(KVCache):
         """
         started = time.perf_counter()
         codec, heads = self._codecs[tier], self.layout.num_kv_heads
-        for buffers, axis, slot in ((self.buffer.keys, "token", 0), (self.buffer.values, "channel", 1)):
-            views = [buffers[int(layer)][0, :, block.start:block.end] for layer in layers]
-            stacked = np.concatenate(views, axis=0)                      # [len(layers) * H, T, D]
+        for axis, slot in (("token", 0), ("channel", 1)):
+            stacked = np.concatenate([self.read(int(layer), slot, block.start, block.end) for layer in layers],
+                                     axis=0)                              # [len(layers) * H, T, D]
             quantized = codec.quantize(stacked, axis)
             restored = codec.dequantize(quantized)
-            for index, (layer, view) in enumerate(zip(layers, views)):
-                view[...] = restored[index * heads:(index + 1) * heads]
+            for index, layer in enumerate(layers):
+                self.write(int(layer), slot, block.start, restored[index * heads:(index + 1) * heads])
                 self.pool.store_half(block, int(layer), slot, quantized.slice_heads(index * heads, heads))
         block.tiers[layers] = tier
         self.stats.block_layers_quantized[codec.name] += len(layers)
@@ -267,11 +294,16 @@ class TieredKVCache(KVCache):
         assert self.rope is not None
         n, positions = self.num_tokens, self.buffer.positions
         delta = np.arange(n, dtype=np.int64) - positions[:n]
-        for keys in self.buffer.keys:
-            self.rope.rotate(keys[0, :, :n], delta)
+        for layer in range(self.layout.num_layers):
+            # INT8 live form: rotate the dequantized keys and quantize them again (a key pair's envelope does not
+            # change under rotation and the scales are calibrated on it, so nothing leaves the range)
+            keys = self.read(layer, 0, 0, n)
+            self.rope.rotate(keys, delta)
+            if self.layout.live_int8:
+                self.write(layer, 0, 0, keys)
         positions[:n] = np.arange(n)
         for block in self.blocks:  # the at-rest codes must describe the re-rotated keys
-            for tier in (TIER_INT8, TIER_INT4):
+            for tier in self._tiers_above_floor():
                 layers = np.nonzero(block.tiers == tier)[0]
                 if len(layers):
                     block.tiers[layers] = TIER_L0
@@ -280,88 +312,124 @@ class TieredKVCache(KVCache):
 
     # -- prefix store support ------------------------------------------------------------------
     def block_arrays(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of tokens ``[start, end)`` for all layers, stacked: ``[layers * H, T, D]``."""
-        keys = np.concatenate([k[0, :, start:end] for k in self.buffer.keys], axis=0)
-        values = np.concatenate([v[0, :, start:end] for v in self.buffer.values], axis=0)
-        return keys, values
+        """Float keys and values of tokens ``[start, end)`` for all layers, stacked: ``[layers * H, T, D]``."""
+        layers = range(self.layout.num_layers)
+        return tuple(np.concatenate([self.read(layer, slot, start, end) for layer in layers], axis=0)
+                     for slot in (0, 1))
+
+    def block_codes(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """The INT8 live form's codes of tokens ``[start, end)``, stacked like :meth:`block_arrays` (copies)."""
+        assert self.layout.live_int8, "block_codes of a float cache: this indicates a bug in the caller"
+        return (np.concatenate([k[0, :, start:end] for k in self.buffer.keys], axis=0),
+                np.concatenate([v[0, :, start:end] for v in self.buffer.values], axis=0))
+
+    def at_rest(self, start: int, end: int, tier: int, group_size: int) -> tuple[object, object]:
+        """Tokens ``[start, end)`` (all layers stacked) in their at-rest form at ``tier``: raw floats for L0, the INT8
+        live form's own codes for L1 (no second quantization), KIVI codes otherwise."""
+        if tier == TIER_L0:
+            return self.block_arrays(start, end)
+        if tier == TIER_INT8 and self.layout.live_int8:
+            return self.block_codes(start, end)
+        codec = codec_for_tier(tier, group_size)
+        keys, values = self.block_arrays(start, end)
+        return codec.quantize(keys, "token"), codec.quantize(values, "channel")
+
+    def _restored_values(self, tier: int, stored: object) -> np.ndarray | None:
+        """Float values of a stored half, or None for INT8 live codes that go into the buffer as they are."""
+        if isinstance(stored, np.ndarray):
+            return None if stored.dtype == np.int8 else stored
+        return self._codecs[tier].dequantize(stored)
 
     def load_prefix(self, source: BlockPool, block_ids: list[int]) -> None:
         """Fill an empty cache with the cached blocks ``block_ids`` of ``source`` (a prefix store's pool), in order.
 
-        Each block's stacked keys/values (all layers along heads; quantized, or raw for an exact block) are
-        dequantized into the working buffer. The restored blocks (all but the one holding the sinks) become sealed
-        blocks of this cache at their stored tier, holding the stored codes, so they are not quantized again.
+        Each block's stacked keys/values (all layers along heads; quantized, INT8 live codes, or raw for an exact
+        block) go into the working buffer: codes of this cache's INT8 live form are copied, anything else is
+        dequantized (and quantized with the static scales in the INT8 live form). The restored blocks (all but the
+        one holding the sinks) become sealed blocks of this cache at their stored tier, holding the stored KIVI
+        codes, so they are not quantized again.
         """
         assert self.num_tokens == 0, "load_prefix into a non-empty cache: this indicates a bug in the caller"
         block_size, heads, num_layers = self.plan.block_size, self.layout.num_kv_heads, self.layout.num_layers
-        restored = []
-        for block_id in block_ids:
-            block = source.block(block_id)
-            keys, values = source.load(block)
-            if block.tier == TIER_L0:
-                restored.append((block.token_ids, block.tier, keys, values, None, None))
-            else:
-                codec = self._codecs[block.tier]
-                restored.append((block.token_ids, block.tier, codec.dequantize(keys), codec.dequantize(values),
-                                 keys, values))
-        total = sum(len(ids) for ids, *_ in restored)
+        restored = [source.block(block_id) for block_id in block_ids]
+        total = sum(len(block.token_ids) for block in restored)
         self.plan_capacity(total)
         self.reserve(total)
-        for index, (ids, tier, keys, values, _, _) in enumerate(restored):
-            start = index * block_size
-            for layer in range(num_layers):
-                self.buffer.keys[layer][0, :, start:start + len(ids)] = keys[layer * heads:(layer + 1) * heads]
-                self.buffer.values[layer][0, :, start:start + len(ids)] = values[layer * heads:(layer + 1) * heads]
-        self.buffer.hold_prefix([t for ids, *_ in restored for t in ids])
         first_block = -(-self.plan.sink_tokens // block_size) * block_size
-        for index, (ids, tier, keys, _, qkeys, qvalues) in enumerate(restored):
-            start = index * block_size
+        for index, stored in enumerate(restored):
+            start, tier = index * block_size, max(stored.tier, self.floor_tier)
+            halves = source.load(stored)
+            floats = [self._restored_values(stored.tier, half) for half in halves]
+            for layer in range(num_layers):
+                part = slice(layer * heads, (layer + 1) * heads)
+                for slot, (half, values) in enumerate(zip(halves, floats)):
+                    if values is None:
+                        buffer = self.buffer.keys if slot == 0 else self.buffer.values
+                        buffer[layer][0, :, start:start + half.shape[1]] = half[part]
+                    else:
+                        self.write(layer, slot, start, values[part])
             if start < first_block:
                 continue
-            block = self.pool.allocate(len(ids))
+            block = self.pool.allocate(len(stored.token_ids))
             block.start = start
             block.tiers[:] = tier
-            if tier != TIER_L0:  # an exact block lives in the working buffer only, as a freshly sealed one does
+            if tier > self.floor_tier:  # held in the buffer only otherwise, as a freshly sealed block is
                 for layer in range(num_layers):
-                    self.pool.store(block, layer, qkeys.slice_heads(layer * heads, heads),
-                                    qvalues.slice_heads(layer * heads, heads))
+                    self.pool.store(block, layer, halves[0].slice_heads(layer * heads, heads),
+                                    halves[1].slice_heads(layer * heads, heads))
             if self.plan.importance == "attention":
                 # nothing observed yet: the queries of the request that restores it will score it
                 block.scores = self._attention_score(block)
             else:
-                block.scores = block_scores(keys.reshape((num_layers, heads) + keys.shape[1:]),
-                                            self.plan.importance, self._next_block_index)
+                keys = [self.read(layer, 0, start, block.end) for layer in range(num_layers)]
+                block.scores = block_scores(keys, self.plan.importance, self._next_block_index)
             self._next_block_index += 1
             self.blocks.append(block)
+        self.buffer.hold_prefix([t for block in restored for t in block.token_ids])
         self._sealed_end = max(first_block, len(restored) * block_size) if restored else 0
 
     # -- reporting -----------------------------------------------------------------------------
+    def saturated_share(self) -> float | None:
+        """Share of held INT8 live codes at the range's edge (-128 or 127): an upper bound of the values the static
+        scales clipped. None for a float cache. A scan of the buffer: for evaluation, not the request path."""
+        if not self.layout.live_int8 or not self.num_tokens:
+            return None
+        n = self.num_tokens
+        edge = sum(int(((b[0, :, :n] == 127) | (b[0, :, :n] == -128)).sum())
+                   for b in (*self.buffer.keys, *self.buffer.values))
+        return edge / (2 * self.layout.num_layers * self.layout.num_kv_heads * n * self.layout.head_size)
+
     def kv_stats(self) -> KVStats:
-        """Bytes and tokens by tier, measured from the pool's arrays and the block table."""
+        """Bytes and tokens by tier, measured from the working buffer, the pool's arrays and the block table.
+
+        At rest: every held token at its tier (the floor tier's bytes are the working buffer's own, INT8 codes in
+        the INT8 live form; demoted layers at their KIVI bytes). Live: the working buffer as allocated and as used,
+        plus the pool's bytes.
+        """
         layout, stats = self.layout, self.stats
         per_token_layer = 2 * layout.num_kv_heads * layout.head_size
-        tier_tokens = {tier: 0 for tier in (TIER_INT8, TIER_INT4)}
+        tier_tokens = {tier: 0 for tier in self._tiers_above_floor()}
         for block in self.blocks:
             for tier in tier_tokens:
                 tier_tokens[tier] += int((block.tiers == tier).sum()) * block.num_tokens
-        quantized_token_layers = sum(tier_tokens.values())
-        l0_token_layers = self.num_tokens * layout.num_layers - quantized_token_layers
+        floor_token_layers = self.num_tokens * layout.num_layers - sum(tier_tokens.values())
         by_bits = self.pool.nbytes_by_bits()
         stats.tokens_seen = len(self.token_ids)
         stats.tokens_held = self.num_tokens
-        stats.tokens_by_tier = {
-            TIER_NAMES[TIER_L0]: l0_token_layers / layout.num_layers,
-            TIER_NAMES[TIER_INT8]: tier_tokens[TIER_INT8] / layout.num_layers,
-            TIER_NAMES[TIER_INT4]: tier_tokens[TIER_INT4] / layout.num_layers,
-            TIER_NAMES[TIER_EVICTED]: float(stats.tokens_seen - self.num_tokens),
-        }
-        stats.bytes_by_tier = {
-            TIER_NAMES[TIER_L0]: l0_token_layers * per_token_layer * layout.dtype.itemsize,
-            TIER_NAMES[TIER_INT8]: by_bits[8],
-            TIER_NAMES[TIER_INT4]: by_bits[4],
-        }
+        tokens = {TIER_L0: 0.0, TIER_INT8: 0.0, TIER_INT4: 0.0}
+        tokens[self.floor_tier] = floor_token_layers / layout.num_layers
+        for tier, count in tier_tokens.items():
+            tokens[tier] += count / layout.num_layers
+        stats.tokens_by_tier = {TIER_NAMES[t]: v for t, v in tokens.items()}
+        stats.tokens_by_tier[TIER_NAMES[TIER_EVICTED]] = float(stats.tokens_seen - self.num_tokens)
+        floor_bytes = floor_token_layers * per_token_layer * layout.dtype.itemsize
+        stats.bytes_by_tier = {TIER_NAMES[TIER_L0]: 0, TIER_NAMES[TIER_INT8]: by_bits[8], TIER_NAMES[TIER_INT4]: by_bits[4]}
+        stats.bytes_by_tier[TIER_NAMES[self.floor_tier]] += floor_bytes
         stats.kv_bytes = sum(stats.bytes_by_tier.values())
-        stats.working_buffer_bytes = self.nbytes
+        stats.live_form = "int8" if layout.live_int8 else str(layout.dtype)
+        stats.working_buffer_bytes = self.buffer.nbytes
+        stats.working_buffer_used_bytes = self.num_tokens * layout.bytes_per_token
+        stats.live_bytes = self.nbytes
         stats.fp16_bytes = stats.tokens_seen * layout.num_layers * per_token_layer * 2
         stats.model_dtype_bytes = stats.tokens_seen * layout.num_layers * per_token_layer * layout.dtype.itemsize
         return replace(stats)

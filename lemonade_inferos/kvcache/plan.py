@@ -8,6 +8,12 @@ INT4 when pressure exceeds ``int4_pressure``. When pressure exceeds
 of the sealed history is gone (the bottom ``evict_below`` share, never more).
 Demotion is one-way.
 
+Live form (``live_kv``): ``model`` keeps the working buffer in the model's KV
+dtype; ``int8`` runs the request on the INT8 live form (``engine/live_forms.py``),
+where every held token is INT8 and the plan's INT8 rule is met by construction.
+Plan names for ``inferos eval ppl`` take the prefix ``live8:`` for it
+(``live8:fp``, ``live8:dynamic@0.6``).
+
 Modes (policy ``kv.mode``):
 
 | mode | INT8 below | INT4 below (pressure >) | evict below (pressure >) | window |
@@ -31,6 +37,8 @@ NO_PRESSURE_GATE = -1.0
 TIER_L0, TIER_INT8, TIER_INT4, TIER_EVICTED = 0, 1, 2, 3
 TIER_NAMES = {TIER_L0: "L0", TIER_INT8: "L1_int8", TIER_INT4: "L2_int4", TIER_EVICTED: "L3_evicted"}
 
+LIVE_INT8_PREFIX = "live8:"
+
 KVMode = Literal["dynamic", "latency_optimized", "throughput_optimized", "quality_optimized", "disabled"]
 
 
@@ -50,6 +58,7 @@ class KVPlan:
     evict_pressure: float = 0.8
     importance: Literal["key_norm", "inverse_key_norm", "recency", "attention"] = "key_norm"
     pressure: float = 0.0   # external memory pressure in [0, 1], set by the controller
+    live_kv: Literal["model", "int8"] = "model"
 
     def __post_init__(self) -> None:
         if self.block_size & (self.block_size - 1) or not 8 <= self.block_size <= 256:
@@ -58,6 +67,8 @@ class KVPlan:
             raise ValueError(f"recent_window must be in 16..512, got {self.recent_window}")
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.live_kv not in ("model", "int8"):
+            raise ValueError(f"live_kv must be model or int8, got {self.live_kv!r}")
 
     @property
     def quantizes(self) -> bool:
@@ -100,6 +111,10 @@ def named_plan(name: str, recent_window: int = 64, sink_tokens: int = 4) -> KVPl
         "int8": KVPlan("int8", int8_below=ALWAYS, int4_below=NEVER, evict_below=NEVER, **common),
         "int4": KVPlan("int4", int8_below=ALWAYS, int4_below=ALWAYS, int4_pressure=NO_PRESSURE_GATE,
                        evict_below=NEVER, **common),
+        # INT4 with 64-token blocks and groups of 64 (4.5 bits a value with its fp16 scale and minimum, against 5
+        # at 32): the leanest at-rest plan without eviction; for evaluation (the prefix store's grid is 32 tokens)
+        "int4-g64": KVPlan("int4-g64", int8_below=ALWAYS, int4_below=ALWAYS, int4_pressure=NO_PRESSURE_GATE,
+                           evict_below=NEVER, block_size=64, group_size=64, **common),
         "streaming": KVPlan("streaming", int8_below=NEVER, int4_below=NEVER, evict_below=ALWAYS,
                             evict_pressure=NO_PRESSURE_GATE, **common),
     }
@@ -116,13 +131,16 @@ def make_plan(name: str, recent_window: int, pressure: float, default_signal: st
     ``-recency``/``-inverse`` the importance signal, which is otherwise ``default_signal`` (the server's default,
     attention, where the engine has attention probes)."""
     base, _, at = name.partition("@")
+    live = "model"
+    if base.startswith(LIVE_INT8_PREFIX):
+        base, live = base[len(LIVE_INT8_PREFIX):], "int8"
     signal = default_signal
     for suffix, alt in (("-inverse", "inverse_key_norm"), ("-recency", "recency"), ("-attention", "attention"),
                         ("-keynorm", "key_norm")):
         if base.endswith(suffix):
             base, signal = base[: -len(suffix)], alt
     plan = named_plan(base, recent_window=recent_window)
-    return replace(plan, name=name, importance=signal, pressure=float(at) if at else pressure)
+    return replace(plan, name=name, importance=signal, pressure=float(at) if at else pressure, live_kv=live)
 
 
 def needs_attention_probe(plans: list[str]) -> bool:

@@ -9,6 +9,8 @@ shared prefixes (system prompt, earlier turns) are the last to go.
 
 At rest each block is one stacked INT8 tensor for keys and one for values
 (all layers), or INT4 when the live cache had already demoted any of its layers.
+A cache in the INT8 live form parks its INT8 blocks as the codes it holds (the
+salt names the live form and its scales, so only caches of that form read them).
 A sequence whose cache may not quantize (``kv.mode`` disabled, or the quality
 guard at its last step) is kept at full precision instead, and a lookup under
 such a cache stops at the first quantized block: what it restores is exactly
@@ -28,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from lemonade_inferos.kvcache.block import KVBlock
-from lemonade_inferos.kvcache.codecs import codec_for_tier
 from lemonade_inferos.kvcache.disk_tier import DiskTier
 from lemonade_inferos.kvcache.manager import TieredKVCache
 from lemonade_inferos.kvcache.plan import TIER_INT4, TIER_INT8, TIER_L0
@@ -81,7 +82,7 @@ class PrefixStore:
         token_ids = cache.token_ids[: cache.num_tokens // self.block_size * self.block_size]
         hashes = block_hashes(token_ids, self.block_size, salt)
         demoted = {b.start // self.block_size for b in cache.blocks if (b.tiers == TIER_INT4).any()}
-        exact = cache.max_tier == TIER_L0 or not cache.plan.quantizes
+        exact = not cache.layout.live_int8 and (cache.max_tier == TIER_L0 or not cache.plan.quantizes)
         new_blocks = 0
         with self._lock:
             pool = self.pool
@@ -90,11 +91,8 @@ class PrefixStore:
                 if held is not None and (held.tier == TIER_L0 or not exact):
                     continue  # an exact copy replaces a quantized one; anything else is kept as it is
                 start = index * self.block_size
-                keys, values = cache.block_arrays(start, start + self.block_size)
                 tier = TIER_L0 if exact else TIER_INT4 if index in demoted else TIER_INT8
-                if tier != TIER_L0:
-                    codec = codec_for_tier(tier, self.group_size)
-                    keys, values = codec.quantize(keys, "token"), codec.quantize(values, "channel")
+                keys, values = cache.at_rest(start, start + self.block_size, tier, self.group_size)
                 pool.cache(block_hash, tuple(token_ids[start:start + self.block_size]), tier, keys, values)
                 new_blocks += 1
             for block_hash in reversed(hashes):  # tail first: parents end up most recently used

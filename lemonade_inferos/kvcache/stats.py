@@ -12,7 +12,10 @@ class KVStats:
     tokens_by_tier: dict[str, float] = field(default_factory=dict)   # averaged over layers
     bytes_by_tier: dict[str, int] = field(default_factory=dict)      # at rest: L0 at model dtype, L1/L2 packed
     kv_bytes: int = 0
+    live_form: str = "float32"           # what the working buffer holds: the model's dtype, or "int8" codes
     working_buffer_bytes: int = 0        # the dense compute view ONNX Runtime reads (allocated capacity)
+    working_buffer_used_bytes: int = 0   # ... the part holding tokens
+    live_bytes: int = 0                  # what the running request holds: working buffer + the pool's codes
     blocks_sealed: int = 0
     block_layers_quantized: dict[str, int] = field(default_factory=lambda: {"int8": 0, "int4": 0})
     blocks_evicted: int = 0

@@ -48,3 +48,28 @@ def test_eval_ppl_writes_the_documented_keys(model_dir, tmp_path):
             "fp16_bytes_per_token"} <= set(int8)
     assert abs(int8["delta_ppl"]) < 0.05 and int8["kv_bytes_per_token"] < fp["kv_bytes_per_token"]
     assert out.with_suffix(".png").is_file()
+
+
+def test_bench_memory_measures_each_row_in_a_fresh_process(model_dir, tmp_path):
+    out = tmp_path / "memory.json"
+    result = CliRunner().invoke(cli, ["bench", "memory", "--model", str(model_dir), "--context", "256",
+                                      "--new-tokens", "4", "--no-llamacpp", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["live_kv"]["live_kv"] == "int8"
+    short = doc["contexts"]["256"]
+    for row in ("og.Generator", "inferos fp32-live", "inferos int8-live", "inferos int8-live + dynamic@0.9"):
+        assert short[row]["peak_rss_mb"] >= short[row]["rss_after_load_mb"] > 100
+    assert short["inferos int8-live"]["live_form"] == "int8" and short["inferos fp32-live"]["live_form"] == "float32"
+    assert short["inferos int8-live"]["live_vs_fp16_of_held"] == 0.5
+    assert short["inferos fp32-live"]["live_vs_fp16_of_held"] == 2.0
+    assert "skipped" in short["llama.cpp f16"]
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_bench_memory_runs_only_our_evicting_cache_past_the_models_context():
+    from lemonade_inferos.bench.memory import _skip_reason
+
+    assert "context" in _skip_reason("og.Generator", 16384, 8192, None)
+    assert _skip_reason("inferos int8-live", 16384, 8192, None) is None
+    assert "llama-cpp-python" in _skip_reason("llama.cpp q8_0", 2048, 8192, None)

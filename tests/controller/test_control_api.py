@@ -89,8 +89,41 @@ def test_metrics_have_the_design_documents_shape_with_measured_values(control, p
     assert metrics["throughput"]["tokens_per_second"] > 0
     assert metrics["device_utilization"]["npu_utilization"] is None and metrics["device_utilization"]["reason"]
     assert metrics["memory"]["rss_mb"] > 0
-    assert metrics["kv_stats"]["bytes_by_tier"]["L0"] > 0
+    # the server runs the INT8 live form: every held token is an INT8 code, nothing at the model's fp32
+    assert metrics["kv_stats"]["live_form"] == "int8"
+    assert metrics["kv_stats"]["bytes_by_tier"]["L1_int8"] > 0 and metrics["kv_stats"]["bytes_by_tier"]["L0"] == 0
     assert metrics["memory"]["warm_cache_bytes"] > 0  # the finished chat's live cache, kept for its next turn
+    memory = metrics["memory"]
+    assert memory["live_form"]["live_kv"] == "int8" and memory["live_form"]["scales"]["source"].startswith("calib")
+    assert memory["kv_running_requests"] == 0 and memory["kv_live_mb"] == 0   # nothing runs between requests
+    assert memory["kv_at_rest_mb"] * 2**20 == memory["prefix_cache_bytes"] + memory["warm_cache_bytes"]
+    assert memory["kv_cache_usage_mb"] == memory["kv_live_mb"] + memory["kv_at_rest_mb"]
+
+
+def test_stats_report_live_bytes_of_a_running_request_and_at_rest_bytes(plugin_server):
+    """While a long generation runs, /api/v1/stats shows its working buffer as live bytes; after it, none."""
+    import threading
+
+    body = {"model": "SmolLM2-135M-Instruct-CPU", "max_tokens": 400, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]}
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (httpx.post(f"{plugin_server}/api/v1/chat/completions", json=body,
+                                                         timeout=120), done.set()))
+    worker.start()
+    seen = None
+    while not done.is_set():
+        memory = httpx.get(f"{plugin_server}/api/v1/stats", timeout=10).json()["inferos"]["kv_memory"]
+        if memory["running_requests"]:
+            seen = memory
+            break
+        done.wait(0.05)
+    worker.join()
+    assert seen is not None, "the running request was never seen"
+    assert seen["live_bytes"] >= seen["live_working_buffer_bytes"] > 0
+    assert seen["live_form"]["live_kv"] == "int8"
+    after = httpx.get(f"{plugin_server}/api/v1/stats", timeout=10).json()["inferos"]["kv_memory"]
+    assert after["running_requests"] == 0 and after["live_bytes"] == 0 and after["at_rest_bytes"] > 0
+    assert after["kv_cache_usage_bytes"] == after["at_rest_bytes"]
 
 
 def test_prometheus_exposition_parses(control):

@@ -1,0 +1,212 @@
+"""The live KV forms of one model: the graph in its own KV dtype, and the INT8 live form.
+
+A cache's layout says which form reads it (``KVLayout.scales`` set: INT8 codes with static per-channel scales;
+else the model's dtype), so one engine serves both at once: requests whose plan keeps KV in INT8 while it runs,
+and the quality guard's full-precision step, scoring references and ``kv.mode: disabled`` on the float graph.
+Each form is an ONNX Runtime session loaded on first use; the calibration that makes the INT8 form (see
+``kv_scales.py``) loads the float form once and lets it go again when nothing asked for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnxruntime as ort
+
+from lemonade_inferos.corpus import calibration_passages
+from lemonade_inferos.engine import kv_scales
+from lemonade_inferos.engine.graph import PreparedGraph, prepare_graph
+from lemonade_inferos.engine.kv import DenseKVCache, KVLayout
+
+if TYPE_CHECKING:
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+
+log = logging.getLogger(__name__)
+
+ORT_KV_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+
+
+@dataclass
+class LoadedForm:
+    """One session of the model and the scale inputs it needs bound (the patched INT8 graph's)."""
+
+    session: ort.InferenceSession
+    graph: PreparedGraph
+    layout: KVLayout
+    scale_values: list[tuple[str, ort.OrtValue]]
+
+
+class LiveForms:
+    def __init__(self, engine: "OrtEngine", graph: PreparedGraph) -> None:
+        self.engine = engine
+        self._graphs: dict[bool, PreparedGraph] = {False: graph}
+        self._loaded: dict[bool, LoadedForm] = {}
+        self._lock = threading.RLock()
+        self.calibration: kv_scales.Calibration | None = None
+        self.int8_reason: str | None = None
+        folder = engine.folder
+        self.model_layout = KVLayout(num_layers=folder.num_layers, num_kv_heads=folder.num_kv_heads,
+                                     head_size=folder.head_size, max_tokens=self._max_tokens(),
+                                     dtype=self._graph_kv_dtype(graph))
+        self.int8_layout: KVLayout | None = None
+        self._int8_tried = False
+        if self.model_layout.dtype == np.int8:  # the folder's graph already reads an INT8 past
+            scales = kv_scales.graph_scales(folder.onnx_path, folder.num_kv_heads, folder.head_size)
+            self.model_layout = replace(self.model_layout, scales=scales)
+            self.int8_reason = "the model's own graph reads an INT8 past" + \
+                ("" if scales else " with scales the engine cannot read (its cache cannot be tiered)")
+            self.calibration = kv_scales.Calibration(scales, None, None) if scales else None
+
+    # -- which form -----------------------------------------------------------------------------------
+    def default_layout(self, kv_cache: str) -> KVLayout:
+        if kv_cache == "int8":
+            self._make_int8()
+        return self.layout_for(kv_cache)
+
+    def layout_for(self, live_kv: str) -> KVLayout:
+        if live_kv == "int8":
+            self._make_int8()
+            if self.int8_layout is not None:
+                return self.int8_layout
+        return self.model_layout
+
+    def form(self, layout: KVLayout) -> LoadedForm:
+        int8 = self.int8_layout is not None and layout.scales == self.int8_layout.scales
+        with self._lock:
+            if int8 not in self._loaded:
+                self._loaded[int8] = self._load(int8)
+            return self._loaded[int8]
+
+    def session_for(self, layout: KVLayout) -> ort.InferenceSession:
+        return self.form(layout).session
+
+    def describe(self) -> dict[str, Any]:
+        default = self.engine.layout if hasattr(self.engine, "layout") else self.model_layout
+        return {"live_kv": "int8" if default.live_int8 else str(default.dtype),
+                "model_kv_dtype": str(self.model_layout.dtype),
+                "int8_available": self.int8_layout is not None or self.model_layout.live_int8,
+                "int8_unavailable_reason": None if self.int8_layout is not None else self.int8_reason,
+                "scales": kv_scales.describe(self.calibration),
+                "loaded_forms": sorted("int8" if k else "model" for k in self._loaded)}
+
+    # -- loading ---------------------------------------------------------------------------------------
+    def _max_tokens(self) -> int:
+        engine = self.engine
+        return min(engine.context_length or engine.folder.context_length, engine.folder.context_length)
+
+    @staticmethod
+    def _graph_kv_dtype(graph: PreparedGraph) -> np.dtype:
+        import onnx
+
+        model = onnx.load(graph.model, load_external_data=False) if isinstance(graph.model, str) \
+            else onnx.load_from_string(graph.model)
+        past = next((i for i in model.graph.input if i.name.startswith("past_key_values")), None)
+        elem = past.type.tensor_type.elem_type if past is not None else onnx.TensorProto.FLOAT
+        return np.dtype({onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT8: np.int8}.get(elem, np.float32))
+
+    def _load(self, int8: bool) -> LoadedForm:
+        engine = self.engine
+        graph = self._graphs[int8]
+        layout = self.int8_layout if int8 else self.model_layout
+        assert layout is not None, "loading the INT8 form before it was made: this indicates a bug"
+        session = ort.InferenceSession(graph.model, engine._options, providers=engine.applied_options.providers)
+        values = []
+        if int8 and graph.kv_scale_inputs:
+            scales = layout.scales
+            for layer, (key_name, value_name) in enumerate(graph.kv_scale_inputs):
+                values.append((key_name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
+                    scales.keys[layer].reshape(-1)))))
+                values.append((value_name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
+                    scales.values[layer].reshape(-1)))))
+        return LoadedForm(session, graph, layout, values)
+
+    def _make_int8(self) -> None:
+        """Patch the graph for the INT8 live form and find its scales; on failure the reason is kept and the model's
+        form serves."""
+        with self._lock:
+            if not self._int8_tried:
+                self._int8_tried = True
+                if not self.model_layout.live_int8:
+                    self._patch_and_calibrate()
+
+    def _patch_and_calibrate(self) -> None:
+        engine = self.engine
+        graph = prepare_graph(engine.folder.onnx_path, engine._probe_layers, int8_kv=True)
+        if graph.kv_int8_reason is not None:
+            self.int8_reason = graph.kv_int8_reason
+            return
+        self._graphs[True] = graph
+        had_model_form = False in self._loaded
+        try:
+            self.calibration = self._calibration()
+        except (ValueError, OSError) as exc:
+            self.int8_reason = f"no INT8 scales: {exc}"
+            log.warning("%s: INT8 live KV off (%s)", engine.folder.path, self.int8_reason)
+            self.int8_layout = None
+            self._loaded.pop(True, None)
+            return
+        finally:
+            if not had_model_form:
+                self._loaded.pop(False, None)  # the float form was only needed to calibrate
+        self.int8_layout = replace(self.model_layout, dtype=np.dtype(np.int8), scales=self.calibration.scales)
+        log.info("%s: INT8 live KV with scales from %s (%s)", engine.folder.path, self.calibration.scales.source,
+                 kv_scales.describe(self.calibration))
+
+    def _calibration(self) -> kv_scales.Calibration:
+        folder = self.engine.folder
+        heads, head_size = folder.num_kv_heads, folder.head_size
+        scales = kv_scales.folder_scales(folder.path, heads, head_size)
+        if scales is not None:
+            return kv_scales.Calibration(scales, None, None)
+        fingerprint = kv_scales.content_fingerprint(folder.onnx_path)
+        found = kv_scales.load_calibration(fingerprint, heads, head_size)
+        if found is not None:
+            return found
+        started = time.perf_counter()
+        passages = self._passages(kv_scales.CALIBRATION_PASSAGES + 1)
+        scales, saturated = kv_scales.calibrate(self._float_kv, passages[:-1], heads, head_size)
+        self.int8_layout = replace(self.model_layout, dtype=np.dtype(np.int8), scales=scales)
+        calibration = kv_scales.Calibration(scales, self._live_delta_nll(passages[-1]), saturated)
+        path = kv_scales.save_calibration(fingerprint, calibration)
+        log.info("calibrated INT8 live KV scales for %s in %.1f s (kept in %s)", folder.path,
+                 time.perf_counter() - started, path)
+        return calibration
+
+    def _passages(self, count: int) -> list[list[int]]:
+        tokenizer = self.engine.tokenizer
+        passages = []
+        for text in calibration_passages(4 * count):
+            ids = tokenizer.encode(text)[:kv_scales.CALIBRATION_TOKENS]
+            if len(ids) >= 128:
+                passages.append(ids)
+            if len(passages) == count:
+                break
+        if len(passages) < 2:
+            raise ValueError("the calibration corpus gave too few passages")
+        return passages
+
+    def _float_kv(self, ids: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        cache = DenseKVCache(self.model_layout, len(ids))
+        self.engine.forward(ids, cache)
+        return [cache.layer(layer) for layer in range(self.model_layout.num_layers)]
+
+    def _live_delta_nll(self, ids: list[int], chunk: int = 64) -> float:
+        """Mean NLL of ``ids`` with the INT8 live form minus with the float form, in chunks (history is read)."""
+        from lemonade_inferos.eval.scoring import log_softmax
+
+        nll = {}
+        for layout in (self.model_layout, self.int8_layout):
+            cache, total = DenseKVCache(layout, len(ids)), []
+            for start in range(0, len(ids) - 1, chunk):
+                piece = ids[start:start + chunk]
+                targets = np.asarray(ids[start + 1:start + 1 + len(piece)])
+                logprobs = log_softmax(self.engine.forward(piece, cache))[: len(targets)]
+                total.extend((-logprobs[np.arange(len(targets)), targets]).tolist())
+            nll[layout.live_int8] = float(np.mean(total))
+        return nll[True] - nll[False]
+
