@@ -55,7 +55,7 @@ def eval_ppl(engine: OrtEngine, plans: list[str | KVPlan], context: int = 2048, 
             progress(done, total_chunks)
         for name, cache in caches.items():
             stats[name].append(cache.kv_stats())
-            edges.setdefault(name, []).append(cache.saturated_share())
+            edges.setdefault(name, []).append(cache.buffer.edge_share())
     results = []
     for plan in built:
         kv = stats[plan.name]

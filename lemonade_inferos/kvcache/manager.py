@@ -26,7 +26,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout
+from lemonade_inferos.engine.kv import CacheFullError, KVCache, KVLayout
 from lemonade_inferos.kvcache.block import KVBlock
 from lemonade_inferos.kvcache.codecs import codec_for_tier
 from lemonade_inferos.kvcache.importance import block_scores, per_layer_rank
@@ -34,6 +34,7 @@ from lemonade_inferos.kvcache.plan import (TIER_EVICTED, TIER_INT4, TIER_INT8, T
 from lemonade_inferos.kvcache.pool import BlockPool
 from lemonade_inferos.kvcache.rope import RopeTables
 from lemonade_inferos.kvcache.stats import KVStats
+from lemonade_inferos.kvcache.working_buffer import WorkingBuffer
 
 
 
@@ -55,7 +56,7 @@ class TieredKVCache(KVCache):
     def __init__(self, layout: KVLayout, plan: KVPlan, rope: RopeTables | None = None,
                  pool: BlockPool | None = None, initial_tokens: int = 256) -> None:
         self.layout = layout
-        self.buffer = DenseKVCache(layout, initial_tokens, on_grow=self._grow_accumulators)
+        self.buffer = WorkingBuffer(layout, initial_tokens, on_grow=self._grow_accumulators)
         self.plan = plan
         self.rope = rope
         self.pool = pool or BlockPool(layout.num_layers)
@@ -71,22 +72,6 @@ class TieredKVCache(KVCache):
         self._codecs = {tier: codec_for_tier(tier, plan.group_size) for tier in (TIER_INT8, TIER_INT4)}
         # the tier every held token is at: L0 in the model's dtype, L1 in the INT8 live form
         self.floor_tier = TIER_INT8 if layout.live_int8 else TIER_L0
-
-    # -- the working buffer in float, whatever its live form ------------------------------------------
-    def read(self, layer: int, slot: int, start: int, end: int) -> np.ndarray:
-        """Float values of tokens ``[start, end)`` of one layer's keys (``slot`` 0) or values (1), ``[H, T, D]``:
-        a view of the buffer in the model's dtype, a dequantized copy in the INT8 live form."""
-        view = (self.buffer.keys if slot == 0 else self.buffer.values)[layer][0, :, start:end]
-        return self.layout.scales.dequantize(view, layer, slot) if self.layout.live_int8 else view
-
-    def write(self, layer: int, slot: int, start: int, values: np.ndarray) -> None:
-        """Write float ``values`` ``[H, T, D]`` from token ``start`` (quantized with the static scales in the INT8
-        live form; values beyond the calibrated range saturate, as the kernel's own writes do)."""
-        view = (self.buffer.keys if slot == 0 else self.buffer.values)[layer][0, :, start:start + values.shape[1]]
-        if self.layout.live_int8:
-            self.layout.scales.quantize(values, layer, slot, out=view)
-        else:
-            view[...] = values
 
     # -- KVCache: the working buffer's, with tiers around it ---------------------------------------
     @property
@@ -209,7 +194,7 @@ class TieredKVCache(KVCache):
         if self.plan.importance == "attention":
             block.scores = self._attention_score(block)
         else:
-            keys = [self.read(layer, 0, start, block.end) for layer in range(self.layout.num_layers)]
+            keys = [self.buffer.read(layer, 0, start, block.end) for layer in range(self.layout.num_layers)]
             block.scores = block_scores(keys, self.plan.importance, self._next_block_index)
         self._next_block_index += 1
         self.blocks.append(block)
@@ -261,12 +246,12 @@ class TieredKVCache(KVCache):
         started = time.perf_counter()
         codec, heads = self._codecs[tier], self.layout.num_kv_heads
         for axis, slot in (("token", 0), ("channel", 1)):
-            stacked = np.concatenate([self.read(int(layer), slot, block.start, block.end) for layer in layers],
+            stacked = np.concatenate([self.buffer.read(int(layer), slot, block.start, block.end) for layer in layers],
                                      axis=0)                              # [len(layers) * H, T, D]
             quantized = codec.quantize(stacked, axis)
             restored = codec.dequantize(quantized)
             for index, layer in enumerate(layers):
-                self.write(int(layer), slot, block.start, restored[index * heads:(index + 1) * heads])
+                self.buffer.write(int(layer), slot, block.start, restored[index * heads:(index + 1) * heads])
                 self.pool.store_half(block, int(layer), slot, quantized.slice_heads(index * heads, heads))
         block.tiers[layers] = tier
         self.stats.block_layers_quantized[codec.name] += len(layers)
@@ -296,11 +281,11 @@ class TieredKVCache(KVCache):
         delta = np.arange(n, dtype=np.int64) - positions[:n]
         for layer in range(self.layout.num_layers):
             # INT8 live form: rotate the dequantized keys and quantize them again (a key pair's envelope does not
-            # change under rotation and the scales are calibrated on it, so nothing leaves the range)
-            keys = self.read(layer, 0, 0, n)
+            # change under rotation and the scales are calibrated on it: a key stays in range at any position)
+            keys = self.buffer.read(layer, 0, 0, n)
             self.rope.rotate(keys, delta)
             if self.layout.live_int8:
-                self.write(layer, 0, 0, keys)
+                self.buffer.write(layer, 0, 0, keys)
         positions[:n] = np.arange(n)
         for block in self.blocks:  # the at-rest codes must describe the re-rotated keys
             for tier in self._tiers_above_floor():
@@ -311,27 +296,15 @@ class TieredKVCache(KVCache):
         self.stats.rebases += 1
 
     # -- prefix store support ------------------------------------------------------------------
-    def block_arrays(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """Float keys and values of tokens ``[start, end)`` for all layers, stacked: ``[layers * H, T, D]``."""
-        layers = range(self.layout.num_layers)
-        return tuple(np.concatenate([self.read(layer, slot, start, end) for layer in layers], axis=0)
-                     for slot in (0, 1))
-
-    def block_codes(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """The INT8 live form's codes of tokens ``[start, end)``, stacked like :meth:`block_arrays` (copies)."""
-        assert self.layout.live_int8, "block_codes of a float cache: this indicates a bug in the caller"
-        return (np.concatenate([k[0, :, start:end] for k in self.buffer.keys], axis=0),
-                np.concatenate([v[0, :, start:end] for v in self.buffer.values], axis=0))
-
     def at_rest(self, start: int, end: int, tier: int, group_size: int) -> tuple[object, object]:
         """Tokens ``[start, end)`` (all layers stacked) in their at-rest form at ``tier``: raw floats for L0, the INT8
         live form's own codes for L1 (no second quantization), KIVI codes otherwise."""
         if tier == TIER_L0:
-            return self.block_arrays(start, end)
+            return self.buffer.stacked(start, end)
         if tier == TIER_INT8 and self.layout.live_int8:
-            return self.block_codes(start, end)
+            return self.buffer.stacked(start, end, codes=True)
         codec = codec_for_tier(tier, group_size)
-        keys, values = self.block_arrays(start, end)
+        keys, values = self.buffer.stacked(start, end)
         return codec.quantize(keys, "token"), codec.quantize(values, "channel")
 
     def _restored_values(self, tier: int, stored: object) -> np.ndarray | None:
@@ -364,10 +337,9 @@ class TieredKVCache(KVCache):
                 part = slice(layer * heads, (layer + 1) * heads)
                 for slot, (half, values) in enumerate(zip(halves, floats)):
                     if values is None:
-                        buffer = self.buffer.keys if slot == 0 else self.buffer.values
-                        buffer[layer][0, :, start:start + half.shape[1]] = half[part]
+                        self.buffer.put_codes(layer, slot, start, half[part])
                     else:
-                        self.write(layer, slot, start, values[part])
+                        self.buffer.write(layer, slot, start, values[part])
             if start < first_block:
                 continue
             block = self.pool.allocate(len(stored.token_ids))
@@ -381,7 +353,7 @@ class TieredKVCache(KVCache):
                 # nothing observed yet: the queries of the request that restores it will score it
                 block.scores = self._attention_score(block)
             else:
-                keys = [self.read(layer, 0, start, block.end) for layer in range(num_layers)]
+                keys = [self.buffer.read(layer, 0, start, block.end) for layer in range(num_layers)]
                 block.scores = block_scores(keys, self.plan.importance, self._next_block_index)
             self._next_block_index += 1
             self.blocks.append(block)
@@ -389,16 +361,6 @@ class TieredKVCache(KVCache):
         self._sealed_end = max(first_block, len(restored) * block_size) if restored else 0
 
     # -- reporting -----------------------------------------------------------------------------
-    def saturated_share(self) -> float | None:
-        """Share of held INT8 live codes at the range's edge (-128 or 127): an upper bound of the values the static
-        scales clipped. None for a float cache. A scan of the buffer: for evaluation, not the request path."""
-        if not self.layout.live_int8 or not self.num_tokens:
-            return None
-        n = self.num_tokens
-        edge = sum(int(((b[0, :, :n] == 127) | (b[0, :, :n] == -128)).sum())
-                   for b in (*self.buffer.keys, *self.buffer.values))
-        return edge / (2 * self.layout.num_layers * self.layout.num_kv_heads * n * self.layout.head_size)
-
     def kv_stats(self) -> KVStats:
         """Bytes and tokens by tier, measured from the working buffer, the pool's arrays and the block table.
 

@@ -53,7 +53,7 @@ def test_int4_demotion_rounds_values_and_keeps_codes_in_the_pool(engine, rope, c
     demoted = [b for b in cache.blocks if (b.tiers == TIER_INT4).all()]
     assert demoted and cache.pool.nbytes_by_bits()[4] > 0
     block = demoted[0]
-    keys_in_buffer = cache.read(3, 0, block.start, block.end)
+    keys_in_buffer = cache.buffer.read(3, 0, block.start, block.end)
     stored_keys, _ = cache.pool.load(block, 3)
     restored = cache._codecs[TIER_INT4].dequantize(stored_keys)
     # what the model reads is the INT4 value, quantized to the INT8 grid: within half an INT8 step of it
@@ -76,7 +76,7 @@ def test_eviction_and_reindexing_past_the_rope_table_work_on_int8(engine, rope, 
 def test_reindexing_rotates_dequantized_keys_and_requantizes_them(engine, rope, corpus_ids):
     cache = _cache(engine, rope, "live8:fp")
     engine.forward(corpus_ids[:128], cache)
-    before = [cache.read(layer, 0, 0, 128).copy() for layer in range(cache.layout.num_layers)]
+    before = [cache.buffer.read(layer, 0, 0, 128).copy() for layer in range(cache.layout.num_layers)]
     cache.buffer.positions[:128] += 100                  # pretend they sat 100 positions later
     cache._rebase_positions()
     for layer in (0, 15):
@@ -85,7 +85,7 @@ def test_reindexing_rotates_dequantized_keys_and_requantizes_them(engine, rope, 
         step = np.broadcast_to(cache.layout.scales.keys[layer], expected.shape)
         inside = np.abs(expected) < 127 * step   # values beyond the calibrated range saturate (documented)
         assert inside.mean() > 0.999
-        assert np.all((np.abs(cache.read(layer, 0, 0, 128) - expected) <= step / 2 + 1e-5)[inside])
+        assert np.all((np.abs(cache.buffer.read(layer, 0, 0, 128) - expected) <= step / 2 + 1e-5)[inside])
 
 
 def test_parked_int8_blocks_are_the_codes_and_restore_bit_exactly(engine, rope, corpus_ids):
@@ -96,7 +96,7 @@ def test_parked_int8_blocks_are_the_codes_and_restore_bit_exactly(engine, rope, 
     blocks = store.lookup(corpus_ids[:301], SALT)
     keys, values = store.pool.load(blocks[2])
     assert keys.dtype == np.int8 and blocks[2].tier == TIER_INT8     # no second quantization
-    np.testing.assert_array_equal(keys, cache.block_codes(64, 96)[0])
+    np.testing.assert_array_equal(keys, cache.buffer.stacked(64, 96, codes=True)[0])
     restored = _cache(engine, rope, "live8:dynamic")
     assert store.restore(restored, blocks) == 288
     for layer in (0, 29):
@@ -117,7 +117,7 @@ def test_int8_codes_survive_the_disk_spill(engine, rope, corpus_ids, tmp_path):
     blocks = fresh.lookup(corpus_ids[:131], SALT)
     assert len(blocks) == 4
     keys, _ = fresh.pool.load(blocks[3])
-    np.testing.assert_array_equal(keys, cache.block_codes(96, 128)[0])
+    np.testing.assert_array_equal(keys, cache.buffer.stacked(96, 128, codes=True)[0])
 
 
 def test_a_warm_int8_cache_is_a_quarter_of_a_float_one(engine, rope, corpus_ids):
