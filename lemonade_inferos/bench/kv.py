@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lemonade_inferos.corpus import corpus_text
-from lemonade_inferos.reports import write_json
+from lemonade_inferos.reports import plot_grouped_bars, write_json
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.types import GenerationStats
@@ -83,25 +83,11 @@ def run_kv_bench(engine: OrtEngine, contexts: list[int], new_tokens: int, plan_n
 
 
 def plot_kv_bench(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     contexts = list(results["contexts"])
     modes = list(results["contexts"][contexts[0]])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(modes)
-    for i, mode in enumerate(modes):
-        values = [results["contexts"][c][mode]["decode_tps"] for c in contexts]
-        bars = ax.bar([x + i * width for x in range(len(contexts))], values, width, label=mode)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(contexts))], [f"{c} ctx" for c in contexts])
-    ax.set_ylabel("decode tok/s")
-    ax.set_title(f"{Path(results['model']).name}: decode with {results['new_tokens']} new tokens")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = {mode: [results["contexts"][c][mode]["decode_tps"] for c in contexts] for mode in modes}
+    plot_grouped_bars(path, [f"{c} ctx" for c in contexts], series, "decode tok/s",
+                      f"{Path(results['model']).name}: decode with {results['new_tokens']} new tokens")
 
 
 def bench_kv(engine: OrtEngine, contexts: list[int], new_tokens: int, plan_name: str, repeats: int,

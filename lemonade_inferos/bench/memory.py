@@ -21,7 +21,7 @@ import multiprocessing
 from pathlib import Path
 from typing import Any
 
-from lemonade_inferos.reports import plot_path_for, write_json
+from lemonade_inferos.reports import plot_grouped_bars, plot_path_for, write_json
 
 ROWS = ("og.Generator", "inferos fp32-live", "inferos int8-live", "inferos int8-live + dynamic@0.9",
         "llama.cpp f16", "llama.cpp q8_0")
@@ -138,25 +138,12 @@ def run_memory_bench(model_dir: Path, contexts: list[int], new_tokens: int = 32,
 
 
 def plot_memory_bench(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     contexts = list(results["contexts"])
-    rows = [r for r in results["rows"] if any("peak_rss_mb" in results["contexts"][c].get(r, {}) for c in contexts)]
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    width = 0.8 / max(len(rows), 1)
-    for i, row in enumerate(rows):
-        values = [results["contexts"][c].get(row, {}).get("peak_rss_mb", 0.0) for c in contexts]
-        bars = ax.bar([x + i * width for x in range(len(contexts))], values, width, label=row)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(contexts))], [f"{c} tokens" for c in contexts])
-    ax.set_ylabel("peak RSS of a fresh process (MiB)")
-    ax.set_title(f"{Path(results['model']).name}: one request ({results['new_tokens']} new tokens)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    measured = [r for r in results["rows"] if any("peak_rss_mb" in results["contexts"][c].get(r, {}) for c in contexts)]
+    series = {row: [results["contexts"][c].get(row, {}).get("peak_rss_mb", 0.0) for c in contexts] for row in measured}
+    plot_grouped_bars(path, [f"{c} tokens" for c in contexts], series, "peak RSS of a fresh process (MiB)",
+                      f"{Path(results['model']).name}: one request ({results['new_tokens']} new tokens)",
+                      value_format="%.0f", size=(9, 4.2))
 
 
 def bench_memory(model_dir: Path, contexts: list[int], new_tokens: int, json_path: Path, gguf: Path | None = None,

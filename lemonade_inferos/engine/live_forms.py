@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ORT_KV_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
-
-
 @dataclass
 class LoadedForm:
     """One session of the model and the scale inputs it needs bound (the patched INT8 graph's)."""
@@ -144,9 +141,10 @@ class LiveForms:
         had_model_form = False in self._loaded
         try:
             self.calibration = self._calibration()
-        except (ValueError, OSError) as exc:
-            self.int8_reason = f"no INT8 scales: {exc}"
-            log.warning("%s: INT8 live KV off (%s)", engine.folder.path, self.int8_reason)
+        except Exception as exc:  # no scales means no INT8 form, never a failed request: the float form serves
+            self.int8_reason = f"no INT8 scales: {type(exc).__name__}: {exc}"
+            log.warning("%s: INT8 live KV off (%s)", engine.folder.path, self.int8_reason,
+                        exc_info=not isinstance(exc, (ValueError, OSError)))
             self.int8_layout = None
             self._loaded.pop(True, None)
             return
@@ -190,8 +188,12 @@ class LiveForms:
             raise ValueError("the calibration corpus gave too few passages")
         return passages
 
+    def _full_length(self, layout: KVLayout) -> KVLayout:
+        """``layout`` with the model's whole context: calibration passages are not bound by ``--ctx-size``."""
+        return replace(layout, max_tokens=self.engine.folder.context_length)
+
     def _float_kv(self, ids: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        cache = DenseKVCache(self.model_layout, len(ids))
+        cache = DenseKVCache(self._full_length(self.model_layout), len(ids))
         self.engine.forward(ids, cache)
         return [cache.layer(layer) for layer in range(self.model_layout.num_layers)]
 
@@ -201,7 +203,7 @@ class LiveForms:
 
         nll = {}
         for layout in (self.model_layout, self.int8_layout):
-            cache, total = DenseKVCache(layout, len(ids)), []
+            cache, total = DenseKVCache(self._full_length(layout), len(ids)), []
             for start in range(0, len(ids) - 1, chunk):
                 piece = ids[start:start + chunk]
                 targets = np.asarray(ids[start + 1:start + 1 + len(piece)])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -125,3 +124,23 @@ def test_bad_scales_are_refused():
         kv_scales.scales_from_lists([[0.0, 1.0]], [[1.0, 1.0]], heads=1, head_size=2, source="test")
     with pytest.raises(ValueError, match="shapes"):
         kv_scales.scales_from_lists([[1.0]], [[1.0, 1.0]], heads=1, head_size=2, source="test")
+
+
+def test_calibration_is_not_bound_by_a_small_context(tiny_models, tmp_path):
+    folder = tmp_path / "small-context"
+    shutil.copytree(tiny_models["qwen3"], folder, copy_function=os.symlink)
+    kv_scales.calibration_path(kv_scales.content_fingerprint(folder / "model.onnx")).unlink(missing_ok=True)
+    engine = OrtEngine(folder, INT8, context_length=96)
+    assert engine.layout.live_int8 and engine.layout.max_tokens == 96
+    assert engine.live_kv_report()["scales"]["source"] == "calibrated"
+
+
+def test_an_unusable_scale_file_leaves_the_float_form_serving_and_says_why(tiny_models, tmp_path):
+    folder = tmp_path / "bad-scales"
+    shutil.copytree(tiny_models["llama"], folder, copy_function=os.symlink)
+    (folder / kv_scales.FOLDER_SCALE_FILE).write_text('{"scales": {"k_scales": [[0.0]]}}')
+    engine = OrtEngine(folder, INT8)
+    assert not engine.layout.live_int8
+    assert kv_scales.FOLDER_SCALE_FILE in engine.live_kv_report()["int8_unavailable_reason"]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    assert sum(len(c.token_ids) for c in engine.generate([1, 2, 3], params)) == 4

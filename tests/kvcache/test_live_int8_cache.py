@@ -155,3 +155,17 @@ def test_an_int8_cache_never_reuses_blocks_parked_from_a_float_cache(engine, rop
     live = _cache(engine, rope, "live8:dynamic")
     assert InferosPlugin._kv_format(full.layout, full.plan) != InferosPlugin._kv_format(live.layout, live.plan)
     assert live.floor_tier == TIER_INT8 and full.floor_tier == TIER_L0
+
+
+def test_speculative_decoding_on_int8_keeps_every_greedy_token(engine, rope, corpus_ids):
+    """Rejected drafts' K/V lie past the cache's length in the INT8 buffer too: nothing to roll back."""
+    from lemonade_inferos.engine.speculative import SpeculationConfig
+
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    prompt = corpus_ids[:300]
+    plain = [t for c in engine.generate(prompt, params, cache=_cache(engine, rope, "live8:dynamic"))
+             for t in c.token_ids]
+    stats = GenerationStats()
+    spec = [t for c in engine.generate(prompt, params, stats=stats, cache=_cache(engine, rope, "live8:dynamic"),
+                                       speculation=SpeculationConfig(mode="ngram")) for t in c.token_ids]
+    assert spec == plain and stats.drafted_n > 0
