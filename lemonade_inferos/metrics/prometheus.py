@@ -52,6 +52,11 @@ class ControllerCollector:
         for tier, value in (doc.get("kv_stats", {}).get("tokens_by_tier") or {}).items():
             kv_tokens.add_metric([tier], value)
         yield kv_tokens
+        memory = doc["memory"]
+        for name, key, text in (("kv_live_bytes", "kv_live_mb", "KV bytes of running requests (working buffers)."),
+                                ("kv_at_rest_bytes", "kv_at_rest_mb", "KV bytes kept between requests (prefix "
+                                 "store in memory, warm caches).")):
+            yield gauge(name, text, memory[key] * 2**20 if memory.get(key) is not None else None)
         yield gauge("prefix_cache_bytes", "Bytes held by the prefix store.", doc["memory"].get("prefix_cache_bytes"))
         yield gauge("warm_cache_bytes", "Bytes of the live caches kept for their sequences' next turn.",
                     doc["memory"].get("warm_cache_bytes"))

@@ -130,7 +130,8 @@ def test_prometheus_exposition_parses(control):
     text = httpx.get(control + "/metrics/prometheus").text
     names = {family.name for family in text_string_to_metric_families(text)}
     assert {"inferos_time_to_first_token_mean_seconds", "inferos_kv_cache_bytes", "inferos_controller_requests",
-            "inferos_process_resident_memory_bytes", "inferos_warm_cache_bytes", "inferos_prefix_cache_bytes"} <= names
+            "inferos_process_resident_memory_bytes", "inferos_warm_cache_bytes", "inferos_prefix_cache_bytes",
+            "inferos_kv_live_bytes", "inferos_kv_at_rest_bytes"} <= names
 
 
 def test_baseline_mode_turns_every_optimisation_off_until_disabled(control, token, plugin_server):
