@@ -19,9 +19,10 @@ def eval_group() -> None:
 
 @eval_group.command("ppl")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
-@click.option("--kv", "plans", multiple=True, help="KV plan (repeatable): fp, int8, int4, dynamic, streaming, a kv.mode, "
-              "with @PRESSURE (dynamic@0.9); blocks are ranked by attention as the server does, or by -keynorm/"
-              "-recency/-inverse (ablations). Default: all five named plans.")
+@click.option("--kv", "plans", multiple=True, help="KV plan (repeatable): fp, int8, int4, int4-g64, dynamic, streaming, "
+              "a kv.mode, with @PRESSURE (dynamic@0.9); the prefix live8: runs it on the INT8 live form "
+              "(live8:dynamic, the server's default); blocks are ranked by attention as the server does, or by "
+              "-keynorm/-recency/-inverse (ablations). Default: all five named plans.")
 @click.option("--context", default=2048, show_default=True, help="Tokens per scored segment.")
 @click.option("--segments", default=1, show_default=True, help="Consecutive segments of the corpus to score.")
 @click.option("--window", default=64, show_default=True, help="Recent window (full precision); also the chunk size.")
