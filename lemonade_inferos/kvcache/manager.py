@@ -3,8 +3,8 @@
 Token layout of one sequence, per layer, in the working buffer ONNX Runtime reads::
 
     | sinks... | sealed blocks: L0 / L1 INT8 / L2 INT4 (evicted ones removed) | open tail | recent window |
-      block 0    each block_size tokens on a grid from token 0, quantized once    always full precision
-      (L0)       when it leaves the window; dequantized values replace the originals
+      block 0    each block_size tokens on a grid from token 0, quantized once    the live form's precision
+      (L0)       when it leaves the window; dequantized values replace the originals   (fp32, or INT8 codes)
 
 The working buffer is the dense view GroupQueryAttention needs, in the cache's
 live form (``layout``): the model's KV dtype, or INT8 codes with the model's static
@@ -13,7 +13,8 @@ In the INT8 live form every held token is INT8 (sinks and window included: one
 past tensor has one dtype), so L1 is the floor tier: a sealed block *is* its INT8
 codes, parked as they are, and INT4 demotion rounds a block's values to the INT4
 grid and writes them back as INT8 codes. The quantized bytes of demoted blocks
-(the at-rest form, what the prefix store keeps between turns) live in the pool. Eviction removes tokens from the working buffer for real, so the model
+(the at-rest form, what the prefix store keeps between turns) live in the pool.
+Eviction removes tokens from the working buffer for real, so the model
 attends over fewer tokens; new tokens keep their true RoPE positions
 (``position_ids``) until the RoPE table runs out, then cached keys are
 re-indexed (see ``rope.py``).
