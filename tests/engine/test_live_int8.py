@@ -39,10 +39,10 @@ def test_any_gqa_folder_runs_int8_live_close_to_its_float_form(tiny_models, arch
 def test_int8_live_agrees_with_fp32_live_under_teacher_forcing(model_dir):
     engine = OrtEngine(model_dir, SessionPolicy(devices=["cpu"]))
     [row] = eval_ppl(engine, ["live8:fp"], context=2048)
-    # measured 0.980 at 2048 tokens (0.977 over 2 x 1024): every held token is INT8 here, sinks and window too
+    # measured 0.980 at 2048 tokens (0.977 on the probe graph): every held token is INT8 here, sinks and window too
     assert row["top1"] >= 0.975
     assert row["kld"] <= 0.005      # measured 0.0016
-    assert abs(row["delta_ppl"]) <= 0.02   # measured +0.013
+    assert abs(row["delta_ppl"]) <= 0.02   # measured +0.009 (plain graph; +0.023 on the probe graph)
     assert row["compression_vs_fp16"] == pytest.approx(0.5, abs=0.01)
 
 
