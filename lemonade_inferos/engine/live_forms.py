@@ -3,8 +3,9 @@
 A cache's layout says which form reads it (``KVLayout.scales`` set: INT8 codes with static per-channel scales;
 else the model's dtype), so one engine serves both at once: requests whose plan keeps KV in INT8 while it runs,
 and the quality guard's full-precision step, scoring references and ``kv.mode: disabled`` on the float graph.
-Each form is an ONNX Runtime session loaded on first use; the calibration that makes the INT8 form (see
-``kv_scales.py``) loads the float form once and lets it go again when nothing asked for it.
+Each form is an ONNX Runtime session loaded on first use. The calibration that makes the INT8 form (see
+``kv_scales.py``) needs the float graph, so it runs in a child process of its own the first time a model is seen:
+the serving process never holds both graphs for it (memory a process has held is not given back).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from lemonade_inferos.engine.ort_engine import OrtEngine
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class LoadedForm:
