@@ -95,13 +95,9 @@ def _measure(row: str, model_dir: Path, context: int, new_tokens: int, gguf: str
         kv = cache.kv_stats()
         result.update(live_kv_bytes=kv.live_bytes, working_buffer_used_bytes=kv.working_buffer_used_bytes,
                       at_rest_kv_bytes=kv.kv_bytes, tokens_held=kv.tokens_held, live_form=kv.live_form,
-                      live_vs_fp16_of_held=kv.working_buffer_used_bytes / (kv.tokens_held * _fp16_per_token(engine)))
+                      live_vs_fp16_of_held=kv.working_buffer_used_bytes / (kv.tokens_held * kv.fp16_bytes
+                                                                            / kv.tokens_seen))
     return result
-
-
-def _fp16_per_token(engine: Any) -> int:
-    layout = engine.full_precision_layout
-    return 2 * layout.num_layers * layout.num_kv_heads * layout.head_size * 2
 
 
 def _skip_reason(row: str, context: int, model_context: int, gguf: Path | None) -> str | None:

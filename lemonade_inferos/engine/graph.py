@@ -65,6 +65,7 @@ class PreparedGraph:
     has_logits_positions: bool = False
     kv_scale_inputs: tuple[tuple[str, str], ...] = ()   # per layer (key, value) scale inputs of the INT8 live form
     kv_int8_reason: str | None = None                    # why the INT8 live form was not made (when asked)
+    kv_elem_type: int = onnx.TensorProto.FLOAT           # the past's element type (ONNX TensorProto enum)
 
 
 def kv_scale_names(layer: int) -> tuple[str, str]:
@@ -95,13 +96,12 @@ def int8_kv_obstacle(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def _quantize_kv(model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
+def _quantize_kv(model: onnx.ModelProto) -> None:
     """Make every GroupQueryAttention read and write an INT8 past with per-channel scale inputs (by node order,
     which is layer order). The caller checked :func:`int8_kv_obstacle`."""
     graph = model.graph
     gqa_nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     kv_names = set()
-    names = []
     for layer, node in enumerate(gqa_nodes):
         key_scale, value_scale = kv_scale_names(layer)
         channels = _channels(graph, node.input[3])
@@ -114,11 +114,9 @@ def _quantize_kv(model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
         for name in (key_scale, value_scale):
             graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [channels]))
         kv_names.update([node.input[3], node.input[4], node.output[1], node.output[2]])
-        names.append((key_scale, value_scale))
     for value_info in (*graph.input, *graph.output):
         if value_info.name in kv_names:
             value_info.type.tensor_type.elem_type = onnx.TensorProto.INT8
-    return tuple(names)
 
 
 def _channels(graph: onnx.GraphProto, past_name: str) -> int | str:
@@ -193,8 +191,10 @@ def _describe(model: onnx.ModelProto, model_ref: str | bytes, probe_names: tuple
     inputs = {i.name for i in model.graph.input}
     gqa = sum(n.op_type == "GroupQueryAttention" for n in model.graph.node)
     scales = tuple(kv_scale_names(layer) for layer in range(gqa)) if kv_scale_names(0)[0] in inputs else ()
+    past = next((i for i in model.graph.input if i.name.startswith("past_key_values")), None)
+    elem = past.type.tensor_type.elem_type if past is not None else onnx.TensorProto.FLOAT
     return PreparedGraph(model_ref, POSITION_IDS in inputs, gqa, probe_names, LOGITS_POSITIONS in inputs, scales,
-                         kv_int8_reason)
+                         kv_int8_reason, elem)
 
 
 def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: bool = False) -> PreparedGraph:

@@ -69,10 +69,6 @@ class StaticKVScales:
         """Int8 codes ``[H, T, D]`` -> the float values the model reads."""
         return codes.astype(np.float32) * self._scale(layer, slot)
 
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
 
 @dataclass(frozen=True)
 class KVLayout:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from lemonade_inferos.corpus import calibration_passages
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from lemonade_inferos.engine.ort_engine import OrtEngine
 
 log = logging.getLogger(__name__)
+
+KV_DTYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+             onnx.TensorProto.INT8: np.dtype(np.int8)}
 
 
 @dataclass
@@ -85,7 +89,7 @@ class LiveForms:
         folder = engine.folder
         self.model_layout = KVLayout(num_layers=folder.num_layers, num_kv_heads=folder.num_kv_heads,
                                      head_size=folder.head_size, max_tokens=self._max_tokens(),
-                                     dtype=self._graph_kv_dtype(graph))
+                                     dtype=KV_DTYPES.get(graph.kv_elem_type, np.dtype(np.float32)))
         self.int8_layout: KVLayout | None = None
         self._int8_tried = False
         if self.model_layout.dtype == np.int8:  # the folder's graph already reads an INT8 past
@@ -131,16 +135,6 @@ class LiveForms:
     def _max_tokens(self) -> int:
         engine = self.engine
         return min(engine.context_length or engine.folder.context_length, engine.folder.context_length)
-
-    @staticmethod
-    def _graph_kv_dtype(graph: PreparedGraph) -> np.dtype:
-        import onnx
-
-        model = onnx.load(graph.model, load_external_data=False) if isinstance(graph.model, str) \
-            else onnx.load_from_string(graph.model)
-        past = next((i for i in model.graph.input if i.name.startswith("past_key_values")), None)
-        elem = past.type.tensor_type.elem_type if past is not None else onnx.TensorProto.FLOAT
-        return np.dtype({onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT8: np.int8}.get(elem, np.float32))
 
     def _load(self, int8: bool) -> LoadedForm:
         engine = self.engine
