@@ -53,6 +53,12 @@ class RequestTimeout(InferosError):
     code = "request_timeout"
 
 
+class GenerationStalled(RequestTimeout):
+    """A generation produced no token for the watchdog's time: it was ended and its engine is rebuilt."""
+
+    code = "generation_stalled"
+
+
 class ServerStopping(InferosError):
     """The server is shutting down: running generations end, new requests are refused."""
 

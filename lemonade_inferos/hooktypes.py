@@ -39,6 +39,7 @@ class RunPlan:
     speculation: SpeculationConfig | None = None   # draft and verify on our engine (None: plain decoding)
     baseline: bool = False
     policy_version: int | None = None
+    stall_timeout_s: float | None = None           # a run without a new token this long is ended (the watchdog)
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,7 +74,7 @@ class InferenceStats:
     kv: dict[str, Any] = field(default_factory=dict)
     baseline: bool = False
     error: str | None = None
-    error_kind: str | None = None       # request | cancelled | shutdown | timeout | fault (host/generate.py)
+    error_kind: str | None = None       # request | cancelled | shutdown | timeout | stalled | fault (host/run.py)
     queue_wait_s: float = 0.0           # time waiting for the model's engine before the run began
     drafted_n: int = 0                  # speculative decoding: tokens drafted, and accepted by the model
     accepted_n: int = 0

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import os
+import socket
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -25,17 +27,17 @@ from lemonade_inferos.controller.activity import RequestActivity
 from lemonade_inferos.controller.controller import Controller
 from lemonade_inferos.controller.server import ControlServer
 from lemonade_inferos.controller.shadow import shadow_score
-from lemonade_inferos.controller.sizes import parse_size
 from lemonade_inferos.hookspecs import hookimpl
 from lemonade_inferos.hooktypes import InferenceContext, InferenceStats, RunPlan
 from lemonade_inferos.kvcache.manager import TieredKVCache
-from lemonade_inferos.kvcache.plan import KVPlan
+from lemonade_inferos.kvcache.plan import NEVER, KVPlan, plan_for_mode
+from lemonade_inferos.plugins import PluginDisabled
+from lemonade_inferos.settings import InferosSettings, SettingsSources
 from lemonade_inferos.kvcache.prefix_store import PrefixStore
 from lemonade_inferos.kvcache.reuse import PrefixReuse
 from lemonade_inferos.kvcache.rope import rope_tables
 from lemonade_inferos.kvcache.warm import WarmCaches
 from lemonade_inferos.metrics.prometheus import ControllerCollector
-from lemonade_inferos.metrics.recorder import SnapshotLoop
 from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,8 @@ log = logging.getLogger(__name__)
 INTERRUPTED = ("cancelled", "shutdown", "timeout")  # error kinds of runs ended between two tokens
 CHATS_REMEMBERED = 256    # chats whose last drafting acceptance is kept
 CHAT_KEY_TOKENS = 64      # a chat is known by the model and the first tokens of its prompt
-IMPORTANCE_SIGNALS = ("attention", "key_norm", "recency")
-DEFAULT_CONFIG = {"kv_mode": None, "recent_window": None, "prefix_cache_mb": 256, "control_port": None,
-                  "memory_limit": None, "config": None, "control_api": True, "shadow_every": 8, "warm_caches": 1,
-                  "shadow_max_tokens": 512, "history_path": None, "guard": None, "history_period_s": 10.0,
-                  "prefix_spill_mb": 1024, "prefix_spill_dir": None, "importance": "attention"}
+PLUGIN_LOGGERS = ("lemonade_inferos.plugin", "lemonade_inferos.controller", "lemonade_inferos.kvcache",
+                  "lemonade_inferos.engine", "lemonade_inferos.metrics", "lemonade_inferos.eval")
 
 
 @dataclass
@@ -56,6 +55,7 @@ class RequestRecord:
 
     kv_plan: KVPlan
     max_tier: int
+    devices: list[str]
     engine: Any = None
     salt: bytes = b""
     chat: bytes = b""                  # the chat this request belongs to (its drafting acceptance is remembered)
@@ -63,42 +63,51 @@ class RequestRecord:
 
 
 class InferosPlugin:
-    """Hook implementations plus what they share: the controller, prefix reuse, the shadow worker."""
+    """Hook implementations plus what they share: the controller, prefix reuse, the shadow worker.
 
-    def __init__(self, config: dict[str, Any] | None = None) -> None:
-        self.config = {**DEFAULT_CONFIG, **{k: v for k, v in (config or {}).items() if v is not None}}
-        if self.config["importance"] not in IMPORTANCE_SIGNALS:
-            raise ValueError(f"--inferos-importance must be attention, key_norm or recency, "
-                             f"got {self.config['importance']!r}")
-        self.prefix_budget_bytes = int(float(self.config["prefix_cache_mb"]) * 2**20)
-        spill_dir = Path(self.config["prefix_spill_dir"] or inferos_home() / "prefix-cache")
-        store = PrefixStore(self.prefix_budget_bytes, spill_dir=spill_dir,
-                            spill_budget_bytes=int(float(self.config["prefix_spill_mb"]) * 2**20))
+    Args:
+        options: the host's pass-through options for this plugin (``--plugin-option inferos.KEY=VALUE``,
+            ``--inferos-KEY VALUE``, ``--config``): the last layer of the settings (``settings.py``).
+
+    Raises:
+        PluginDisabled: ``INFEROS_ENABLED=false`` (or ``enabled = false`` in a settings layer).
+        ConfigError: a settings layer holds a bad value (named with its source, line and field).
+    """
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        self.sources = SettingsSources(options=dict(options or {}))
+        self.settings = settings = self.sources.load()
+        if not settings.enabled:
+            raise PluginDisabled("inferos is disabled by its settings (INFEROS_ENABLED=false or enabled = false); "
+                                 "the host serves with the baseline engine")
+        _apply_log_level(settings.log_level)
+        spill_dir = Path(settings.prefix_spill_dir or inferos_home() / "prefix-cache")
+        store = PrefixStore(self._prefix_budget(settings), spill_dir=spill_dir,
+                            spill_budget_bytes=int(settings.prefix_spill_mb * 2**20))
         # live caches are bounded by the prefix store's budget too (their buffers are full precision)
-        warm = WarmCaches(int(self.config["warm_caches"]), min_tokens=store.block_size,
-                          max_bytes=self.prefix_budget_bytes)
+        warm = WarmCaches(settings.warm_caches, min_tokens=store.block_size, max_bytes=self._prefix_budget(settings))
         self.reuse = PrefixReuse(store, warm)
+        self.activity = RequestActivity()  # shadow passes run between requests, never beside one
         self.controller = Controller(
-            memory_limit_bytes=parse_size(self.config["memory_limit"]) if self.config["memory_limit"] else None,
-            config_path=Path(self.config["config"]) if self.config["config"] else None,
-            history_path=Path(self.config["history_path"]) if self.config["history_path"] else None,
-            guard_options=self.config["guard"], importance=self.config["importance"],
-            prefix_stats=self.reuse.stats, kv_memory=self.kv_memory, evaluation_runner=self._full_evaluation,
-            on_guard_step=self._on_guard_step)
-        overrides = {k: v for k, v in (("mode", self.config["kv_mode"]),
-                                       ("recent_window", self.config["recent_window"])) if v is not None}
-        if overrides:
-            self.controller.update_policy({"kv": overrides})
+            self.sources, prefix_stats=self.reuse.stats, kv_memory=self.kv_memory,
+            evaluation_runner=self._full_evaluation, on_guard_step=self._on_guard_step,
+            on_settings=self._on_settings, server_id=f"{socket.gethostname()}:{os.getpid()}",
+            busy=lambda: self.activity.in_flight > 0)
         self._records: dict[str, RequestRecord] = {}
         self._chat_acceptance: OrderedDict[bytes, float] = OrderedDict()  # chat -> its last turn's acceptance
         self._records_lock = threading.Lock()
         self._shadow_counter = itertools.count()
         self._shadow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferos-shadow")
-        self.activity = RequestActivity()  # shadow passes run between requests, never beside one
         self.control_server: ControlServer | None = None
-        self._snapshots = SnapshotLoop(self.controller.metrics, self.controller.history,
-                                       float(self.config["history_period_s"]))
         self._last_engine: Any = None
+
+    @staticmethod
+    def _prefix_budget(settings: InferosSettings) -> int:
+        return int(settings.prefix_cache_mb * 2**20)
+
+    @property
+    def prefix_budget_bytes(self) -> int:
+        return self._prefix_budget(self.controller.settings)
 
     @property
     def warm(self) -> WarmCaches:
@@ -107,13 +116,12 @@ class InferosPlugin:
     # -- hooks -----------------------------------------------------------------------------------
     @hookimpl
     def host_startup(self, host: Any) -> None:
-        self.controller.watch_config()
-        self._snapshots.start()
+        self.controller.start()
         # one exposition: the controller's families join the host's /metrics (the host counts the totals)
         host.prometheus_registry.register(ControllerCollector(self.controller.metrics, totals=False))
         host.stat_sources["kv_memory"] = self.kv_memory
-        if self.config["control_api"]:
-            self.control_server = ControlServer(self.controller, self.config["control_port"])
+        if self.settings.control_api:
+            self.control_server = ControlServer(self.controller, self.settings.control_port)
             started = self.control_server.start()
             host.extras["control_api"] = {"url": f"http://127.0.0.1:{self.control_server.port}/v1",
                                           "running": started, "error": self.control_server.error}
@@ -123,7 +131,6 @@ class InferosPlugin:
     @hookimpl
     def host_shutdown(self, host: Any) -> None:
         self.controller.stop()
-        self._snapshots.stop()
         self.reuse.store.flush()
         self.activity.close()
         self._shadow.shutdown(wait=False, cancel_futures=True)
@@ -134,21 +141,61 @@ class InferosPlugin:
     @hookimpl
     def pre_run(self, context: InferenceContext) -> RunPlan:
         controller = self.controller
+        watchdog = controller.settings.watchdog_s or None
         if controller.use_baseline:
-            return RunPlan(baseline=True, policy_version=controller.policy_version)
-        kv_plan = controller.kv_plan()
+            return RunPlan(baseline=True, policy_version=controller.policy_version, stall_timeout_s=watchdog,
+                           notes={"baseline_reason": controller.baseline_reason})
+        request = controller.plan_request()
+        kv_plan, notes = self._request_plan(context, request)
         under_pressure = controller.fallbacks.memory_pressure
         self.reuse.store.set_budget(self.prefix_budget_bytes // (2 if under_pressure else 1))
         if under_pressure:
             self.warm.clear()  # live fp caches are the first memory to give back
         with self._records_lock:
-            record = self._records[context.request_id] = RequestRecord(kv_plan, controller.guard.max_tier,
-                                                                       chat=_chat_key(context))
+            record = self._records[context.request_id] = RequestRecord(
+                kv_plan, controller.guard.max_tier,
+                [request.effective.prefill_device, request.effective.decode_device], chat=_chat_key(context))
         speculation = controller.speculation(self._draft_tokens_for(record.chat))
-        return RunPlan(session=controller.session_policy(), speculation=speculation,
-                       policy_version=controller.policy_version,
+        return RunPlan(session=request.session, run_options=request.run_options, speculation=speculation,
+                       policy_version=controller.policy_version, stall_timeout_s=watchdog,
                        notes={"guard_level": controller.guard.level, "pressure": kv_plan.pressure,
-                              "num_draft_tokens": speculation.num_draft_tokens})
+                              "num_draft_tokens": speculation.num_draft_tokens,
+                              "overrides": [o.field for o in request.effective.overrides], **notes})
+
+    def _request_plan(self, context: InferenceContext, request: Any) -> tuple[KVPlan, dict[str, Any]]:
+        """The request's own asks (InferenceContext): ``quality_budget`` and ``target_ttft_ms`` act on its KV plan;
+        ``batch_size`` above 1 is refused (one sequence per generation), said in the notes."""
+        plan, notes = request.kv_plan, {}
+        budget = context.quality_budget
+        if budget is not None and plan.quantizes:
+            estimate = self.controller.guard.estimate().get("current")
+            if budget <= 0:
+                plan = replace(plan_for_mode("disabled"), pressure=plan.pressure, importance=plan.importance,
+                               live_kv="model")
+                notes["quality_budget"] = "0: no quantization for this request"
+            elif estimate is not None and estimate > budget:
+                plan = replace(plan, int4_below=NEVER)  # no INT4 demotion for this request
+                notes["quality_budget"] = f"{budget} < the online ΔPPL estimate {estimate:.3f}: no INT4"
+            else:
+                notes["quality_budget"] = f"{budget}: the plan's estimate is within it"
+        if context.target_ttft_ms is not None and plan.live_kv == "int8":
+            notes["target_ttft_ms"] = self._ttft_choice(context, plan)
+            if notes["target_ttft_ms"].startswith("model"):
+                plan = replace(plan, live_kv="model")
+        if context.batch_size != 1:
+            notes["batch_size"] = f"not applied: one sequence per generation (asked {context.batch_size})"
+        return plan, notes
+
+    def _ttft_choice(self, context: InferenceContext, plan: KVPlan) -> str:
+        """INT8 live KV prefills ~3x slower than the model's dtype (README, "INT8 while it runs"): a request whose
+        target TTFT the measured INT8 prefill rate would miss runs its KV in the model's dtype."""
+        rate = self.controller.recorder.prefill_rate(live_form="int8")
+        if rate is None:
+            return "int8: no INT8 prefill measured yet"
+        expected_ms = len(context.prompt_ids) / rate * 1000
+        if expected_ms > context.target_ttft_ms:
+            return f"model: INT8 prefill would take ~{expected_ms:.0f} ms > {context.target_ttft_ms:g} ms"
+        return f"int8: ~{expected_ms:.0f} ms is within {context.target_ttft_ms:g} ms"
 
     @hookimpl(wrapper=True)
     def run_generation(self, context: InferenceContext, plan: RunPlan, run: Any):
@@ -177,7 +224,7 @@ class InferosPlugin:
     def post_run(self, context: InferenceContext, plan: RunPlan | None, stats: InferenceStats, cache: Any) -> None:
         with self._records_lock:
             record = self._records.pop(context.request_id, None)
-        self.controller.record(stats)
+        self.controller.record(stats, self._what_ran(record, stats) if record is not None else None)
         if record is not None and stats.drafted_n:
             self._remember_acceptance(record.chat, stats.accepted_n / stats.drafted_n)
         # a run that ended early (client gone, time limit, shutdown) holds valid KV up to its last token: keep
@@ -185,12 +232,30 @@ class InferosPlugin:
         if (record is None or record.engine is None or not isinstance(cache, TieredKVCache)
                 or stats.error_kind not in (None, *INTERRUPTED)):
             return
-        every = int(self.config["shadow_every"])
+        every = self.controller.settings.shadow_every
         if stats.error is None and every > 0 and next(self._shadow_counter) % every == 0 and cache.plan.quantizes:
             self._shadow.submit(self._shadow_pass, record.engine, list(cache.token_ids), cache.plan,
                                 rope_tables(record.engine), cache.max_tier)
         # under memory pressure the store's INT8 copy is enough: the live cache is not kept
         self.reuse.release(cache, record.salt, keep_warm=not self.controller.fallbacks.memory_pressure)
+
+    @staticmethod
+    def _what_ran(record: RequestRecord, stats: InferenceStats) -> dict[str, Any]:
+        """What the request ran with, from the engine and the cache it used (optimization_status reports it)."""
+        engine, kv = record.engine, stats.kv or {}
+        quantized = bool(kv.get("block_layers_quantized")) or kv.get("live_form") == "int8"
+        return {"devices": record.devices, "io_binding": engine.policy.enable_iobinding if engine else None,
+                "hybrid": engine.hybrid if engine else False, "live_form": kv.get("live_form"),
+                "kv_quantized": quantized, "kv_evicted": bool(kv.get("blocks_evicted")),
+                "prefix_reused": stats.cache_n > 0, "plan": record.kv_plan.name,
+                "sessions": engine.session_report() if engine else None}
+
+    def _on_settings(self, old: InferosSettings, new: InferosSettings) -> None:
+        """A reload: apply what the plugin owns at once (budgets, counts, the log level)."""
+        _apply_log_level(new.log_level)
+        self.settings = new
+        self.reuse.store.set_budget(self._prefix_budget(new))
+        self.warm.configure(new.warm_caches, self._prefix_budget(new))
 
     # -- what is measured on demand ---------------------------------------------------------------------
     def kv_memory(self) -> dict[str, Any]:
@@ -233,7 +298,7 @@ class InferosPlugin:
 
     def _shadow_pass(self, engine: Any, token_ids: list[int], plan: Any, rope: Any, max_tier: int) -> None:
         try:
-            sample = shadow_score(engine, token_ids, plan, rope, max_tier, int(self.config["shadow_max_tokens"]),
+            sample = shadow_score(engine, token_ids, plan, rope, max_tier, self.controller.settings.shadow_max_tokens,
                                   before_chunk=self.activity.wait_idle)
         except Exception:
             log.exception("shadow pass failed")
@@ -261,6 +326,12 @@ class InferosPlugin:
     def _kv_format(layout: Any, plan: KVPlan) -> str:
         live = f"int8:{layout.scales.fingerprint}" if layout.live_int8 else str(layout.dtype)
         return f"{live}|block{plan.block_size}|group{plan.group_size}"
+
+
+def _apply_log_level(level: str | None) -> None:
+    """``INFEROS_LOG_LEVEL`` / ``log_level``: the plugin's own loggers (the host's keep the host's level)."""
+    for name in PLUGIN_LOGGERS:
+        logging.getLogger(name).setLevel(level.upper() if level else logging.NOTSET)
 
 
 def _chat_key(context: InferenceContext) -> bytes:

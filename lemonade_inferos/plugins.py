@@ -16,7 +16,7 @@ import inspect
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pluggy
@@ -41,6 +41,10 @@ class PluginError(InferosError):
     code = "plugin_error"
 
 
+class PluginDisabled(Exception):
+    """Raised by a plugin's constructor when its own settings turn it off: the host runs without it and says so."""
+
+
 @dataclass(frozen=True)
 class PluginManifest:
     name: str
@@ -48,6 +52,7 @@ class PluginManifest:
     hooks: tuple[str, ...]
     description: str = ""
     config: dict[str, Any] | None = None
+    disabled: str | None = None      # why the plugin turned itself off (it is not registered), else None
 
 
 def parse_manifest(text: str, source: str) -> PluginManifest:
@@ -105,16 +110,18 @@ def new_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-def load_plugins(names: list[str], config: dict[str, Any] | None = None,
+def load_plugins(names: list[str], options: dict[str, dict[str, Any]] | None = None,
                  pm: pluggy.PluginManager | None = None) -> tuple[pluggy.PluginManager, dict[str, PluginManifest]]:
     """Load, validate and register the named plugins.
 
     Args:
         names: plugin names as given to ``--plugin``.
-        config: settings passed to each plugin's constructor (``--inferos-*`` flags).
+        options: per plugin name, the options passed to its constructor as given (``--plugin-option
+            NAME.KEY=VALUE``, ``--NAME-KEY VALUE``, ``--config``); the host knows none of their meanings.
 
     Raises:
-        PluginError: a plugin is unknown, not allowed, broken, or its manifest and hooks disagree.
+        PluginError: a plugin is unknown, not allowed, broken, refuses its options, or its manifest and hooks
+            disagree. A plugin that disables itself (:class:`PluginDisabled`) is skipped with a log line.
     """
     pm = pm or new_plugin_manager()
     available = installed_plugins()
@@ -132,7 +139,14 @@ def load_plugins(names: list[str], config: dict[str, Any] | None = None,
         except Exception as exc:  # a broken third-party import: say which and why
             raise PluginError(f"plugin '{name}' failed to import ({entry_point.value}): {exc}") from exc
         manifest = _manifest_for(obj, entry_point)
-        plugin = obj(config or {}) if inspect.isclass(obj) else obj
+        try:
+            plugin = obj(dict((options or {}).get(name, {}))) if inspect.isclass(obj) else obj
+        except PluginDisabled as exc:
+            log.warning("plugin %s is disabled: %s", name, exc)
+            manifests[name] = replace(manifest, disabled=str(exc))
+            continue
+        except ValueError as exc:  # its settings are wrong (a file, a variable, an option): the message names it
+            raise PluginError(f"plugin '{name}' refused its settings: {exc}") from exc
         implemented = _implemented_hooks(plugin)
         if set(manifest.hooks) != implemented:
             raise PluginError(f"plugin '{name}': plugin.toml declares hooks {sorted(manifest.hooks)} but the "

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # every server a test starts gets its own control-API port (7031 may be taken by a user's server)
 os.environ.setdefault("INFEROS_RANDOM_PORT", "true")
+# the plugin's user config copy is read from here: never a developer's own ~/.config/inferos during tests
+os.environ.setdefault("INFEROS_CONFIG_DIR", tempfile.mkdtemp(prefix="inferos-config-"))
 
 from lemonade_inferos.bench.servers import running_server
 from lemonade_inferos.engine.build import BuildSpec, build_model

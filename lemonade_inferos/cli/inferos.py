@@ -5,6 +5,7 @@
     inferos bench engine --model smollm2-135m --json out/engine.json   (cli/bench.py)
     inferos eval ppl --kv dynamic@0.9                     (cli/eval.py)
     inferos policy set kv.mode=quality_optimized          (cli/control.py)
+    inferos config show; inferos agent --config FILE      (cli/config.py)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import click
 
 from lemonade_inferos import __version__
-from lemonade_inferos.cli import bench, control, eval, model
+from lemonade_inferos.cli import bench, config, control, eval, model
 
 
 @click.group()
@@ -27,7 +28,7 @@ def cli(log_level: str) -> None:
 
 
 for command in (model.model, model.generate, bench.bench, eval.eval_group, control.policy, control.metrics,
-                control.baseline):
+                control.baseline, config.config_group, config.agent):
     cli.add_command(command)
 
 

@@ -52,37 +52,25 @@ def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      envvar="LEMONADE_REQUEST_TIMEOUT", show_envvar=True, show_default=True,
                      help="Seconds one generation may run (queue wait not counted); a longer one ends with "
                           "HTTP 504 request_timeout (an SSE error event when streaming)."),
-        click.option("--inferos-kv-mode", type=click.Choice(["dynamic", "latency_optimized", "throughput_optimized",
-                                                             "quality_optimized", "disabled"]), default=None,
-                     help="inferos: KV cache mode (policy kv.mode)."),
-        click.option("--inferos-recent-window", type=int, default=None, help="inferos: full-precision window."),
-        click.option("--inferos-prefix-cache-mb", type=float, default=None,
-                     help="inferos: memory budget of the multi-turn prefix store (default 256)."),
-        click.option("--inferos-prefix-spill-mb", type=float, default=None,
-                     help="inferos: disk budget for prefix blocks pushed out of memory and kept across restarts "
-                          "(default 1024; 0 turns spilling off)."),
-        click.option("--inferos-importance", type=click.Choice(["attention", "key_norm", "recency"]), default=None,
-                     help="inferos: block importance signal (default attention: a two-layer attention probe)."),
-        click.option("--inferos-control-port", type=int, default=None,
-                     help="inferos: control API port (default 7031, or INFEROS_AGENT_PORT)."),
-        click.option("--inferos-memory-limit", default=None, help="inferos: memory limit, e.g. 16GB."),
-        click.option("--inferos-warm-caches", type=click.IntRange(min=0), default=None,
-                     help="inferos: finished sequences whose live cache is kept for their next turn, reused "
-                          "token-exactly (default 1; 0 leaves reuse to the prefix store alone)."),
-        click.option("--inferos-shadow-every", type=click.IntRange(min=0), default=None,
-                     help="inferos: re-score every Nth request under full precision for the quality guard, while "
-                          "the server is idle (default 8; 0 turns the online estimate off)."),
+        click.option("--plugin-option", "plugin_option", multiple=True, metavar="NAME.KEY=VALUE",
+                     help="An option for a loaded plugin (repeatable), e.g. --plugin-option inferos.kv.mode=dynamic; "
+                          "--NAME-KEY VALUE is the same (--inferos-prefix-cache-mb 64). The plugin validates them; "
+                          "`inferos config show` lists the inferos plugin's."),
         click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-                     help="inferos: policy config file (YAML or TOML), watched for edits."),
+                     help="A config file passed to every loaded plugin (inferos: the policy YAML/TOML, watched "
+                          "for edits)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
 def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
-           plugins: tuple[str, ...], max_queue: int, request_timeout: float, plugin_config: dict[str, Any],
-           config_path: Path | None) -> None:
+           plugins: tuple[str, ...], max_queue: int, request_timeout: float,
+           plugin_options: dict[str, dict[str, Any]], config_path: Path | None) -> None:
     from lemonade_inferos.host.app import create_app
     from lemonade_inferos.host.registry import ModelRegistry
     from lemonade_inferos.host.server import bind_socket, pid_file, serve
@@ -94,7 +82,7 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
     settings = HostSettings(host=host, port=port, log_level=log_level, ctx_size=ctx_size,
                             max_loaded_models=max_loaded_models, api_key=os.environ.get("LEMONADE_API_KEY") or None,
                             plugins=list(plugins), max_queue=max_queue, request_timeout_s=request_timeout,
-                            plugin_config=plugin_config, config_path=config_path)
+                            plugin_options=plugin_options, config_path=config_path)
     if model:
         settings.default_model = model
     sock = bind_socket(host, port)  # first: a busy port fails now, before a build or a plugin starts
@@ -102,7 +90,7 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
     if not registry.is_downloaded(settings.default_model):
         with console.status(f"building {settings.default_model} (first use, offline)") as status:
             registry.pull(settings.default_model, progress=lambda msg: (status.update(msg), console.log(msg)))
-    pm, manifests = load_plugins(list(plugins), {**plugin_config, "config": config_path})
+    pm, manifests = load_plugins(list(plugins), plugin_options)
     app = create_app(settings, pm, manifests)
     address = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
     with pid_file(port):
@@ -112,13 +100,36 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
         sys.exit(3)
 
 
-def _plugin_config(kwargs: dict[str, Any]) -> dict[str, Any]:
-    mapping = {"inferos_kv_mode": "kv_mode", "inferos_recent_window": "recent_window",
-               "inferos_prefix_cache_mb": "prefix_cache_mb", "inferos_control_port": "control_port",
-               "inferos_prefix_spill_mb": "prefix_spill_mb", "inferos_importance": "importance",
-               "inferos_memory_limit": "memory_limit", "inferos_shadow_every": "shadow_every",
-               "inferos_warm_caches": "warm_caches"}
-    return {mapping[k]: v for k, v in kwargs.items() if k in mapping and v is not None}
+def plugin_options(plugins: tuple[str, ...], assignments: tuple[str, ...], extra_args: list[str],
+                   config_path: Path | None) -> dict[str, dict[str, Any]]:
+    """Per plugin, the options given for it: ``--plugin-option NAME.KEY=VALUE`` and ``--NAME-KEY VALUE`` (or
+    ``--NAME-KEY=VALUE``), and ``--config`` for every one. The host does not interpret them.
+
+    Raises:
+        click.UsageError: an option for no plugin given with ``--plugin``, or one without a value.
+    """
+    out: dict[str, dict[str, Any]] = {name: ({"config": str(config_path)} if config_path else {}) for name in plugins}
+    for item in assignments:
+        name, _, rest = item.partition(".")
+        key, equals, value = rest.partition("=")
+        if name not in out or not key or not equals:
+            raise click.UsageError(f"--plugin-option {item!r}: expected NAME.KEY=VALUE for a plugin given with "
+                                   f"--plugin (loaded: {', '.join(plugins) or 'none'})")
+        out[name][key] = value
+    args = list(extra_args)
+    while args:
+        arg = args.pop(0)
+        body, equals, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        name = next((p for p in plugins if body.startswith(f"{p}-")), None)
+        if name is None:
+            raise click.UsageError(f"no such option: {arg} (an option for a plugin is --plugin-option NAME.KEY=VALUE "
+                                   "or --NAME-KEY VALUE, with the plugin given by --plugin NAME)")
+        if not equals:
+            if not args:
+                raise click.UsageError(f"option {arg} needs a value")
+            value = args.pop(0)
+        out[name][body[len(name) + 1:].replace("-", "_")] = value
+    return out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -133,30 +144,32 @@ def cli() -> None:
     """
 
 
-@cli.command()
+@cli.command(context_settings=PASS_THROUGH)
 @server_options
+@click.pass_context
 @handle_errors
-def serve(host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int, no_tray: bool,
-          plugins: tuple[str, ...], max_queue: int, request_timeout: float, config_path: Path | None,
-          **inferos: Any) -> None:
+def serve(ctx: click.Context, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
+          no_tray: bool, plugins: tuple[str, ...], max_queue: int, request_timeout: float, config_path: Path | None,
+          plugin_option: tuple[str, ...]) -> None:
     """Start the server (default model: SmolLM2-135M-Instruct-CPU, built offline on first use).
 
     SIGTERM or SIGINT stop it cleanly: running generations end, state is written, exit code 0.
     """
     _serve(None, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, request_timeout,
-           _plugin_config(inferos), config_path)
+           plugin_options(plugins, plugin_option, ctx.args, config_path), config_path)
 
 
-@cli.command()
+@cli.command(context_settings=PASS_THROUGH)
 @click.argument("model")
 @server_options
+@click.pass_context
 @handle_errors
-def run(model: str, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
-        no_tray: bool, plugins: tuple[str, ...], max_queue: int, request_timeout: float, config_path: Path | None,
-        **inferos: Any) -> None:
+def run(ctx: click.Context, model: str, host: str, port: int, log_level: str, ctx_size: int | None,
+        max_loaded_models: int, no_tray: bool, plugins: tuple[str, ...], max_queue: int, request_timeout: float,
+        config_path: Path | None, plugin_option: tuple[str, ...]) -> None:
     """Start the server with MODEL loaded."""
     _serve(model, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, request_timeout,
-           _plugin_config(inferos), config_path)
+           plugin_options(plugins, plugin_option, ctx.args, config_path), config_path)
 
 
 @cli.command()

@@ -17,16 +17,18 @@ from fastapi import APIRouter, Body, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from lemonade_inferos import __version__
 from lemonade_inferos.controller.config import ConfigError, parse_config
 from lemonade_inferos.controller.controller import Controller
+from lemonade_inferos.hooktypes import InferenceStats
 from lemonade_inferos.host.errors import install_error_handlers
 from lemonade_inferos.http.errors import APIError, document_errors_as_400
 from lemonade_inferos.http.guard import RequestGuard, TokenRule, guard_policy_from_env
 from lemonade_inferos.metrics.prometheus import ControllerCollector
 
+STATS_ADAPTER = TypeAdapter(InferenceStats)
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
                     "X-XSS-Protection": "1; mode=block", "Cache-Control": "no-store"}
 LOOPBACK_ORIGINS = r"^https?://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?$"
@@ -49,10 +51,10 @@ def token_rule(token: str) -> TokenRule:
                      message="Unauthorized: a valid X-Inferos-Token header is required")
 
 
-def _validation_error(exc: ValidationError) -> APIError:
+def _validation_error(exc: ValidationError, code: str = "invalid_policy") -> APIError:
     first = exc.errors()[0]
     field = ".".join(map(str, first["loc"]))
-    return APIError(400, "invalid_policy", f"{field}: {first['msg']}",
+    return APIError(400, code, f"{field}: {first['msg']}",
                     errors=[{"loc": list(map(str, e["loc"])), "msg": e["msg"]} for e in exc.errors()])
 
 
@@ -80,8 +82,12 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
                 "guard_level": controller.guard.level}
 
     @router.get("/metrics")
-    async def metrics() -> dict[str, Any]:
-        return controller.metrics()
+    async def metrics(view: str = "full") -> dict[str, Any]:
+        """The design document's metrics document; ``?view=summary`` its short shape (``tps``, ``ftl_ms``,
+        ``mem``, ``util``, ``quality``, ``kv_stats``), whose first four keys the full document carries too."""
+        if view not in ("full", "summary"):
+            raise APIError(400, "invalid_request", "view must be 'full' or 'summary'")
+        return controller.summary() if view == "summary" else controller.metrics()
 
     @router.get("/metrics/prometheus")
     async def prometheus() -> PlainTextResponse:
@@ -90,7 +96,8 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
 
     @router.get("/policy")
     async def get_policy() -> dict[str, Any]:
-        return {"policy": controller.policy.model_dump(), "version": controller.policy_version}
+        """The configured policy, the effective one requests run with, and every override between them."""
+        return controller.policy_document()
 
     @router.post("/policy")
     async def set_policy(update: dict[str, Any] = Body(...)) -> dict[str, Any]:
@@ -108,7 +115,8 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
     @router.get("/config")
     async def get_config() -> dict[str, Any]:
         return {**controller.config.to_document(), "source": str(controller.config_path) if controller.config_path
-                else None, "last_error": controller.config_error}
+                else None, "layers": controller.policy_document()["layers"],
+                "restart_required": controller.restart_required, "last_error": controller.config_error}
 
     @router.post("/config")
     async def set_config(request: Request) -> dict[str, Any]:
@@ -141,6 +149,17 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
             return controller.schedule_full_evaluation(body.context, body.delay_s)
         except RuntimeError as exc:
             raise APIError(409, "not_ready", str(exc)) from exc
+
+    @router.post("/stats")
+    async def stats(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        """A server's InferenceStats (a server started with ``INFEROS_AGENT_URL`` sends each request's here)."""
+        try:
+            record = STATS_ADAPTER.validate_python({k: v for k, v in body.items() if k != "server_id"})
+        except ValidationError as exc:
+            raise _validation_error(exc, "invalid_stats") from exc
+        controller.record(record)
+        controller.note_server(str(body.get("server_id") or "unknown"))
+        return {"status": "recorded", "requests": controller.recorder.totals["requests"]}
 
     @router.get("/history")
     async def history(limit: int = 100, kind: str | None = None) -> dict[str, Any]:

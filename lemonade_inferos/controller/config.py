@@ -7,8 +7,8 @@
       scheduler: {mode: hybrid, prefill_device: dml, decode_device: npu}
       loops: {fast_ms: 1, mid_ms: 10, slow_ms: 100}
 
-A changed file is validated before it replaces the running config; a bad edit
-is rejected with the line (syntax) or field (schema) named, and the old config
+A changed file is validated before it replaces the running config (the controller's slow loop checks it,
+``controller.py``); a bad edit is rejected with the line (syntax) or field (schema) named, and the old config
 stays in force.
 """
 
@@ -73,11 +73,11 @@ class ConfigError(ValueError):
         return {"source": self.source, "line": self.line, "field": self.field}
 
 
-def parse_config(text: str, source: str, fmt: str | None = None) -> InferOSConfig:
-    """Parse and validate a YAML or TOML config document.
+def parse_document(text: str, source: str, fmt: str | None = None) -> dict[str, Any]:
+    """The ``infer_os`` section of a YAML or TOML document, unvalidated.
 
     Raises:
-        ConfigError: a syntax error (with its line) or an invalid field (with its dotted path).
+        ConfigError: a syntax error (with its line), or no ``infer_os:`` mapping at the root.
     """
     fmt = fmt or ("toml" if source.endswith(".toml") else "yaml")
     try:
@@ -94,7 +94,16 @@ def parse_config(text: str, source: str, fmt: str | None = None) -> InferOSConfi
         raise ConfigError(f"{source}: TOML syntax error: {exc}", source, line) from exc
     if not isinstance(data, dict) or not isinstance(data.get("infer_os"), dict):
         raise ConfigError(f"{source}: the document needs an 'infer_os:' mapping at its root", source, 1, "infer_os")
-    section = dict(data["infer_os"])
+    return dict(data["infer_os"])
+
+
+def parse_config(text: str, source: str, fmt: str | None = None) -> InferOSConfig:
+    """Parse and validate a YAML or TOML config document.
+
+    Raises:
+        ConfigError: a syntax error (with its line) or an invalid field (with its dotted path).
+    """
+    section = parse_document(text, source, fmt)
     loops = section.pop("loops", {}) or {}
     try:
         policy = Policy.model_validate(section)
@@ -110,12 +119,12 @@ def parse_config(text: str, source: str, fmt: str | None = None) -> InferOSConfi
 def _field_error(exc: ValidationError, prefix: str, text: str, source: str) -> ConfigError:
     first = exc.errors()[0]
     field = ".".join([prefix, *map(str, first["loc"])])
-    line = _line_of(text, first["loc"])
+    line = line_of(text, first["loc"])
     where = f"{source}:{line}" if line else source
     return ConfigError(f"{where}: {field}: {first['msg']}", source, line, field)
 
 
-def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+def line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     """Best effort: the line where the last key of ``loc`` appears in the document."""
     key = next((str(p) for p in reversed(loc) if isinstance(p, str)), None)
     if key is None:
@@ -127,19 +136,29 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return None
 
 
-def load_config(path: Path) -> InferOSConfig:
-    """Read and validate a config file. Raises ConfigError for anything wrong with it, bytes included."""
+def read_text(path: Path) -> str:
+    """A config file's text. Raises ConfigError for anything wrong with it, bytes included."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}", str(path)) from exc
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})",
                           str(path), line) from exc
-    return parse_config(text, str(path))
+
+
+def load_document(path: Path) -> tuple[dict[str, Any], str]:
+    """A config file's ``infer_os`` section (unvalidated) and its text."""
+    text = read_text(path)
+    return parse_document(text, str(path)), text
+
+
+def load_config(path: Path) -> InferOSConfig:
+    """Read and validate a config file. Raises ConfigError for anything wrong with it, bytes included."""
+    return parse_config(read_text(path), str(path))
 
 
 def preset_path(name: str) -> Path:
@@ -149,51 +168,3 @@ def preset_path(name: str) -> Path:
         if candidate.is_file():
             return candidate
     raise ValueError(f"unknown preset '{name}'; available: {sorted(p.stem for p in PRESETS_DIR.glob('*.yaml'))}")
-
-
-class ConfigWatcher:
-    """Polls a config file's modification time and applies valid edits (a thread, period ``interval_s``)."""
-
-    def __init__(self, path: Path, on_change: Callable[[InferOSConfig], None],
-                 on_error: Callable[[ConfigError], None], interval_s: float = 1.0) -> None:
-        self.path = path
-        self.on_change, self.on_error = on_change, on_error
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._mtime = path.stat().st_mtime_ns if path.exists() else None
-        self._thread = threading.Thread(target=self._run, name="inferos-config-watch", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def check_now(self) -> None:
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return
-        if mtime == self._mtime:
-            return
-        self._mtime = mtime
-        try:
-            config = load_config(self.path)
-        except ConfigError as exc:
-            log.error("config edit rejected, keeping the running config: %s", exc)
-            self.on_error(exc)
-            return
-        log.info("config reloaded from %s", self.path)
-        self.on_change(config)
-
-    def _run(self) -> None:
-        """Never dies: whatever one check raises is reported as a rejected edit and the next check runs."""
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.check_now()
-            except Exception as exc:
-                log.exception("config watcher: checking %s failed", self.path)
-                try:
-                    self.on_error(ConfigError(f"{self.path}: {exc!r}", str(self.path)))
-                except Exception:
-                    log.exception("config watcher: reporting the failure failed")

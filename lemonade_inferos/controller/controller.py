@@ -1,10 +1,11 @@
 """The embedded controller: owns the policy and everything measured about how it works.
 
-The plugin asks it, before every run, for a KV plan and session options (with
-the quality guard's cap and the active fallbacks applied) and reports, after
-every run, the measured InferenceStats. It keeps metrics over time windows, a
-persistent history, the quality guard and the fallback state, and serves all of
-it through the control API (``api.py``).
+The plugin asks it, before every run, for the effective policy (``effective.py``: the configured policy with the
+active fallbacks, the guard's cap, the device substitutions and the thread policy applied, each with its reason)
+and what follows from it: the KV plan, the sessions' options, the run options. After every run it gets the
+measured InferenceStats and what actually ran. It keeps metrics over time windows, a persistent history, the
+quality guard, the fallback manager and the quality scheduler, runs its three loops (``loops.py``), and serves
+all of it through the control API (``api.py``).
 """
 
 from __future__ import annotations
@@ -12,112 +13,228 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import psutil
 
-from lemonade_inferos.controller.config import ConfigError, ConfigWatcher, InferOSConfig, load_config
-from lemonade_inferos.controller.fallbacks import Fallbacks
+from lemonade_inferos.controller.agent import AgentLink
+from lemonade_inferos.controller.config import ConfigError, InferOSConfig
+from lemonade_inferos.controller.effective import EffectivePolicy, RunState, resolve
+from lemonade_inferos.controller.fallbacks import Fallbacks, NotificationLog
 from lemonade_inferos.controller.guard import QualityGuard, ShadowSample
+from lemonade_inferos.controller.loops import ControllerLoops
 from lemonade_inferos.controller.policy import Policy
+from lemonade_inferos.controller.schedule import EvaluationSchedule
 from lemonade_inferos.controller.threads import ThreadPolicy
-from lemonade_inferos.engine.session import SessionPolicy
+from lemonade_inferos.engine.session import PhaseOverrides, SessionPolicy, available_providers
 from lemonade_inferos.engine.speculative import SpeculationConfig
-from lemonade_inferos.kvcache.plan import NEVER, TIER_INT8, KVPlan, plan_for_mode
-from lemonade_inferos.metrics.recorder import History, MetricsRecorder
 from lemonade_inferos.hooktypes import InferenceStats
+from lemonade_inferos.kvcache.plan import NEVER, TIER_INT4, TIER_INT8, TIER_L0, TIER_NAMES, KVPlan, plan_for_mode
+from lemonade_inferos.metrics.recorder import History, MetricsRecorder
 from lemonade_inferos.paths import inferos_home
+from lemonade_inferos.settings import InferosSettings, SettingsSources
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_DEVICES = {"gpu_only": ["dml"], "npu_only": ["npu"]}
+CAP_NAMES = {TIER_INT4: "INT4", TIER_INT8: "INT8", TIER_L0: "FP16"}   # the guard's cap on block tiers
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """What one request runs with, all derived from one effective policy."""
+
+    effective: EffectivePolicy
+    kv_plan: KVPlan
+    session: SessionPolicy
+    run_options: dict[str, str]
+
+
+def iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc).isoformat(
+        timespec="seconds").replace("+00:00", "Z")
 
 
 class Controller:
-    def __init__(self, policy: Policy | None = None, memory_limit_bytes: int | None = None,
-                 history_path: Path | None = None, config_path: Path | None = None,
-                 guard_options: dict[str, Any] | None = None, importance: str = "attention",
-                 prefix_stats: Callable[[], dict[str, Any]] | None = None,
+    def __init__(self, sources: SettingsSources | None = None, *, policy: Policy | None = None,
+                 memory_limit_bytes: int | None = None, history_path: Path | None = None,
+                 config_path: Path | None = None, guard_options: dict[str, Any] | None = None,
+                 importance: str | None = None, prefix_stats: Callable[[], dict[str, Any]] | None = None,
                  kv_memory: Callable[[], dict[str, Any]] | None = None,
                  evaluation_runner: Callable[[int], dict[str, Any]] | None = None,
-                 on_guard_step: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """Collaborators come in here: ``importance`` (the block importance signal requests run with),
-        ``prefix_stats`` (the prefix store's numbers for the metrics document), ``kv_memory`` (KV bytes live in
-        running requests and at rest, measured now), ``evaluation_runner`` (a full
-        ``inferos eval ppl`` of the active plan, for ``POST /v1/evaluate``) and ``on_guard_step`` (told of each
-        guard transition before it is logged, e.g. to drop blocks beyond the new cap)."""
+                 on_guard_step: Callable[[dict[str, Any]], None] | None = None,
+                 on_settings: Callable[[InferosSettings, InferosSettings], None] | None = None,
+                 server_id: str = "local", busy: Callable[[], bool] | None = None) -> None:
+        """Settings come from ``sources`` (the plugin's layers); without them, from the keyword arguments alone
+        (tests and tools). Collaborators: ``prefix_stats`` (the prefix store's numbers), ``kv_memory`` (KV bytes
+        live and at rest, measured now), ``evaluation_runner`` (a full ``inferos eval ppl`` of the active plan),
+        ``on_guard_step`` (told of each guard transition first), ``on_settings`` (told of reloaded settings,
+        old and new, to apply what the plugin owns) and ``busy`` (whether a request runs: the loops slow down while
+        none does)."""
+        if sources is None:
+            options = {key: value for key, value in (("config", config_path), ("history_path", history_path),
+                                                      ("guard", guard_options), ("importance", importance),
+                                                      ("memory_limit", memory_limit_bytes)) if value is not None}
+            sources = SettingsSources(options=options, environ={}, use_files=False)
         self._lock = threading.RLock()
-        self.config = InferOSConfig(policy=policy or Policy())
-        self.config_path = config_path
+        self.sources = sources
+        self.settings = sources.load()
+        if policy is not None:
+            self.settings = self.settings.model_copy(update={"policy": policy})
+        self._started = self.settings  # what the process started with (a changed start-only field needs a restart)
+        self.config = self.settings.infer_os()
         self.config_error: dict[str, Any] | None = None
+        self.config_source = "settings"
+        self.restart_required: list[str] = []
         self.policy_version = 1
         self.baseline = False
-        self.memory_limit_bytes = memory_limit_bytes
-        self.importance = importance   # block importance signal (README: measured against the others)
+        self.memory_limit_bytes = self.settings.memory_limit
+        self._process = psutil.Process()
         self.recorder = MetricsRecorder()
-        self.history = History(history_path or inferos_home() / "history.jsonl")
+        self.history = History(self.settings.history_path or inferos_home() / "history.jsonl")
         self.guard = QualityGuard(lambda: self.policy.quality.max_delta_ppl, self._guard_transition,
-                                  **(guard_options or {}))
+                                  **(self.settings.guard or {}))
         self._on_guard_step = on_guard_step
-        self.fallbacks = Fallbacks(self.notify)
+        self._on_settings = on_settings
+        self.fallbacks = Fallbacks(self.notify, NotificationLog(self.settings.notifications))
         self.threads = ThreadPolicy()
         self.last_kv_stats: dict[str, Any] = {}
+        self.last_ran: dict[str, Any] | None = None
         self.prefix_stats = prefix_stats
         self.kv_memory = kv_memory
-        self._watcher: ConfigWatcher | None = None
         self.full_evaluation_runner = evaluation_runner
         self.full_evaluation: dict[str, Any] = {"status": "never_run"}
-        if config_path is not None:
-            self.config = load_config(config_path)
+        self.light_evaluation: dict[str, Any] = {"status": "never_run"}
+        self.schedule = EvaluationSchedule(self.settings.quality_schedule)
+        self.agent = AgentLink(self.settings.agent_url, server_id) if self.settings.agent_url else None
+        self.servers: dict[str, float] = {}   # as a sidecar agent: server id -> its last report
+        self._mtimes = self._file_mtimes()
+        self._last_snapshot = time.monotonic()
+        self.loops = ControllerLoops(self._loop_periods, busy or (lambda: True))
+        self._add_loop_tasks()
 
-    # -- policy and config ---------------------------------------------------------------------
+    # -- settings, policy and config files -------------------------------------------------------------
     @property
     def policy(self) -> Policy:
         return self.config.policy
 
-    def update_policy(self, update: dict[str, Any]) -> Policy:
+    @property
+    def importance(self) -> str:
+        return self.settings.importance
+
+    @property
+    def config_path(self) -> Path | None:
+        return self.sources.config_path
+
+    def update_policy(self, update: dict[str, Any], source: str = "POST /v1/policy") -> Policy:
         """Merge a partial policy; invalid updates raise and change nothing."""
         with self._lock:
             new = self.policy.merged(update)
-            self.config = replace_policy(self.config, new)
+            self.config = InferOSConfig(policy=new, loops=self.config.loops)
             self.policy_version += 1
-        self.notify({"kind": "policy", "version": self.policy_version, "update": update})
+            self.config_source = source
+        self.notify({"kind": "policy", "version": self.policy_version, "update": update, "source": source})
         return new
 
     def apply_config(self, config: InferOSConfig, source: str) -> None:
+        """A whole config document (``POST /v1/config``): policy and loops replaced."""
         with self._lock:
             self.config = config
             self.policy_version += 1
             self.config_error = None
+            self.config_source = source
         self.notify({"kind": "config", "version": self.policy_version, "source": source})
 
     def reject_config(self, error: ConfigError) -> None:
         self.config_error = {"message": str(error), **error.details(), "at": time.time()}
         self.notify({"kind": "config_rejected", **self.config_error})
 
-    def reload_config(self) -> InferOSConfig:
-        """Re-read the config file now (the reload call); raises ConfigError and keeps the old config."""
-        if self.config_path is None:
-            raise ConfigError("no config file was given (--config)", "none")
+    def reload_config(self, source: str = "reload") -> InferOSConfig:
+        """Read every settings layer again now; a bad one raises ConfigError and the settings in force stay."""
         try:
-            config = load_config(self.config_path)
+            settings = self.sources.load()
         except ConfigError as exc:
             self.reject_config(exc)
             raise
-        self.apply_config(config, str(self.config_path))
-        return config
+        self.apply_settings(settings, source)
+        return self.config
 
-    def watch_config(self, interval_s: float = 1.0) -> None:
-        if self.config_path is not None and self._watcher is None:
-            self._watcher = ConfigWatcher(self.config_path, lambda c: self.apply_config(c, str(self.config_path)),
-                                          self.reject_config, interval_s)
-            self._watcher.start()
+    def apply_settings(self, settings: InferosSettings, source: str) -> None:
+        old = self.settings
+        with self._lock:
+            self.settings = settings
+            self.config = settings.infer_os()
+            self.memory_limit_bytes = settings.memory_limit
+            self.restart_required = settings.restart_fields(self._started)
+            self.policy_version += 1
+            self.config_error = None
+            self.config_source = source
+        self.fallbacks.notifications.settings = settings.notifications
+        if settings.quality_schedule != old.quality_schedule:
+            self.schedule.configure(settings.quality_schedule)
+        if self._on_settings is not None:
+            self._on_settings(old, settings)
+        self.notify({"kind": "config", "version": self.policy_version, "source": source,
+                     "restart_required": self.restart_required})
+
+    def check_config_files(self) -> None:
+        """The slow loop's hot reload: any watched file (plugin.toml, the user's copy, --config) changed."""
+        mtimes = self._file_mtimes()
+        if mtimes == self._mtimes:
+            return
+        changed = sorted(str(p) for p in set(mtimes) | set(self._mtimes) if mtimes.get(p) != self._mtimes.get(p))
+        self._mtimes = mtimes
+        try:
+            self.reload_config(source=", ".join(changed))
+        except ConfigError as exc:
+            log.error("config edit rejected, keeping the running settings: %s", exc)
+        else:
+            log.info("settings reloaded after an edit of %s", ", ".join(changed))
+
+    def _file_mtimes(self) -> dict[Path, int]:
+        out = {}
+        for path in self.sources.watched_paths():
+            try:
+                out[path] = path.stat().st_mtime_ns
+            except OSError:
+                continue
+        return out
+
+    # -- loops ---------------------------------------------------------------------------------------------
+    def _loop_periods(self) -> dict[str, float]:
+        loops = self.config.loops
+        return {"fast": loops.fast_ms / 1000, "mid": loops.mid_ms / 1000, "slow": loops.slow_ms / 1000}
+
+    def _add_loop_tasks(self) -> None:
+        self.loops.add("fast", "memory_pressure", lambda: self.fallbacks.check_memory(self.memory_pressure()))
+        self.loops.add("mid", "thread_policy", self.threads.measure)
+        self.loops.add("mid", "device_retry", self.fallbacks.check_devices)
+        self.loops.add("slow", "config_files", self.check_config_files)
+        self.loops.add("slow", "quality_schedule", self.run_due_evaluations)
+        self.loops.add("slow", "history_snapshot", self.snapshot_if_due)
+        if self.agent is not None:
+            self.loops.add("mid", "agent_policy", self.sync_agent_policy)
+            self.loops.add("slow", "agent_stats", self.agent.flush)
+
+    def snapshot_if_due(self) -> None:
+        """A metrics snapshot into the history every ``history_period_s``."""
+        now = time.monotonic()
+        if now - self._last_snapshot >= self.settings.history_period_s:
+            self._last_snapshot = now
+            self.history.append({"kind": "snapshot", **self.metrics()})
+
+    def start(self) -> None:
+        self._last_snapshot = time.monotonic()
+        self.loops.start()
 
     def stop(self) -> None:
-        if self._watcher:
-            self._watcher.stop()
+        self.loops.stop()
+
+    # kept for callers that started the watcher alone
+    def watch_config(self) -> None:
+        self.start()
 
     def set_baseline(self, enable: bool) -> None:
         self.baseline = enable
@@ -126,6 +243,7 @@ class Controller:
     def _guard_transition(self, event: dict[str, Any]) -> None:
         if self._on_guard_step is not None:
             self._on_guard_step(event)
+        self.fallbacks.quality_step(event)
         self.notify(event)
 
     def notify(self, event: dict[str, Any]) -> None:
@@ -134,32 +252,96 @@ class Controller:
         log.info("controller event: %s", entry)
         self.history.append(entry)
 
-    # -- what PreRun applies -------------------------------------------------------------------
+    # -- the sidecar agent ---------------------------------------------------------------------------------
+    def sync_agent_policy(self) -> None:
+        policy = self.agent.fetch_policy() if self.agent is not None else None
+        if policy is not None and policy != self.policy.model_dump():
+            try:
+                new = Policy.model_validate(policy)
+            except Exception as exc:  # a newer agent's field: keep ours and say why
+                self.agent.error = f"the agent's policy is not valid here: {exc}"
+                return
+            self.update_policy(new.model_dump(), source=f"agent {self.agent.url}")
+
+    # -- what PreRun applies -------------------------------------------------------------------------------
     def memory_pressure(self) -> float:
         """Process RSS over ``--memory-limit`` when set, else system memory in use; in [0, 1]."""
         if self.memory_limit_bytes:
-            return min(1.0, psutil.Process().memory_info().rss / self.memory_limit_bytes)
+            return min(1.0, self._process.memory_info().rss / self.memory_limit_bytes)
         return psutil.virtual_memory().percent / 100.0
 
-    def kv_plan(self) -> KVPlan:
-        """The policy's plan with the fallbacks and the guard's cap applied."""
-        kv = self.policy.kv
-        t = kv.level_thresholds
-        l1, l2, l3, window = t.L1_int8, t.L2_int4, t.L3_evict, kv.recent_window
+    def run_state(self, measure: bool = True) -> RunState:
         pressure = self.memory_pressure()
-        self.fallbacks.check_memory(pressure)
-        self.fallbacks.check_devices(self.devices())
-        if self.fallbacks.device_missing:  # CPU fallback: be conservative with quality
-            l1, l2, l3, window = min(1, l1 + 0.1), min(1, l2 + 0.1), min(1, l3 + 0.1), max(window, 128)
-        if self.fallbacks.memory_pressure:  # compress harder
-            l1, l2, l3, window = max(0, l1 - 0.1), max(0, l2 - 0.1), max(0, l3 - 0.1), max(16, window // 2)
-        plan = plan_for_mode(kv.mode, recent_window=min(window, 512), l1_int8=l1, l2_int4=l2, l3_evict=l3)
+        if measure:
+            self.fallbacks.check_memory(pressure)
+        guard_tier = self.guard.max_tier
+        return RunState(available_providers=frozenset(available_providers()),
+                        lost_devices=tuple(self.fallbacks.lost_devices), memory_pressure=self.fallbacks.memory_pressure,
+                        pressure=pressure, guard_level=self.guard.level, guard_action=self.guard.status()["action"],
+                        guard_max_tier_name=CAP_NAMES.get(guard_tier, str(guard_tier)),
+                        evictions_allowed=self.guard.evictions_allowed,
+                        allow_spinning=self.threads.allow_spinning() if measure else not self.threads.busy,
+                        other_cores=self.threads.others_cores, baseline_reason=self.baseline_reason)
+
+    @property
+    def baseline_reason(self) -> str | None:
+        if self.baseline:
+            return "baseline mode set through POST /v1/baseline"
+        if self.fallbacks.in_backoff:
+            return self.fallbacks.baseline_reason or "fallback backoff"
+        return None
+
+    def effective(self, measure: bool = True) -> EffectivePolicy:
+        return resolve(self.policy, self.run_state(measure))
+
+    def plan_request(self) -> RequestPlan:
+        """Everything one request runs with, from one effective policy."""
+        effective = self.effective()
+        return RequestPlan(effective, self._kv_plan(effective), self._session_policy(effective),
+                           self._run_options(effective.policy))
+
+    def kv_plan(self) -> KVPlan:
+        """The effective policy's KV plan."""
+        return self._kv_plan(self.effective())
+
+    def session_policy(self) -> SessionPolicy:
+        return self._session_policy(self.effective())
+
+    def _kv_plan(self, effective: EffectivePolicy) -> KVPlan:
+        kv = effective.policy.kv
+        t = kv.level_thresholds
+        plan = plan_for_mode(kv.mode, recent_window=min(kv.recent_window, 512), l1_int8=t.L1_int8,
+                             l2_int4=t.L2_int4, l3_evict=t.L3_evict)
         if not self.guard.evictions_allowed:
             plan = replace(plan, evict_below=NEVER)
         # INT8 live while the plan quantizes and the guard allows INT8; its "no quantization" and "full precision"
         # steps (and kv.mode disabled) run on the model's own KV dtype
         live = kv.live_format if plan.quantizes and self.guard.max_tier >= TIER_INT8 else "model"
-        return replace(plan, pressure=pressure, importance=self.importance, live_kv=live)
+        return replace(plan, pressure=effective.state.pressure, importance=self.importance, live_kv=live)
+
+    def _session_policy(self, effective: EffectivePolicy) -> SessionPolicy:
+        """Session options per phase; spinning follows the measured load unless the scheduler fixes it."""
+        policy = effective.policy
+        scheduler, io = policy.scheduler, policy.io
+        prefill = SessionPolicy(
+            devices=list(dict.fromkeys([effective.prefill_device, "cpu"])), enable_iobinding=io.enable_iobinding,
+            intra_op_num_threads=scheduler.prefill.intra_op_num_threads,
+            allow_spinning=_spin(scheduler.prefill.allow_spinning, effective.allow_spinning),
+            dml_pool_bytes=io.dml_pool_bytes if "dml" in (effective.prefill_device, effective.decode_device) else None,
+            host_pool_bytes=io.host_pool_bytes, attention_probe=self.importance == "attention",
+            kv_cache=policy.kv.live_format)
+        decode = PhaseOverrides(devices=list(dict.fromkeys([effective.decode_device, "cpu"])),
+                                intra_op_num_threads=scheduler.decode.intra_op_num_threads,
+                                allow_spinning=_spin(scheduler.decode.allow_spinning, effective.allow_spinning))
+        hybrid = prefill.model_copy(update={"decode": decode})
+        return hybrid if hybrid.hybrid else prefill
+
+    @staticmethod
+    def _run_options(policy: Policy) -> dict[str, str]:
+        entries = dict(policy.io.run_config)
+        if policy.io.arena_shrinkage:
+            entries["memory.enable_memory_arena_shrinkage"] = "cpu:0"
+        return entries
 
     def speculation(self, num_draft_tokens: int | None = None) -> SpeculationConfig:
         """The policy's ``speculative`` section for one request (``num_draft_tokens`` overrides the policy's,
@@ -169,68 +351,124 @@ class Controller:
             settings["num_draft_tokens"] = num_draft_tokens
         return SpeculationConfig(**settings, min_accept_rate=self.policy.quality.min_accept_rate)
 
-    def devices(self) -> list[str]:
-        scheduler = self.policy.scheduler
-        devices = SCHEDULER_DEVICES.get(scheduler.mode, [scheduler.prefill_device, scheduler.decode_device])
-        return list(dict.fromkeys([*devices, "cpu"]))
-
-    def session_policy(self) -> SessionPolicy:
-        """Session options for the next request; spinning follows the measured load (``threads.py``)."""
-        devices, io = self.devices(), self.policy.io
-        return SessionPolicy(devices=devices, enable_iobinding=io.enable_iobinding,
-                             dml_pool_bytes=io.dml_pool_bytes if "dml" in devices else None,
-                             attention_probe=self.importance == "attention",
-                             kv_cache=self.policy.kv.live_format,
-                             allow_spinning=self.threads.allow_spinning())
-
     @property
     def use_baseline(self) -> bool:
         return self.baseline or self.fallbacks.in_backoff
 
-    # -- what PostRun reports ------------------------------------------------------------------
-    def record(self, stats: InferenceStats) -> None:
+    def policy_document(self) -> dict[str, Any]:
+        """``GET /v1/policy``: configured and effective policies, the overrides between them, where they came from."""
+        effective = self.effective(measure=False)
+        return {"policy": self.policy.model_dump(), "configured": self.policy.model_dump(),
+                "effective": effective.policy.model_dump(),
+                "overrides": [o.to_dict() for o in effective.overrides],
+                "version": self.policy_version, "source": self.config_source,
+                "layers": [layer.source for layer in self._layers()],
+                "restart_required": self.restart_required, "last_error": self.config_error}
+
+    def _layers(self) -> list[Any]:
+        try:
+            return self.sources.layers()
+        except ConfigError:
+            return []
+
+    # -- what PostRun reports --------------------------------------------------------------------------------
+    def record(self, stats: InferenceStats, ran: dict[str, Any] | None = None) -> None:
         self.recorder.record(stats)
         if stats.kv:
             self.last_kv_stats = stats.kv
+        if self.agent is not None:
+            self.agent.report(stats)
         if stats.baseline:
             return
-        if stats.error_kind == "fault":  # only our engine's own faults open the fallback, never a bad request
+        if ran is not None and stats.error_kind is None:
+            self.last_ran = {**ran, "at": stats.end_unix}
+        if stats.error_kind == "stalled":
+            self.fallbacks.stalled(stats.error or "")
+        elif stats.error_kind == "fault":  # only our engine's own faults open the fallback, never a bad request
             self.fallbacks.backend_error(stats.error or "")
+            if ran is not None:
+                self.fallbacks.device_error(list(ran.get("devices") or []), stats.error or "")
         elif stats.error is None:
             self.fallbacks.backend_ok()
 
+    def note_server(self, server_id: str) -> None:
+        """A server that reported stats to this controller (the sidecar agent's view of its servers)."""
+        self.servers[server_id] = time.time()
+
     def add_shadow_sample(self, sample: ShadowSample) -> None:
         self.guard.add(sample)
+
+    # -- evaluations -------------------------------------------------------------------------------------------
+    def run_due_evaluations(self) -> None:
+        """The quality scheduler (slow loop): the evaluations due now, each in the background."""
+        for kind, context in self.schedule.due():
+            if self.full_evaluation_runner is None:
+                return
+            self._start_evaluation(kind, context, 0.0)
 
     def schedule_full_evaluation(self, context: int = 512, delay_s: float = 0.0) -> dict[str, Any]:
         """Run ``inferos eval ppl`` for the active plan in the background (after ``delay_s``)."""
         if self.full_evaluation_runner is None:
             raise RuntimeError("no evaluation runner: the inferos plugin is not loaded")
-        if self.full_evaluation.get("status") in ("scheduled", "running"):
-            return self.full_evaluation
-        self.full_evaluation = {**self.full_evaluation, "status": "scheduled",
-                                "next_scheduled": time.time() + delay_s, "context": context}
+        return self._start_evaluation("full", context, delay_s)
+
+    def _start_evaluation(self, kind: str, context: int, delay_s: float) -> dict[str, Any]:
+        current = self.full_evaluation if kind == "full" else self.light_evaluation
+        if current.get("status") in ("scheduled", "running"):
+            return current
+        self._set_evaluation(kind, {**current, "status": "scheduled", "context": context,
+                                    "started_for": iso(time.time() + delay_s)})
 
         def run() -> None:
             time.sleep(delay_s)
-            self.full_evaluation["status"] = "running"
+            self._set_evaluation(kind, {**self._evaluation(kind), "status": "running"})
             try:
                 result = self.full_evaluation_runner(context)
             except Exception as exc:
-                self.full_evaluation = {"status": "failed", "error": repr(exc), "last_run": time.time()}
+                self._set_evaluation(kind, {"status": "failed", "error": repr(exc), "last_run": iso(time.time())})
                 return
             within = result["delta_ppl"] <= self.policy.quality.max_delta_ppl
-            self.full_evaluation = {"status": "within_threshold" if within else "over_threshold",
-                                    "last_run": time.time(), "dataset": f"pydoc_data.topics, {context} tokens",
-                                    "baseline_ppl": result["ppl_fp"], "current_ppl": result["ppl"],
-                                    "delta_ppl": result["delta_ppl"], "kld": result["kld"], "top1": result["top1"],
-                                    "plan": result["plan"]}
-            self.notify({"kind": "full_evaluation", **self.full_evaluation})
+            self._set_evaluation(kind, {
+                "status": "within_threshold" if within else "over_threshold", "last_run": iso(time.time()),
+                "dataset": f"pydoc_data.topics, {context} tokens", "baseline_ppl": result["ppl_fp"],
+                "current_ppl": result["ppl"], "delta_ppl": result["delta_ppl"], "kld": result["kld"],
+                "top1": result["top1"], "plan": result["plan"]})
+            self.notify({"kind": f"{kind}_evaluation", **self._evaluation(kind)})
 
-        threading.Thread(target=run, name="inferos-full-eval", daemon=True).start()
-        return self.full_evaluation
+        threading.Thread(target=run, name=f"inferos-{kind}-eval", daemon=True).start()
+        return self._evaluation(kind)
 
-    # -- the metrics document ------------------------------------------------------------------
+    def _evaluation(self, kind: str) -> dict[str, Any]:
+        document = self.full_evaluation if kind == "full" else self.light_evaluation
+        return {**document, "next_scheduled": iso(self.schedule.next.get(kind))}
+
+    def _set_evaluation(self, kind: str, value: dict[str, Any]) -> None:
+        if kind == "full":
+            self.full_evaluation = value
+        else:
+            self.light_evaluation = value
+
+    # -- the metrics documents --------------------------------------------------------------------------------
+    def optimization_status(self) -> dict[str, Any]:
+        """What ran in the last request our engine served (not what the config says), and why where it differs."""
+        ran, policy = self.last_ran, self.policy
+        status: dict[str, Any] = {"baseline_mode": self.use_baseline, "current_policy": policy.kv.mode,
+                                  "policy_version": self.policy_version, "thread_policy": self.threads.status(),
+                                  "fallbacks": self.fallbacks.status(), "last_run": ran}
+        if ran is None:
+            status.update({"kv_quantization_active": None, "io_binding_active": None,
+                           "hybrid_scheduling_active": None, "kv_eviction_active": None, "prefix_reuse_active": None,
+                           "reason": "no request has run on our engine yet"})
+            return status
+        status.update({"kv_quantization_active": bool(ran.get("kv_quantized")),
+                       "io_binding_active": bool(ran.get("io_binding")),
+                       "hybrid_scheduling_active": bool(ran.get("hybrid")),
+                       "hybrid_scheduling_reason": None if ran.get("hybrid") else
+                       "prefill and decode resolved to the same device and session options",
+                       "kv_eviction_active": bool(ran.get("kv_evicted")),
+                       "prefix_reuse_active": bool(ran.get("prefix_reused")), "live_form": ran.get("live_form")})
+        return status
+
     def metrics(self) -> dict[str, Any]:
         kv = self.last_kv_stats
         prefix = self.prefix_stats() if self.prefix_stats is not None else {}
@@ -238,7 +476,7 @@ class Controller:
         status = self.policy
         extra = {
             "quality": {"delta_ppl_est": self.guard.estimate(), "guard": self.guard.status(),
-                        "full_evaluation": self.full_evaluation,
+                        "full_evaluation": self._evaluation("full"), "light_evaluation": self._evaluation("light"),
                         "max_delta_ppl": status.quality.max_delta_ppl,
                         "accept_rate": {**self.recorder.accept_rate(), "target": status.quality.min_accept_rate,
                                         "mode": status.speculative.mode}},
@@ -253,18 +491,10 @@ class Controller:
                        "warm_cache_bytes": (prefix.get("warm") or {}).get("bytes"),
                        "kv_bytes_by_tier": kv.get("bytes_by_tier") if kv else None,
                        "memory_pressure": self.memory_pressure()},
-            "optimization_status": {
-                "baseline_mode": self.use_baseline, "kv_quantization_active": not self.use_baseline
-                and status.kv.mode != "disabled" and self.guard.level < 2,
-                "kv_eviction_active": not self.use_baseline and status.kv.mode != "disabled"
-                and self.guard.evictions_allowed,
-                "prefix_reuse_active": not self.use_baseline, "io_binding_active": status.io.enable_iobinding,
-                "hybrid_scheduling_active": False,
-                "hybrid_scheduling_reason": "one ONNX Runtime session per model; prefill/decode device split is not "
-                                            "implemented",
-                "current_policy": status.kv.mode, "policy_version": self.policy_version,
-                "thread_policy": self.threads.status(),
-                "fallbacks": self.fallbacks.status()},
+            "optimization_status": self.optimization_status(),
+            "loops": self.loops.status(),
+            "agent": self.agent.status() if self.agent is not None else None,
+            "servers": {sid: iso(at) for sid, at in self.servers.items()},
             "kv_stats": {key: kv.get(key) for key in ("tokens_by_tier", "bytes_by_tier", "blocks_sealed",
                                                       "block_layers_quantized", "blocks_evicted",
                                                       "compression_vs_fp16", "compression_vs_model_dtype",
@@ -273,8 +503,54 @@ class Controller:
                                                       "tokens_seen", "tokens_held")} if kv else {},
             "prefix_cache": prefix,
         }
-        return self.recorder.snapshot(extra)
+        document = self.recorder.snapshot(extra)
+        return {**document, **summary_keys(document, self._summary_kv(kv, prefix))}
+
+    def summary(self) -> dict[str, Any]:
+        """The design document's short metrics shape (``GET /v1/metrics?view=summary``)."""
+        document = self.metrics()
+        keys = ("timestamp", "tps", "ftl_ms", "mem", "util", "quality_summary", "kv_summary")
+        out = {key: document[key] for key in keys}
+        out["quality"], out["kv_stats"] = out.pop("quality_summary"), out.pop("kv_summary")
+        return out
+
+    def _summary_kv(self, kv: dict[str, Any], prefix: dict[str, Any]) -> dict[str, Any]:
+        tokens = (kv or {}).get("tokens_by_tier") or {}
+        levels = {name[:2]: round(float(tokens.get(name, 0) or 0), 1) for name in TIER_NAMES.values()}
+        ratio = (kv or {}).get("compression_vs_fp16")
+        return {"total_chunks": (kv or {}).get("blocks_sealed"), "level_distribution": levels if tokens else None,
+                "compression_ratio": ratio, "hit_rate": prefix.get("hit_rate")}
 
 
-def replace_policy(config: InferOSConfig, policy: Policy) -> InferOSConfig:
-    return InferOSConfig(policy=policy, loops=config.loops)
+def summary_keys(document: dict[str, Any], kv_summary: dict[str, Any]) -> dict[str, Any]:
+    """The short shape's keys, also at the top of the full document (none clashes with the long shape's keys).
+
+    ``vram_gb`` and ``util.npu``/``util.igpu`` are 0.0 where no session runs on a GPU or an NPU (nothing is used
+    there) and null where one does but this machine gives no counter for it.
+    """
+    from lemonade_inferos.engine.session import available_providers as providers
+
+    gpu_in_use = any(p in providers() for p in ("DmlExecutionProvider", "CUDAExecutionProvider"))
+    npu_in_use = "VitisAIExecutionProvider" in providers()
+    estimate = document["quality"]["delta_ppl_est"]
+    utilization = document["device_utilization"]
+    memory = document["memory"]
+    return {
+        # no request ended in the window: no token was produced in it (0.0 is the measurement, not a stand-in)
+        "tps": document["throughput"]["tokens_per_second"] or 0.0,
+        "ftl_ms": document["first_token_latency"]["mean_ms"],
+        "mem": {"vram_gb": None if gpu_in_use else 0.0,
+                "system_gb": psutil.virtual_memory().used / 1e9,
+                "process_rss_gb": memory["rss_mb"] * 2**20 / 1e9,
+                "kv_cache_gb": (memory["kv_cache_usage_mb"] or 0.0) * 2**20 / 1e9
+                if memory.get("kv_cache_usage_mb") is not None else None},
+        "util": {"npu": None if npu_in_use else 0.0, "igpu": None if gpu_in_use else 0.0,
+                 "cpu": utilization["cpu_utilization"]},
+        "quality_summary": {"delta_ppl_est": estimate.get("current"),
+                            "accept_rate": document["quality"]["accept_rate"]["current"]},
+        "kv_summary": kv_summary,
+    }
+
+
+def _spin(configured: bool | None, thread_policy: bool) -> bool:
+    return thread_policy if configured is None else configured

@@ -39,6 +39,11 @@ class IOPolicy(_Strict):
     enable_iobinding: bool = True
     dml_pool_bytes: int = Field(2 * GIB, ge=GIB)
     host_pool_bytes: int = Field(4 * GIB, ge=GIB)
+    # this project's extensions: ONNX Runtime run options of every step
+    arena_shrinkage: bool = Field(False, description="give the CPU arena's unused memory back after each run "
+                                  "(run config memory.enable_memory_arena_shrinkage)")
+    run_config: dict[str, str] = Field(default_factory=dict, description="further ONNX Runtime run config "
+                                       "entries, passed as given")
 
     @field_validator("dml_pool_bytes", "host_pool_bytes", mode="before")
     @classmethod
@@ -46,10 +51,23 @@ class IOPolicy(_Strict):
         return parse_size(value)
 
 
+class PhaseSettings(_Strict):
+    """One phase's session options (this project's extension): threads and spinning, ``None`` = the default
+    (ONNX Runtime's thread count; spinning as the thread policy decides, ``controller/threads.py``)."""
+
+    intra_op_num_threads: int = Field(0, ge=0, le=256)
+    allow_spinning: bool | None = None
+
+
 class SchedulerPolicy(_Strict):
+    """Where prefill and decode run. When the two phases' devices or options differ, the engine keeps a session
+    per phase over the same KV buffers (the hybrid scheduler, ``engine/binding.py``)."""
+
     mode: Literal["hybrid", "gpu_only", "npu_only"] = "hybrid"
     prefill_device: Literal["dml", "npu", "cpu"] = "dml"
     decode_device: Literal["npu", "dml", "cpu"] = "npu"
+    prefill: PhaseSettings = Field(default_factory=PhaseSettings)
+    decode: PhaseSettings = Field(default_factory=PhaseSettings)
 
 
 class QualityPolicy(_Strict):
@@ -91,14 +109,14 @@ class Policy(_Strict):
         Raises:
             pydantic.ValidationError: the merged document is invalid (nothing changes).
         """
-        return Policy.model_validate(_deep_merge(self.model_dump(), update))
+        return Policy.model_validate(deep_merge(self.model_dump(), update))
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged

@@ -32,11 +32,14 @@ class ThreadPolicy:
     _process: psutil.Process = field(default_factory=psutil.Process, repr=False)
 
     def allow_spinning(self) -> bool:
-        self._measure()
+        self.measure()
         return not self.busy
 
-    def _measure(self) -> None:
+    def measure(self) -> None:
+        """Update the decision from the CPU time used since the last measurement (at least a second ago)."""
         now = time.monotonic()
+        if self._last is not None and now - self._last[0] < MIN_WINDOW_S:
+            return  # too little CPU time to judge: the last decision stands (and /proc is not read)
         system = psutil.cpu_times()
         busy_total = system.user + system.system + getattr(system, "nice", 0.0) + getattr(system, "irq", 0.0) \
             + getattr(system, "softirq", 0.0)
@@ -45,8 +48,6 @@ class ThreadPolicy:
             self._last = (now, busy_total, ours)
             return
         then, busy_then, ours_then = self._last
-        if now - then < MIN_WINDOW_S:
-            return
         self._last = (now, busy_total, ours)
         self.others_cores = max(0.0, (busy_total - busy_then) - (ours - ours_then)) / (now - then)
         if self.busy and self.others_cores < QUIET_BELOW:

@@ -1,13 +1,19 @@
-"""One request's IOBinding on our engine's session: the cache's buffers bound as past and present, the inputs of
-each step, and the outputs written into preallocated memory.
+"""One request's steps on our engine's sessions: with IOBinding, the cache's buffers bound as past and present, the
+inputs of each step, and the outputs written into preallocated memory.
 
 ``run`` runs tokens and commits them; ``verify`` runs the last token and a draft without committing, and ``keep``
 commits the accepted prefix (speculative decoding).
+
+Under the hybrid scheduler a step of more than one token (a prompt chunk) runs on the prefill session and a step
+of one token, or a draft's verification, on the decode session; both bind the same KV buffers, so nothing is
+handed over between them on one device. With ``enable_iobinding`` off a step is a plain ``session.run``: ONNX
+Runtime allocates every output, and the new K/V are copied into the cache afterwards (the ablation's "no IOBinding"
+row: what in-place KV saves).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -19,16 +25,28 @@ if TYPE_CHECKING:
     from lemonade_inferos.engine.ort_engine import OrtEngine
 
 
+class _PhaseIO:
+    """One phase's session and its IOBinding (rebinds K/V only when the cache reallocates its buffers)."""
+
+    def __init__(self, form: Any, io_binding: bool) -> None:
+        self.form = form
+        self.io = form.session.io_binding() if io_binding else None
+        self.bound_version = -1
+
+
 class StepBinding:
-    """One request's IOBinding; rebinds K/V only when the cache reallocates its buffers."""
+    """One request's steps; each phase's IOBinding rebinds K/V only when the cache reallocates its buffers."""
 
     def __init__(self, engine: "OrtEngine", cache: KVCache, run_options: ort.RunOptions | None = None) -> None:
         self.engine = engine
         self.run_options = run_options
         self.cache = cache
-        self.form = engine.form_for(cache.layout)  # the graph that reads this cache's live form
-        self.io = self.form.session.io_binding()
-        self._bound_version = -1
+        self.io_binding = engine.policy.enable_iobinding
+        # the graph that reads this cache's live form, per phase (one object unless the scheduler is hybrid)
+        prefill = _PhaseIO(engine.form_for(cache.layout, "prefill"), self.io_binding)
+        decode = _PhaseIO(engine.form_for(cache.layout, "decode"), self.io_binding) if engine.hybrid else prefill
+        self._phases = {"prefill": prefill, "decode": decode}
+        self.form = prefill.form
         self._mask = np.ones((1, cache.layout.max_tokens + 1), dtype=np.int64)
         # decode (and prefill, where the graph selects logits rows) writes one row of logits into the same buffer
         self._step_logits = np.empty((1, 1, engine.folder.vocab_size), dtype=np.float32)
@@ -64,34 +82,66 @@ class StepBinding:
         self.engine.observe(self.cache, probes, num_keep)
         self.cache.commit(token_ids)
 
-    def _forward(self, token_ids: np.ndarray, all_logits: bool) -> tuple[np.ndarray, list[np.ndarray] | None]:
-        engine, cache, io = self.engine, self.cache, self.io
+    def _inputs(self, token_ids: np.ndarray, all_logits: bool) -> tuple[dict[str, np.ndarray], int]:
+        """The step's inputs besides the KV (and the number of logits rows it returns)."""
+        engine, cache = self.engine, self.cache
         num_new = token_ids.shape[1]
-        cache.reserve(num_new)
-        if cache.buffers_version != self._bound_version:
-            self._bind_cache()
         names = engine.folder.input_names
-        io.bind_cpu_input(names["input_ids"], token_ids)
-        io.bind_cpu_input(names["attention_mask"], self._mask[:, :cache.num_tokens + num_new])
+        inputs = {names["input_ids"]: token_ids, names["attention_mask"]: self._mask[:, :cache.num_tokens + num_new]}
         if engine.has_position_ids:
-            io.bind_cpu_input(POSITION_IDS, cache.new_positions(num_new))
+            inputs[POSITION_IDS] = cache.new_positions(num_new)
         rows = num_new if all_logits or not engine.has_logits_positions else 1
         if engine.has_logits_positions:
             self._last_row[0] = num_new - 1
-            io.bind_cpu_input(LOGITS_POSITIONS, np.arange(num_new, dtype=np.int64) if rows > 1 else self._last_row)
+            inputs[LOGITS_POSITIONS] = np.arange(num_new, dtype=np.int64) if rows > 1 else self._last_row
+        return inputs, rows
+
+    def _forward(self, token_ids: np.ndarray, all_logits: bool) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        engine, cache = self.engine, self.cache
+        num_new = token_ids.shape[1]
+        cache.reserve(num_new)
+        phase = self._phases["prefill" if num_new > 1 and not all_logits else "decode"]
+        inputs, rows = self._inputs(token_ids, all_logits)
+        if phase.io is None:
+            return self._run_plain(phase, inputs, num_new)
+        io = phase.io
+        if cache.buffers_version != phase.bound_version:
+            self._bind_cache(phase)
+        for name, value in inputs.items():
+            io.bind_cpu_input(name, value)
         logits = (self._step_logits if rows == 1
                   else np.empty((1, rows, engine.folder.vocab_size), dtype=np.float32))
         io.bind_output(engine.folder.output_names["logits"], "cpu", 0, np.float32, list(logits.shape),
                        logits.ctypes.data)
-        probes = self._bind_probes(num_new, cache.num_tokens + num_new)
-        self.form.session.run_with_iobinding(io, self.run_options)
+        probes = self._bind_probes(io, num_new, cache.num_tokens + num_new)
+        phase.form.session.run_with_iobinding(io, self.run_options)
         if not (engine.probe_outputs and cache.wants_attention):
             return logits, None
         if probes is None:  # a chunk: ORT allocated them; they were bound last
             probes = [value.numpy() for value in io.get_outputs()[-len(engine.probe_outputs):]]
         return logits, probes
 
-    def _bind_probes(self, num_new: int, total: int) -> list[np.ndarray] | None:
+    def _run_plain(self, phase: _PhaseIO, inputs: dict[str, np.ndarray], num_new: int
+                   ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """A step without IOBinding: ONNX Runtime allocates the outputs; the present K/V are copied back."""
+        engine, cache, folder = self.engine, self.cache, self.engine.folder
+        feeds: dict[str, ort.OrtValue] = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                                          for name, value in inputs.items()}
+        for layer, (key, value) in enumerate(cache.ort_values()):
+            feeds[folder.past_key_name(layer)], feeds[folder.past_value_name(layer)] = key, value
+        feeds.update(phase.form.scale_values)
+        presents = [name for layer in range(folder.num_layers)
+                    for name in (folder.present_key_name(layer), folder.present_value_name(layer))]
+        names = [folder.output_names["logits"], *presents, *engine.probe_outputs]
+        outputs = phase.form.session.run_with_ort_values(names, feeds, self.run_options)
+        for (key, value), present_key, present_value in zip(cache.arrays(), outputs[1::2], outputs[2::2]):
+            _copy_present(key, present_key.numpy())
+            _copy_present(value, present_value.numpy())
+        logits = outputs[0].numpy()
+        probes = [o.numpy() for o in outputs[1 + len(presents):]] if engine.probe_outputs else []
+        return logits, (probes if probes and cache.wants_attention else None)
+
+    def _bind_probes(self, io: ort.IOBinding, num_new: int, total: int) -> list[np.ndarray] | None:
         """Bind the attention probe outputs: a decode step's into preallocated buffers (returned as the
         ``[1, heads, 1, total]`` views ORT writes), a prefill chunk's to ORT-allocated memory (None)."""
         names = self.engine.probe_outputs
@@ -99,7 +149,7 @@ class StepBinding:
             return None
         if num_new > 1:
             for name in names:
-                self.io.bind_output(name, "cpu")
+                io.bind_output(name, "cpu")
             return None
         heads = self.engine.folder.num_attention_heads
         if not self._step_probes:
@@ -108,16 +158,22 @@ class StepBinding:
         shape = [1, heads, 1, total]
         views = [buffer[: shape[1] * total].reshape(shape) for buffer in self._step_probes]
         for name, view in zip(names, views):
-            self.io.bind_output(name, "cpu", 0, np.float32, shape, view.ctypes.data)
+            io.bind_output(name, "cpu", 0, np.float32, shape, view.ctypes.data)
         return views
 
-    def _bind_cache(self) -> None:
-        folder, io = self.engine.folder, self.io
+    def _bind_cache(self, phase: _PhaseIO) -> None:
+        folder, io = self.engine.folder, phase.io
         for layer, (key, value) in enumerate(self.cache.ort_values()):
             io.bind_ortvalue_input(folder.past_key_name(layer), key)
             io.bind_ortvalue_input(folder.past_value_name(layer), value)
             io.bind_ortvalue_output(folder.present_key_name(layer), key)
             io.bind_ortvalue_output(folder.present_value_name(layer), value)
-        for name, scale in self.form.scale_values:  # the INT8 live form's per-channel scales
+        for name, scale in phase.form.scale_values:  # the INT8 live form's per-channel scales
             io.bind_ortvalue_input(name, scale)
-        self._bound_version = self.cache.buffers_version
+        phase.bound_version = self.cache.buffers_version
+
+
+def _copy_present(buffer: np.ndarray, present: np.ndarray) -> None:
+    """Write a present K/V output back into the cache's buffer (it may be shorter than the buffer's capacity)."""
+    length = min(buffer.shape[2], present.shape[2])
+    buffer[:, :, :length] = present[:, :, :length]

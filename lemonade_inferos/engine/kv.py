@@ -120,6 +120,10 @@ class KVCache(ABC):
         """Per layer, the (key, value) buffers as OrtValues over the cache's own memory."""
 
     @abstractmethod
+    def arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per layer, the same buffers as numpy arrays (the plain ``session.run`` path writes into them)."""
+
+    @abstractmethod
     def reserve(self, num_new: int) -> None:
         """Make room for ``num_new`` more tokens.
 
@@ -209,6 +213,10 @@ class DenseKVCache(KVCache):
 
     def ort_values(self) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
         return self._ort_values
+
+    def arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The arrays behind :meth:`ort_values` (a step without IOBinding copies the model's present K/V here)."""
+        return list(zip(self._keys, self._values))
 
     def reserve(self, num_new: int) -> None:
         needed = self._num_tokens + num_new

@@ -82,7 +82,7 @@ class LiveForms:
     def __init__(self, engine: "OrtEngine", graph: PreparedGraph) -> None:
         self.engine = engine
         self._graphs: dict[bool, PreparedGraph] = {False: graph}
-        self._loaded: dict[bool, LoadedForm] = {}
+        self._loaded: dict[tuple[bool, str], LoadedForm] = {}   # (INT8?, phase) -> its session
         self._lock = threading.RLock()
         self.calibration: kv_scales.Calibration | None = None
         self.int8_reason: str | None = None
@@ -112,12 +112,15 @@ class LiveForms:
                 return self.int8_layout
         return self.model_layout
 
-    def form(self, layout: KVLayout) -> LoadedForm:
+    def form(self, layout: KVLayout, phase: str = "prefill") -> LoadedForm:
+        """The session reading caches of ``layout`` in ``phase`` (decode has its own only under the hybrid
+        scheduler)."""
         int8 = self.int8_layout is not None and layout.scales == self.int8_layout.scales
+        key = (int8, phase if self.engine.policy.hybrid else "prefill")
         with self._lock:
-            if int8 not in self._loaded:
-                self._loaded[int8] = self._load(int8)
-            return self._loaded[int8]
+            if key not in self._loaded:
+                self._loaded[key] = self._load(*key)
+            return self._loaded[key]
 
     def session_for(self, layout: KVLayout) -> ort.InferenceSession:
         return self.form(layout).session
@@ -129,19 +132,21 @@ class LiveForms:
                 "int8_available": self.int8_layout is not None or self.model_layout.live_int8,
                 "int8_unavailable_reason": None if self.int8_layout is not None else self.int8_reason,
                 "scales": kv_scales.describe(self.calibration),
-                "loaded_forms": sorted("int8" if k else "model" for k in self._loaded)}
+                "loaded_forms": sorted({"int8" if int8 else "model" for int8, _ in self._loaded}),
+                "loaded_sessions": sorted(f"{'int8' if int8 else 'model'}:{phase}" for int8, phase in self._loaded)}
 
     # -- loading ---------------------------------------------------------------------------------------
     def _max_tokens(self) -> int:
         engine = self.engine
         return min(engine.context_length or engine.folder.context_length, engine.folder.context_length)
 
-    def _load(self, int8: bool) -> LoadedForm:
+    def _load(self, int8: bool, phase: str) -> LoadedForm:
         engine = self.engine
         graph = self._graphs[int8]
         layout = self.int8_layout if int8 else self.model_layout
         assert layout is not None, "loading the INT8 form before it was made: this indicates a bug"
-        session = ort.InferenceSession(graph.model, engine._options, providers=engine.applied_options.providers)
+        options, report = engine.session_options(phase)
+        session = ort.InferenceSession(graph.model, options, providers=report.providers)
         values = []
         if int8 and graph.kv_scale_inputs:
             scales = layout.scales
@@ -168,7 +173,7 @@ class LiveForms:
             self.int8_reason = graph.kv_int8_reason
             return
         self._graphs[True] = graph
-        had_model_form = False in self._loaded
+        had_model_form = any(not int8 for int8, _ in self._loaded)
         try:
             self.calibration = self._calibration()
         except Exception as exc:  # no scales means no INT8 form, never a failed request: the float form serves
@@ -176,11 +181,13 @@ class LiveForms:
             log.warning("%s: INT8 live KV off (%s)", engine.folder.path, self.int8_reason,
                         exc_info=not isinstance(exc, (ValueError, OSError)))
             self.int8_layout = None
-            self._loaded.pop(True, None)
+            for key in [k for k in self._loaded if k[0]]:
+                del self._loaded[key]
             return
         finally:
-            if not had_model_form:
-                self._loaded.pop(False, None)  # the float form was only needed to calibrate
+            if not had_model_form:  # the float form was only needed to calibrate
+                for key in [k for k in self._loaded if not k[0]]:
+                    del self._loaded[key]
         self.int8_layout = replace(self.model_layout, dtype=np.dtype(np.int8), scales=self.calibration.scales)
         log.info("%s: INT8 live KV with scales from %s (%s)", engine.folder.path, self.calibration.scales.source,
                  kv_scales.describe(self.calibration))

@@ -62,7 +62,8 @@ class OrtEngine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.context_length = context_length
         self.tokenizer = ChatTokenizer.from_folder(self.folder.path)
-        self._options, self.applied_options = build_session_options(self.policy)
+        self._options, self.applied_options = build_session_options(self.policy.for_phase("prefill"))
+        self._decode_options = build_session_options(self.policy.for_phase("decode")) if self.policy.hybrid else None
         if self.policy.attention_probe and not attention_probe_layers:
             attention_probe_layers = default_probe_layers(self.folder.num_layers)
             # probabilities are [heads, chunk, context] per probe layer: smaller chunks bound that memory
@@ -78,14 +79,24 @@ class OrtEngine:
         log.info("loaded %s on %s (true positions: %s; live KV: %s)", self.folder.path,
                  self.session.get_providers(), self.has_position_ids, self._forms.describe()["live_kv"])
 
+    def session_options(self, phase: str) -> tuple[ort.SessionOptions, AppliedSessionOptions]:
+        """The session options of ``phase``: decode's own under the hybrid scheduler, else prefill's."""
+        if phase == "decode" and self._decode_options is not None:
+            return self._decode_options
+        return self._options, self.applied_options
+
+    @property
+    def hybrid(self) -> bool:
+        return self._decode_options is not None
+
     @property
     def session(self) -> ort.InferenceSession:
         """The session of the default live form (``layout``)."""
         return self._forms.session_for(self.layout)
 
-    def form_for(self, layout: KVLayout) -> "LoadedForm":
-        """The loaded graph that reads caches of ``layout`` (loaded on first use)."""
-        return self._forms.form(layout)
+    def form_for(self, layout: KVLayout, phase: str = "prefill") -> "LoadedForm":
+        """The loaded graph that reads caches of ``layout`` in ``phase`` (loaded on first use)."""
+        return self._forms.form(layout, phase)
 
     def layout_for(self, plan: object) -> KVLayout:
         """The layout a cache under ``plan`` gets: INT8 live when the plan asks for it (``plan.live_kv``) and the
@@ -118,6 +129,12 @@ class OrtEngine:
     def report(self) -> AppliedSessionOptions:
         return self.applied_options
 
+    def session_report(self) -> dict[str, object]:
+        """What the sessions run with: prefill's options, decode's where they differ, the step path."""
+        decode = self._decode_options[1].to_dict() if self._decode_options is not None else None
+        return {"prefill": self.applied_options.to_dict(), "decode": decode, "hybrid": self.hybrid,
+                "io_binding": self.policy.enable_iobinding}
+
     def new_cache(self, layout: KVLayout | None = None) -> KVCache:
         return DenseKVCache(layout or self.layout)
 
@@ -129,7 +146,7 @@ class OrtEngine:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None,
-                 cache: KVCache | None = None, run_options: dict[str, str] | None = None,
+                 cache: KVCache | None = None, run_options: "dict[str, str] | ort.RunOptions | None" = None,
                  speculation: SpeculationConfig | None = None) -> Iterator[GenerationChunk]:
         """Stream a completion of ``prompt_ids``.
 
@@ -138,7 +155,8 @@ class OrtEngine:
             params: sampling and stopping.
             stats: filled with measured timings as generation proceeds.
             cache: the KV cache to read and extend; a new dense cache when omitted.
-            run_options: ONNX Runtime run config entries (e.g. ``memory.enable_memory_arena_shrinkage``).
+            run_options: ONNX Runtime run config entries (e.g. ``memory.enable_memory_arena_shrinkage``), or a
+                RunOptions the caller keeps (to terminate the run in flight).
             speculation: draft and verify (``speculative.py``); plain decoding when None or ``mode="off"``.
 
         Raises:
@@ -300,12 +318,16 @@ def default_probe_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({num_layers // 8, num_layers // 2}))
 
 
-def make_run_options(entries: dict[str, str] | None) -> ort.RunOptions | None:
-    """``ort.RunOptions`` carrying config entries, or None when there are none."""
-    if not entries:
+def make_run_options(entries: "dict[str, str] | ort.RunOptions | None", always: bool = False
+                     ) -> ort.RunOptions | None:
+    """``ort.RunOptions`` carrying config entries (given ones are used as they are), or None when there are none
+    and ``always`` is false."""
+    if isinstance(entries, ort.RunOptions):
+        return entries
+    if not entries and not always:
         return None
     options = ort.RunOptions()
-    for key, value in entries.items():
+    for key, value in (entries or {}).items():
         options.add_run_config_entry(key, str(value))
     return options
 

@@ -24,6 +24,12 @@ DEVICE_TO_PROVIDER = {
     "cpu": "CPUExecutionProvider",
 }
 
+# measured (tests/engine/test_session.py pins it): ONNX Runtime's shared CPU arena (create_and_register_allocator
+# with OrtArenaCfg max_mem, and session.use_env_allocators) caps a plain graph's allocations but not this model's: a
+# 1 MiB cap let a 100 MB logits output through. So the knob is reported, not claimed.
+HOST_POOL_NOT_APPLIED = ("ONNX Runtime's CPU arena cap (a shared allocator with max_mem) does not bound this model's "
+                         "allocations (measured); CPU memory is bounded by the KV plan and the prefix budgets")
+
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -32,10 +38,25 @@ _OPT_LEVELS = {
 }
 
 
+PHASES = ("prefill", "decode")
+
+
+class PhaseOverrides(BaseModel):
+    """How decode's session differs from prefill's (the hybrid scheduler): another device list, thread count or
+    spinning. Unset fields are prefill's."""
+
+    model_config = {"frozen": True}
+    devices: list[Literal["dml", "npu", "cuda", "cpu"]] | None = None
+    intra_op_num_threads: int | None = Field(None, ge=0)
+    allow_spinning: bool | None = None
+
+
 class SessionPolicy(BaseModel):
     """The part of a policy that shapes an ONNX Runtime session.
 
-    ``devices`` are tried in order; CPU is always appended as the last resort.
+    ``devices`` are tried in order; CPU is always appended as the last resort. With ``decode`` set to something
+    that differs from prefill, the engine keeps two sessions: prompts run on this one, decode steps on the
+    other, both reading and writing the same KV buffers (the hybrid scheduler).
     """
 
     devices: list[Literal["dml", "npu", "cuda", "cpu"]] = Field(default_factory=lambda: ["dml", "cpu"])
@@ -51,6 +72,19 @@ class SessionPolicy(BaseModel):
     kv_cache: Literal["model", "int8"] = Field("model", description="the live KV form caches get by default: the "
                                                "model's own dtype, or INT8 with per-channel scales (the graph is "
                                                "patched and calibrated at load; see engine/kv_scales.py)")
+    decode: PhaseOverrides | None = Field(None, description="decode's session options where they differ")
+
+    def for_phase(self, phase: str) -> "SessionPolicy":
+        """This policy as one phase's session sees it (no ``decode`` field of its own)."""
+        base = self.model_copy(update={"decode": None})
+        if phase == "prefill" or self.decode is None:
+            return base
+        return base.model_copy(update={k: v for k, v in self.decode.model_dump().items() if v is not None})
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether decode runs on a session of its own (its options differ from prefill's)."""
+        return self.decode is not None and self.for_phase("decode") != self.for_phase("prefill")
 
 
 @dataclass
@@ -110,7 +144,7 @@ def build_session_options(policy: SessionPolicy) -> tuple[ort.SessionOptions, Ap
     report.applied["enable_cpu_mem_arena"] = policy.enable_cpu_mem_arena
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if policy.allow_spinning else "0")
     report.applied["allow_spinning"] = policy.allow_spinning
-    report.applied["enable_iobinding"] = policy.enable_iobinding
+    report.applied["enable_iobinding"] = policy.enable_iobinding  # the engine's step path (engine/binding.py)
     if "DmlExecutionProvider" in providers:
         # DirectML needs sequential execution and no memory pattern (Microsoft's DML EP docs).
         options.enable_mem_pattern = False
@@ -120,31 +154,5 @@ def build_session_options(policy: SessionPolicy) -> tuple[ort.SessionOptions, Ap
             "DmlExecutionProvider exposes no pool-size option" if "DmlExecutionProvider" in providers
             else "DmlExecutionProvider is not in use")
     if policy.host_pool_bytes is not None:
-        _apply_host_pool(options, policy, report)
+        report.not_applied["host_pool_bytes"] = HOST_POOL_NOT_APPLIED
     return options, report
-
-
-_registered_arena_bytes: int | None = None
-
-
-def _apply_host_pool(options: ort.SessionOptions, policy: SessionPolicy, report: AppliedSessionOptions) -> None:
-    """Cap the CPU arena with a shared environment allocator (one per process in ORT)."""
-    global _registered_arena_bytes
-    if not policy.enable_cpu_mem_arena:
-        report.not_applied["host_pool_bytes"] = "the CPU memory arena is disabled by enable_cpu_mem_arena"
-        return
-    if _registered_arena_bytes is None:
-        try:
-            mem_info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
-                                         ort.OrtMemType.DEFAULT)
-            arena = ort.OrtArenaCfg({"max_mem": int(policy.host_pool_bytes), "arena_extend_strategy": 1})
-            ort.create_and_register_allocator(mem_info, arena)
-            _registered_arena_bytes = int(policy.host_pool_bytes)
-        except Exception as exc:  # ORT raises its own Fail type; report, do not crash
-            report.not_applied["host_pool_bytes"] = f"could not register a capped CPU arena: {exc}"
-            return
-    options.add_session_config_entry("session.use_env_allocators", "1")
-    report.applied["host_pool_bytes"] = _registered_arena_bytes
-    if _registered_arena_bytes != policy.host_pool_bytes:
-        report.not_applied["host_pool_bytes_change"] = (
-            f"the process-wide CPU arena is already capped at {_registered_arena_bytes} bytes")

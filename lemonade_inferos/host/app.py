@@ -47,6 +47,11 @@ class Host:
     # what plugins measure on demand for /stats under "inferos" (name -> a function returning a JSON object)
     stat_sources: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
+    @property
+    def active_plugins(self) -> list[str]:
+        """Registered plugins (a plugin that disabled itself has a manifest but no hooks)."""
+        return sorted(name for name, manifest in self.manifests.items() if manifest.disabled is None)
+
 
 def api_key_rule(api_key: str | None) -> TokenRule | None:
     """``LEMONADE_API_KEY``: every route but ``/live`` needs ``Authorization: Bearer <key>``."""
@@ -73,7 +78,7 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
         pm.hook.host_startup(host=host)
         if preload:
             await models.load(settings.default_model)
-        log.info("host ready (plugins: %s)", ", ".join(host.manifests) or "none, baseline mode")
+        log.info("host ready (plugins: %s)", ", ".join(host.active_plugins) or "none, baseline mode")
         try:
             yield
         finally:

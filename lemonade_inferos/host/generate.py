@@ -27,7 +27,7 @@ import pluggy
 
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
-from lemonade_inferos.errors import ServerStopping
+from lemonade_inferos.errors import GenerationStalled, ServerStopping
 from lemonade_inferos.hooktypes import InferenceContext, InferenceStats, RunPlan
 from lemonade_inferos.host.models import LoadedModel, ModelManager, Ticket
 from lemonade_inferos.host.run import GenerationRun, RunLimits, error_kind
@@ -36,6 +36,7 @@ from lemonade_inferos.metrics.stats import stats_from_generation
 
 log = logging.getLogger(__name__)
 _END = object()  # the worker's last word on the queue
+STALLED_JOIN_S = 10.0  # how long a stalled run's worker is waited for after ONNX Runtime was told to terminate
 
 
 @dataclass
@@ -130,6 +131,8 @@ class GenerateService:
                     yield chunk
         except BaseException as exc:  # includes client disconnects (CancelledError)
             error = exc
+            if error_kind(exc) == "stalled":
+                model.discard_engine(engine_name)  # the next request builds it anew
             raise
         finally:
             stats = self._report(context, plan, model, engine_name, run, start_unix, baseline, error, queue_s)
@@ -165,16 +168,33 @@ class GenerateService:
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
         done = loop.run_in_executor(None, work)
+        stall_s = effective.stall_timeout_s
+        stalled = False
         try:
-            while (chunk := await queue.get()) is not _END:
+            while True:
+                try:
+                    chunk = await (asyncio.wait_for(queue.get(), stall_s) if stall_s else queue.get())
+                except asyncio.TimeoutError:
+                    stalled = True
+                    run.terminate()
+                    raise GenerationStalled(
+                        f"the generation produced no token for {stall_s:g} s (the watchdog, watchdog_s) after "
+                        f"{run.stats.predicted_n} tokens; it was ended and the engine is rebuilt",
+                        stalled_s=stall_s, completion_tokens=run.stats.predicted_n) from None
+                if chunk is _END:
+                    break
                 yield chunk
                 await limits.check(run.stats)
             await done  # the worker's exception, if it raised
         finally:
             run.stop()
             with anyio.CancelScope(shield=True):
-                await asyncio.wait([done])
-            if not done.cancelled():
+                await asyncio.wait([done], timeout=STALLED_JOIN_S if stalled else None)
+            if not done.done():
+                log.error("a stalled generation's worker did not end %g s after ONNX Runtime was told to "
+                          "terminate; its thread is abandoned", STALLED_JOIN_S)
+                run.cache = None  # nobody may reuse what that thread may still write
+            elif not done.cancelled():
                 done.exception()  # retrieved: it was raised above or is superseded by the error in flight
 
     def _report(self, context: InferenceContext, plan: RunPlan | None, model: LoadedModel, engine_name: str,

@@ -102,6 +102,13 @@ class LoadedModel:
         self.last_use = time.time()
         return self._engines[key]
 
+    def discard_engine(self, kind: str) -> None:
+        """Drop the ``inferos`` or ``og`` engine (a stalled one): the next request that needs it builds it anew."""
+        prefix = "inferos:" if kind == "inferos" else "og"
+        for key in [k for k in self._engines if k.startswith(prefix)]:
+            del self._engines[key]
+        log.warning("%s: the %s engine was discarded after a stalled generation", self.name, kind)
+
     @property
     def tokenizer(self):
         from lemonade_inferos.engine.tokenizer import ChatTokenizer

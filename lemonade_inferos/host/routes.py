@@ -277,8 +277,9 @@ async def health(request: Request):
             "checkpoint_loaded": current.info.get("checkpoint") if current else None,
             "all_models_loaded": [m.health_entry() for m in loaded],
             "max_models": {"llm": host.settings.max_loaded_models},
-            "inferos": {"version": __version__, "plugins": sorted(host.manifests),
-                        "mode": "plugin" if host.manifests else "baseline", **host.extras}}
+            "inferos": {"version": __version__, "plugins": host.active_plugins,
+                        "disabled_plugins": {n: m.disabled for n, m in host.manifests.items() if m.disabled},
+                        "mode": "plugin" if host.active_plugins else "baseline", **host.extras}}
 
 
 @router.get("/stats")

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
-from lemonade_inferos.errors import RequestError, RequestTimeout, ServerStopping
+from lemonade_inferos.errors import GenerationStalled, RequestError, RequestTimeout, ServerStopping
 from lemonade_inferos.hookspecs import hookimpl
 from lemonade_inferos.http.errors import APIError
 
@@ -29,11 +29,13 @@ class ClientDisconnected(Exception):
 
 
 def error_kind(exc: BaseException) -> str:
-    """``request``, ``cancelled``, ``shutdown``, ``timeout`` or ``fault``."""
+    """``request``, ``cancelled``, ``shutdown``, ``stalled``, ``timeout`` or ``fault``."""
     if isinstance(exc, (asyncio.CancelledError, ClientDisconnected, GeneratorExit)):
         return "cancelled"
     if isinstance(exc, ServerStopping):
         return "shutdown"
+    if isinstance(exc, GenerationStalled):
+        return "stalled"
     if isinstance(exc, RequestTimeout):
         return "timeout"
     if isinstance(exc, RequestError) or (isinstance(exc, APIError) and exc.status < 500):
@@ -85,14 +87,27 @@ class GenerationRun:
     cache: Any = None
     emit: Callable[[GenerationChunk], None] = lambda chunk: None
     _stop: threading.Event = field(default_factory=threading.Event)
+    _ort_options: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.baseline:  # one RunOptions for the whole run: terminate() reaches the step in flight
+            from lemonade_inferos.engine.ort_engine import make_run_options
+
+            self._ort_options = make_run_options(self.run_options, always=True)
 
     def stop(self) -> None:
         self._stop.set()
 
+    def terminate(self) -> None:
+        """Stop now, also inside a step: ONNX Runtime ends the run in flight (the watchdog's last resort)."""
+        self._stop.set()
+        if self._ort_options is not None:
+            self._ort_options.terminate = True
+
     def execute(self, cache: Any) -> None:
         """Drive the engine until it finishes or :meth:`stop` is called (checked between tokens)."""
         self.cache = cache
-        kwargs = {} if self.baseline else {"cache": cache, "run_options": self.run_options,
+        kwargs = {} if self.baseline else {"cache": cache, "run_options": self._ort_options,
                                            "speculation": self.speculation}
         iterator = self.engine.generate(self.prompt_ids, self.params, stats=self.stats, **kwargs)
         try:

@@ -18,5 +18,6 @@ class HostSettings(BaseModel):
     default_model: str = "SmolLM2-135M-Instruct-CPU"
     max_queue: int = Field(16, ge=1, description="requests waiting for the engine before 503")
     request_timeout_s: float = Field(600.0, gt=0)
-    plugin_config: dict[str, object] = Field(default_factory=dict)
+    plugin_options: dict[str, dict[str, object]] = Field(default_factory=dict, description="per plugin, the "
+                                                         "options passed through to it as given")
     config_path: Path | None = None

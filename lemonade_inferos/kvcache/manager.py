@@ -95,6 +95,9 @@ class TieredKVCache(KVCache):
     def ort_values(self):
         return self.buffer.ort_values()
 
+    def arrays(self):
+        return self.buffer.arrays()
+
     def plan_capacity(self, num_tokens: int) -> None:
         self.buffer.plan_capacity(num_tokens)
 

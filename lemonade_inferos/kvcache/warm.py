@@ -65,6 +65,14 @@ class WarmCaches:
             while self.max_bytes is not None and sum(c.nbytes for _, c in self._caches) > self.max_bytes:
                 self._caches.pop()
 
+    def configure(self, capacity: int, max_bytes: int | None) -> None:
+        """New limits (a settings reload): caches beyond them are dropped now."""
+        with self._lock:
+            self.capacity, self.max_bytes = capacity, max_bytes
+            del self._caches[max(0, capacity):]
+            while self.max_bytes is not None and sum(c.nbytes for _, c in self._caches) > self.max_bytes:
+                self._caches.pop()
+
     def clear(self) -> int:
         with self._lock:
             dropped, self._caches = len(self._caches), []

@@ -60,7 +60,7 @@ class MetricsRecorder:
             self.totals["prompt_tokens"] += stats.prompt_n
             self.totals["cache_tokens"] += stats.cache_n
             self.totals["completion_tokens"] += stats.predicted_n
-            self.totals["errors"] += stats.error_kind in ("request", "timeout", "fault")
+            self.totals["errors"] += stats.error_kind in ("request", "timeout", "stalled", "fault")
             self.totals["cancelled"] += stats.error_kind in ("cancelled", "shutdown")
             self.totals["drafted_tokens"] += stats.drafted_n
             self.totals["accepted_tokens"] += stats.accepted_n
@@ -78,6 +78,18 @@ class MetricsRecorder:
                 "window": ACCEPT_RATE_WINDOW, "sample_count": len(window),
                 "drafted_tokens_total": self.totals["drafted_tokens"],
                 "accepted_tokens_total": self.totals["accepted_tokens"]}
+
+    def prefill_rate(self, live_form: str | None = None, min_tokens: int = 64) -> float | None:
+        """Prompt tokens per second over the last requests that prefilled at least ``min_tokens`` (of one live KV
+        form when given): what a request's target TTFT is judged by."""
+        with self._lock:
+            rows = [s for s in list(self._requests)[-50:] if s.prompt_per_second and s.error is None
+                    and s.prompt_n - s.cache_n >= min_tokens
+                    and (live_form is None or (s.kv or {}).get("live_form") == live_form)]
+        if not rows:
+            return None
+        tokens = sum(s.prompt_n - s.cache_n for s in rows)
+        return tokens / sum((s.prompt_n - s.cache_n) / s.prompt_per_second for s in rows)
 
     def recent(self) -> list[InferenceStats]:
         cutoff = time.time() - self.window_s
@@ -188,25 +200,3 @@ class History:
         with self._lock:
             items = [e for e in self._entries if kind is None or e.get("kind") == kind]
         return items[-limit:] if limit else items
-
-
-class SnapshotLoop:
-    """Appends a metrics snapshot to the history every ``period_s`` (the controller's slow loop)."""
-
-    def __init__(self, make_snapshot: Callable[[], dict[str, Any]], history: History, period_s: float) -> None:
-        self._make, self._history, self.period_s = make_snapshot, history, period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inferos-history", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            try:
-                self._history.append({"kind": "snapshot", **self._make()})
-            except Exception:
-                log.exception("metrics snapshot failed")

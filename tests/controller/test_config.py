@@ -4,8 +4,7 @@ import time
 
 import pytest
 
-from lemonade_inferos.controller.config import (PRESETS_DIR, ConfigError, ConfigWatcher, load_config,
-                                                parse_config)
+from lemonade_inferos.controller.config import PRESETS_DIR, ConfigError, load_config, parse_config
 from lemonade_inferos.controller.controller import Controller
 
 
@@ -56,37 +55,35 @@ def test_hot_reload_applies_a_good_edit_and_rejects_a_bad_one_keeping_the_old(tm
     path = tmp_path / "inferos.yaml"
     path.write_text("infer_os:\n  kv:\n    recent_window: 64\n")
     controller = Controller(config_path=path, history_path=tmp_path / "history.jsonl")
-    watcher = ConfigWatcher(path, lambda c: controller.apply_config(c, str(path)), controller.reject_config)
     time.sleep(0.01)
     path.write_text("infer_os:\n  kv:\n    recent_window: 128\n")
-    watcher.check_now()
+    controller.check_config_files()
     assert controller.policy.kv.recent_window == 128
     time.sleep(0.01)
     path.write_text("infer_os:\n  kv:\n    recent_window: 9000\n")
-    watcher.check_now()
+    controller.check_config_files()
     assert controller.policy.kv.recent_window == 128
-    assert controller.config_error["field"] == "infer_os.kv.recent_window"
+    assert controller.config_error["field"] == "kv.recent_window" and controller.config_error["line"] == 3
     kinds = [e["kind"] for e in controller.history.entries()]
     assert "config" in kinds and "config_rejected" in kinds
 
 
-def test_the_watcher_survives_any_bytes_and_applies_the_next_good_edit(tmp_path):
+def test_the_slow_loop_survives_any_bytes_and_applies_the_next_good_edit(tmp_path):
     path = tmp_path / "inferos.yaml"
-    path.write_text("infer_os:\n  kv:\n    recent_window: 64\n")
+    path.write_text("infer_os:\n  kv:\n    recent_window: 64\n  loops: {slow_ms: 20}\n")
     controller = Controller(config_path=path, history_path=tmp_path / "history.jsonl")
-    watcher = ConfigWatcher(path, lambda c: controller.apply_config(c, str(path)), controller.reject_config,
-                            interval_s=0.02)
-    watcher.start()
+    controller.start()
     try:
         for bad, line in ((b"infer_os:\n  kv:\n    mode: x\x07\n", 3), (b"infer_os:\n  kv: {mode: \xff\xfe}\n", 2)):
             controller.config_error = None
             path.write_bytes(bad)
             _wait(lambda: controller.config_error is not None)
             assert controller.config_error["line"] == line and controller.policy.kv.recent_window == 64
-        path.write_text("infer_os:\n  kv:\n    recent_window: 96\n")
+        path.write_text("infer_os:\n  kv:\n    recent_window: 96\n  loops: {slow_ms: 20}\n")
         _wait(lambda: controller.policy.kv.recent_window == 96)
+        assert controller.loops.status()["slow"]["errors"] == 0
     finally:
-        watcher.stop()
+        controller.stop()
 
 
 def _wait(condition, timeout_s: float = 5.0) -> None:
