@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError

@@ -232,10 +232,6 @@ class Controller:
     def stop(self) -> None:
         self.loops.stop()
 
-    # kept for callers that started the watcher alone
-    def watch_config(self) -> None:
-        self.start()
-
     def set_baseline(self, enable: bool) -> None:
         self.baseline = enable
         self.notify({"kind": "baseline", "enabled": enable})
@@ -327,7 +323,7 @@ class Controller:
             devices=list(dict.fromkeys([effective.prefill_device, "cpu"])), enable_iobinding=io.enable_iobinding,
             intra_op_num_threads=scheduler.prefill.intra_op_num_threads,
             allow_spinning=_spin(scheduler.prefill.allow_spinning, effective.allow_spinning),
-            dml_pool_bytes=io.dml_pool_bytes if "dml" in (effective.prefill_device, effective.decode_device) else None,
+            dml_pool_bytes=io.dml_pool_bytes,  # reported not applied where it cannot act (engine/session.py)
             host_pool_bytes=io.host_pool_bytes, attention_probe=self.importance == "attention",
             kv_cache=policy.kv.live_format)
         decode = PhaseOverrides(devices=list(dict.fromkeys([effective.decode_device, "cpu"])),

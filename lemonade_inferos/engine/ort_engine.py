@@ -305,7 +305,7 @@ class _Output:
 
     @property
     def over(self) -> bool:
-        return self.emitter.done or self.produced == self.max_tokens
+        return self.emitter.done or self.produced >= self.max_tokens
 
 
 @functools.lru_cache(maxsize=32)

@@ -34,8 +34,8 @@ class StreamOptions(_Lenient):
 
 class SamplingFields(_Lenient):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
@@ -88,7 +88,7 @@ class ResponsesMessage(_Lenient):
 class ResponsesRequest(SamplingFields):
     input: str | list[ResponsesMessage]
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=0)
+    max_output_tokens: int | None = Field(None, ge=1)
 
 
 class ModelNamed(_Lenient):

@@ -3,7 +3,6 @@ phase (the hybrid scheduler); and the run options reach ONNX Runtime."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 
