@@ -116,3 +116,25 @@ def test_the_host_passes_plugin_options_through_without_knowing_them():
         plugin_options(("inferos",), (), ["--prefix-cache-mb", "64"], None)
     with pytest.raises(click.UsageError, match="needs a value"):
         plugin_options(("inferos",), (), ["--inferos-prefix-cache-mb"], None)
+
+
+def test_inferos_log_level_sets_the_plugins_loggers_only(tmp_path, monkeypatch):
+    import logging
+
+    monkeypatch.setenv("INFEROS_LOG_LEVEL", "DEBUG")
+    try:
+        _plugin(tmp_path)
+        assert logging.getLogger("lemonade_inferos.kvcache").level == logging.DEBUG
+        assert logging.getLogger("lemonade_inferos.host").level == logging.NOTSET
+    finally:
+        monkeypatch.delenv("INFEROS_LOG_LEVEL")
+        _plugin(tmp_path)
+    assert logging.getLogger("lemonade_inferos.kvcache").level == logging.NOTSET
+
+
+def test_inferos_enabled_false_makes_the_plugin_step_aside(tmp_path, monkeypatch):
+    from lemonade_inferos.plugins import PluginDisabled
+
+    monkeypatch.setenv("INFEROS_ENABLED", "false")
+    with pytest.raises(PluginDisabled, match="INFEROS_ENABLED"):
+        _plugin(tmp_path)
