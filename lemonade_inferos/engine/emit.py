@@ -35,6 +35,10 @@ class TokenEmitter:
             return GenerationChunk(text, [token]) if text else None
         return GenerationChunk(text, [token])
 
+    def complete(self) -> None:
+        """The output is finished for a reason outside the tokens (its grammar is complete): ``stop``."""
+        self.finish_reason, self.done = "stop", True
+
     def final(self) -> GenerationChunk:
         """The last chunk: text held back for a stop string that never came, and the finish reason."""
         tail = "" if self._stopper.stopped else self._stopper.flush()

@@ -64,6 +64,8 @@ class OgEngine:
             search["min_length"] = max_length
         og_params = og.GeneratorParams(self.model)
         og_params.set_search_options(**search)
+        if params.guidance is not None:  # the same constraint, through og.Generator's own llguidance
+            og_params.set_guidance(params.guidance.kind, params.guidance.data)
         if ngram:
             og_params.set_speculative_options(ngram_size=3, max_draft_tokens=4)
         generator = og.Generator(self.model, og_params)

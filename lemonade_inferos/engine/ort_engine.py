@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from lemonade_inferos.engine.binding import StepBinding
 from lemonade_inferos.engine.emit import TokenEmitter
+from lemonade_inferos.engine.guidance import Guidance, TokenConstraint, guidance_tokenizer
 from lemonade_inferos.engine.graph import prepare_graph
 from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout, common_prefix
 from lemonade_inferos.engine.live_forms import LiveForms, LoadedForm
@@ -75,6 +76,7 @@ class OrtEngine:
         self.probe_outputs = graph.probe_outputs
         self._forms = LiveForms(self, graph)
         self._draft_engines: dict[str, OrtEngine] = {}
+        self._guidance_tokenizer: object | None = None   # llguidance's tokenizer, built on the first constraint
         self.layout = self._forms.default_layout(self.policy.kv_cache)
         log.info("loaded %s on %s (true positions: %s; live KV: %s)", self.folder.path,
                  self.session.get_providers(), self.has_position_ids, self._forms.describe()["live_kv"])
@@ -198,6 +200,7 @@ class OrtEngine:
         if params.repetition_penalty != 1.0:
             sampler.observe(prompt)
         emitter = TokenEmitter(self.tokenizer, self.folder.eos_token_ids, params)
+        pick = _Picker(sampler, self.constraint(params.guidance))
         drafter = self._drafter(speculation) if speculation is not None and speculation.drafts else None
         watch = AcceptanceWatch(speculation.stop_below, speculation.num_draft_tokens) \
             if drafter is not None else None
@@ -205,10 +208,12 @@ class OrtEngine:
             drafter.extend(prompt)
         step_ids = np.zeros((1, 1), dtype=np.int64)  # reused every step: no per-token allocations
         out = _Output(emitter, stats, params.max_tokens)
-        token = sampler.sample(logits)
+        token = pick.sample(logits)
         while True:
             if (chunk := out.push(token)) is not None:
                 yield chunk
+            if pick.finished:  # the output's grammar is complete: nothing more may follow
+                emitter.complete()
             if out.over:
                 break
             if drafter is not None:  # the drafter continues the sequence as emitted
@@ -220,12 +225,12 @@ class OrtEngine:
                 if not draft:
                     step_ids[0, 0] = token
                     logits = binding.run(step_ids, all_logits=False)
-                    token = sampler.sample(logits)
+                    token = pick.sample(logits)
                     continue
                 rows, probes = binding.verify([token, *draft])
             except CacheFullError:
                 break  # context exhausted and the cache may not evict: finish with "length"
-            outs = self._accepted(sampler, rows, draft)
+            outs = pick.accepted(rows, draft)
             watch.record(len(draft), len(outs) - 1)
             stats.drafted_n += len(draft)
             stats.accepted_n += len(outs) - 1
@@ -277,18 +282,51 @@ class OrtEngine:
             self._draft_engines[key] = draft
         return self._draft_engines[key]
 
-    @staticmethod
-    def _accepted(sampler: Sampler, rows: np.ndarray, draft: list[int]) -> list[int]:
+    def constraint(self, guidance: Guidance | None) -> TokenConstraint | None:
+        """A matcher for ``guidance`` over this model's tokenizer (None: unconstrained)."""
+        if guidance is None:
+            return None
+        if self._guidance_tokenizer is None:
+            self._guidance_tokenizer = guidance_tokenizer(self.tokenizer.tokenizer, self.folder.eos_token_ids)
+        return TokenConstraint(guidance, self._guidance_tokenizer, self.folder.vocab_size)
+
+
+class _Picker:
+    """The sampler, behind the output's grammar when there is one: each row of logits is masked by the grammar's
+    state after the tokens before it, and every token picked is fed to the grammar."""
+
+    def __init__(self, sampler: Sampler, constraint: TokenConstraint | None) -> None:
+        self.sampler, self.constraint = sampler, constraint
+
+    def sample(self, logits: np.ndarray) -> int:
+        if self.constraint is None:
+            return self.sampler.sample(logits)
+        token = self.sampler.sample(self.constraint.apply(logits))
+        self.constraint.consume(token)
+        return token
+
+    def accepted(self, rows: np.ndarray, draft: list[int]) -> list[int]:
         """The draft tokens the model keeps, then one more token: the correction of the first rejected one, or
-        (all kept) the token after the draft from the last row."""
-        outs = []
+        (all kept) the token after the draft from the last row. A draft token the grammar forbids is rejected; a
+        token that completes the grammar is the last (the loop emits it and ends)."""
+        sampler, constraint = self.sampler, self.constraint
+        outs: list[int] = []
         for index, proposed in enumerate(draft):
-            token, kept = sampler.verify(rows[index], proposed)
+            row = rows[index] if constraint is None else constraint.apply(rows[index])
+            token, kept = sampler.verify(row, proposed)
             outs.append(token)
+            if constraint is not None:
+                constraint.consume(token)
+                if constraint.finished:
+                    return outs
             if not kept:
                 return outs
-        outs.append(sampler.sample(rows[len(draft)]))
+        outs.append(self.sample(rows[len(draft)]))
         return outs
+
+    @property
+    def finished(self) -> bool:
+        return self.constraint is not None and self.constraint.finished
 
 
 class _Output:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lemonade_inferos.engine.guidance import Guidance
 from lemonade_inferos.errors import GenerationError
 
 
@@ -28,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    guidance: Guidance | None = None     # a grammar the output must follow (engine/guidance.py)
 
     def __post_init__(self) -> None:
         if self.seed is not None:

@@ -58,7 +58,8 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         """Render OpenAI-style messages into the prompt text the model was trained on.
 
         Raises:
@@ -69,8 +70,9 @@ class ChatTokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception
         template = env.from_string(self.chat_template)
+        extra = {"tools": tools} if tools else {}
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               **self.special_tokens)
+                               **self.special_tokens, **extra)
 
     def token_text(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(token_id)

@@ -35,10 +35,15 @@ def chat_chunk(request_id: str, model: str, created: int, delta: dict[str, Any],
     return chunk
 
 
-def chat_completion(request_id: str, model: str, text: str, stats: InferenceStats) -> dict[str, Any]:
+def chat_completion(request_id: str, model: str, text: str | None, stats: InferenceStats,
+                    tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(stats.start_unix),
-            "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                         "finish_reason": stats.finish_reason, "logprobs": None}],
+            "model": model, "choices": [{"index": 0, "message": message,
+                                         "finish_reason": "tool_calls" if tool_calls else stats.finish_reason,
+                                         "logprobs": None}],
             "usage": usage(stats)}
 
 

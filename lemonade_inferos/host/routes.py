@@ -23,7 +23,9 @@ from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.session import available_providers
 from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.errors import GenerationError, InferosError
+from lemonade_inferos.engine.guidance import Guidance
 from lemonade_inferos.host import openai_format as fmt
+from lemonade_inferos.host import structured, tools
 from lemonade_inferos.host.errors import inferos_error_body
 from lemonade_inferos.host.generate import new_request_id
 from lemonade_inferos.host.schemas import (ChatCompletionRequest, CompletionRequest, LoadRequest, ParamsRequest,
@@ -56,12 +58,30 @@ def _sampling(body: SamplingFields, host: Any, max_tokens: int | None = None) ->
 
 
 async def _prepare(request: Request, body: SamplingFields, text: str | None, messages: list[dict] | None,
-                   max_tokens: int | None = None):
+                   max_tokens: int | None = None, guidance: Guidance | None = None,
+                   tool_request: ChatCompletionRequest | None = None):
+    """The model, prompt ids and sampling of a request; with ``tool_request``, also its tool setup (the tools
+    rendered into the prompt, the call syntax constraining the output)."""
     host = _host(request)
     model = await host.models.resolve(body.model)
+    tool_setup = None
     if messages is not None:
+        template_tools = None
+        template = model.tokenizer.chat_template
+        if tool_request is not None:
+            tool_setup = tools.setup(tool_request.tools, tool_request.tool_choice, template,
+                                     tool_request.parallel_tool_calls)
+        if tool_setup is not None:
+            native = tools.native_tools(template)
+            messages = tools.render_messages(messages, tool_request.tools, native)
+            template_tools = tool_request.tools if native else None
+            if tool_setup.guidance is not None:
+                if guidance is not None:
+                    raise APIError(400, "invalid_request", "response_format and tools cannot both constrain a reply",
+                                   param="response_format")
+                guidance = tool_setup.guidance
         try:
-            text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=template_tools)
         except ValueError as exc:
             raise APIError(400, "no_chat_template", str(exc)) from exc
         except jinja2.TemplateError as exc:  # the model's template refuses these messages (e.g. role order)
@@ -75,8 +95,8 @@ async def _prepare(request: Request, body: SamplingFields, text: str | None, mes
                               "shorten it", prompt_tokens=len(prompt_ids), context_length=model.ctx_size)
     params = _sampling(body, host, max_tokens)
     # no more tokens than the context has room for: a huge max_tokens ends with finish_reason "length"
-    params = replace(params, max_tokens=min(params.max_tokens, model.ctx_size - len(prompt_ids)))
-    return host, model, prompt_ids, params
+    params = replace(params, max_tokens=min(params.max_tokens, model.ctx_size - len(prompt_ids)), guidance=guidance)
+    return host, model, prompt_ids, params, tool_setup
 
 
 def _open(request: Request, host: Any, model: Any, prompt_ids: list[int], params: SamplingParams,
@@ -121,33 +141,77 @@ def _event_stream(run, events) -> StreamingResponse:
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
-    host, model, prompt_ids, params = await _prepare(request, body, None, messages)
+    messages = [m.as_template_message() for m in body.messages]
+    guidance = structured.guidance_for(body.response_format)
+    host, model, prompt_ids, params, tool_setup = await _prepare(request, body, None, messages, guidance=guidance,
+                                                                 tool_request=body)
     run = _open(request, host, model, prompt_ids, params, "chat/completions", body.stream)
     request_id = run.request_id
     if not body.stream:
         text, stats = await _collect(run)
-        return fmt.chat_completion(request_id, model.name, text, stats)
+        content, calls = tools.parse(text, tool_setup) if tool_setup else (text, [])
+        return fmt.chat_completion(request_id, model.name, content, stats, calls)
+    stream = ChatStream(request_id, model.name, tool_setup)
 
     async def events():
-        created, first = int(time.time()), True
         async for item in run:
-            if isinstance(item, GenerationChunk):
-                if item.text or first:
-                    delta = {"role": "assistant", "content": item.text} if first else {"content": item.text}
-                    first = False
-                    yield fmt.sse(fmt.chat_chunk(request_id, model.name, created, delta))
-            else:
-                yield fmt.sse(fmt.chat_chunk(request_id, model.name, created, {}, item.finish_reason, item))
+            for chunk in (stream.text(item.text) if isinstance(item, GenerationChunk) else stream.end(item)):
+                yield fmt.sse(chunk)
         yield fmt.sse("[DONE]")
 
     return _event_stream(run, events())
 
 
+class ChatStream:
+    """A streamed chat reply's chunks: text as ``delta.content``; a reply that opens a tool call is held and sent
+    as ``delta.tool_calls``, one chunk per call as each completes (the ``openai`` client reassembles them)."""
+
+    def __init__(self, request_id: str, model: str, tool_setup: tools.ToolSetup | None) -> None:
+        self.request_id, self.model, self.setup = request_id, model, tool_setup
+        self.created = int(time.time())
+        self.first, self.calls_mode, self.buffer, self.sent_calls = True, None, "", 0
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, stats: Any = None) -> dict[str, Any]:
+        if self.first:
+            delta, self.first = {"role": "assistant", **delta}, False
+        return fmt.chat_chunk(self.request_id, self.model, self.created, delta, finish, stats)
+
+    def text(self, text: str) -> list[dict[str, Any]]:
+        if self.setup is None or self.calls_mode is False:
+            return [self._chunk({"content": text})] if text or self.first else []
+        self.buffer += text
+        if self.calls_mode is None:
+            self.calls_mode = tools.opens_a_call(self.buffer, self.setup)
+            if self.calls_mode is False:
+                held, self.buffer = self.buffer, ""
+                return [self._chunk({"content": held})]
+            return []
+        return self._new_calls(final=False)
+
+    def _new_calls(self, final: bool) -> list[dict[str, Any]]:
+        text = self.buffer if final else self.buffer[: self.buffer.rfind("</tool_call>") + len("</tool_call>")]
+        _, calls = tools.parse(text, self.setup) if text.strip() else (None, [])
+        out = [self._chunk({"tool_calls": [{"index": index, **call}]})
+               for index, call in enumerate(calls) if index >= self.sent_calls]
+        self.sent_calls = max(self.sent_calls, len(calls))
+        return out
+
+    def end(self, stats: Any) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if self.calls_mode:
+            out = self._new_calls(final=True)
+            if not self.sent_calls and self.buffer:  # nothing parsed as a call: what was held is the answer
+                out.append(self._chunk({"content": self.buffer}))
+        elif self.buffer or self.first:
+            out.append(self._chunk({"content": self.buffer}))
+        finish = "tool_calls" if self.sent_calls else stats.finish_reason
+        return [*out, self._chunk({}, finish, stats)]
+
+
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
     prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-    host, model, prompt_ids, params = await _prepare(request, body, prompt, None)
+    host, model, prompt_ids, params, _ = await _prepare(request, body, prompt, None)
     run = _open(request, host, model, prompt_ids, params, "completions", body.stream)
     request_id = run.request_id
     if not body.stream:
@@ -176,7 +240,9 @@ async def responses(body: ResponsesRequest, request: Request):
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.input]
     if body.instructions:
         messages.insert(0, {"role": "system", "content": body.instructions})
-    host, model, prompt_ids, params = await _prepare(request, body, None, messages, body.max_output_tokens)
+    guidance = structured.guidance_for((body.text or {}).get("format"))
+    host, model, prompt_ids, params, _ = await _prepare(request, body, None, messages, body.max_output_tokens,
+                                                        guidance)
     run = _open(request, host, model, prompt_ids, params, "responses", body.stream)
     request_id = run.request_id
     if not body.stream:

@@ -21,6 +21,17 @@ class _Strict(BaseModel):
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None     # an assistant's earlier calls
+    tool_call_id: str | None = None                    # a tool result: which call it answers
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.role if self.role != "developer" else "system",
+                                   "content": self.text()}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
     def text(self) -> str:
         if isinstance(self.content, list):  # OpenAI content parts: keep the text ones
@@ -68,6 +79,10 @@ class SamplingFields(_Lenient):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: dict[str, Any] | None = Field(None, description="text, json_object or json_schema")
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = Field(None, description="auto, none, required or a function")
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -89,6 +104,7 @@ class ResponsesRequest(SamplingFields):
     input: str | list[ResponsesMessage]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
+    text: dict[str, Any] | None = Field(None, description="{'format': {'type': 'json_schema', 'schema': ...}}")
 
 
 class ModelNamed(_Lenient):
