@@ -51,6 +51,28 @@ def bench_memory_cmd(model_name: str, contexts: tuple[int, ...], new_tokens: int
     Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 
+@bench.command("guidance")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
+@click.option("--prompt-tokens", default=512, show_default=True)
+@click.option("--new-tokens", default=128, show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per row (median reported).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/guidance.json"),
+              show_default=True, help="Where to write the JSON; the PNG goes beside it.")
+@handle_errors
+def bench_guidance_cmd(model_name: str, prompt_tokens: int, new_tokens: int, repeats: int, json_path: Path) -> None:
+    """Decode tok/s of constrained decoding (llguidance masks) against unconstrained decoding, same prompt."""
+    from lemonade_inferos.bench.guidance import bench_guidance
+    from lemonade_inferos.engine.build import resolve_model
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    results = bench_guidance(folder, prompt_tokens, new_tokens, repeats, json_path)
+    table = Table("grammar", "decode tok/s", "vs unconstrained", "tokens")
+    for name, row in results["rows"].items():
+        table.add_row(name, f"{row['decode_tps']:.1f}", f"x{row['vs_unconstrained']:.2f}", f"{row['tokens']:.0f}")
+    Console().print(table)
+    Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
 @bench.command("engine")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
 @click.option("--prompt-tokens", default=512, show_default=True)

@@ -26,6 +26,7 @@ from lemonade_inferos.errors import GenerationError, InferosError
 from lemonade_inferos.engine.guidance import Guidance
 from lemonade_inferos.host import openai_format as fmt
 from lemonade_inferos.host import structured, tools
+from lemonade_inferos.host.chat_stream import ChatStream
 from lemonade_inferos.host.errors import inferos_error_body
 from lemonade_inferos.host.generate import new_request_id
 from lemonade_inferos.host.schemas import (ChatCompletionRequest, CompletionRequest, LoadRequest, ParamsRequest,
@@ -160,52 +161,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         yield fmt.sse("[DONE]")
 
     return _event_stream(run, events())
-
-
-class ChatStream:
-    """A streamed chat reply's chunks: text as ``delta.content``; a reply that opens a tool call is held and sent
-    as ``delta.tool_calls``, one chunk per call as each completes (the ``openai`` client reassembles them)."""
-
-    def __init__(self, request_id: str, model: str, tool_setup: tools.ToolSetup | None) -> None:
-        self.request_id, self.model, self.setup = request_id, model, tool_setup
-        self.created = int(time.time())
-        self.first, self.calls_mode, self.buffer, self.sent_calls = True, None, "", 0
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None, stats: Any = None) -> dict[str, Any]:
-        if self.first:
-            delta, self.first = {"role": "assistant", **delta}, False
-        return fmt.chat_chunk(self.request_id, self.model, self.created, delta, finish, stats)
-
-    def text(self, text: str) -> list[dict[str, Any]]:
-        if self.setup is None or self.calls_mode is False:
-            return [self._chunk({"content": text})] if text or self.first else []
-        self.buffer += text
-        if self.calls_mode is None:
-            self.calls_mode = tools.opens_a_call(self.buffer, self.setup)
-            if self.calls_mode is False:
-                held, self.buffer = self.buffer, ""
-                return [self._chunk({"content": held})]
-            return []
-        return self._new_calls(final=False)
-
-    def _new_calls(self, final: bool) -> list[dict[str, Any]]:
-        text = self.buffer if final else self.buffer[: self.buffer.rfind("</tool_call>") + len("</tool_call>")]
-        _, calls = tools.parse(text, self.setup) if text.strip() else (None, [])
-        out = [self._chunk({"tool_calls": [{"index": index, **call}]})
-               for index, call in enumerate(calls) if index >= self.sent_calls]
-        self.sent_calls = max(self.sent_calls, len(calls))
-        return out
-
-    def end(self, stats: Any) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        if self.calls_mode:
-            out = self._new_calls(final=True)
-            if not self.sent_calls and self.buffer:  # nothing parsed as a call: what was held is the answer
-                out.append(self._chunk({"content": self.buffer}))
-        elif self.buffer or self.first:
-            out.append(self._chunk({"content": self.buffer}))
-        finish = "tool_calls" if self.sent_calls else stats.finish_reason
-        return [*out, self._chunk({}, finish, stats)]
 
 
 @router.post("/completions")

@@ -73,3 +73,14 @@ def test_bench_memory_runs_only_our_evicting_cache_past_the_models_context():
     assert "context" in _skip_reason("og.Generator", 16384, 8192, None)
     assert _skip_reason("inferos int8-live", 16384, 8192, None) is None
     assert "llama-cpp-python" in _skip_reason("llama.cpp q8_0", 2048, 8192, None)
+
+
+def test_bench_guidance_measures_each_grammar_against_unconstrained_decoding(model_dir, tmp_path):
+    out = tmp_path / "guidance.json"
+    result = CliRunner().invoke(cli, ["bench", "guidance", "--model", str(model_dir), "--prompt-tokens", "64",
+                                      "--new-tokens", "12", "--repeats", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"unconstrained", "all tokens allowed", "tool_choice auto", "JSON schema (array of strings)"}
+    assert rows["unconstrained"]["vs_unconstrained"] == 1.0 and all(r["decode_tps"] > 0 for r in rows.values())
+    assert out.with_suffix(".png").stat().st_size > 5_000
