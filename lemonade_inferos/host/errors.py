@@ -5,11 +5,12 @@ A caller's mistake is a 4xx; only the server's own faults are 5xx (and the fuzz 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lemonade_inferos.errors import (GenerationError, InferosError, ModelFolderError, ModelNotFoundError,
@@ -32,26 +33,50 @@ def inferos_error_body(exc: InferosError) -> tuple[int, dict[str, Any]]:
     return status, error_body(status, code, exc.message, exc.details)
 
 
+GENERATE_PATHS = ("/chat/completions", "/completions", "/responses")
+
+
+async def _streamed(request: Request) -> bool:
+    """Whether ``request`` asked for a streamed generation (``"stream": true`` on a generate route)."""
+    if request.method != "POST" or not request.url.path.endswith(GENERATE_PATHS):
+        return False
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except (ValueError, RuntimeError):
+        return False
+    return isinstance(body, dict) and body.get("stream") is True
+
+
+async def _answer(request: Request, status: int, body: dict[str, Any]) -> Response:
+    """The error as JSON; for a streamed generation whose request was refused (a 400), as Lemonade does: the
+    stream opens and carries one ``data: {"error": ...}`` event."""
+    if status == 400 and await _streamed(request):
+        return StreamingResponse(iter([f"data: {json.dumps(body, separators=(',', ':'))}\n\n"]),
+                                 media_type="text/event-stream")
+    return JSONResponse(body, status_code=status)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return await _answer(request, exc.status, exc.body())
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(400, "invalid_json", "the request body is not valid JSON",
                                   {"errors": _jsonable(errors)})
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        return error_response(400, "invalid_request", f"{where}: {first.get('msg', 'invalid value')}",
-                              {"errors": _jsonable(errors)})
+        return await _answer(request, 400, error_body(400, "invalid_request",
+                                                      f"{where}: {first.get('msg', 'invalid value')}",
+                                                      {"errors": _jsonable(errors)}))
 
     @app.exception_handler(InferosError)
-    async def _inferos(_: Request, exc: InferosError) -> JSONResponse:
+    async def _inferos(request: Request, exc: InferosError) -> Response:
         status, body = inferos_error_body(exc)
-        return JSONResponse(body, status_code=status)
+        return await _answer(request, status, body)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

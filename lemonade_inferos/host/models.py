@@ -140,6 +140,7 @@ class ModelManager:
 
     async def load(self, name: str, ctx_size: int | None = None, build_missing: bool = True) -> LoadedModel:
         """Load ``name`` (building a built-in model on first use), unloading the least recently used if full."""
+        name = self.registry.canonical(name)
         async with self._lock:
             if name in self.loaded and (ctx_size is None or ctx_size == self.loaded[name].ctx_size):
                 self.current = name
@@ -175,7 +176,7 @@ class ModelManager:
 
     async def resolve(self, name: str | None) -> LoadedModel:
         """The model a request names (loading it), or the current one, or the default model."""
-        name = name or self.current or self.settings.default_model
+        name = self.registry.canonical(name or self.current or self.settings.default_model)
         model = self.loaded.get(name) or await self.load(name)
         self.current = name
         return model

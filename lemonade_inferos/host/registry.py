@@ -67,7 +67,28 @@ class ModelRegistry:
         models.update({name: {"model_name": name, **info} for name, info in self._user_models().items()})
         return models
 
+    @staticmethod
+    def canonical(name: str) -> str:
+        """Lemonade's name prefixes: ``builtin.NAME`` is the built-in NAME; ``extra.`` names Lemonade's
+        extra_models_dir GGUFs, which this host does not serve (400).
+
+        Raises:
+            RequestError: an ``extra.`` name.
+            ModelNotFoundError: ``builtin.`` before a name that is not built in.
+        """
+        if name.startswith("extra."):
+            raise RequestError(f"'{name}': extra. models are GGUF files of Lemonade's extra_models_dir, which this "
+                               "host does not serve; register an onnxruntime-genai folder as user.NAME", model=name)
+        if name.startswith("builtin."):
+            base = name.removeprefix("builtin.")
+            if base not in BUILTIN_MODELS:
+                raise ModelNotFoundError(f"'{name}': no built-in model {base!r}; built-in: {sorted(BUILTIN_MODELS)}",
+                                         model=name)
+            return base
+        return name
+
     def get(self, name: str) -> dict[str, Any]:
+        name = self.canonical(name)
         models = self.all()
         if name not in models:
             raise ModelNotFoundError(f"model '{name}' is not in the registry; available: {sorted(models)}",
@@ -93,6 +114,7 @@ class ModelRegistry:
     def pull(self, name: str, checkpoint: str | None = None, recipe: str | None = None,
              progress=lambda msg: None) -> Path:
         """Build a built-in model offline, or register a local OGA folder as ``user.NAME``."""
+        name = self.canonical(name)
         if name in BUILTIN_MODELS:
             return build_model(BuildSpec(**BUILTIN_MODELS[name]["build"]), progress)
         if not name.startswith("user."):
@@ -115,6 +137,7 @@ class ModelRegistry:
         return folder
 
     def delete(self, name: str) -> None:
+        name = self.canonical(name)
         info = self.get(name)
         if "build" in info:
             shutil.rmtree(BuildSpec(**info["build"]).output_dir, ignore_errors=True)

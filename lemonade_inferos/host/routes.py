@@ -275,9 +275,12 @@ async def delete(body: PullRequest, request: Request):
     host = _host(request)
     if not body.name:
         raise APIError(400, "invalid_request", "model_name is required")
-    if body.name in host.models.loaded:
-        await host.models.unload(body.name)
-    host.registry.delete(body.name)
+    name = host.registry.canonical(body.name)
+    if name not in host.registry.all():  # Lemonade answers an unknown model's delete with 422
+        raise APIError(422, "model_not_found", f"model '{body.name}' is not in the registry", model=body.name)
+    if name in host.models.loaded:
+        await host.models.unload(name)
+    host.registry.delete(name)
     return {"status": "success", "message": f"Deleted model: {body.name}"}
 
 
