@@ -111,6 +111,7 @@ class Controller:
         self.agent = AgentLink(self.settings.agent_url, server_id) if self.settings.agent_url else None
         self.servers: dict[str, float] = {}   # as a sidecar agent: server id -> its last report
         self._mtimes = self._file_mtimes()
+        self._pending_mtimes: dict[Path, int] | None = None
         self._last_snapshot = time.monotonic()
         self.loops = ControllerLoops(self._loop_periods, busy or (lambda: True))
         self._add_loop_tasks()
@@ -180,12 +181,18 @@ class Controller:
                      "restart_required": self.restart_required})
 
     def check_config_files(self) -> None:
-        """The slow loop's hot reload: any watched file (plugin.toml, the user's copy, --config) changed."""
+        """The slow loop's hot reload: any watched file (plugin.toml, the user's copy, --config) changed. A change is
+        read once the files' times have held for one more round, so a file caught half-written by a non-atomic save
+        is not what gets judged."""
         mtimes = self._file_mtimes()
         if mtimes == self._mtimes:
+            self._pending_mtimes = None
+            return
+        if mtimes != self._pending_mtimes:
+            self._pending_mtimes = mtimes   # seen once: read it at the next round if it still holds
             return
         changed = sorted(str(p) for p in set(mtimes) | set(self._mtimes) if mtimes.get(p) != self._mtimes.get(p))
-        self._mtimes = mtimes
+        self._mtimes, self._pending_mtimes = mtimes, None
         try:
             self.reload_config(source=", ".join(changed))
         except ConfigError as exc:

@@ -6,7 +6,9 @@ Mounted under /api/v1, /api/v0, /v1 and /v0 by the app factory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import platform
 import time
 from dataclasses import replace
@@ -121,13 +123,14 @@ async def _collect(run) -> tuple[str, InferenceStats]:
     return "".join(parts), stats
 
 
-def _event_stream(run, events) -> StreamingResponse:
+def _event_stream(run, events, ping_s: float | None = None) -> StreamingResponse:
     """SSE for ``events``; an error after the stream has begun is sent as a ``data: {"error": ...}`` event
-    (the status line is already out), and the queue place is given back however the stream ends."""
+    (the status line is already out), and the queue place is given back however the stream ends. While no event
+    comes for ``ping_s`` (a long prefill, a wait in the queue), a ``: ping`` comment keeps the connection alive."""
 
     async def guarded():
         try:
-            async for event in events:
+            async for event in _with_pings(events, ping_s or SSE_PING_S):
                 yield event
         except InferosError as exc:
             yield fmt.sse(inferos_error_body(exc)[1])
@@ -138,6 +141,32 @@ def _event_stream(run, events) -> StreamingResponse:
             yield fmt.sse(error_body(500, "internal_error", f"generation failed: {exc!r}"))
 
     return StreamingResponse(guarded(), media_type="text/event-stream", background=BackgroundTask(run.release))
+
+
+SSE_PING_S = float(os.environ.get("LEMONADE_SSE_PING_S", "5"))
+
+
+async def _with_pings(events, every_s: float):
+    """``events`` with an SSE comment line whenever none came for ``every_s`` seconds."""
+    iterator = events.__aiter__()
+    pending = asyncio.ensure_future(iterator.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield ": ping\n\n"
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            yield event
+            pending = asyncio.ensure_future(iterator.__anext__())
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
 
 
 @router.post("/chat/completions")

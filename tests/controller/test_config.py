@@ -58,9 +58,12 @@ def test_hot_reload_applies_a_good_edit_and_rejects_a_bad_one_keeping_the_old(tm
     time.sleep(0.01)
     path.write_text("infer_os:\n  kv:\n    recent_window: 128\n")
     controller.check_config_files()
+    assert controller.policy.kv.recent_window == 64    # seen once: read when it still holds at the next round
+    controller.check_config_files()
     assert controller.policy.kv.recent_window == 128
     time.sleep(0.01)
     path.write_text("infer_os:\n  kv:\n    recent_window: 9000\n")
+    controller.check_config_files()
     controller.check_config_files()
     assert controller.policy.kv.recent_window == 128
     assert controller.config_error["field"] == "kv.recent_window" and controller.config_error["line"] == 3

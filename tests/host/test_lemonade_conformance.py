@@ -41,3 +41,18 @@ def test_model_name_prefixes_and_deleting_an_unknown_model(plugin_server):
     assert extra.status_code == 400 and "extra." in extra.json()["error"]["message"]
     missing = httpx.post(f"{plugin_server}/api/v1/delete", json={"model_name": "user.never-registered"}, timeout=60)
     assert missing.status_code == 422 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_long_prefill_streams_ping_comments_until_the_first_token(calibrated_model, tmp_path):
+    from lemonade_inferos.bench.servers import running_server
+
+    body = {"messages": [{"role": "user", "content": "Summarize: " + "the quick brown fox jumps. " * 220}],
+            "stream": True, "max_tokens": 2}
+    with running_server("--plugin", "inferos", "--inferos-prefix-spill-mb", "0", env={"LEMONADE_SSE_PING_S": "0.1"},
+                        log_path=tmp_path / "server.log") as base:
+        httpx.post(f"{base}/api/v1/chat/completions", json={"messages": ASK, "max_tokens": 2}, timeout=120)
+        with httpx.stream("POST", f"{base}/api/v1/chat/completions", json=body, timeout=120) as response:
+            lines = [line for line in response.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert first_data > 0 and all(line == ": ping" for line in lines[:first_data])
+    assert lines[-1] == "data: [DONE]"
