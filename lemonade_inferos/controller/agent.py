@@ -52,7 +52,8 @@ class AgentLink:
         return self._token
 
     def fetch_policy(self) -> dict[str, Any] | None:
-        """The agent's configured policy when it changed since the last fetch (None: unchanged or unreachable)."""
+        """The agent's configured policy (None: not due yet, or the agent did not answer). The server applies it
+        whenever its own differs, so the agent stays authoritative over local edits."""
         now = time.monotonic()
         if now < self._next_poll:
             return None
@@ -65,12 +66,8 @@ class AgentLink:
             self._failed(f"GET {self.base}/policy: {exc}")
             return None
         self._reached()
-        version = body.get("version")
-        policy = body.get("configured") or body.get("policy")
-        if version == self.version and policy == self.policy:
-            return None
-        self.version, self.policy = version, policy
-        return policy
+        self.version, self.policy = body.get("version"), body.get("configured") or body.get("policy")
+        return self.policy
 
     def report(self, stats: InferenceStats) -> None:
         with self._lock:
