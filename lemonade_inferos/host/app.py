@@ -17,6 +17,7 @@ from lemonade_inferos import __version__
 from lemonade_inferos.host.errors import install_error_handlers
 from lemonade_inferos.host.generate import GenerateService
 from lemonade_inferos.host.models import ModelManager
+from lemonade_inferos.host.ollama import router as ollama_router
 from lemonade_inferos.host.registry import ModelRegistry
 from lemonade_inferos.host.routes import LEMONADE_API_VERSION, router
 from lemonade_inferos.host.run import HostRunner
@@ -91,6 +92,7 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
     document_errors_as_400(app)
     for prefix in API_PREFIXES:
         app.include_router(router, prefix=prefix)
+    app.include_router(ollama_router)   # Ollama's /api/chat, /api/generate, /api/tags, /api/ps, /api/version
 
     @app.get("/live")
     async def live():

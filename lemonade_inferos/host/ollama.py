@@ -1,0 +1,195 @@
+"""Ollama's API over the same engine: ``/api/version``, ``/api/tags``, ``/api/ps``, ``/api/chat``, ``/api/generate``.
+
+A request is translated into the OpenAI-shaped one the other routes serve (``routes._prepare``: the same model
+resolution, limits, constraints and tool setup) and runs through the same generate service, so the plugin's hooks
+apply to it as to any other. Streaming is Ollama's: one JSON object per line (``application/x-ndjson``), the last
+with ``done: true``, the durations in nanoseconds and the token counts. ``format`` (``"json"`` or a schema) is
+structured output; ``tools`` are tool calls, returned with ``arguments`` as objects (Ollama's shape).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lemonade_inferos import __version__
+from lemonade_inferos.engine.types import GenerationChunk
+from lemonade_inferos.host import routes, structured, tools
+from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+router = APIRouter(prefix="/api")
+OLLAMA_API_VERSION = "0.6.3"   # the Ollama API level these routes follow
+
+
+class OllamaOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    num_predict: int | None = Field(None, ge=1)
+    seed: int | None = None
+    stop: list[str] | None = None
+    repeat_penalty: float | None = Field(None, ge=0.01, le=10.0)
+
+
+class _OllamaRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    stream: bool = True
+    format: str | dict[str, Any] | None = None
+    options: OllamaOptions = Field(default_factory=OllamaOptions)
+
+    def sampling(self) -> dict[str, Any]:
+        o = self.options
+        return {"model": self.model or None, "temperature": o.temperature, "top_p": o.top_p, "top_k": o.top_k,
+                "max_tokens": o.num_predict, "seed": o.seed, "stop": o.stop, "repeat_penalty": o.repeat_penalty}
+
+    def response_format(self) -> dict[str, Any] | None:
+        if not self.format:
+            return None
+        if self.format == "json":
+            return {"type": "json_object"}
+        if isinstance(self.format, dict):
+            return {"type": "json_schema", "json_schema": {"schema": self.format}}
+        return {"type": self.format}   # anything else is refused by structured.guidance_for
+
+
+class OllamaChatRequest(_OllamaRequest):
+    messages: list[ChatMessage] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+class OllamaGenerateRequest(_OllamaRequest):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _final(model: str, stats: Any, started: float) -> dict[str, Any]:
+    ns = 1_000_000_000
+    return {"model": model, "created_at": _now(), "done": True,
+            "done_reason": "stop" if stats.finish_reason in ("stop", "tool_calls") else stats.finish_reason,
+            "total_duration": int((time.perf_counter() - started) * ns), "load_duration": 0,
+            "prompt_eval_count": stats.prompt_n, "prompt_eval_duration": int((stats.prompt_ms or 0) * 1e6),
+            "eval_count": stats.predicted_n, "eval_duration": int((stats.predicted_ms or 0) * 1e6)}
+
+
+def _ollama_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+            for c in calls]
+
+
+def _ndjson(lines: AsyncIterator[dict[str, Any]], run: Any) -> StreamingResponse:
+    async def body():
+        try:
+            async for line in lines:
+                yield json.dumps(line, separators=(",", ":")) + "\n"
+        except Exception as exc:  # after the status line: Ollama's clients read {"error": ...} as the failure
+            yield json.dumps({"error": str(exc)}) + "\n"
+        finally:
+            run.release()
+
+    return StreamingResponse(body(), media_type="application/x-ndjson")
+
+
+@router.get("/version")
+async def version():
+    return {"version": OLLAMA_API_VERSION, "inferos": __version__}
+
+
+def _model_entry(name: str, info: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "model": name, "modified_at": _now(), "size": int(info.get("size") or 0),
+            "digest": "", "details": {"format": "onnx", "family": "", "parameter_size": "",
+                                      "quantization_level": "int4" if "INT4" in name else "fp32"}}
+
+
+@router.get("/tags")
+async def tags(request: Request):
+    host = routes._host(request)
+    return {"models": [_model_entry(name, info) for name, info in host.registry.all().items()
+                       if host.registry.is_downloaded(name)]}
+
+
+@router.get("/ps")
+async def ps(request: Request):
+    host = routes._host(request)
+    return {"models": [{**_model_entry(m.name, m.info), "expires_at": None, "size_vram": 0,
+                        "context_length": m.ctx_size} for m in host.models.loaded.values()]}
+
+
+@router.post("/chat")
+async def chat(body: OllamaChatRequest, request: Request):
+    started = time.perf_counter()
+    openai_body = ChatCompletionRequest(messages=body.messages or [ChatMessage(role="user", content="")],
+                                        tools=body.tools, response_format=body.response_format(),
+                                        **{k: v for k, v in body.sampling().items() if v is not None})
+    guidance = structured.guidance_for(openai_body.response_format)
+    host, model, prompt_ids, params, tool_setup = await routes._prepare(
+        request, openai_body, None, [m.as_template_message() for m in openai_body.messages], guidance=guidance,
+        tool_request=openai_body)
+    run = routes._open(request, host, model, prompt_ids, params, "api/chat", body.stream)
+    if not body.stream:
+        text, stats = await routes._collect(run)
+        content, calls = tools.parse(text, tool_setup) if tool_setup else (text, [])
+        message = {"role": "assistant", "content": content or ""}
+        if calls:
+            message["tool_calls"] = _ollama_calls(calls)
+        return {**_final(model.name, stats, started), "message": message}
+
+    async def lines():
+        parts: list[str] = []
+        async for item in run:
+            if isinstance(item, GenerationChunk):
+                parts.append(item.text)
+                if item.text and tool_setup is None:
+                    yield {"model": model.name, "created_at": _now(), "done": False,
+                           "message": {"role": "assistant", "content": item.text}}
+            else:
+                message: dict[str, Any] = {"role": "assistant", "content": ""}
+                if tool_setup is not None:  # held: a call is only known whole
+                    content, calls = tools.parse("".join(parts), tool_setup)
+                    message["content"] = content or ""
+                    if calls:
+                        message["tool_calls"] = _ollama_calls(calls)
+                yield {**_final(model.name, item, started), "message": message}
+
+    return _ndjson(lines(), run)
+
+
+@router.post("/generate")
+async def generate(body: OllamaGenerateRequest, request: Request):
+    started = time.perf_counter()
+    openai_body = CompletionRequest(prompt=body.prompt, **{k: v for k, v in body.sampling().items() if v is not None})
+    guidance = structured.guidance_for(body.response_format())
+    if body.raw:
+        host, model, prompt_ids, params, _ = await routes._prepare(request, openai_body, body.prompt, None,
+                                                                   guidance=guidance)
+    else:  # Ollama renders the prompt with the model's template unless raw
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+            [{"role": "user", "content": body.prompt}]
+        host, model, prompt_ids, params, _ = await routes._prepare(request, openai_body, None, messages,
+                                                                   guidance=guidance)
+    run = routes._open(request, host, model, prompt_ids, params, "api/generate", body.stream)
+    if not body.stream:
+        text, stats = await routes._collect(run)
+        return {**_final(model.name, stats, started), "response": text}
+
+    async def lines():
+        async for item in run:
+            if isinstance(item, GenerationChunk):
+                if item.text:
+                    yield {"model": model.name, "created_at": _now(), "response": item.text, "done": False}
+            else:
+                yield {**_final(model.name, item, started), "response": ""}
+
+    return _ndjson(lines(), run)
