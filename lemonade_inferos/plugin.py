@@ -76,7 +76,7 @@ class InferosPlugin:
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.sources = SettingsSources(options=dict(options or {}))
-        self.settings = settings = self.sources.load()
+        settings = self.sources.load()
         if not settings.enabled:
             raise PluginDisabled("inferos is disabled by its settings (INFEROS_ENABLED=false or enabled = false); "
                                  "the host serves with the baseline engine")
@@ -89,7 +89,7 @@ class InferosPlugin:
         self.reuse = PrefixReuse(store, warm)
         self.activity = RequestActivity()  # shadow passes run between requests, never beside one
         self.controller = Controller(
-            self.sources, prefix_stats=self.reuse.stats, kv_memory=self.kv_memory,
+            self.sources, settings=settings, prefix_stats=self.reuse.stats, kv_memory=self.kv_memory,
             evaluation_runner=self._full_evaluation, on_guard_step=self._on_guard_step,
             on_settings=self._on_settings, server_id=f"{socket.gethostname()}:{os.getpid()}",
             busy=lambda: self.activity.in_flight > 0)
@@ -104,6 +104,11 @@ class InferosPlugin:
     @staticmethod
     def _prefix_budget(settings: InferosSettings) -> int:
         return int(settings.prefix_cache_mb * 2**20)
+
+    @property
+    def settings(self) -> InferosSettings:
+        """The settings in force (the controller holds them: a reload replaces them there)."""
+        return self.controller.settings
 
     @property
     def prefix_budget_bytes(self) -> int:
@@ -253,7 +258,6 @@ class InferosPlugin:
     def _on_settings(self, old: InferosSettings, new: InferosSettings) -> None:
         """A reload: apply what the plugin owns at once (budgets, counts, the log level)."""
         _apply_log_level(new.log_level)
-        self.settings = new
         self.reuse.store.set_budget(self._prefix_budget(new))
         self.warm.configure(new.warm_caches, self._prefix_budget(new))
 

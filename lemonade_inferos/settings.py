@@ -218,13 +218,8 @@ class SettingsSources:
     user_path: Path | None = None
     use_files: bool = True
 
-    @property
-    def config_path(self) -> Path | None:
-        """The ``--config`` file, wherever it was named (option, environment, plugin file), as of the last read."""
-        if not hasattr(self, "_config_path"):
-            value = self._merged_without_config().get("config")
-            self._config_path = Path(value) if value else None
-        return self._config_path
+    config_path: Path | None = field(default=None, init=False)   # the --config file, as of the last read
+    layer_sources: list[str] = field(default_factory=list, init=False)   # the layers read last, in order
 
     def watched_paths(self) -> list[Path]:
         """The files whose edits are reloaded (no file is read to answer)."""
@@ -234,16 +229,20 @@ class SettingsSources:
         return paths
 
     def layers(self) -> list[Layer]:
-        """The layers in order, files read now."""
-        layers = [layer for layer in (plugin_file_layer(self._shipped()) if self._shipped() else None,
-                                      plugin_file_layer(self._user()) if self._user() else None) if layer]
+        """The layers in order, files read now; the ``--config`` file is the one the others name (option,
+        environment, plugin file)."""
+        files = [layer for layer in (plugin_file_layer(self._shipped()) if self._shipped() else None,
+                                     plugin_file_layer(self._user()) if self._user() else None) if layer]
         env = env_layer(self._environ())
-        options = Layer(OPTIONS_LAYER, normalize(dotted(self.options), OPTIONS_LAYER))
-        self.__dict__.pop("_config_path", None)  # the files may name another --config now
-        config_path = self.config_path
-        if config_path is not None:
-            layers.append(config_file_layer(config_path))
-        return [*layers, *([env] if env else []), options]
+        after = [*([env] if env else []), Layer(OPTIONS_LAYER, normalize(dotted(self.options), OPTIONS_LAYER))]
+        named: dict[str, Any] = {}
+        for layer in (*files, *after):
+            named = deep_merge(named, layer.data)
+        self.config_path = Path(named["config"]) if named.get("config") else None
+        config = [config_file_layer(self.config_path)] if self.config_path is not None else []
+        layers = [*files, *config, *after]
+        self.layer_sources = [layer.source for layer in layers]
+        return layers
 
     def load(self) -> InferosSettings:
         """The settings from every layer.
@@ -260,19 +259,6 @@ class SettingsSources:
             except ValidationError as exc:
                 raise _layer_error(exc, layer) from exc
         return settings
-
-    def _merged_without_config(self) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        for path in (self._shipped(), self._user()):
-            try:
-                layer = plugin_file_layer(path) if path else None
-            except ConfigError:
-                layer = None  # load() reports it
-            if layer:
-                merged = deep_merge(merged, layer.data)
-        env = env_layer(self._environ())
-        merged = deep_merge(merged, env.data if env else {})
-        return deep_merge(merged, normalize(dotted(self.options), "plugin options"))
 
     def _shipped(self) -> Path | None:
         return (self.shipped_path or shipped_config_path()) if self.use_files else None

@@ -63,7 +63,7 @@ def show(config_path: Path | None, options: tuple[str, ...], as_json: bool) -> N
         given["config"] = str(config_path)
     sources = SettingsSources(options=given)
     settings = sources.load()
-    document = {"layers": [layer.source for layer in sources.layers()], "settings": settings.model_dump(mode="json")}
+    document = {"layers": sources.layer_sources, "settings": settings.model_dump(mode="json")}
     if as_json:
         click.echo(json.dumps(document, indent=2))
         return

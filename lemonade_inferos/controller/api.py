@@ -115,7 +115,7 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
     @router.get("/config")
     async def get_config() -> dict[str, Any]:
         return {**controller.config.to_document(), "source": str(controller.config_path) if controller.config_path
-                else None, "layers": controller.policy_document()["layers"],
+                else None, "layers": list(controller.sources.layer_sources),
                 "restart_required": controller.restart_required, "last_error": controller.config_error}
 
     @router.post("/config")

@@ -58,7 +58,8 @@ def iso(timestamp: float | None) -> str | None:
 
 
 class Controller:
-    def __init__(self, sources: SettingsSources | None = None, *, policy: Policy | None = None,
+    def __init__(self, sources: SettingsSources | None = None, *, settings: InferosSettings | None = None,
+                 policy: Policy | None = None,
                  memory_limit_bytes: int | None = None, history_path: Path | None = None,
                  config_path: Path | None = None, guard_options: dict[str, Any] | None = None,
                  importance: str | None = None, prefix_stats: Callable[[], dict[str, Any]] | None = None,
@@ -80,7 +81,7 @@ class Controller:
             sources = SettingsSources(options=options, environ={}, use_files=False)
         self._lock = threading.RLock()
         self.sources = sources
-        self.settings = sources.load()
+        self.settings = settings or sources.load()   # ``settings``: already loaded from ``sources``
         if policy is not None:
             self.settings = self.settings.model_copy(update={"policy": policy})
         self._started = self.settings  # what the process started with (a changed start-only field needs a restart)
@@ -365,14 +366,8 @@ class Controller:
                 "effective": effective.policy.model_dump(),
                 "overrides": [o.to_dict() for o in effective.overrides],
                 "version": self.policy_version, "source": self.config_source,
-                "layers": [layer.source for layer in self._layers()],
+                "layers": list(self.sources.layer_sources),
                 "restart_required": self.restart_required, "last_error": self.config_error}
-
-    def _layers(self) -> list[Any]:
-        try:
-            return self.sources.layers()
-        except ConfigError:
-            return []
 
     # -- what PostRun reports --------------------------------------------------------------------------------
     def record(self, stats: InferenceStats, ran: dict[str, Any] | None = None) -> None:
@@ -531,10 +526,9 @@ def summary_keys(document: dict[str, Any], kv_summary: dict[str, Any]) -> dict[s
     ``vram_gb`` and ``util.npu``/``util.igpu`` are 0.0 where no session runs on a GPU or an NPU (nothing is used
     there) and null where one does but this machine gives no counter for it.
     """
-    from lemonade_inferos.engine.session import available_providers as providers
-
-    gpu_in_use = any(p in providers() for p in ("DmlExecutionProvider", "CUDAExecutionProvider"))
-    npu_in_use = "VitisAIExecutionProvider" in providers()
+    providers = set(available_providers())
+    gpu_in_use = bool(providers & {"DmlExecutionProvider", "CUDAExecutionProvider"})
+    npu_in_use = "VitisAIExecutionProvider" in providers
     estimate = document["quality"]["delta_ppl_est"]
     utilization = document["device_utilization"]
     memory = document["memory"]

@@ -41,10 +41,10 @@ class StepBinding:
         self.engine = engine
         self.run_options = run_options
         self.cache = cache
-        self.io_binding = engine.policy.enable_iobinding
+        io_binding = engine.policy.enable_iobinding
         # the graph that reads this cache's live form, per phase (one object unless the scheduler is hybrid)
-        prefill = _PhaseIO(engine.form_for(cache.layout, "prefill"), self.io_binding)
-        decode = _PhaseIO(engine.form_for(cache.layout, "decode"), self.io_binding) if engine.hybrid else prefill
+        prefill = _PhaseIO(engine.form_for(cache.layout, "prefill"), io_binding)
+        decode = _PhaseIO(engine.form_for(cache.layout, "decode"), io_binding) if engine.hybrid else prefill
         self._phases = {"prefill": prefill, "decode": decode}
         self.form = prefill.form
         self._mask = np.ones((1, cache.layout.max_tokens + 1), dtype=np.int64)

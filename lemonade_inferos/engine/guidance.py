@@ -94,10 +94,6 @@ class TokenConstraint:
         if not self.matcher.consume_token(int(token)):
             raise GenerationError(f"token {token} broke the output grammar: {self.matcher.get_error()}")
 
-    def consume_all(self, tokens: Sequence[int]) -> None:
-        for token in tokens:
-            self.consume(token)
-
     @property
     def finished(self) -> bool:
         """The grammar is complete and admits nothing more: the generation ends here."""
