@@ -134,7 +134,8 @@ def plugin_options(plugins: tuple[str, ...], assignments: tuple[str, ...], extra
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-v", prog_name="lemonade-server",
-                      message=f"%(prog)s %(version)s (Lemonade API {LEMONADE_API_VERSION})")
+                      # the Lemonade version first: GAIA reads the first X.Y.Z of this line as Lemonade's version
+                      message=f"%(prog)s version {LEMONADE_API_VERSION} (lemonade-inferos %(version)s)")
 def cli() -> None:
     """Lemonade-compatible LLM server (Python host with plugins).
 

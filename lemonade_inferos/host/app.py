@@ -19,9 +19,11 @@ from lemonade_inferos.host.generate import GenerateService
 from lemonade_inferos.host.models import ModelManager
 from lemonade_inferos.host.ollama import router as ollama_router
 from lemonade_inferos.host.registry import ModelRegistry
+from lemonade_inferos.host.internal import router as internal_router
 from lemonade_inferos.host.routes import LEMONADE_API_VERSION, router
 from lemonade_inferos.host.run import HostRunner
 from lemonade_inferos.host.settings import HostSettings
+from lemonade_inferos.host.telemetry import Telemetry
 from lemonade_inferos.http.errors import document_errors_as_400
 from lemonade_inferos.http.guard import RequestGuard, TokenRule, guard_policy_from_env
 from lemonade_inferos.metrics.host import HostCollector, HostStats
@@ -43,6 +45,7 @@ class Host:
     host_stats: HostStats
     generator: GenerateService
     prometheus_registry: CollectorRegistry
+    telemetry: Telemetry
     default_params: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # what plugins publish in /health under "inferos"
     # what plugins measure on demand for /stats under "inferos" (name -> a function returning a JSON object)
@@ -62,6 +65,12 @@ def api_key_rule(api_key: str | None) -> TokenRule | None:
                      message="missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
+def _loaded_models(models: ModelManager) -> tuple[list[dict[str, Any]], int]:
+    loaded = [{"name": m.name, "recipe": m.info.get("recipe", "oga-cpu"), "ctx_size": m.ctx_size,
+               "device": m.health_entry()["device"]} for m in models.loaded.values()]
+    return loaded, models.settings.max_loaded_models
+
+
 def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
                manifests: dict[str, PluginManifest] | None = None, preload: bool = True) -> FastAPI:
     """Build the host app. Plugins must already be registered on ``pm`` (see ``plugins.load_plugins``)."""
@@ -69,9 +78,13 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
     registry = ModelRegistry()
     models = ModelManager(registry, settings)
     host_stats = HostStats()
+    telemetry = Telemetry(__version__)
     host = Host(settings, pm, manifests or {}, registry, models, host_stats,
-                GenerateService(pm, models, host_stats, settings.request_timeout_s), CollectorRegistry())
-    host.prometheus_registry.register(HostCollector(host_stats, LEMONADE_API_VERSION, __version__))
+                GenerateService(pm, models, host_stats, settings.request_timeout_s, telemetry), CollectorRegistry(),
+                telemetry)
+    host.prometheus_registry.register(HostCollector(host_stats, LEMONADE_API_VERSION, __version__,
+                                                    loaded=lambda: _loaded_models(models),
+                                                    telemetry=lambda: dict(telemetry.counts)))
     pm.register(HostRunner(pm), name="host")  # the run itself; plugins wrap it
 
     @asynccontextmanager
@@ -85,6 +98,7 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
         finally:
             host.generator.stop()
             pm.hook.host_shutdown(host=host)
+            telemetry.shutdown()
 
     app = FastAPI(title="lemonade-server (inferos host)", version=LEMONADE_API_VERSION, lifespan=lifespan)
     app.state.host = host
@@ -98,10 +112,12 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
     async def live():
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         return PlainTextResponse(generate_latest(host.prometheus_registry).decode(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.include_router(internal_router)  # /internal/set, /internal/config, /internal/telemetry/flush
 
     pm.hook.extra_routes(app=app)
     app.add_middleware(RequestGuard, policy=guard_policy_from_env(os.environ, api_key_rule(settings.api_key),

@@ -31,6 +31,7 @@ from lemonade_inferos.errors import GenerationStalled, ServerStopping
 from lemonade_inferos.hooktypes import InferenceContext, InferenceStats, RunPlan
 from lemonade_inferos.host.models import LoadedModel, ModelManager, Ticket
 from lemonade_inferos.host.run import GenerationRun, RunLimits, error_kind
+from lemonade_inferos.host.telemetry import RequestTrace, Telemetry
 from lemonade_inferos.metrics.host import HostStats
 from lemonade_inferos.metrics.stats import stats_from_generation
 
@@ -61,11 +62,12 @@ def new_request_id() -> str:
 
 class GenerateService:
     def __init__(self, pm: pluggy.PluginManager, models: ModelManager, host_stats: HostStats,
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0, telemetry: Telemetry | None = None) -> None:
         self.pm = pm
         self.models = models
         self.host_stats = host_stats
         self.timeout_s = timeout_s
+        self.telemetry = telemetry or Telemetry("")
         self.stopping = threading.Event()
 
     def stop(self) -> None:
@@ -74,32 +76,45 @@ class GenerateService:
 
     def open(self, model: LoadedModel, prompt_ids: list[int], params: SamplingParams, endpoint: str,
              request_id: str | None = None,
-             is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> Run:
-        """Admit a run now (503 ``server_busy`` when the queue is full, 503 while shutting down)."""
+             is_disconnected: Callable[[], Awaitable[bool]] | None = None, stream: bool = False,
+             trace: RequestTrace | None = None) -> Run:
+        """Admit a run now (503 ``server_busy`` when the queue is full, 503 while shutting down).
+
+        ``stream``: the reply is streamed (``/health`` says ``is_streaming`` from its first chunk to its end);
+        ``trace``: what the request's telemetry span needs from the route.
+        """
         if self.stopping.is_set():
             raise ServerStopping("the server is shutting down; retry on its next start")
         ticket = model.gate.admit()
         limits = RunLimits(self.timeout_s, self.stopping, is_disconnected)
         request_id = request_id or new_request_id()
-        return Run(request_id, ticket, self._run(ticket, model, prompt_ids, params, endpoint, request_id, limits))
+        return Run(request_id, ticket, self._run(ticket, model, prompt_ids, params, endpoint, request_id, limits,
+                                                 stream, trace))
 
     async def _run(self, ticket: Ticket, model: LoadedModel, prompt_ids: list[int], params: SamplingParams,
-                   endpoint: str, request_id: str, limits: RunLimits
+                   endpoint: str, request_id: str, limits: RunLimits, stream: bool, trace: RequestTrace | None
                    ) -> AsyncIterator[GenerationChunk | InferenceStats]:
         """Yield chunks, then one final :class:`InferenceStats` (post_run sees errors too; they are re-raised)."""
         arrived = time.perf_counter()
+        streaming = False
         try:
             async with ticket.slot():
                 queue_s = time.perf_counter() - arrived
                 limits.started = time.monotonic()  # the time limit is the generation's, not the queue's
                 await limits.check(GenerationStats())
-                async for item in self._generate(model, prompt_ids, params, endpoint, request_id, limits, queue_s):
+                async for item in self._generate(model, prompt_ids, params, endpoint, request_id, limits, queue_s,
+                                                 trace):
+                    if stream and not streaming and isinstance(item, GenerationChunk):
+                        streaming = True
+                        model.streams += 1
                     yield item
         finally:
+            if streaming:
+                model.streams -= 1
             ticket.release()
 
     async def _generate(self, model: LoadedModel, prompt_ids: list[int], params: SamplingParams, endpoint: str,
-                        request_id: str, limits: RunLimits, queue_s: float
+                        request_id: str, limits: RunLimits, queue_s: float, trace: RequestTrace | None
                         ) -> AsyncIterator[GenerationChunk | InferenceStats]:
         context = InferenceContext(request_id=request_id, model=model.name, model_path=str(model.folder),
                                    prompt_ids=prompt_ids, max_tokens=params.max_tokens, endpoint=endpoint,
@@ -112,10 +127,13 @@ class GenerateService:
         start_unix = time.time()
         error: BaseException | None = None
         fallback_error: BaseException | None = None
+        keep_text = trace is not None and self.telemetry.enabled and not self.telemetry.settings.hide_outputs
         try:
             try:
                 run, start_unix = await self._new_run(model, plan, prompt_ids, params), time.time()
                 async for chunk in self._drive(context, plan, run, limits):
+                    if keep_text:
+                        trace.output_parts.append(chunk.text)
                     yield chunk
             except Exception as exc:
                 if baseline or (run is not None and run.stats.predicted_n) or error_kind(exc) != "fault":
@@ -123,11 +141,13 @@ class GenerateService:
                 # our engine's own fault before any token: serve this request on the baseline engine
                 log.exception("engine %s failed; serving this request on the baseline engine", engine_name)
                 fallback_error = exc
-                self._report(context, plan, model, engine_name, run, start_unix, False, exc, queue_s)
+                self._report(context, plan, model, engine_name, run, start_unix, False, exc, queue_s, None)
                 engine_name, baseline = "og", True
                 plan, run = RunPlan(baseline=True, notes={"fallback": repr(exc)}), None
                 run, start_unix = await self._new_run(model, plan, prompt_ids, params), time.time()
                 async for chunk in self._drive(context, plan, run, limits):
+                    if keep_text:
+                        trace.output_parts.append(chunk.text)
                     yield chunk
         except BaseException as exc:  # includes client disconnects (CancelledError)
             error = exc
@@ -135,7 +155,7 @@ class GenerateService:
                 model.discard_engine(engine_name)  # the next request builds it anew
             raise
         finally:
-            stats = self._report(context, plan, model, engine_name, run, start_unix, baseline, error, queue_s)
+            stats = self._report(context, plan, model, engine_name, run, start_unix, baseline, error, queue_s, trace)
             if fallback_error is not None:
                 stats.kv["fallback_from_error"] = repr(fallback_error)
             if error is None:
@@ -199,7 +219,7 @@ class GenerateService:
 
     def _report(self, context: InferenceContext, plan: RunPlan | None, model: LoadedModel, engine_name: str,
                 run: GenerationRun | None, start_unix: float, baseline: bool, error: BaseException | None,
-                queue_s: float) -> InferenceStats:
+                queue_s: float, trace: RequestTrace | None) -> InferenceStats:
         """Build InferenceStats, record them for /stats and hand them to PostRun."""
         gen_stats = run.stats if run is not None else GenerationStats()
         cache = run.cache if run is not None else None
@@ -220,4 +240,5 @@ class GenerateService:
             self.pm.hook.post_run(context=context, plan=plan, stats=stats, cache=cache)
         except Exception:  # a plugin's bookkeeping must not turn a served request into a failure
             log.exception("post_run hook failed")
+        self.telemetry.record(stats, trace, plan.notes if plan is not None else {})  # after PostRun: its notes
         return stats

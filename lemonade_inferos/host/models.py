@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from lemonade_inferos.engine.og_engine import OgEngine
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.session import SessionPolicy
 from lemonade_inferos.http.errors import APIError
+from lemonade_inferos.host.recipe_options import RecipeOptionsStore, resolve_ctx
 from lemonade_inferos.host.registry import ModelRegistry, devices_for_recipe
 from lemonade_inferos.host.settings import HostSettings
 
@@ -85,7 +87,10 @@ class LoadedModel:
     devices: list[str]
     fallback_reason: str | None
     gate: RequestGate
+    model_ctx: int = 0                # the longest context the model supports
+    pinned: bool = False              # pinned models are never unloaded to make room
     last_use: float = field(default_factory=time.time)
+    streams: int = 0                  # streamed replies that have sent their first chunk and not ended
     _engines: dict[str, Any] = field(default_factory=dict)
 
     def engine(self, kind: str, session: SessionPolicy | None = None) -> Any:
@@ -119,8 +124,9 @@ class LoadedModel:
     def health_entry(self) -> dict[str, Any]:
         return {"model_name": self.name, "checkpoint": self.info.get("checkpoint"), "last_use": self.last_use,
                 "type": "llm", "device": " ".join(d for d in self.devices if d != "cpu") or "cpu",
-                "recipe": self.info.get("recipe", "oga-cpu"), "pinned": False, "is_busy": self.gate.busy,
-                "recipe_options": {"ctx_size": self.ctx_size},
+                "recipe": self.info.get("recipe", "oga-cpu"), "pinned": self.pinned, "is_busy": self.gate.busy,
+                "is_streaming": self.streams > 0, "pid": os.getpid(), "backend_url": None,
+                "recipe_options": {"ctx_size": self.ctx_size}, "max_context_window": self.model_ctx,
                 "inferos": {"folder": str(self.folder), "fallback_reason": self.fallback_reason,
                             "live_kv": self._live_kv()}}
 
@@ -136,31 +142,51 @@ class ModelManager:
         self.settings = settings
         self.loaded: dict[str, LoadedModel] = {}
         self.current: str | None = None
+        self.options = RecipeOptionsStore(registry.user_models_path.with_name("recipe_options.json"))
         self._lock = asyncio.Lock()
 
-    async def load(self, name: str, ctx_size: int | None = None, build_missing: bool = True) -> LoadedModel:
-        """Load ``name`` (building a built-in model on first use), unloading the least recently used if full."""
+    async def load(self, name: str, ctx_size: int | None = None, build_missing: bool = True,
+                   save_options: bool = False, pinned: bool | None = None) -> LoadedModel:
+        """Load ``name`` (building a built-in model on first use), unloading the least recently used unpinned
+        model if full. Its context length: ``ctx_size`` > the saved recipe options > ``--ctx-size`` > the model's
+        own (``-1``: the model's own). Loading a loaded model again without options, or with options that resolve
+        to what it runs with, changes nothing."""
         name = self.registry.canonical(name)
         async with self._lock:
-            if name in self.loaded and (ctx_size is None or ctx_size == self.loaded[name].ctx_size):
-                self.current = name
-                return self.loaded[name]
             info = self.registry.get(name)
+            if save_options and ctx_size is not None:
+                self.options.save(name, info.get("recipe", "oga-cpu"), {"ctx_size": ctx_size})
+            loaded = self.loaded.get(name)
+            if loaded is not None and (ctx_size is None or resolve_ctx(ctx_size, {}, None, loaded.model_ctx)
+                                       == loaded.ctx_size):
+                loaded.pinned = loaded.pinned if pinned is None else pinned
+                self.current = name
+                return loaded
             if build_missing and not self.registry.is_downloaded(name):
                 log.info("building %s on first use", name)
                 await asyncio.to_thread(self.registry.pull, name, progress=lambda msg: log.info("%s", msg))
             folder = self.registry.folder(name)
             spec = await asyncio.to_thread(load_model_folder, folder)
-            ctx = min(ctx_size or self.settings.ctx_size or spec.context_length, spec.context_length)
+            ctx = resolve_ctx(ctx_size, self.options.saved(name), self.settings.ctx_size, spec.context_length)
             devices, reason = devices_for_recipe(info.get("recipe", "oga-cpu"))
-            while len(self.loaded) >= self.settings.max_loaded_models:
-                oldest = min(self.loaded.values(), key=lambda m: m.last_use)
-                log.info("unloading %s to make room for %s", oldest.name, name)
-                del self.loaded[oldest.name]
+            self.loaded.pop(name, None)
+            self._make_room(name)
             self.loaded[name] = LoadedModel(name, info, folder, ctx, devices, reason,
-                                            RequestGate(self.settings.max_queue))
+                                            RequestGate(self.settings.max_queue), model_ctx=spec.context_length,
+                                            pinned=bool(pinned))
             self.current = name
             return self.loaded[name]
+
+    def _make_room(self, name: str) -> None:
+        while len(self.loaded) >= self.settings.max_loaded_models:
+            unpinned = [m for m in self.loaded.values() if not m.pinned]
+            if not unpinned:
+                raise APIError(409, "models_pinned", f"cannot load {name}: every loaded model is pinned and "
+                               f"max_loaded_models is {self.settings.max_loaded_models}; unload one first",
+                               pinned=sorted(self.loaded))
+            oldest = min(unpinned, key=lambda m: m.last_use)
+            log.info("unloading %s to make room for %s", oldest.name, name)
+            del self.loaded[oldest.name]
 
     async def unload(self, name: str | None = None) -> list[str]:
         async with self._lock:

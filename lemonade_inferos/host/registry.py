@@ -19,7 +19,7 @@ from lemonade_inferos.engine.build import BuildSpec, build_model, is_built
 from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.engine.session import available_providers
 from lemonade_inferos.durable import atomic_write, quarantine
-from lemonade_inferos.errors import ModelNotFoundError, RequestError
+from lemonade_inferos.errors import InferosError, ModelNotFoundError, RequestError
 from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,13 @@ class ModelRegistry:
             return spec.output_dir
         return Path(info["checkpoint"])
 
+    def context_length(self, name: str) -> int | None:
+        """The longest context the model supports (its genai_config), or None while it is not built or unreadable."""
+        try:
+            return load_model_folder(self.folder(name)).context_length if self.is_downloaded(name) else None
+        except InferosError:
+            return None
+
     def pull(self, name: str, checkpoint: str | None = None, recipe: str | None = None,
              progress=lambda msg: None) -> Path:
         """Build a built-in model offline, or register a local OGA folder as ``user.NAME``."""
@@ -120,6 +127,8 @@ class ModelRegistry:
         if not name.startswith("user."):
             raise ModelNotFoundError(f"'{name}' is not a built-in model; register a local folder as 'user.{name}' "
                                      "with a checkpoint path", model=name)
+        if not checkpoint and name in self._user_models():  # pulling a registered model: nothing to fetch
+            return self.folder(name)
         if not checkpoint:
             raise RequestError(f"pulling {name} needs a checkpoint: the path of an onnxruntime-genai model folder",
                                model=name)

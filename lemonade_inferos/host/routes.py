@@ -27,10 +27,11 @@ from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.errors import GenerationError, InferosError
 from lemonade_inferos.engine.guidance import Guidance
 from lemonade_inferos.host import openai_format as fmt
-from lemonade_inferos.host import structured, tools
+from lemonade_inferos.host import recipe_options, structured, tools
 from lemonade_inferos.host.chat_stream import ChatStream
 from lemonade_inferos.host.errors import inferos_error_body
 from lemonade_inferos.host.generate import new_request_id
+from lemonade_inferos.host.telemetry import RequestTrace
 from lemonade_inferos.host.schemas import (ChatCompletionRequest, CompletionRequest, LoadRequest, ParamsRequest,
                                           PullRequest, ResponsesRequest, SamplingFields, UnloadRequest)
 from lemonade_inferos.http.errors import APIError, error_body
@@ -107,7 +108,21 @@ def _open(request: Request, host: Any, model: Any, prompt_ids: list[int], params
     """Admit the run now (a full queue is a 503 before any response starts). A non-streaming run watches its
     client: one that hangs up stops the generation."""
     return host.generator.open(model, prompt_ids, params, endpoint, new_request_id(),
-                               is_disconnected=None if stream else request.is_disconnected)
+                               is_disconnected=None if stream else request.is_disconnected, stream=stream,
+                               trace=_trace(request, host, model, prompt_ids, params, endpoint))
+
+
+def _trace(request: Request, host: Any, model: Any, prompt_ids: list[int], params: SamplingParams,
+           endpoint: str) -> RequestTrace | None:
+    """What the request's telemetry span needs (None while telemetry is off: nothing is decoded for it)."""
+    telemetry = host.telemetry
+    if not telemetry.enabled:
+        return None
+    text = None if telemetry.settings.hide_inputs else model.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    parameters = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                  "max_tokens": params.max_tokens, "seed": params.seed,
+                  "guidance": params.guidance.kind if params.guidance else None}
+    return RequestTrace(endpoint, dict(request.headers), text, {k: v for k, v in parameters.items() if v is not None})
 
 
 async def _collect(run) -> tuple[str, InferenceStats]:
@@ -259,28 +274,89 @@ async def list_models(request: Request, show_all: bool = False):
     for name, info in host.registry.all().items():
         downloaded = host.registry.is_downloaded(name)
         if downloaded or show_all:
-            data.append(_model_entry(name, info, downloaded))
+            data.append(_model_entry(host, name, info, downloaded))
     return {"object": "list", "data": data}
 
 
 @router.get("/models/{model_id}")
 async def get_model(model_id: str, request: Request):
     host = _host(request)
-    info = host.registry.get(model_id)
-    return _model_entry(model_id, info, host.registry.is_downloaded(model_id))
+    name = host.registry.canonical(model_id)
+    info = host.registry.get(name)
+    return _model_entry(host, name, info, host.registry.is_downloaded(name))
 
 
-def _model_entry(name: str, info: dict[str, Any], downloaded: bool) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "lemonade", "checkpoint": info["checkpoint"],
-            "recipe": info["recipe"], "downloaded": downloaded, "suggested": info.get("suggested", False),
-            "labels": info.get("labels", []), "size": info.get("size")}
+def _model_entry(host: Any, name: str, info: dict[str, Any], downloaded: bool) -> dict[str, Any]:
+    """A model as Lemonade lists it; ``context_length`` is the one it runs with when loaded, else the one a load
+    would use now (never the ``-1`` "automatic" marker)."""
+    options = _options(host, name, info)
+    loaded = host.models.loaded.get(name)
+    entry = {"id": name, "object": "model", "created": 0, "owned_by": "lemonade", "checkpoint": info["checkpoint"],
+             "recipe": info["recipe"], "downloaded": downloaded, "suggested": info.get("suggested", False),
+             "labels": info.get("labels", []), "size": info.get("size"),
+             "recipe_options": {k: v for k, v in options["effective"].items() if k != "model_name"}}
+    context_length = loaded.ctx_size if loaded else options["resolved_ctx_size"]
+    if context_length:
+        entry["context_length"] = context_length
+    ceiling = loaded.model_ctx if loaded else host.registry.context_length(name)
+    if ceiling:
+        entry["max_context_window"] = ceiling  # the model's trained context (GAIA's ceiling for ctx_size)
+    return entry
+
+
+def _options(host: Any, name: str, info: dict[str, Any], pending: dict[str, Any] | None = None) -> dict[str, Any]:
+    store = host.models.options
+    return recipe_options.options_document(name, info.get("recipe", "oga-cpu"), store.saved(name),
+                                           host.settings.ctx_size, host.registry.context_length(name), pending)
+
+
+@router.get("/models/{model_id}/options")
+async def get_model_options(model_id: str, request: Request):
+    host = _host(request)
+    name = host.registry.canonical(model_id)
+    return _options(host, name, host.registry.get(name))
+
+
+@router.post("/models/{model_id}/options")
+async def save_model_options(model_id: str, request: Request):
+    """Merge the body's options into the model's saved ones (``null`` removes one; ``dry_run`` saves nothing);
+    a loaded model keeps its options until it is next loaded."""
+    host = _host(request)
+    name = host.registry.canonical(model_id)
+    info = host.registry.get(name)
+    body = await _json_object(request)
+    dry_run = body.pop("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise APIError(400, "invalid_request", "dry_run must be a boolean", param="dry_run")
+    entry = host.models.options.save(name, info.get("recipe", "oga-cpu"), body, dry_run=dry_run)
+    return _options(host, name, info, pending=entry if dry_run else None)
+
+
+@router.delete("/models/{model_id}/options")
+async def reset_model_options(model_id: str, request: Request):
+    host = _host(request)
+    name = host.registry.canonical(model_id)
+    info = host.registry.get(name)
+    host.models.options.reset(name)
+    return _options(host, name, info)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise APIError(400, "invalid_request", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "invalid_request", "the body must be a JSON object of recipe options")
+    return body
 
 
 @router.post("/load")
 async def load(body: LoadRequest, request: Request):
     if not body.name:
         raise APIError(400, "invalid_request", "model_name is required")
-    model = await _host(request).models.load(body.name, body.ctx_size)
+    model = await _host(request).models.load(body.name, body.ctx_size, save_options=body.save_options,
+                                             pinned=body.pinned)
     return {"status": "success", "message": f"Loaded model: {model.name}", "model_name": model.name,
             "recipe_options": {"ctx_size": model.ctx_size}}
 
@@ -293,10 +369,66 @@ async def unload(request: Request, body: UnloadRequest | None = None):
 
 @router.post("/pull")
 async def pull(body: PullRequest, request: Request):
+    """Build a built-in model or register a local folder; ``stream`` sends Lemonade's SSE progress events (a
+    ``progress`` event per build step, then ``complete``, or ``error``)."""
+    host = _host(request)
     if not body.name:
         raise APIError(400, "invalid_request", "model_name is required")
-    folder = await asyncio.to_thread(_host(request).registry.pull, body.name, body.checkpoint, body.recipe)
-    return {"status": "success", "message": f"Installed model: {body.name}", "path": str(folder)}
+    name = host.registry.canonical(body.name)
+    if not name.startswith("user."):
+        host.registry.get(name)  # an unknown built-in is a 404 before any stream starts
+    elif not body.main_checkpoint and name not in host.registry.all():
+        raise APIError(400, "invalid_request", f"registering {name} needs a checkpoint: the path of an "
+                       "onnxruntime-genai model folder (checkpoint, or checkpoints.main)", model=name)
+    if not body.stream:
+        folder = await asyncio.to_thread(host.registry.pull, name, body.main_checkpoint, body.recipe)
+        return {"status": "success", "message": f"Installed model: {body.name}", "path": str(folder)}
+    return StreamingResponse(_pull_events(host, name, body), media_type="text/event-stream")
+
+
+async def _pull_events(host: Any, name: str, body: PullRequest):
+    loop = asyncio.get_running_loop()
+    steps: asyncio.Queue = asyncio.Queue()
+    job = asyncio.ensure_future(asyncio.to_thread(
+        host.registry.pull, name, body.main_checkpoint, body.recipe,
+        progress=lambda msg: loop.call_soon_threadsafe(steps.put_nowait, msg)))
+    index = 0
+    while not (job.done() and steps.empty()):
+        getter = asyncio.ensure_future(steps.get())
+        await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            continue
+        index += 1
+        yield fmt.sse({"file": getter.result(), "file_index": index, "total_files": None, "bytes_downloaded": 0,
+                       "bytes_total": 0, "percent": None}, event="progress")
+    try:
+        folder = job.result()
+    except Exception as exc:  # the stream has begun: the failure is its last event
+        status, payload = inferos_error_body(exc) if isinstance(exc, InferosError) else (500, None)
+        message = payload["error"]["message"] if payload else f"pull failed: {exc!r}"
+        yield fmt.sse({"error": message, "status": status}, event="error")
+        return
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    yield fmt.sse({"file_index": index, "total_files": index, "percent": 100, "bytes_total": size,
+                   "path": str(folder)}, event="complete")
+
+
+@router.post("/models/register")
+async def register(body: PullRequest, request: Request):
+    """Lemonade's register-without-download: here a ``user.*`` model is a local folder, so registering it is
+    pulling it (nothing is downloaded either way)."""
+    host = _host(request)
+    name = body.name or ""
+    if not name.startswith("user."):
+        raise APIError(400, "invalid_request", "model_name must be a non-empty name under user.*", model=name)
+    if not body.main_checkpoint:
+        raise APIError(400, "invalid_request", f"registering {name} needs a checkpoint: the path of an "
+                       "onnxruntime-genai model folder", model=name)
+    await asyncio.to_thread(host.registry.pull, name, body.main_checkpoint, body.recipe)
+    info = host.registry.get(name)
+    return {"status": "success", "model_name": name, "canonical_model_name": name,
+            "model": {"id": name, "recipe": info["recipe"], "downloaded": host.registry.is_downloaded(name)}}
 
 
 @router.post("/delete")
@@ -310,14 +442,23 @@ async def delete(body: PullRequest, request: Request):
     if name in host.models.loaded:
         await host.models.unload(name)
     host.registry.delete(name)
+    host.models.options.reset(name)
     return {"status": "success", "message": f"Deleted model: {body.name}"}
 
 
 @router.post("/params")
 async def params(body: ParamsRequest, request: Request):
+    """Defaults for later requests, and Lemonade's ``telemetry`` block (validated whole before anything
+    changes: a bad block is a 400 and the sampling defaults of the same body are not stored either)."""
     host = _host(request)
-    host.default_params.update(body.model_dump(exclude_none=True, exclude={"model"}))
-    return {"status": "success", "params": host.default_params}
+    if body.telemetry is not None:
+        host.telemetry.update(body.telemetry)
+    host.default_params.update(body.model_dump(exclude_none=True, exclude={"model", "telemetry"}))
+    return {"status": "success", "params": host.default_params,
+            "telemetry": host.telemetry.settings.model_dump(exclude={"otlp": {"headers"}})}
+
+
+MODEL_TYPES = ("llm", "embedding", "reranking", "transcription", "image", "tts")
 
 
 @router.get("/health")
@@ -329,7 +470,10 @@ async def health(request: Request):
             "model_loaded": current.name if current else None,
             "checkpoint_loaded": current.info.get("checkpoint") if current else None,
             "all_models_loaded": [m.health_entry() for m in loaded],
-            "max_models": {"llm": host.settings.max_loaded_models},
+            # this host serves LLMs only: 0 for the other types Lemonade counts
+            "pinned_models": {t: sum(m.pinned for m in loaded) if t == "llm" else 0 for t in MODEL_TYPES},
+            "max_models": {t: host.settings.max_loaded_models if t == "llm" else 0 for t in MODEL_TYPES},
+            "telemetry": host.telemetry.health(),
             "inferos": {"version": __version__, "plugins": host.active_plugins,
                         "disabled_plugins": {n: m.disabled for n, m in host.manifests.items() if m.disabled},
                         "mode": "plugin" if host.active_plugins else "baseline", **host.extras}}

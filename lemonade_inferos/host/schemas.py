@@ -119,12 +119,27 @@ class ModelNamed(_Lenient):
 
 
 class LoadRequest(ModelNamed):
-    ctx_size: int | None = Field(None, ge=16)
+    ctx_size: int | None = Field(None, description="at least 16, or -1 for the model's own context length")
+    save_options: bool = False
+    pinned: bool | None = None
+
+    @field_validator("ctx_size")
+    @classmethod
+    def _size_or_auto(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value < 16:
+            raise ValueError("ctx_size is a context length of at least 16 tokens, or -1 for automatic sizing")
+        return value
 
 
 class PullRequest(ModelNamed):
     checkpoint: str | None = None
+    checkpoints: dict[str, str] | None = None
     recipe: str | None = None
+    stream: bool = False
+
+    @property
+    def main_checkpoint(self) -> str | None:
+        return self.checkpoint or (self.checkpoints or {}).get("main")
 
 
 class UnloadRequest(ModelNamed):
@@ -141,3 +156,5 @@ class ParamsRequest(_Strict):
     repeat_penalty: float | None = Field(None, ge=0.01, le=10.0)
     max_new_tokens: int | None = Field(None, ge=1, description="at least 1: a default of 0 would answer every "
                                                                  "request with nothing")
+    telemetry: dict[str, Any] | None = Field(None, description="Lemonade's telemetry block (host/telemetry.py), "
+                                                               "merged onto the current one")

@@ -7,8 +7,8 @@ totals the host already counts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -29,9 +29,13 @@ class HostStats:
     cancelled_total: int = 0     # clients that went away, and runs ended by a shutdown: not errors
     drafted_tokens_total: int = 0
     accepted_tokens_total: int = 0
+    last_cache_by_model: dict[str, int] = field(default_factory=dict)    # the last request's cached tokens
+    cache_tokens_by_model: dict[str, int] = field(default_factory=dict)  # since start
 
     def record(self, stats: InferenceStats) -> None:
         self.last = stats
+        self.last_cache_by_model[stats.model] = stats.cache_n
+        self.cache_tokens_by_model[stats.model] = self.cache_tokens_by_model.get(stats.model, 0) + stats.cache_n
         self.request_count_total += 1
         self.prompt_tokens_total += stats.prompt_n
         self.cache_tokens_total += stats.cache_n
@@ -44,10 +48,17 @@ class HostStats:
 
 
 class HostCollector:
-    """Host counters for Prometheus, built from :class:`HostStats` on each scrape."""
+    """Host counters for Prometheus, built from :class:`HostStats` on each scrape.
 
-    def __init__(self, stats: HostStats, api_version: str, version: str) -> None:
+    ``loaded`` returns the loaded models (name, recipe, device, ctx_size) and the most that may be loaded;
+    ``telemetry`` the span export counts. Lemonade's own family names come first (``lemonade_*``).
+    """
+
+    def __init__(self, stats: HostStats, api_version: str, version: str,
+                 loaded: Callable[[], tuple[list[dict[str, Any]], int]] = lambda: ([], 0),
+                 telemetry: Callable[[], dict[str, int]] = dict) -> None:
         self.stats, self.api_version, self.version = stats, api_version, version
+        self.loaded, self.telemetry = loaded, telemetry
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats
@@ -57,6 +68,7 @@ class HostCollector:
         info.add_metric([self.api_version, self.version], 1)
         yield up
         yield info
+        yield from self._lemonade_families()
         for name, value, doc in (("requests", stats.request_count_total, "Generate calls served."),
                                  ("prompt_tokens", stats.prompt_tokens_total, "Prompt tokens, cached included."),
                                  ("cache_tokens", stats.cache_tokens_total, "Prompt tokens served from the KV cache."),
@@ -81,3 +93,37 @@ class HostCollector:
                     gauge = GaugeMetricFamily(f"inferos_{name}", doc)
                     gauge.add_metric([], value)
                     yield gauge
+
+    def _lemonade_families(self) -> Iterator[Metric]:
+        stats = self.stats
+        models, most = self.loaded()
+        count = GaugeMetricFamily("lemonade_loaded_models", "Models loaded now.", labels=["type"])
+        count.add_metric(["llm"], len(models))
+        yield count
+        limit = GaugeMetricFamily("lemonade_max_loaded_models", "Most models loaded at once.", labels=["type"])
+        limit.add_metric(["llm"], most)
+        yield limit
+        info = GaugeMetricFamily("lemonade_model_info", "A loaded model.",
+                                 labels=["model_name", "recipe", "device", "type", "ctx_size"])
+        for m in models:
+            info.add_metric([m["name"], m["recipe"], m["device"], "llm", str(m["ctx_size"])], 1)
+        yield info
+        last = GaugeMetricFamily("lemonade_model_cache_tokens",
+                                 "Prompt tokens of a model's last request served from the KV cache.",
+                                 labels=["model_name"])
+        total = CounterMetricFamily("lemonade_model_cache_tokens",
+                                    "Prompt tokens served from a model's KV cache since start.", labels=["model_name"])
+        for name, value in stats.last_cache_by_model.items():
+            last.add_metric([name], value)
+        for name, value in stats.cache_tokens_by_model.items():
+            total.add_metric([name], value)
+        yield last
+        yield total
+        cache = CounterMetricFamily("lemonade_cache_tokens", "Prompt tokens served from the KV cache since start.")
+        cache.add_metric([], stats.cache_tokens_total)
+        yield cache
+        for key, doc in (("exported", "Request spans sent to the OTLP endpoint."),
+                         ("failed", "Request spans the OTLP endpoint did not take (down, slow, refusing).")):
+            spans = CounterMetricFamily(f"inferos_telemetry_spans_{key}", doc)
+            spans.add_metric([], self.telemetry().get(key, 0))
+            yield spans

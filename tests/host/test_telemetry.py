@@ -1,0 +1,152 @@
+"""Lemonade's telemetry: with /params' telemetry block enabled, every request is one OTLP span with
+OpenInference attributes, received here by a real OTLP/HTTP receiver (protobuf over HTTP, as Arize Phoenix or
+an OpenTelemetry Collector take it); bad settings are 400s; a collector that is down never fails a request."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
+                                                                       ExportTraceServiceResponse)
+
+from lemonade_inferos.bench.servers import running_server
+
+MODEL = "SmolLM2-135M-Instruct-CPU"
+
+
+class Receiver:
+    """An OTLP/HTTP traces endpoint: keeps every span it is sent, with the headers that came with it."""
+
+    def __init__(self) -> None:
+        self.spans: list = []
+        self.headers: list[dict[str, str]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
+                for resource_spans in request.resource_spans:
+                    for scope_spans in resource_spans.scope_spans:
+                        receiver.spans.extend(scope_spans.spans)
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def _attributes(span) -> dict:
+    out = {}
+    for kv in span.attributes:
+        value = kv.value
+        out[kv.key] = getattr(value, value.WhichOneof("value"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(isolated_home_module, tmp_path_factory):
+    with running_server("--plugin", "inferos", "--inferos-prefix-spill-mb", "0",
+                        env={"INFEROS_HOME": str(isolated_home_module)},
+                        log_path=tmp_path_factory.mktemp("logs") / "server.log") as base:
+        yield base
+
+
+def _telemetry(server: str, block: dict) -> httpx.Response:
+    return httpx.post(f"{server}/api/v1/params", json={"telemetry": block}, timeout=30)
+
+
+def test_each_request_exports_one_span_with_openinference_attributes(server, receiver):
+    on = _telemetry(server, {"enabled": True, "trust_incoming_trace_context": True,
+                             "otlp": {"endpoint": receiver.url, "headers": {"x-project-name": "inferos"},
+                                      "batch_timeout_s": 0.2}})
+    assert on.status_code == 200, on.text
+    assert httpx.get(f"{server}/api/v1/health", timeout=30).json()["telemetry"]["captures"] == \
+        ["inputs", "outputs", "thinking"]
+    system = {"role": "system", "content": "You answer in one short sentence. " * 12}
+    replies, stats = [], []
+    for question in ("What is a lemon?", "What is a lime?"):
+        reply = httpx.post(f"{server}/api/v1/chat/completions", timeout=120, headers={
+            "x-session-id": "chat-7", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+            json={"model": MODEL, "messages": [system, {"role": "user", "content": question}], "max_tokens": 12})
+        replies.append(reply.json()["choices"][0]["message"]["content"])
+        stats.append(httpx.get(f"{server}/api/v1/stats", timeout=30).json())
+    assert httpx.post(f"{server}/internal/telemetry/flush", timeout=60).json()["status"] == "success"
+
+    assert len(receiver.spans) == 2 and receiver.headers[-1]["x-project-name"] == "inferos"
+    for span, reply, stat, question in zip(receiver.spans, replies, stats, ("lemon", "lime")):
+        a = _attributes(span)
+        assert a["openinference.span.kind"] == "LLM" and a["llm.model_name"] == MODEL
+        assert a["llm.token_count.prompt"] == stat["prompt_tokens"]
+        assert a["llm.token_count.completion"] == stat["output_tokens"]
+        assert a["llm.token_count.prompt_details.cache_read"] == stat["cache_tokens"]
+        assert a["gen_ai.usage.input_tokens"] == stat["prompt_tokens"]
+        assert a["inferos.ttft_ms"] == pytest.approx(stat["time_to_first_token"] * 1000, rel=1e-3)
+        assert a["inferos.engine"] == "inferos" and question in a["input.value"] and a["output.value"] == reply
+        assert a["session.id"] == "chat-7" and span.end_time_unix_nano > span.start_time_unix_nano
+        assert span.trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736", "the caller's traceparent is honoured"
+        assert any(key.startswith("inferos.kv.") for key in a), "the KV plan and what the cache measured"
+    assert _attributes(receiver.spans[1])["llm.token_count.prompt_details.cache_read"] > 0
+
+    hidden = _telemetry(server, {"hide_inputs": True, "hide_outputs": True})
+    assert hidden.status_code == 200
+    httpx.post(f"{server}/api/v1/completions", json={"model": MODEL, "prompt": "Lemons are", "max_tokens": 3},
+               timeout=120)
+    httpx.post(f"{server}/internal/telemetry/flush", timeout=60)
+    last = _attributes(receiver.spans[-1])
+    assert "input.value" not in last and "output.value" not in last and last["llm.token_count.completion"] == 3
+    _telemetry(server, {"enabled": False, "hide_inputs": False, "hide_outputs": False})
+
+
+def test_bad_telemetry_settings_are_400_and_change_nothing(server, receiver):
+    _telemetry(server, {"enabled": False})
+    for block in ({"enabled": "yes"}, {"otlp": {"endpoint": "ftp://collector"}}, {"verbose": True},
+                  {"otlp": {"protocol": "http/json"}}, {"otlp": {"headers": {"x": 1}}}, {"max_queue_capacity": 0},
+                  "on"):
+        response = _telemetry(server, block)
+        assert response.status_code == 400, block
+        assert response.json()["error"]["code"] == "invalid_request"
+    assert httpx.get(f"{server}/api/v1/health", timeout=30).json()["telemetry"]["enabled"] is False
+    mixed = httpx.post(f"{server}/api/v1/params", json={"temperature": 0.5, "telemetry": {"enabled": 1}}, timeout=30)
+    assert mixed.status_code == 400
+    assert "temperature" not in httpx.post(f"{server}/api/v1/params", json={}, timeout=30).json()["params"]
+    refused = httpx.post(f"{server}/internal/set", json={"telemetry": {"enabled": "true"}}, timeout=30)
+    assert refused.status_code == 400
+
+
+def test_a_collector_that_is_down_never_fails_a_request(server):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1/traces"   # nothing listens once the socket closes
+    assert _telemetry(server, {"enabled": True, "otlp": {"endpoint": dead, "batch_timeout_s": 0.1}}).status_code == 200
+    for _ in range(3):
+        reply = httpx.post(f"{server}/api/v1/chat/completions", timeout=120,
+                           json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+        assert reply.status_code == 200
+    httpx.post(f"{server}/internal/telemetry/flush", timeout=60)
+    health = httpx.get(f"{server}/api/v1/health", timeout=30).json()["telemetry"]
+    assert health["inferos"]["spans_failed"] >= 3
+    metrics = httpx.get(f"{server}/metrics", timeout=30).text
+    failed = next(line for line in metrics.splitlines() if line.startswith("inferos_telemetry_spans_failed_total "))
+    assert float(failed.split()[1]) == health["inferos"]["spans_failed"]
+    _telemetry(server, {"enabled": False})
