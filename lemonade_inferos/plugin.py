@@ -36,6 +36,7 @@ from lemonade_inferos.settings import InferosSettings, SettingsSources
 from lemonade_inferos.kvcache.prefix_store import PrefixStore
 from lemonade_inferos.kvcache.reuse import PrefixReuse
 from lemonade_inferos.kvcache.rope import rope_tables
+from lemonade_inferos.kvcache.shared_tier import SharedTier
 from lemonade_inferos.kvcache.warm import WarmCaches
 from lemonade_inferos.metrics.prometheus import ControllerCollector
 from lemonade_inferos.paths import inferos_home
@@ -82,8 +83,9 @@ class InferosPlugin:
                                  "the host serves with the baseline engine")
         _apply_log_level(settings.log_level)
         spill_dir = Path(settings.prefix_spill_dir or inferos_home() / "prefix-cache")
+        shared = SharedTier(settings.prefix_store, settings.prefix_store_timeout_s) if settings.prefix_store else None
         store = PrefixStore(self._prefix_budget(settings), spill_dir=spill_dir,
-                            spill_budget_bytes=int(settings.prefix_spill_mb * 2**20))
+                            spill_budget_bytes=int(settings.prefix_spill_mb * 2**20), shared=shared)
         # live caches are bounded by the prefix store's budget too (their buffers are full precision)
         warm = WarmCaches(settings.warm_caches, min_tokens=store.block_size, max_bytes=self._prefix_budget(settings))
         self.reuse = PrefixReuse(store, warm)
@@ -137,6 +139,8 @@ class InferosPlugin:
     def host_shutdown(self, host: Any) -> None:
         self.controller.stop()
         self.reuse.store.flush()
+        if self.reuse.store.shared is not None:
+            self.reuse.store.shared.close()  # queued writes are sent first (for up to 2 s)
         self.activity.close()
         self._shadow.shutdown(wait=False, cancel_futures=True)
         if self.control_server:

@@ -89,6 +89,10 @@ class InferosSettings(BaseModel):
     prefix_cache_mb: float = Field(256.0, ge=0)
     prefix_spill_mb: float = Field(1024.0, ge=0)
     prefix_spill_dir: Path | None = None
+    prefix_store: str | None = Field(None, description="a Valkey/Redis server shared by servers of the same "
+                                     "model, under memory and disk: valkey://HOST:PORT/DB (also redis://)")
+    prefix_store_timeout_s: float = Field(0.25, gt=0, description="a Valkey read or write slower than this is "
+                                          "a miss (and backs the tier off)")
     importance: Literal["attention", "key_norm", "recency"] = "attention"
     warm_caches: int = Field(1, ge=0)
     shadow_every: int = Field(8, ge=0)
@@ -108,6 +112,15 @@ class InferosSettings(BaseModel):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value.lower() if isinstance(value, str) and value.isupper() else value
+
+    @field_validator("prefix_store", mode="before")
+    @classmethod
+    def _store_url(cls, value: Any) -> Any:
+        if value in (None, ""):
+            return None
+        from lemonade_inferos.kvcache.shared_tier import redis_url
+        redis_url(str(value))  # ValueError names the accepted forms
+        return str(value)
 
     @field_validator("memory_limit", mode="before")
     @classmethod

@@ -70,17 +70,27 @@ def calibrated_model(model_dir) -> Path:
     return model_dir
 
 
+def _isolated_home(calibrated_model: Path, root: Path) -> Path:
+    from lemonade_inferos.paths import inferos_home
+
+    home = root / "home"
+    shutil.copytree(calibrated_model, home / "models" / calibrated_model.name, copy_function=os.symlink)
+    shutil.copytree(inferos_home() / "calibration" / "live-int8", home / "calibration" / "live-int8")
+    return home
+
+
 @pytest.fixture
 def isolated_home(calibrated_model, tmp_path) -> Path:
     """An INFEROS_HOME of its own (spill, history, token, pid files, quarantine) whose built model is the shared
     one, file by file through symlinks (deleting the model there removes links, never the shared build), with
     the shared INT8 calibration copied (a server in it does not calibrate again)."""
-    from lemonade_inferos.paths import inferos_home
+    return _isolated_home(calibrated_model, tmp_path)
 
-    home = tmp_path / "home"
-    shutil.copytree(calibrated_model, home / "models" / calibrated_model.name, copy_function=os.symlink)
-    shutil.copytree(inferos_home() / "calibration" / "live-int8", home / "calibration" / "live-int8")
-    return home
+
+@pytest.fixture(scope="module")
+def isolated_home_module(calibrated_model, tmp_path_factory) -> Path:
+    """:func:`isolated_home` shared by one test module's server."""
+    return _isolated_home(calibrated_model, tmp_path_factory.mktemp("module-home"))
 
 
 def control_url(base: str) -> str:
@@ -132,3 +142,64 @@ def tiny_models(model_dir) -> dict[str, Path]:
 
     return {arch: build_tiny_model(arch, inferos_home() / "hf" / "smollm2-135m", inferos_home() / "test-models")
             for arch in TINY_ARCHS}
+
+
+class RedisServer:
+    """A real ``redis-server`` (Debian's; Valkey speaks the same protocol) on a free loopback port, no
+    persistence, LRU eviction as the shared prefix store expects. ``stop``/``start`` for outage tests."""
+
+    def __init__(self, root: Path, maxmemory: str = "256mb") -> None:
+        from lemonade_inferos.bench.servers import free_port
+
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed: the README's test command installs it (apt-get)"
+        self.binary, self.root, self.maxmemory = binary, root, maxmemory
+        self.port = free_port()
+        self.url = f"valkey://127.0.0.1:{self.port}/0"
+        self.process = None
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", str(self.root)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer on port {self.port}")
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis_server(tmp_path):
+    """A redis-server of the test's own (to kill and restart)."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()

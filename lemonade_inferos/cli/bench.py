@@ -188,14 +188,20 @@ def bench_kv_cmd(model_name: str, plan: str, contexts: tuple[int, ...], new_toke
 @bench.command("multiturn")
 @click.option("--model", "model_name", default="SmolLM2-135M-Instruct-CPU", show_default=True,
               help="Registry model name served by lemonade-server.")
-@click.option("--turns", default=10, show_default=True)
+@click.option("--turns", default=None, type=int, help="turns of the chat [default: 10; 12 with --sliding-window]")
 @click.option("--reply-tokens", default=48, show_default=True, help="max_tokens of each assistant reply.")
+@click.option("--sliding-window", type=click.IntRange(1, 32), default=None,
+              help="GAIA's agent pattern: keep the system prompt and the last K exchanges (segment reuse vs "
+                   "prefix reuse only, against cold prefills; first-token KLD and greedy agreement in process)")
+@click.option("--recompute", "shares", multiple=True, type=click.FloatRange(0.0, 1.0),
+              help="with --sliding-window: kv.segment_recompute shares to run (repeatable) [default: 0.25]")
 @llamacpp_options("play the same chat on llama.cpp in process")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/multiturn.json"),
-              show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="[default: bench-out/multiturn.json, or bench-out/sliding.json with --sliding-window]")
 @handle_errors
-def bench_multiturn_cmd(model_name: str, turns: int, reply_tokens: int, llamacpp: bool | None, gguf: Path | None,
-                        json_path: Path) -> None:
+def bench_multiturn_cmd(model_name: str, turns: int | None, reply_tokens: int, sliding_window: int | None,
+                        shares: tuple[float, ...], llamacpp: bool | None, gguf: Path | None,
+                        json_path: Path | None) -> None:
     """A scripted multi-turn chat against lemonade-server with --plugin inferos and without (og baseline)."""
     from lemonade_inferos.bench.multiturn import bench_multiturn
     from lemonade_inferos.host.registry import ModelRegistry
@@ -203,6 +209,11 @@ def bench_multiturn_cmd(model_name: str, turns: int, reply_tokens: int, llamacpp
     registry = ModelRegistry()
     folder = registry.pull(model_name, progress=console.log) if not registry.is_downloaded(model_name) \
         else registry.folder(model_name)
+    if sliding_window is not None:
+        _sliding(model_name, folder, turns or 12, sliding_window, reply_tokens, shares or (0.25,),
+                 json_path or Path("bench-out/sliding.json"))
+        return
+    turns, json_path = turns or 10, json_path or Path("bench-out/multiturn.json")
     gguf = gguf_for_llamacpp(llamacpp, gguf, "smollm2-135m")
     results = bench_multiturn(model_name, folder, turns, reply_tokens, json_path, gguf)
     table = Table("mode", "last-turn TTFT s", "cold TTFT s", "ratio", "hit rate")
@@ -215,3 +226,62 @@ def bench_multiturn_cmd(model_name: str, turns: int, reply_tokens: int, llamacpp
     Console().print(f"restored-prefix first-token KLD {results['restore']['kld']:.2e} (prefix store), "
                     f"{results['restore']['warm_kld']:.2e} (warm cache); "
                     f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+def _sliding(model_name: str, folder: Path, turns: int, window: int, reply_tokens: int, shares: tuple[float, ...],
+             json_path: Path) -> None:
+    from lemonade_inferos.bench.sliding import plot_sliding, run_sliding_bench
+    from lemonade_inferos.reports import write_json
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    results = run_sliding_bench(model_name, folder, turns, window, reply_tokens, json_path.parent, shares)
+    write_json(json_path, results)
+    plot_sliding(results, json_path.with_suffix(".png"))
+    table = Table("run", "sliding TTFT s", "cold TTFT s", "vs cold", "cached / prompt", "max KLD", "same top-1",
+                  "same reply")
+    for label, run in results["runs"].items():
+        quality = "quality" in run
+        table.add_row(label, f"{run['mean_sliding_ttft_s']:.3f}", f"{run['mean_cold_ttft_s']:.3f}",
+                      f"{run['mean_ttft_vs_cold']:.3f}", f"{run['mean_cached_tokens']:.0f} / "
+                      f"{run['mean_prompt_tokens']:.0f}", f"{run['max_kld']:.4f}" if quality else "-",
+                      f"{run['same_top1_share']:.0%}" if quality else "-",
+                      f"{run['same_reply_share']:.0%}" if quality else "-")
+    Console().print(table)
+    Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+@bench.command("shared-store")
+@click.option("--model", "model_name", default="SmolLM2-135M-Instruct-CPU", show_default=True,
+              help="Registry model name served by lemonade-server.")
+@click.option("--store", "store_url", default=None, help="a Valkey/Redis URL to use (default: start a redis-server "
+              "on a free port; the outage run needs that one)")
+@click.option("--prompt-chars", default=7500, show_default=True, help="document characters of the shared prompt "
+              "(7500: ~2,000 tokens)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/shared-store.json"),
+              show_default=True)
+@handle_errors
+def bench_shared_store_cmd(model_name: str, store_url: str | None, prompt_chars: int, json_path: Path) -> None:
+    """Two servers sharing one Valkey/Redis prefix store, and 8 chats x 6 turns that lose the store midway."""
+    from lemonade_inferos.bench.shared_store import run_shared_store_bench
+    from lemonade_inferos.host.registry import ModelRegistry
+    from lemonade_inferos.reports import write_json
+
+    registry = ModelRegistry()
+    folder = registry.pull(model_name, progress=console.log) if not registry.is_downloaded(model_name) \
+        else registry.folder(model_name)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    results = run_shared_store_bench(model_name, folder, json_path.parent, store_url, prompt_chars)
+    write_json(json_path, results)
+    share = results["sharing"]
+    table = Table("", "TTFT s", "cached tokens")
+    table.add_row("server A, cold", f"{share['a_cold_ttft_s']:.3f}", "0")
+    table.add_row("server B, A's prompt", f"{share['b_ttft_s']:.3f}", str(share["b_cached_tokens"]))
+    table.add_row("server B, cold", f"{share['b_cold_ttft_s']:.3f}", "0")
+    Console().print(table)
+    Console().print(f"B vs its cold prefill x{share['b_ttft_vs_its_cold']:.3f} ({share['prompt_tokens']} tokens, "
+                    f"{share['b_blocks_from_store']:.0f} blocks from the store, same reply: {share['same_reply']})")
+    if "outage" in results:
+        o = results["outage"]
+        Console().print(f"outage: {o['completed']}/{o['requests']} requests completed with the store killed after "
+                        f"round {o['store_killed_after_round']}; store errors {o['metrics']['errors_total']}")
+    Console().print(f"wrote {json_path}")

@@ -321,7 +321,9 @@ class Controller:
         # INT8 live while the plan quantizes and the guard allows INT8; its "no quantization" and "full precision"
         # steps (and kv.mode disabled) run on the model's own KV dtype
         live = kv.live_format if plan.quantizes and self.guard.max_tier >= TIER_INT8 else "model"
-        return replace(plan, pressure=effective.state.pressure, importance=self.importance, live_kv=live)
+        segments = kv.segment_recompute if kv.segment_reuse else None   # the guard's steps turn it off
+        return replace(plan, pressure=effective.state.pressure, importance=self.importance, live_kv=live,
+                       segment_recompute=segments)
 
     def _session_policy(self, effective: EffectivePolicy) -> SessionPolicy:
         """Session options per phase; spinning follows the measured load unless the scheduler fixes it."""

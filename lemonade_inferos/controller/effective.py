@@ -85,6 +85,10 @@ def resolve(configured: Policy, state: RunState) -> EffectivePolicy:
         overrides.append(Override("kv.max_tier", "INT4", state.guard_max_tier_name, "quality_guard",
                                   f"quality guard level {state.guard_level} ({state.guard_action}): the online "
                                   "ΔPPL estimate exceeded quality.max_delta_ppl"))
+        if configured.kv.segment_reuse:
+            kv["segment_reuse"] = False
+            overrides.append(Override("kv.segment_reuse", True, False, "quality_guard",
+                                      f"quality guard level {state.guard_level}: shifted segments are prefilled"))
         if configured.kv.live_format == "int8" and state.guard_max_tier_name == "FP16":
             kv["live_format"] = "model"
             overrides.append(Override("kv.live_format", "int8", "model", "quality_guard",

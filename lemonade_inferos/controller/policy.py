@@ -33,6 +33,10 @@ class KVPolicy(_Strict):
     level_thresholds: LevelThresholds = Field(default_factory=LevelThresholds)
     # this project's extension: the working buffer's form while a request runs (README, "The tiered KV cache")
     live_format: Literal["int8", "model"] = "int8"
+    # this project's extension: reuse KV of a prompt run an earlier sequence holds shifted (kvcache/segments.py)
+    segment_reuse: bool = True
+    segment_recompute: float = Field(0.25, ge=0.0, le=1.0, description="share of a shifted segment prefilled "
+                                     "again at its seam (at least 16 tokens)")
 
 
 class IOPolicy(_Strict):

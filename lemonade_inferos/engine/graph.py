@@ -228,10 +228,30 @@ def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: 
         log.info("%s: LM head not found; every prompt position's logits are computed", onnx_path)
     if {i.name for i in model.graph.input} == original_inputs and not probe_layers:
         return _describe(model, str(onnx_path), probe_names)
-    if os.access(onnx_path.parent, os.W_OK):
-        tmp_path = patched_path.with_suffix(".tmp")
+    home = _graph_home(onnx_path)
+    if home is not None and os.access(home, os.W_OK):
+        written = home / patched_path.name
+        tmp_path = written.with_suffix(".tmp")
         onnx.save(model, str(tmp_path))  # external data references stay relative to the same folder
-        os.replace(tmp_path, patched_path)
+        os.replace(tmp_path, written)
+        if written != patched_path:  # a folder of symlinks: the patched graph sits by the data it reads
+            patched_path.unlink(missing_ok=True)
+            patched_path.symlink_to(written)
         return _describe(model, str(patched_path), probe_names)
     onnx.load_external_data_for_model(model, str(onnx_path.parent))
     return _describe(model, model.SerializeToString(), probe_names)
+
+
+def _graph_home(onnx_path: Path) -> Path | None:
+    """Where a patched graph must lie for ONNX Runtime to read the external data it names: the model's folder,
+    or, when that folder's data files are symlinks (a copy made of links), the folder they point into (ONNX
+    Runtime refuses data that escapes the graph's real directory). None when neither works (links to files of
+    other names, as in a Hugging Face cache): the graph is then loaded from memory."""
+    folder = onnx_path.parent
+    data = sorted(folder.glob(onnx_path.name + ".data*"))
+    if not any(d.is_symlink() for d in data):
+        return folder
+    real = onnx_path.resolve().parent
+    if all((real / d.name).resolve() == d.resolve() for d in data):
+        return real
+    return None

@@ -198,7 +198,7 @@ class LiveForms:
         scales = kv_scales.folder_scales(folder.path, heads, head_size)
         if scales is not None:
             return kv_scales.Calibration(scales, None, None)
-        fingerprint = kv_scales.content_fingerprint(folder.onnx_path)
+        fingerprint = folder.fingerprint
         found = kv_scales.load_calibration(fingerprint, heads, head_size)
         if found is not None:
             return found

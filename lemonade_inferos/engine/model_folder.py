@@ -7,6 +7,8 @@ message naming the file instead of deep inside ONNX Runtime.
 
 from __future__ import annotations
 
+import functools
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,11 +74,13 @@ class ModelFolder:
     def present_value_name(self, layer: int) -> str:
         return self.output_names["present_value_names"] % layer
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """Identifies weights and graph for cache keys: folder, size and mtime of the model file."""
-        stat = self.onnx_path.stat()
-        return f"{self.path.resolve()}:{self.filename}:{stat.st_size}:{int(stat.st_mtime)}"
+        """Identifies weights and graph for cache keys by content, not place: the same model in another folder
+        or on another machine has the same fingerprint (servers sharing a prefix store find each other's blocks),
+        a rebuilt or fine-tuned one another."""
+        from lemonade_inferos.engine.kv_scales import content_fingerprint
+        return f"{self.filename}:{content_fingerprint(self.onnx_path)}"
 
 
 def _require(section: dict[str, Any], key: str, where: str, config_path: Path) -> Any:

@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -59,6 +59,7 @@ class OrtEngine:
                  prefill_chunk_tokens: int = 512, context_length: int | None = None,
                  attention_probe_layers: tuple[int, ...] = ()) -> None:
         self.folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
+        self.folder.fingerprint  # read now (~18 MiB of the model): never inside a request's watched run
         self.policy = policy or SessionPolicy()
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.context_length = context_length
@@ -174,7 +175,9 @@ class OrtEngine:
         stats.prompt_n, stats.cache_n = len(prompt), reused
         binding = StepBinding(self, cache, make_run_options(run_options))
         try:
-            logits = self.prefill(binding, prompt[reused:])
+            splices = take_splices(cache, prompt, reused)
+            logits = self.prefill(binding, prompt[reused:], splices, reused)
+            stats.cache_n += sum(len(s) for s in splices)
         except CacheFullError as exc:
             cache.truncate(reused)
             raise GenerationError(
@@ -183,11 +186,22 @@ class OrtEngine:
         stats.prefill_end_time = time.perf_counter()
         yield from self._decode(binding, logits, prompt, params, stats, speculation)
 
-    def prefill(self, binding: StepBinding, ids: list[int]) -> np.ndarray:
+    def prefill(self, binding: StepBinding, ids: list[int], splices: Sequence[Any] = (), offset: int = 0
+                ) -> np.ndarray:
+        """Run ``ids`` in chunks; where a splice begins (``offset`` is the position of ``ids[0]`` in the prompt),
+        its KV goes into the cache instead of running its tokens (``kvcache/segments.py``)."""
         logits = None
-        for start in range(0, len(ids), self.prefill_chunk_tokens):
-            chunk = np.asarray(ids[start:start + self.prefill_chunk_tokens], dtype=np.int64)[None, :]
-            logits = binding.run(chunk, all_logits=False)
+        pending = list(splices)
+        start = 0
+        while start < len(ids):
+            if pending and pending[0].at == offset + start:
+                splice = pending.pop(0)
+                binding.cache.insert_segment(splice.token_ids, splice.keys, splice.values, splice.old_positions)
+                start += len(splice)
+                continue
+            end = min(len(ids), start + self.prefill_chunk_tokens, pending[0].at - offset if pending else len(ids))
+            logits = binding.run(np.asarray(ids[start:end], dtype=np.int64)[None, :], all_logits=False)
+            start = end
         assert logits is not None, "prefill of zero tokens: this indicates a bug in cache_prefix_reuse"
         return logits
 
@@ -368,6 +382,21 @@ def make_run_options(entries: "dict[str, str] | ort.RunOptions | None", always: 
     for key, value in (entries or {}).items():
         options.add_run_config_entry(key, str(value))
     return options
+
+
+def take_splices(cache: KVCache, prompt: list[int], reused: int) -> list[Any]:
+    """The splices a cache carries for this prompt (set by segment reuse), checked against it: each must lie
+    after the reused prefix, in order, hold the prompt's own tokens and leave the last prompt token to run; a
+    splice that does not is dropped (its tokens are prefilled)."""
+    splices, cursor = [], reused
+    for splice in getattr(cache, "splices", None) or ():
+        end = splice.at + len(splice)
+        if splice.at >= cursor and end < len(prompt) and prompt[splice.at:end] == splice.token_ids:
+            splices.append(splice)
+            cursor = end
+    if hasattr(cache, "splices"):
+        cache.splices = []
+    return splices
 
 
 def cache_prefix_reuse(cache: KVCache, prompt: list[int]) -> int:

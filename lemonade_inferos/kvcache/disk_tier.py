@@ -1,15 +1,13 @@
 """The prefix store's disk tier: cached blocks pushed out of memory, kept across restarts.
 
-One ``<hash>.npz`` per block with a checksum over its arrays and its own block hash; a file that fails either
-when read (torn write, bit rot, a file copied in from elsewhere) is quarantined and counts as a miss. At start,
+One ``<hash>.npz`` per block (``block_bytes.py``: a checksum over its arrays and its own block hash); a file
+that fails either when read (torn write, bit rot, a file copied in from elsewhere) is quarantined and counts as a miss. At start,
 files whose names are not ``<32 hex digits>.npz`` (a crashed writer's temporary, anything foreign) are
 quarantined too, so nothing in the folder can stop the server.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import re
 from collections import OrderedDict
@@ -19,7 +17,7 @@ import numpy as np
 
 from lemonade_inferos.durable import atomic_write, quarantine
 from lemonade_inferos.kvcache.block import KVBlock
-from lemonade_inferos.kvcache.codecs import QuantizedTensor
+from lemonade_inferos.kvcache.block_bytes import decode_block, encode_block
 from lemonade_inferos.kvcache.plan import TIER_L0
 from lemonade_inferos.kvcache.pool import Tensor
 
@@ -30,7 +28,6 @@ class DiskTier:
     """Cached blocks on disk, LRU by file time within a byte budget: the lower tier of the prefix store's pool
     (``pool.py``), written when blocks are evicted from memory and at shutdown."""
 
-    FORMAT_VERSION = 1
     NAME = re.compile(r"[0-9a-f]{32}\.npz")
 
     def __init__(self, root: Path, budget_bytes: int) -> None:
@@ -61,22 +58,10 @@ class DiskTier:
                 self._files.move_to_end(block_hash)
                 return False
             self.nbytes -= self._files.pop(block_hash)  # an exact block replaces a quantized file
-        arrays = {"token_ids": np.asarray(block.token_ids, dtype=np.int64), "tier": np.asarray(tier),
-                  "block_hash": np.frombuffer(block_hash, dtype=np.uint8),
-                  "format": np.asarray(self.FORMAT_VERSION)}
-        if isinstance(keys, np.ndarray):  # an exact block's floats, or the INT8 live form's own codes
-            arrays.update(k_raw=keys, v_raw=values)
-        else:
-            arrays["bits"] = np.asarray(keys.bits)
-            for name, q in (("k", keys), ("v", values)):
-                arrays.update({f"{name}_codes": q.codes, f"{name}_scale": q.scale, f"{name}_minimum": q.minimum,
-                               f"{name}_shape": np.asarray(q.shape)})
-        arrays["checksum"] = np.frombuffer(_checksum(arrays), dtype=np.uint8)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        data = encode_block(block, keys, values)
         path = self._path(block_hash)
         try:
-            atomic_write(path, buffer.getvalue())
+            atomic_write(path, data)
         except OSError as exc:  # a full disk loses this block's copy, nothing else
             log.warning("could not spill prefix block %s: %s", path, exc)
             return False
@@ -111,24 +96,10 @@ class DiskTier:
         return block
 
     def _load(self, path: Path, block_hash: bytes) -> tuple[tuple[int, ...], int, Tensor, Tensor]:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-        checksum = arrays.pop("checksum", None)
-        if checksum is None or checksum.tobytes() != _checksum(arrays):
-            raise ValueError("checksum mismatch")
-        if int(arrays["format"]) != self.FORMAT_VERSION or arrays["block_hash"].tobytes() != block_hash:
-            raise ValueError("written for another block or in another format")
-        tier = int(arrays["tier"])
-        if "k_raw" in arrays:
-            tensors = [arrays["k_raw"], arrays["v_raw"]]
-            if tier == TIER_L0:
-                self._exact.add(block_hash)
-        else:
-            bits = int(arrays["bits"])
-            tensors = [QuantizedTensor(arrays[f"{n}_codes"], arrays[f"{n}_scale"], arrays[f"{n}_minimum"],
-                                       tuple(int(x) for x in arrays[f"{n}_shape"]), bits, axis)
-                       for n, axis in (("k", "token"), ("v", "channel"))]
-        return tuple(int(t) for t in arrays["token_ids"]), tier, tensors[0], tensors[1]
+        token_ids, tier, keys, values = decode_block(path.read_bytes(), block_hash)
+        if tier == TIER_L0 and isinstance(keys, np.ndarray):
+            self._exact.add(block_hash)
+        return token_ids, tier, keys, values
 
     def discard(self, block_hash: bytes) -> None:
         if block_hash in self._files:
@@ -140,13 +111,3 @@ class DiskTier:
         return {"dir": str(self.root), "files": len(self._files), "bytes": self.nbytes,
                 "budget_bytes": self.budget_bytes, "writes": self.writes, "reads": self.reads,
                 "corrupt_files": self.corrupt}
-
-
-def _checksum(arrays: dict[str, np.ndarray]) -> bytes:
-    """BLAKE2b over every array's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.digest()

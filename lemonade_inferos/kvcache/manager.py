@@ -70,6 +70,7 @@ class TieredKVCache(KVCache):
         self._attn_sum = np.zeros(self.buffer.capacity, dtype=np.float64)
         self._attn_count = np.zeros(self.buffer.capacity, dtype=np.float64)
         self.stats = KVStats()
+        self.splices: list = []  # segment reuse: KV the next prefill places instead of running (segments.py)
         self._codecs = {tier: codec_for_tier(tier, plan.group_size) for tier in (TIER_INT8, TIER_INT4)}
         # the tier every held token is at: L0 in the model's dtype, L1 in the INT8 live form
         self.floor_tier = TIER_INT8 if layout.live_int8 else TIER_L0
@@ -298,6 +299,47 @@ class TieredKVCache(KVCache):
                     block.tiers[layers] = TIER_L0
                     self._quantize(block, layers, tier)
         self.stats.rebases += 1
+
+    # -- segment reuse (segments.py) ----------------------------------------------------------------
+    def segment(self, start: int, end: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """Copies of tokens ``[start, end)``: float keys and values per layer ``[H, T, D]``, and their positions."""
+        layers = range(self.layout.num_layers)
+        keys = [np.array(self.buffer.read(layer, 0, start, end), dtype=np.float32) for layer in layers]
+        values = [np.array(self.buffer.read(layer, 1, start, end), dtype=np.float32) for layer in layers]
+        return keys, values, self.buffer.positions[start:end].copy()
+
+    def stored_segment(self, source: BlockPool, blocks: list[KVBlock]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Float keys and values per layer ``[H, T, D]`` of cached blocks of ``source`` (a prefix store's pool),
+        in order: dequantized from their at-rest form (INT8 live codes with this cache's scales)."""
+        heads, num_layers = self.layout.num_kv_heads, self.layout.num_layers
+        parts: list[list[list[np.ndarray]]] = [[[] for _ in range(num_layers)] for _ in range(2)]
+        for stored in blocks:
+            for slot, half in enumerate(source.load(stored)):
+                floats = self._restored_values(stored.tier, half)
+                for layer in range(num_layers):
+                    rows = slice(layer * heads, (layer + 1) * heads)
+                    parts[slot][layer].append(floats[rows] if floats is not None else
+                                              self.layout.scales.dequantize(half[rows], layer, slot))
+        keys, values = ([np.concatenate(layer, axis=1).astype(np.float32) for layer in half] for half in parts)
+        return keys, values
+
+    def insert_segment(self, token_ids: list[int], keys: list[np.ndarray], values: list[np.ndarray],
+                       old_positions: np.ndarray) -> None:
+        """Append KV computed elsewhere after the held tokens: each key rotated from its old RoPE position to
+        its new one (values carry no position), written in this cache's live form, then committed like a run
+        of the model (blocks seal and follow the plan)."""
+        assert self.rope is not None, "a segment without RoPE tables: this indicates a bug in the caller"
+        num_new = len(token_ids)
+        self.reserve(num_new)
+        start = self.num_tokens
+        delta = self.new_positions(num_new)[0] - old_positions
+        for layer in range(self.layout.num_layers):
+            rotated = keys[layer].copy()
+            self.rope.rotate(rotated, delta)
+            self.buffer.write(layer, 0, start, rotated)
+            self.buffer.write(layer, 1, start, values[layer])
+        self.commit(token_ids)
+        self.stats.segment_tokens += num_new
 
     # -- prefix store support ------------------------------------------------------------------
     def at_rest(self, start: int, end: int, tier: int, group_size: int) -> tuple[object, object]:

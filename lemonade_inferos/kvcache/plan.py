@@ -59,6 +59,7 @@ class KVPlan:
     importance: Literal["key_norm", "inverse_key_norm", "recency", "attention"] = "key_norm"
     pressure: float = 0.0   # external memory pressure in [0, 1], set by the controller
     live_kv: Literal["model", "int8"] = "model"
+    segment_recompute: float | None = None   # segment reuse on, recomputing this share at a seam (segments.py)
 
     def __post_init__(self) -> None:
         if self.block_size & (self.block_size - 1) or not 8 <= self.block_size <= 256:

@@ -19,6 +19,12 @@ what a cold prefill would compute.
 Optional spill to disk: the pool's lower tier (``disk_tier.py``) takes blocks
 pushed out of the memory budget and brings them back on a hit; ``flush()`` writes
 every block at shutdown, so a restarted server still has the conversations it served.
+
+Optional shared tier under both (``shared_tier.py``, Valkey/Redis): every new block
+is written through at park time (queued, sent in the background), and a lookup
+that misses memory and disk reads the rest of the prefix from it, so servers of
+the same model share their hits and a server on an empty machine gets them back.
+Hits are counted by the tier that served them (memory, disk, shared).
 """
 
 from __future__ import annotations
@@ -34,16 +40,27 @@ from lemonade_inferos.kvcache.disk_tier import DiskTier
 from lemonade_inferos.kvcache.manager import TieredKVCache
 from lemonade_inferos.kvcache.plan import TIER_INT4, TIER_INT8, TIER_L0
 from lemonade_inferos.kvcache.pool import BlockPool
+from lemonade_inferos.kvcache.shared_tier import SharedTier
 
 
 def block_hashes(token_ids: list[int], block_size: int, salt: bytes) -> list[bytes]:
     """Chained hashes of every full block of ``token_ids``."""
     hashes, parent = [], salt
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        block = np.asarray(token_ids[start:start + block_size], dtype=np.int64).tobytes()
-        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        parent = chained_hash(parent, token_ids[start:start + block_size])
         hashes.append(parent)
     return hashes
+
+
+def chained_hash(parent: bytes, tokens: list[int]) -> bytes:
+    return hashlib.blake2b(parent + np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+
+def content_key(salt: bytes, tokens: list[int]) -> bytes:
+    """A block's own tokens (with the salt: same model and KV format), whatever came before it: the segment
+    index, which finds a block again when the prefix before it changed."""
+    return hashlib.blake2b(b"content|" + salt + np.asarray(tokens, dtype=np.int64).tobytes(),
+                           digest_size=16).digest()
 
 
 class PrefixStore:
@@ -52,8 +69,9 @@ class PrefixStore:
     pinned (never evicted) until :meth:`release`."""
 
     def __init__(self, budget_bytes: int, block_size: int = 32, group_size: int = 32,
-                 spill_dir: Path | None = None, spill_budget_bytes: int = 0) -> None:
+                 spill_dir: Path | None = None, spill_budget_bytes: int = 0, shared: SharedTier | None = None) -> None:
         self.spill = DiskTier(spill_dir, spill_budget_bytes) if spill_dir and spill_budget_bytes > 0 else None
+        self.shared = shared
         # a cached block holds its layers stacked, at one tier: one tier entry per block
         self.pool = BlockPool(1, budget_bytes, lower=self.spill)
         self.block_size = block_size
@@ -61,6 +79,10 @@ class PrefixStore:
         self._lock = threading.Lock()
         self.hits_tokens = 0
         self.lookup_tokens = 0
+        self.hit_blocks_by_tier = {"memory": 0, "disk": 0, "shared": 0}
+        # the segment index: content key -> (chained hash, the block's position in the sequence it was parked from)
+        self._by_content: dict[bytes, tuple[bytes, int]] = {}
+        self.segment_blocks = 0
 
     @staticmethod
     def salt(model_fingerprint: str, kv_format: str) -> bytes:
@@ -93,12 +115,68 @@ class PrefixStore:
                 start = index * self.block_size
                 tier = TIER_L0 if exact else TIER_INT4 if index in demoted else TIER_INT8
                 keys, values = cache.at_rest(start, start + self.block_size, tier, self.group_size)
-                pool.cache(block_hash, tuple(token_ids[start:start + self.block_size]), tier, keys, values)
+                tokens = tuple(token_ids[start:start + self.block_size])
+                block = pool.cache(block_hash, tokens, tier, keys, values)
+                self._by_content[content_key(salt, list(tokens))] = (block_hash, start)
+                if self.shared is not None:
+                    self.shared.write(block, keys, values)
                 new_blocks += 1
             for block_hash in reversed(hashes):  # tail first: parents end up most recently used
                 pool.touch(pool.cached(block_hash, reach_lower=False))
             pool.evict_to_budget()
+            self._bound_index()
         return new_blocks
+
+    def _bound_index(self) -> None:
+        """Keep the segment index near the blocks that exist (memory or disk): forget entries of blocks gone."""
+        held = len(self.pool.cached_blocks()) + (len(self.spill._files) if self.spill is not None else 0)
+        if len(self._by_content) > 2 * held + 1024:
+            spilled = self.spill._files if self.spill is not None else {}
+            self._by_content = {k: v for k, v in self._by_content.items()
+                                if self.pool.cached(v[0], reach_lower=False) is not None or v[0] in spilled}
+
+    def shifted_run(self, prompt_ids: list[int], start: int, salt: bytes, max_tier: int, max_lead: int = 64
+                    ) -> tuple[int, list[KVBlock], list[int]]:
+        """The longest chain of stored blocks matching the prompt from a position within ``max_lead`` of
+        ``start`` (found by the segment index, followed by the chain), pinned until :meth:`release`: the
+        prompt position it begins at, the blocks, and each block's position in the sequence it came from."""
+        best: tuple[int, list[KVBlock], list[int]] = (start, [], [])
+        bs = self.block_size
+        with self._lock:
+            last = min(start + max_lead, len(prompt_ids) - 1 - bs)
+            for q in range(start, last + 1):
+                entry = self._by_content.get(content_key(salt, prompt_ids[q:q + bs]))
+                if entry is None:
+                    continue
+                run, origins, parent = self._follow(prompt_ids, q, entry, max_tier)
+                if len(run) > len(best[1]):
+                    best = (q, run, origins)
+                if q + len(run) * bs >= len(prompt_ids) - 1 - bs:
+                    break  # nothing later can be longer
+            self.pool.pin(best[1])
+        return best
+
+    def record_segment(self, num_blocks: int) -> None:
+        """Count blocks a request took from :meth:`shifted_run` (the segment hits)."""
+        with self._lock:
+            self.segment_blocks += num_blocks
+
+    def _follow(self, prompt_ids: list[int], q: int, entry: tuple[bytes, int], max_tier: int
+                ) -> tuple[list[KVBlock], list[int], bytes]:
+        bs = self.block_size
+        block_hash, origin = entry
+        run, origins = [], []
+        while True:
+            block = self.pool.cached(block_hash)
+            if block is None or block.tier > max_tier:
+                break
+            run.append(block)
+            origins.append(origin)
+            q, origin = q + bs, origin + bs
+            if q + bs > len(prompt_ids) - 1:  # the prompt's last token always runs
+                break
+            block_hash = chained_hash(block_hash, prompt_ids[q:q + bs])
+        return run, origins, block_hash
 
     def flush(self) -> int:
         """Write every in-memory block to the spill folder (shutdown); returns how many were written."""
@@ -117,9 +195,11 @@ class PrefixStore:
     def discard(self, blocks: list[KVBlock]) -> None:
         """Forget ``blocks`` in memory and on disk: restoring them failed, so they must not be offered again."""
         with self._lock:
-            for block in blocks:
-                if block.block_hash is not None:
-                    self.pool.uncache(block.block_hash, lower_too=True)
+            doomed = [block.block_hash for block in blocks if block.block_hash is not None]
+            for block_hash in doomed:
+                self.pool.uncache(block_hash, lower_too=True)
+        if self.shared is not None:
+            self.shared.discard(doomed)
 
     def set_budget(self, budget_bytes: int) -> None:
         with self._lock:
@@ -137,20 +217,41 @@ class PrefixStore:
         """
         usable = (len(prompt_ids) - 1) // self.block_size * self.block_size
         found: list[KVBlock] = []
+        hashes = block_hashes(prompt_ids[:usable], self.block_size, salt)
         with self._lock:
             pool = self.pool
-            for block_hash in block_hashes(prompt_ids[:usable], self.block_size, salt):
-                block = pool.cached(block_hash)
-                if block is None or block.tier > max_tier:
+            for index, block_hash in enumerate(hashes):
+                block, where = pool.cached(block_hash, reach_lower=False), "memory"
+                if block is None:
+                    block, where = pool.cached(block_hash), "disk"
+                if block is None:
+                    found += self._from_shared(hashes[index:], max_tier)
+                    break
+                if block.tier > max_tier:
                     break
                 pool.pin([block])  # before the next miss may bring a block back and evict to make room
                 found.append(block)
+                self.hit_blocks_by_tier[where] += 1
             if record:
                 self.lookup_tokens += len(prompt_ids)
                 self.hits_tokens += len(found) * self.block_size
             for block in reversed(found):  # parents most recent, as in park()
                 pool.touch(block)
             pool.evict_to_budget()
+        return found
+
+    def _from_shared(self, hashes: list[bytes], max_tier: int) -> list[KVBlock]:
+        """The leading run of ``hashes`` the shared tier holds, cached in memory and pinned (under the lock)."""
+        if self.shared is None:
+            return []
+        found = []
+        for block_hash, (token_ids, tier, keys, values) in zip(hashes, self.shared.read_prefix(hashes)):
+            if tier > max_tier:
+                break
+            block = self.pool.cache(block_hash, token_ids, tier, keys, values)
+            self.pool.pin([block])
+            found.append(block)
+        self.hit_blocks_by_tier["shared"] += len(found)
         return found
 
     def release(self, blocks: list[KVBlock]) -> None:
@@ -181,5 +282,7 @@ class PrefixStore:
     def stats(self) -> dict[str, object]:
         return {"blocks": len(self.pool.cached_blocks()), "bytes": self.pool.nbytes, "budget_bytes": self.budget_bytes,
                 "hit_tokens": self.hits_tokens, "lookup_tokens": self.lookup_tokens, "hit_rate": self.hit_rate,
-                "evicted_blocks": self.pool.evicted_blocks,
-                "spill": self.spill.stats() if self.spill is not None else None}
+                "evicted_blocks": self.pool.evicted_blocks, "hit_blocks_by_tier": dict(self.hit_blocks_by_tier),
+                "segment_blocks": self.segment_blocks, "segment_index_entries": len(self._by_content),
+                "spill": self.spill.stats() if self.spill is not None else None,
+                "shared": self.shared.stats() if self.shared is not None else None}

@@ -20,6 +20,8 @@ class KVStats:
     block_layers_quantized: dict[str, int] = field(default_factory=lambda: {"int8": 0, "int4": 0})
     blocks_evicted: int = 0
     rebases: int = 0
+    segment_tokens: int = 0              # prompt tokens whose KV came from a shifted segment (segments.py)
+    segment_recomputed_tokens: int = 0   # ... and tokens prefilled again at such a segment's seam
     quantize_seconds: float = 0.0
     fp16_bytes: int = 0                  # what the tokens seen would take at FP16
     model_dtype_bytes: int = 0           # ... and at the model's KV dtype

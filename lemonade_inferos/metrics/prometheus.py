@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily, Metric
 
 PREFIX = "inferos"
 
@@ -62,6 +62,7 @@ class ControllerCollector:
                     doc["memory"].get("warm_cache_bytes"))
         yield gauge("prefix_cache_hit_ratio", "Prompt tokens served from cache (warm or prefix store) / prompt tokens.",
                     doc["memory"].get("kv_cache_hit_rate"))
+        yield from _prefix_tier_families(doc.get("prefix_cache") or {})
         yield gauge("cpu_utilization_ratio", "Process CPU utilisation (share of all cores).",
                     doc["device_utilization"]["cpu_utilization"])
         quality = doc.get("quality", {}).get("delta_ppl_est", {})
@@ -81,6 +82,37 @@ class ControllerCollector:
             counter = CounterMetricFamily(f"{PREFIX}_controller_{name[:-6]}", f"{key} since start.")
             counter.add_metric([], totals.get(key, 0))
             yield counter
+
+
+def _prefix_tier_families(prefix: dict[str, Any]) -> Iterator[Metric]:
+    """Prefix hits by the tier that served them, and the shared (Valkey/Redis) tier's own numbers."""
+    hits = CounterMetricFamily(f"{PREFIX}_prefix_hit_blocks", "Prefix-store blocks restored, by the tier that held "
+                               "them (memory, disk, shared).", labels=["tier"])
+    for tier, value in (prefix.get("hit_blocks_by_tier") or {}).items():
+        hits.add_metric([tier], value)
+    warm = (prefix.get("warm") or {}).get("hit_tokens")
+    yield hits
+    if warm is not None:
+        counter = CounterMetricFamily(f"{PREFIX}_warm_hit_tokens", "Prompt tokens served from a warm live cache.")
+        counter.add_metric([], warm)
+        yield counter
+    shared = prefix.get("shared")
+    if not shared:
+        return
+    up = GaugeMetricFamily(f"{PREFIX}_shared_store_up", "1 while the shared prefix store answers.", labels=["url"])
+    up.add_metric([shared["url"]], 1.0 if shared["up"] else 0.0)
+    yield up
+    for key, text in (("hits", "Blocks read from the shared store."), ("misses", "Blocks it did not hold."),
+                      ("writes", "Blocks written to it."), ("errors", "Operations that failed (down, slow, full)."),
+                      ("corrupt", "Values ignored: not the block their key names."),
+                      ("dropped_writes", "Writes not sent (queue full, store down)."),
+                      ("bytes_read", "Bytes read."), ("bytes_written", "Bytes written.")):
+        counter = CounterMetricFamily(f"{PREFIX}_shared_store_{key}", text)
+        counter.add_metric([], shared[key])
+        yield counter
+    latency = SummaryMetricFamily(f"{PREFIX}_shared_store_latency_seconds", "Round trips to the shared store.")
+    latency.add_metric([], count_value=shared["latency_count"], sum_value=shared["latency_s_sum"])
+    yield latency
 
 
 def _quantile_families(name: str, doc_text: str, section: dict[str, Any]) -> Iterator[Metric]:

@@ -29,6 +29,8 @@ KNOBS = {
                                      lambda c, r, p, s: p.evict_below == 0.1),
     "kv.live_format": ({"kv": {"live_format": "model"}}, lambda c, r, p, s: p.live_kv == "model"
                        and s.kv_cache == "model"),
+    "kv.segment_reuse": ({"kv": {"segment_reuse": False}}, lambda c, r, p, s: p.segment_recompute is None),
+    "kv.segment_recompute": ({"kv": {"segment_recompute": 0.5}}, lambda c, r, p, s: p.segment_recompute == 0.5),
     "io.enable_iobinding": ({"io": {"enable_iobinding": False}}, lambda c, r, p, s: s.enable_iobinding is False),
     "io.dml_pool_bytes": ({"scheduler": {"mode": "gpu_only"}, "io": {"dml_pool_bytes": "3GiB"}},
                           lambda c, r, p, s: s.dml_pool_bytes == 3 * 2**30 and "not in use"

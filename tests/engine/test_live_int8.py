@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from lemonade_inferos.engine import kv_scales
+from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.session import SessionPolicy
@@ -47,7 +48,7 @@ def test_int8_live_agrees_with_fp32_live_under_teacher_forcing(model_dir):
 
 
 def test_calibration_is_kept_and_reused_on_the_second_load(int8_engine, model_dir):
-    fingerprint = kv_scales.content_fingerprint(int8_engine.folder.onnx_path)
+    fingerprint = int8_engine.folder.fingerprint
     path = kv_scales.calibration_path(fingerprint)
     assert path.is_file() and json.loads(path.read_text())["fingerprint"] == fingerprint
     again = OrtEngine(model_dir, INT8)
@@ -58,7 +59,7 @@ def test_calibration_is_kept_and_reused_on_the_second_load(int8_engine, model_di
 
 def test_a_damaged_calibration_file_is_calibrated_again(tiny_models, tmp_path):
     engine = OrtEngine(tiny_models["llama"], INT8)
-    fingerprint = kv_scales.content_fingerprint(engine.folder.onnx_path)
+    fingerprint = engine.folder.fingerprint
     path = kv_scales.calibration_path(fingerprint)
     path.write_bytes(b"\xff\xfe not json")
     again = OrtEngine(tiny_models["llama"], INT8)
@@ -129,7 +130,7 @@ def test_bad_scales_are_refused():
 def test_calibration_is_not_bound_by_a_small_context(tiny_models, tmp_path):
     folder = tmp_path / "small-context"
     shutil.copytree(tiny_models["qwen3"], folder, copy_function=os.symlink)
-    kv_scales.calibration_path(kv_scales.content_fingerprint(folder / "model.onnx")).unlink(missing_ok=True)
+    kv_scales.calibration_path(load_model_folder(folder).fingerprint).unlink(missing_ok=True)
     engine = OrtEngine(folder, INT8, context_length=96)
     assert engine.layout.live_int8 and engine.layout.max_tokens == 96
     assert engine.live_kv_report()["scales"]["source"] == "calibrated"
