@@ -27,6 +27,7 @@ class InferenceContext:
     quality_budget: float | None = None   # max ΔPPL the caller accepts
     endpoint: str = "chat/completions"
     context_length: int | None = None
+    cache_prompt: bool = True             # llama.cpp's: False asks for a prefill from scratch (nothing reused)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -224,8 +224,12 @@ class InferosPlugin:
         layout = engine.layout_for(record.kv_plan)  # INT8 live, or the model's dtype (guard's last steps)
         record.salt = PrefixStore.salt(engine.folder.fingerprint, self._kv_format(layout, record.kv_plan))
         rope = rope_tables(engine)
-        cache, _ = self.reuse.acquire(context.prompt_ids, record.salt, layout, record.kv_plan,
-                                      record.max_tier, lambda: TieredKVCache(layout, record.kv_plan, rope))
+        if context.cache_prompt:
+            cache, _ = self.reuse.acquire(context.prompt_ids, record.salt, layout, record.kv_plan,
+                                          record.max_tier, lambda: TieredKVCache(layout, record.kv_plan, rope))
+        else:  # the caller asked for a prefill from scratch (llama.cpp's cache_prompt: false)
+            cache = TieredKVCache(layout, record.kv_plan, rope)
+            cache.max_tier = record.max_tier
         record.cache = cache
         return cache
 

@@ -48,8 +48,10 @@ def user_turns(tokenizer: Any, num_turns: int, max_tokens: int = 180) -> list[st
     return turns
 
 
-def _stream_turn(base: str, model: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+def _stream_turn(base: str, model: str, messages: list[dict[str, str]], max_tokens: int,
+                 **extra: Any) -> dict[str, Any]:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            **extra}
     started, first, parts, usage = time.perf_counter(), None, [], {}
     with httpx.stream("POST", f"{base}/api/v1/chat/completions", json=body, timeout=600) as response:
         response.raise_for_status()

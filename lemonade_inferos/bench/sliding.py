@@ -5,8 +5,8 @@ there. The same scripted chat (user turns cut from ``pydoc_data.topics``, greedy
 ``lemonade-server --plugin inferos`` twice in one run: with segment reuse (the default) and with
 ``kv.segment_reuse`` off (prefix reuse only: the system prompt). Per turn: client TTFT, prompt and cached tokens.
 
-Cold prefill: after the chat, each sliding turn's prompt is sent again with the system prompt's first word
-changed (nothing reusable, same length), on the same server.
+Cold prefill: after the chat, each sliding turn's prompt is sent again with ``cache_prompt: false`` (llama.cpp's
+field: prefilled from scratch, nothing reused), on the same server.
 
 Quality, in process under the server's KV plan: for each sliding turn, the previous turn's sequence (its prompt
 and reply) is run into a cache that is kept warm, the turn's prompt is served from it by segment reuse, and
@@ -50,8 +50,8 @@ def play_sliding(base: str, model: str, turns: list[str], window: int, reply_tok
 
 
 def _cold(base: str, model: str, messages: list[dict[str, str]], reply_tokens: int) -> float:
-    changed = [dict(messages[0], content="Hi. " + messages[0]["content"])] + messages[1:]
-    return _stream_turn(base, model, changed, reply_tokens)["ttft_s"]
+    """The same prompt prefilled from scratch (llama.cpp's ``cache_prompt: false``: nothing reused)."""
+    return _stream_turn(base, model, messages, reply_tokens, cache_prompt=False)["ttft_s"]
 
 
 def quality(model_dir: Path, records: list[dict[str, Any]], reply_tokens: int, share: float) -> list[dict]:
@@ -114,7 +114,7 @@ def quality(model_dir: Path, records: list[dict[str, Any]], reply_tokens: int, s
 
 
 def run_sliding_bench(model_name: str, model_dir: Path, num_turns: int, window: int, reply_tokens: int,
-                      log_dir: Path, shares: tuple[float, ...] = (0.25,)) -> dict[str, Any]:
+                      log_dir: Path, shares: tuple[float, ...] = (0.05,)) -> dict[str, Any]:
     from lemonade_inferos.engine.tokenizer import ChatTokenizer
 
     turns = user_turns(ChatTokenizer.from_folder(model_dir), num_turns)

@@ -194,7 +194,7 @@ def bench_kv_cmd(model_name: str, plan: str, contexts: tuple[int, ...], new_toke
               help="GAIA's agent pattern: keep the system prompt and the last K exchanges (segment reuse vs "
                    "prefix reuse only, against cold prefills; first-token KLD and greedy agreement in process)")
 @click.option("--recompute", "shares", multiple=True, type=click.FloatRange(0.0, 1.0),
-              help="with --sliding-window: kv.segment_recompute shares to run (repeatable) [default: 0.25]")
+              help="with --sliding-window: kv.segment_recompute shares to run (repeatable) [default: 0.05]")
 @llamacpp_options("play the same chat on llama.cpp in process")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="[default: bench-out/multiturn.json, or bench-out/sliding.json with --sliding-window]")
@@ -210,7 +210,7 @@ def bench_multiturn_cmd(model_name: str, turns: int | None, reply_tokens: int, s
     folder = registry.pull(model_name, progress=console.log) if not registry.is_downloaded(model_name) \
         else registry.folder(model_name)
     if sliding_window is not None:
-        _sliding(model_name, folder, turns or 12, sliding_window, reply_tokens, shares or (0.25,),
+        _sliding(model_name, folder, turns or 12, sliding_window, reply_tokens, shares or (0.05,),
                  json_path or Path("bench-out/sliding.json"))
         return
     turns, json_path = turns or 10, json_path or Path("bench-out/multiturn.json")

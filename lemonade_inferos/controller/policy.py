@@ -35,7 +35,7 @@ class KVPolicy(_Strict):
     live_format: Literal["int8", "model"] = "int8"
     # this project's extension: reuse KV of a prompt run an earlier sequence holds shifted (kvcache/segments.py)
     segment_reuse: bool = True
-    segment_recompute: float = Field(0.25, ge=0.0, le=1.0, description="share of a shifted segment prefilled "
+    segment_recompute: float = Field(0.05, ge=0.0, le=1.0, description="share of a shifted segment prefilled "
                                      "again at its seam (at least 16 tokens)")
 
 

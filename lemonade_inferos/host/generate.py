@@ -77,7 +77,7 @@ class GenerateService:
     def open(self, model: LoadedModel, prompt_ids: list[int], params: SamplingParams, endpoint: str,
              request_id: str | None = None,
              is_disconnected: Callable[[], Awaitable[bool]] | None = None, stream: bool = False,
-             trace: RequestTrace | None = None) -> Run:
+             trace: RequestTrace | None = None, cache_prompt: bool = True) -> Run:
         """Admit a run now (503 ``server_busy`` when the queue is full, 503 while shutting down).
 
         ``stream``: the reply is streamed (``/health`` says ``is_streaming`` from its first chunk to its end);
@@ -89,11 +89,11 @@ class GenerateService:
         limits = RunLimits(self.timeout_s, self.stopping, is_disconnected)
         request_id = request_id or new_request_id()
         return Run(request_id, ticket, self._run(ticket, model, prompt_ids, params, endpoint, request_id, limits,
-                                                 stream, trace))
+                                                 stream, trace, cache_prompt))
 
     async def _run(self, ticket: Ticket, model: LoadedModel, prompt_ids: list[int], params: SamplingParams,
-                   endpoint: str, request_id: str, limits: RunLimits, stream: bool, trace: RequestTrace | None
-                   ) -> AsyncIterator[GenerationChunk | InferenceStats]:
+                   endpoint: str, request_id: str, limits: RunLimits, stream: bool, trace: RequestTrace | None,
+                   cache_prompt: bool) -> AsyncIterator[GenerationChunk | InferenceStats]:
         """Yield chunks, then one final :class:`InferenceStats` (post_run sees errors too; they are re-raised)."""
         arrived = time.perf_counter()
         streaming = False
@@ -103,7 +103,7 @@ class GenerateService:
                 limits.started = time.monotonic()  # the time limit is the generation's, not the queue's
                 await limits.check(GenerationStats())
                 async for item in self._generate(model, prompt_ids, params, endpoint, request_id, limits, queue_s,
-                                                 trace):
+                                                 trace, cache_prompt):
                     if stream and not streaming and isinstance(item, GenerationChunk):
                         streaming = True
                         model.streams += 1
@@ -114,11 +114,11 @@ class GenerateService:
             ticket.release()
 
     async def _generate(self, model: LoadedModel, prompt_ids: list[int], params: SamplingParams, endpoint: str,
-                        request_id: str, limits: RunLimits, queue_s: float, trace: RequestTrace | None
-                        ) -> AsyncIterator[GenerationChunk | InferenceStats]:
+                        request_id: str, limits: RunLimits, queue_s: float, trace: RequestTrace | None,
+                        cache_prompt: bool = True) -> AsyncIterator[GenerationChunk | InferenceStats]:
         context = InferenceContext(request_id=request_id, model=model.name, model_path=str(model.folder),
                                    prompt_ids=prompt_ids, max_tokens=params.max_tokens, endpoint=endpoint,
-                                   context_length=model.ctx_size)
+                                   context_length=model.ctx_size, cache_prompt=cache_prompt)
         plan: RunPlan | None = self.pm.hook.pre_run(context=context)
         baseline = plan is None or plan.baseline
         # from here on PostRun sees every outcome: a failure to build our engine or its cache included

@@ -104,12 +104,13 @@ async def _prepare(request: Request, body: SamplingFields, text: str | None, mes
 
 
 def _open(request: Request, host: Any, model: Any, prompt_ids: list[int], params: SamplingParams,
-          endpoint: str, stream: bool):
+          endpoint: str, stream: bool, cache_prompt: bool = True):
     """Admit the run now (a full queue is a 503 before any response starts). A non-streaming run watches its
     client: one that hangs up stops the generation."""
     return host.generator.open(model, prompt_ids, params, endpoint, new_request_id(),
                                is_disconnected=None if stream else request.is_disconnected, stream=stream,
-                               trace=_trace(request, host, model, prompt_ids, params, endpoint))
+                               trace=_trace(request, host, model, prompt_ids, params, endpoint),
+                               cache_prompt=cache_prompt)
 
 
 def _trace(request: Request, host: Any, model: Any, prompt_ids: list[int], params: SamplingParams,
@@ -190,7 +191,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     guidance = structured.guidance_for(body.response_format)
     host, model, prompt_ids, params, tool_setup = await _prepare(request, body, None, messages, guidance=guidance,
                                                                  tool_request=body)
-    run = _open(request, host, model, prompt_ids, params, "chat/completions", body.stream)
+    run = _open(request, host, model, prompt_ids, params, "chat/completions", body.stream, body.cache_prompt)
     request_id = run.request_id
     if not body.stream:
         text, stats = await _collect(run)
@@ -211,7 +212,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def completions(body: CompletionRequest, request: Request):
     prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
     host, model, prompt_ids, params, _ = await _prepare(request, body, prompt, None)
-    run = _open(request, host, model, prompt_ids, params, "completions", body.stream)
+    run = _open(request, host, model, prompt_ids, params, "completions", body.stream, body.cache_prompt)
     request_id = run.request_id
     if not body.stream:
         text, stats = await _collect(run)
@@ -242,7 +243,7 @@ async def responses(body: ResponsesRequest, request: Request):
     guidance = structured.guidance_for((body.text or {}).get("format"))
     host, model, prompt_ids, params, _ = await _prepare(request, body, None, messages, body.max_output_tokens,
                                                         guidance)
-    run = _open(request, host, model, prompt_ids, params, "responses", body.stream)
+    run = _open(request, host, model, prompt_ids, params, "responses", body.stream, body.cache_prompt)
     request_id = run.request_id
     if not body.stream:
         text, stats = await _collect(run)

@@ -58,6 +58,8 @@ class SamplingFields(_Lenient):
     ignore_eos: bool = Field(False, description="keep generating past end-of-sequence, up to max_tokens (llama.cpp)")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    cache_prompt: bool = Field(True, description="llama.cpp's: false prefills the prompt from scratch, reusing "
+                                                 "no cached KV")
 
     @field_validator("stop")
     @classmethod

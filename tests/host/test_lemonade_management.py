@@ -192,3 +192,14 @@ def test_internal_set_changes_the_server_ctx_size_and_refuses_what_it_cannot_cha
         assert httpx.post(f"{server}/internal/set", json=bad, timeout=30).status_code == 400, bad
     assert httpx.post(f"{server}/internal/set", json={"ctx_size": -1}, timeout=30).status_code == 200
     assert httpx.get(f"{server}/internal/config", timeout=30).json()["ctx_size"] == -1
+
+
+def test_cache_prompt_false_prefills_from_scratch(server):
+    body = {"model": MODEL, "messages": [{"role": "system", "content": "You are terse. " * 30},
+                                         {"role": "user", "content": "Hi"}], "max_tokens": 2}
+    httpx.post(f"{server}/api/v1/chat/completions", json=body, timeout=120)
+    again = httpx.post(f"{server}/api/v1/chat/completions", json=body, timeout=120).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    cold = httpx.post(f"{server}/api/v1/chat/completions", json={**body, "cache_prompt": False}, timeout=120).json()
+    assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert cold["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"]
