@@ -10,9 +10,9 @@ Where llama-cpp-python is installed, llama.cpp plays the same user turns in
 this process on the shipped GGUF (its own greedy replies, its own prefix reuse:
 its KV cache keeps the longest common prefix), timed without HTTP.
 
-Cold prefill: after the last turn, its prompt is sent once more with the first
-character of the system prompt changed, so nothing can be reused: the same
-length, prefilled from scratch under the same KV plan.
+Cold prefill: after the last turn, its prompt is sent once more with
+``cache_prompt: false`` (llama.cpp's field), so nothing is reused: the same
+prompt, prefilled from scratch under the same KV plan.
 
 Restore fidelity: in-process, the last turn's prompt is prefilled cold under the
 plugin's KV plan and, separately, restored from a prefix store holding the
@@ -83,9 +83,9 @@ def play(base: str, model: str, turns: list[str], reply_tokens: int) -> tuple[li
 
 
 def cold_ttft(base: str, model: str, messages: list[dict[str, str]], reply_tokens: int) -> float:
-    """TTFT of the last prompt with nothing reusable (the system prompt's first word changed)."""
-    changed = [dict(messages[0], content="Hi. " + messages[0]["content"])] + messages[1:]
-    return _stream_turn(base, model, changed, reply_tokens)["ttft_s"]
+    """TTFT of the last prompt prefilled from scratch (``cache_prompt: false``: with segment reuse, a prompt whose
+    first word changed would still find the rest shifted in the warm cache)."""
+    return _stream_turn(base, model, messages, reply_tokens, cache_prompt=False)["ttft_s"]
 
 
 def restore_kld(model_dir: Path, messages: list[dict[str, str]], kv_mode: str = "dynamic") -> dict[str, float]:
