@@ -96,3 +96,42 @@ def eval_long_cmd(model_name: str, plan: str, tokens: int, json_path: Path) -> N
                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
     write_json(json_path, result)
     Console().print(result)
+
+
+@eval_group.command("segments")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True)
+@click.option("--kv", "plan", default="int8", show_default=True, help="KV plan the caches run under.")
+@click.option("--recompute", "shares", multiple=True, type=click.FloatRange(0.0, 1.0),
+              help="kv.segment_recompute shares (repeatable) [default: 0, 0.05, 0.25]")
+@click.option("--samples", default=8, show_default=True, help="Sliding-history samples cut from the corpus.")
+@click.option("--live-format", type=click.Choice(["int8", "model"]), default="int8", show_default=True,
+              help="the working buffer's form (the server's default is int8)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/segments.json"),
+              show_default=True)
+@handle_errors
+def eval_segments_cmd(model_name: str, plan: str, shares: tuple[float, ...], samples: int, live_format: str,
+                      json_path: Path) -> None:
+    """Segment reuse over the corpus: S+A+B+C kept warm, S+B+C+D served from it; KLD, top-1 and ΔPPL on D."""
+    from rich.progress import Progress
+
+    from lemonade_inferos.engine.build import resolve_model
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+    from lemonade_inferos.engine.session import SessionPolicy
+    from lemonade_inferos.eval.segments import eval_segment_reuse
+    from lemonade_inferos.reports import write_json
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    engine = OrtEngine(folder, SessionPolicy(kv_cache=live_format))
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("scoring", total=samples)
+        result = eval_segment_reuse(engine, plan, list(shares or (0.0, 0.05, 0.25)), samples, live_format,
+                                    progress=lambda done, total: bar.update(task, completed=done))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(json_path, result)
+    table = Table("recompute", "segment tokens", "recomputed", "KLD mean", "KLD max", "top-1", "PPL cold", "ΔPPL")
+    for share, row in result["shares"].items():
+        table.add_row(share, f"{row['segment_tokens']:.0f}", f"{row['recomputed']:.0f}", f"{row['kld']:.4f}",
+                      f"{row['kld_max']:.4f}", f"{row['top1']:.1%}", f"{row['ppl_cold']:.3f}",
+                      f"{row['delta_ppl']:+.4f}")
+    Console().print(table)
+    Console().print(f"wrote {json_path}")

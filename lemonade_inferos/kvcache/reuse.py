@@ -38,6 +38,7 @@ class PrefixReuse:
     def __init__(self, store: PrefixStore, warm: WarmCaches) -> None:
         self.store = store
         self.warm = warm
+        self.segment_tokens = 0   # prompt tokens served from shifted segments since start (warm cache or store)
 
     def acquire(self, prompt: list[int], salt: bytes, layout: KVLayout, plan: KVPlan, max_tier: int,
                 new_cache: Callable[[], TieredKVCache]) -> tuple[TieredKVCache, int]:
@@ -58,6 +59,7 @@ class PrefixReuse:
             if cache is not None and splice is not None:
                 cache.splices = [splice]
                 cache.stats.segment_recomputed_tokens = splice.recomputed
+                self.segment_tokens += len(splice)
             if cache is None:  # that warm cache was damaged: the store serves what it has
                 stored = self.store.lookup(prompt, salt, usable, record=False)
         elif warm is not None:
@@ -69,6 +71,7 @@ class PrefixReuse:
             if splice is not None:
                 cache.splices = [splice]
                 cache.stats.segment_recomputed_tokens = splice.recomputed
+                self.segment_tokens += len(splice)
         self.store.record_lookup(len(prompt), reused)
         return cache, reused
 
@@ -142,4 +145,4 @@ class PrefixReuse:
         return cache
 
     def stats(self) -> dict[str, object]:
-        return {**self.store.stats(), "warm": self.warm.stats()}
+        return {**self.store.stats(), "warm": self.warm.stats(), "segment_tokens": self.segment_tokens}

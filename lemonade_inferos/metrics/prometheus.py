@@ -96,6 +96,11 @@ def _prefix_tier_families(prefix: dict[str, Any]) -> Iterator[Metric]:
         counter = CounterMetricFamily(f"{PREFIX}_warm_hit_tokens", "Prompt tokens served from a warm live cache.")
         counter.add_metric([], warm)
         yield counter
+    if prefix.get("segment_tokens") is not None:
+        counter = CounterMetricFamily(f"{PREFIX}_segment_hit_tokens", "Prompt tokens served from shifted segments "
+                                      "(segment reuse: the warm cache or the store's segment index).")
+        counter.add_metric([], prefix["segment_tokens"])
+        yield counter
     shared = prefix.get("shared")
     if not shared:
         return
