@@ -11,18 +11,13 @@ import time
 import httpx
 import pytest
 
-from lemonade_inferos.bench.servers import running_server
 
 MODEL = "SmolLM2-135M-Instruct-CPU"
 
 
 @pytest.fixture(scope="module")
-def server(isolated_home_module, tmp_path_factory):
-    """A server of its own home: what these tests save (options, registrations) stays out of other tests."""
-    with running_server("--plugin", "inferos", "--inferos-prefix-spill-mb", "0",
-                        env={"INFEROS_HOME": str(isolated_home_module)},
-                        log_path=tmp_path_factory.mktemp("logs") / "server.log") as base:
-        yield base
+def server(isolated_plugin_server):
+    return isolated_plugin_server
 
 
 def _sse(text: str) -> list[tuple[str, dict]]:

@@ -13,7 +13,6 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
                                                                        ExportTraceServiceResponse)
 
-from lemonade_inferos.bench.servers import running_server
 
 MODEL = "SmolLM2-135M-Instruct-CPU"
 
@@ -65,11 +64,8 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def server(isolated_home_module, tmp_path_factory):
-    with running_server("--plugin", "inferos", "--inferos-prefix-spill-mb", "0",
-                        env={"INFEROS_HOME": str(isolated_home_module)},
-                        log_path=tmp_path_factory.mktemp("logs") / "server.log") as base:
-        yield base
+def server(isolated_plugin_server):
+    return isolated_plugin_server
 
 
 def _telemetry(server: str, block: dict) -> httpx.Response:
