@@ -6,6 +6,7 @@
     inferos eval ppl --kv dynamic@0.9                     (cli/eval.py)
     inferos policy set kv.mode=quality_optimized          (cli/control.py)
     inferos config show; inferos agent --config FILE      (cli/config.py)
+    inferos service install|uninstall|status|show          (cli/service.py)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import click
 
 from lemonade_inferos import __version__
-from lemonade_inferos.cli import bench, config, control, eval, model
+from lemonade_inferos.cli import bench, config, control, eval, model, service
 
 
 @click.group()
@@ -28,7 +29,7 @@ def cli(log_level: str) -> None:
 
 
 for command in (model.model, model.generate, bench.bench, eval.eval_group, control.policy, control.metrics,
-                control.baseline, config.config_group, config.agent):
+                control.baseline, config.config_group, config.agent, service.service_group):
     cli.add_command(command)
 
 

@@ -79,6 +79,8 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
 
     level = "DEBUG" if log_level == "trace" else log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get("LEMONADE_LOG_FILE"):  # a service's log: rotated at 10 MB, 5 kept
+        _log_to_file(Path(os.environ["LEMONADE_LOG_FILE"]))
     settings = HostSettings(host=host, port=port, log_level=log_level, ctx_size=ctx_size,
                             max_loaded_models=max_loaded_models, api_key=os.environ.get("LEMONADE_API_KEY") or None,
                             plugins=list(plugins), max_queue=max_queue, request_timeout_s=request_timeout,
@@ -98,6 +100,15 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
     if not started:
         console.print("[red]error:[/red] the server did not start (see the log above)")
         sys.exit(3)
+
+
+def _log_to_file(path: Path) -> None:
+    from logging.handlers import RotatingFileHandler
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = RotatingFileHandler(path, maxBytes=10 * 2**20, backupCount=5, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
 
 
 def plugin_options(plugins: tuple[str, ...], assignments: tuple[str, ...], extra_args: list[str],
