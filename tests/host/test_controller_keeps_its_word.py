@@ -126,9 +126,11 @@ def _with_servers(agent_url: str, count: int):
 
 
 def test_a_stalled_generation_ends_with_a_clear_error_and_the_next_runs_on_the_baseline(calibrated_model, tmp_path):
-    long_prompt = {"messages": [{"role": "user", "content": "Summarize: " + "the quick brown fox jumps. " * 250}],
+    # a watchdog longer than any short request's first token on a slow, busy machine (1 s), shorter than the long
+    # prompt's prefill on a fast one (~2,800 tokens: >= 2 s even at fp32 speed)
+    long_prompt = {"messages": [{"role": "user", "content": "Summarize: " + "the quick brown fox jumps. " * 420}],
                    "max_tokens": 4}
-    with running_server("--plugin", "inferos", "--inferos-prefix-spill-mb", "0", "--inferos-watchdog-s", "0.15",
+    with running_server("--plugin", "inferos", "--inferos-prefix-spill-mb", "0", "--inferos-watchdog-s", "1.0",
                         log_path=tmp_path / "server.log") as base:
         httpx.post(f"{base}/api/v1/chat/completions", json=CHAT, timeout=120)   # the engine is built (not timed)
         response = httpx.post(f"{base}/api/v1/chat/completions", json=long_prompt, timeout=120)
