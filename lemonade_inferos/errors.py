@@ -47,6 +47,11 @@ class RequestError(InferosError, ValueError):
     code = "invalid_request"
 
 
+def validation_problems(exc: Any, prefix: str = "") -> list[dict[str, str]]:
+    """A pydantic ValidationError as ``[{"field", "problem"}]`` (``prefix`` before each field path)."""
+    return [{"field": prefix + ".".join(str(p) for p in e["loc"]), "problem": e["msg"]} for e in exc.errors()]
+
+
 class RequestTimeout(InferosError):
     """A generation ran past the per-request time limit (``--request-timeout``) and was ended."""
 

@@ -127,13 +127,13 @@ class GenerateService:
         start_unix = time.time()
         error: BaseException | None = None
         fallback_error: BaseException | None = None
-        keep_text = trace is not None and self.telemetry.enabled and not self.telemetry.settings.hide_outputs
+        # the reply's text for the telemetry span (only while telemetry wants outputs)
+        text = trace.output_parts if trace is not None and self.telemetry.enabled \
+            and not self.telemetry.settings.hide_outputs else None
         try:
             try:
                 run, start_unix = await self._new_run(model, plan, prompt_ids, params), time.time()
-                async for chunk in self._drive(context, plan, run, limits):
-                    if keep_text:
-                        trace.output_parts.append(chunk.text)
+                async for chunk in self._drive(context, plan, run, limits, text):
                     yield chunk
             except Exception as exc:
                 if baseline or (run is not None and run.stats.predicted_n) or error_kind(exc) != "fault":
@@ -145,9 +145,7 @@ class GenerateService:
                 engine_name, baseline = "og", True
                 plan, run = RunPlan(baseline=True, notes={"fallback": repr(exc)}), None
                 run, start_unix = await self._new_run(model, plan, prompt_ids, params), time.time()
-                async for chunk in self._drive(context, plan, run, limits):
-                    if keep_text:
-                        trace.output_parts.append(chunk.text)
+                async for chunk in self._drive(context, plan, run, limits, text):
                     yield chunk
         except BaseException as exc:  # includes client disconnects (CancelledError)
             error = exc
@@ -169,8 +167,8 @@ class GenerateService:
         return GenerationRun(engine, baseline, prompt_ids, params, {} if plan is None else plan.run_options,
                              None if plan is None else plan.speculation)
 
-    async def _drive(self, context: InferenceContext, plan: RunPlan | None, run: GenerationRun, limits: RunLimits
-                     ) -> AsyncIterator[GenerationChunk]:
+    async def _drive(self, context: InferenceContext, plan: RunPlan | None, run: GenerationRun, limits: RunLimits,
+                     text: list[str] | None = None) -> AsyncIterator[GenerationChunk]:
         """Execute ``run`` through the ``run_generation`` hook in a worker thread and yield its chunks.
 
         However the stream ends (done, an error, the limits, the consumer cancelled), the worker is told to stop
@@ -203,6 +201,8 @@ class GenerateService:
                         stalled_s=stall_s, completion_tokens=run.stats.predicted_n) from None
                 if chunk is _END:
                     break
+                if text is not None:
+                    text.append(chunk.text)
                 yield chunk
                 await limits.check(run.stats)
             await done  # the worker's exception, if it raised

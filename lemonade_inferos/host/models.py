@@ -91,6 +91,7 @@ class LoadedModel:
     pinned: bool = False              # pinned models are never unloaded to make room
     last_use: float = field(default_factory=time.time)
     streams: int = 0                  # streamed replies that have sent their first chunk and not ended
+    spec: Any = None                  # the parsed folder (engines share it: its fingerprint is read once)
     _engines: dict[str, Any] = field(default_factory=dict)
 
     def engine(self, kind: str, session: SessionPolicy | None = None) -> Any:
@@ -99,11 +100,11 @@ class LoadedModel:
         key = kind if kind == "og" else f"inferos:{policy.model_dump_json()}"
         if key not in self._engines:
             if kind == "og":
-                self._engines[key] = OgEngine(self.folder, context_length=self.ctx_size)
+                self._engines[key] = OgEngine(self.spec or self.folder, context_length=self.ctx_size)
             else:
                 for old in [k for k in self._engines if k.startswith("inferos:")]:
                     del self._engines[old]  # one ORT session per model: a new policy replaces the old one
-                self._engines[key] = OrtEngine(self.folder, policy, context_length=self.ctx_size)
+                self._engines[key] = OrtEngine(self.spec or self.folder, policy, context_length=self.ctx_size)
         self.last_use = time.time()
         return self._engines[key]
 
@@ -173,7 +174,7 @@ class ModelManager:
             self._make_room(name)
             self.loaded[name] = LoadedModel(name, info, folder, ctx, devices, reason,
                                             RequestGate(self.settings.max_queue), model_ctx=spec.context_length,
-                                            pinned=bool(pinned))
+                                            pinned=bool(pinned), spec=spec)
             self.current = name
             return self.loaded[name]
 

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from lemonade_inferos.durable import atomic_write, read_json_object
-from lemonade_inferos.errors import RequestError
+from lemonade_inferos.errors import RequestError, validation_problems
 from lemonade_inferos.paths import inferos_home
 
 AUTO_CTX = -1
@@ -45,7 +45,7 @@ def validated(changes: dict[str, Any], recipe: str) -> dict[str, Any]:
     try:
         OgaOptions.model_validate({k: v for k, v in changes.items() if v is not None})
     except ValidationError as exc:
-        problems = [{"field": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]} for e in exc.errors()]
+        problems = validation_problems(exc)
         raise RequestError(f"recipe options for {recipe} rejected: "
                            + "; ".join(f"{p['field']}: {p['problem']}" for p in problems),
                            problems=problems, accepted=sorted(OgaOptions.model_fields)) from None

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lemonade_inferos.errors import RequestError
+from lemonade_inferos.errors import RequestError, validation_problems
 from lemonade_inferos.hooktypes import InferenceStats
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,7 @@ class Telemetry:
         try:
             settings = TelemetrySettings.model_validate(_merged(self.settings.model_dump(), changes))
         except ValidationError as exc:
-            problems = [{"field": "telemetry." + ".".join(str(p) for p in e["loc"]), "problem": e["msg"]}
-                        for e in exc.errors()]
+            problems = validation_problems(exc, "telemetry.")
             raise RequestError("telemetry settings rejected: " + "; ".join(f"{p['field']}: {p['problem']}"
                                                                           for p in problems),
                                problems=problems) from None

@@ -101,6 +101,12 @@ class DiskTier:
             self._exact.add(block_hash)
         return token_ids, tier, keys, values
 
+    def __contains__(self, block_hash: bytes) -> bool:
+        return block_hash in self._files
+
+    def __len__(self) -> int:
+        return len(self._files)
+
     def discard(self, block_hash: bytes) -> None:
         if block_hash in self._files:
             self.nbytes -= self._files.pop(block_hash)

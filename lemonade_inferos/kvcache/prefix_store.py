@@ -129,11 +129,10 @@ class PrefixStore:
 
     def _bound_index(self) -> None:
         """Keep the segment index near the blocks that exist (memory or disk): forget entries of blocks gone."""
-        held = len(self.pool.cached_blocks()) + (len(self.spill._files) if self.spill is not None else 0)
-        if len(self._by_content) > 2 * held + 1024:
-            spilled = self.spill._files if self.spill is not None else {}
+        spill = self.spill if self.spill is not None else ()
+        if len(self._by_content) > 2 * (len(self.pool.cached_blocks()) + len(spill)) + 1024:
             self._by_content = {k: v for k, v in self._by_content.items()
-                                if self.pool.cached(v[0], reach_lower=False) is not None or v[0] in spilled}
+                                if self.pool.cached(v[0], reach_lower=False) is not None or v[0] in spill}
 
     def shifted_run(self, prompt_ids: list[int], start: int, salt: bytes, max_tier: int, max_lead: int = 64
                     ) -> tuple[int, list[KVBlock], list[int]]:

@@ -57,9 +57,7 @@ class PrefixReuse:
             splice = self._shifted_segment(warm, prompt, common, plan)
             cache, reused = self._reuse_warm(warm, common, plan, max_tier), common
             if cache is not None and splice is not None:
-                cache.splices = [splice]
-                cache.stats.segment_recomputed_tokens = splice.recomputed
-                self.segment_tokens += len(splice)
+                self._attach(cache, splice)
             if cache is None:  # that warm cache was damaged: the store serves what it has
                 stored = self.store.lookup(prompt, salt, usable, record=False)
         elif warm is not None:
@@ -69,11 +67,14 @@ class PrefixReuse:
         if not cache.splices and plan.segment_recompute is not None and cache.rope is not None:
             splice = self._stored_segment(cache, prompt, reused, salt, plan.segment_recompute, usable)
             if splice is not None:
-                cache.splices = [splice]
-                cache.stats.segment_recomputed_tokens = splice.recomputed
-                self.segment_tokens += len(splice)
+                self._attach(cache, splice)
         self.store.record_lookup(len(prompt), reused)
         return cache, reused
+
+    def _attach(self, cache: TieredKVCache, splice: Splice) -> None:
+        cache.splices = [splice]
+        cache.stats.segment_recomputed_tokens = splice.recomputed
+        self.segment_tokens += len(splice)
 
     def _stored_segment(self, cache: TieredKVCache, prompt: list[int], reused: int, salt: bytes, share: float,
                         max_tier: int) -> Splice | None:

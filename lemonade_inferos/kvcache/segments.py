@@ -4,7 +4,7 @@ An agent that keeps a system prompt and its last few exchanges drops the oldest 
 prompt matches the previous turn's sequence up to the system prompt, then matches it again, shifted left by the
 dropped exchange's length, for most of the rest (GAIA's pattern; llama.cpp's ``--cache-reuse`` shifts such
 chunks, LMCache's CacheBlend reuses them with a partial recompute). :func:`find_shifted_run` finds that run in
-the warm cache's tokens; :func:`plan_splice` turns it into a :class:`Splice`: the run's KV, its keys re-rotated
+the warm cache's tokens; :func:`splice_from` turns it into a :class:`Splice`: the run's KV, its keys re-rotated
 from their old RoPE positions to the new ones (values are position-free), minus its first tokens.
 
 Those first tokens after the seam are prefilled instead (the recompute): the seam is where the reused KV is
