@@ -50,7 +50,7 @@ def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Requests that may wait for a busy model before HTTP 503."),
         click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
                      envvar="LEMONADE_REQUEST_TIMEOUT", show_envvar=True, show_default=True,
-                     help="Seconds one generation may run (queue wait not counted); a longer one ends with "
+                     help="Seconds one generation may run (queue wait and engine load not counted); a longer one ends with "
                           "HTTP 504 request_timeout (an SSE error event when streaming)."),
         click.option("--plugin-option", "plugin_option", multiple=True, metavar="NAME.KEY=VALUE",
                      help="An option for a loaded plugin (repeatable), e.g. --plugin-option inferos.kv.mode=dynamic; "

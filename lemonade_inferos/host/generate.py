@@ -132,7 +132,7 @@ class GenerateService:
             and not self.telemetry.settings.hide_outputs else None
         try:
             try:
-                run, start_unix = await self._new_run(model, plan, prompt_ids, params), time.time()
+                run, start_unix = await self._new_run(model, plan, prompt_ids, params, limits), time.time()
                 async for chunk in self._drive(context, plan, run, limits, text):
                     yield chunk
             except Exception as exc:
@@ -144,7 +144,7 @@ class GenerateService:
                 self._report(context, plan, model, engine_name, run, start_unix, False, exc, queue_s, None)
                 engine_name, baseline = "og", True
                 plan, run = RunPlan(baseline=True, notes={"fallback": repr(exc)}), None
-                run, start_unix = await self._new_run(model, plan, prompt_ids, params), time.time()
+                run, start_unix = await self._new_run(model, plan, prompt_ids, params, limits), time.time()
                 async for chunk in self._drive(context, plan, run, limits, text):
                     yield chunk
         except BaseException as exc:  # includes client disconnects (CancelledError)
@@ -160,10 +160,13 @@ class GenerateService:
                 yield stats
 
     async def _new_run(self, model: LoadedModel, plan: RunPlan | None, prompt_ids: list[int],
-                       params: SamplingParams) -> GenerationRun:
+                       params: SamplingParams, limits: RunLimits) -> GenerationRun:
+        """Build (or take) the engine, then start the time limit's clock: building an engine is loading the
+        model (seconds on a slow machine, once per engine), not generating, and Lemonade times loads apart."""
         baseline = plan is None or plan.baseline
         engine = await asyncio.to_thread(model.engine, "og" if baseline else "inferos",
                                          None if baseline else plan.session)
+        limits.started = time.monotonic()
         return GenerationRun(engine, baseline, prompt_ids, params, {} if plan is None else plan.run_options,
                              None if plan is None else plan.speculation)
 
