@@ -130,7 +130,8 @@ class InferosPlugin:
         if self.settings.control_api:
             self.control_server = ControlServer(self.controller, self.settings.control_port)
             started = self.control_server.start()
-            host.extras["control_api"] = {"url": f"http://127.0.0.1:{self.control_server.port}/v1",
+            base = f"http://127.0.0.1:{self.control_server.port}"
+            host.extras["control_api"] = {"url": f"{base}/v1", "dashboard": f"{base}/dashboard",
                                           "running": started, "error": self.control_server.error}
         log.info("inferos plugin active: kv mode %s, prefix cache %.0f MiB", self.controller.policy.kv.mode,
                  self.reuse.store.budget_bytes / 2**20)

@@ -1,4 +1,4 @@
-"""``inferos policy|metrics|baseline``: the commands and their small client of the control API."""
+"""``inferos policy|metrics|baseline|dashboard``: the commands and their small client of the control API."""
 
 from __future__ import annotations
 
@@ -118,3 +118,29 @@ def metrics(port: int | None) -> None:
 def baseline(state: str, port: int | None) -> None:
     """Turn baseline mode (every optimisation off) on or off."""
     click.echo(json.dumps(call("POST", "/baseline", port, {"enable": state == "on"})))
+
+
+@click.command()
+@port_option
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+@click.option("--show-token", is_flag=True, help="Also print the control token (the page asks for it to change "
+              "the policy).")
+@handle_errors
+def dashboard(port: int | None, open_browser: bool, show_token: bool) -> None:
+    """Print the live dashboard's address (served by the running server's control API at /dashboard)."""
+    url = _base_url(port).removesuffix("/v1") + "/dashboard"
+    try:
+        httpx.head(url, timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ControlAPIError(f"no dashboard at {url}: {exc} (is `lemonade-server serve --plugin inferos` "
+                              "running?)") from exc
+    click.echo(url)
+    if show_token:
+        token = _token()
+        if token is None:
+            raise ControlAPIError(f"no control token: neither {TOKEN_ENV} nor {token_file()} holds one")
+        click.echo(token)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)

@@ -4,7 +4,7 @@
     inferos generate smollm2-135m "Why is the sky blue?"
     inferos bench engine --model smollm2-135m --json out/engine.json   (cli/bench.py)
     inferos eval ppl --kv dynamic@0.9                     (cli/eval.py)
-    inferos policy set kv.mode=quality_optimized          (cli/control.py)
+    inferos policy set kv.mode=quality_optimized          (cli/control.py; also metrics, baseline, dashboard)
     inferos config show; inferos agent --config FILE      (cli/config.py)
     inferos service install|uninstall|status|show          (cli/service.py)
 """
@@ -29,7 +29,7 @@ def cli(log_level: str) -> None:
 
 
 for command in (model.model, model.generate, bench.bench, eval.eval_group, control.policy, control.metrics,
-                control.baseline, config.config_group, config.agent, service.service_group):
+                control.baseline, control.dashboard, config.config_group, config.agent, service.service_group):
     cli.add_command(command)
 
 

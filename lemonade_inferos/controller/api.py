@@ -1,4 +1,4 @@
-"""The Infer-OS control API (127.0.0.1 only): health, metrics, policy, baseline, config, history.
+"""The Infer-OS control API (127.0.0.1 only): health, metrics, policy, baseline, config, history, the dashboard.
 
 Reads are open; every POST needs ``X-Inferos-Token``. Errors use
 ``{"error": {"code", "message", "details"}}``; responses carry the design
@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from lemonade_inferos import __version__
 from lemonade_inferos.controller.config import ConfigError, parse_config
 from lemonade_inferos.controller.controller import Controller
+from lemonade_inferos.dashboard import mount_dashboard
 from lemonade_inferos.hooktypes import InferenceStats
 from lemonade_inferos.host.errors import install_error_handlers
 from lemonade_inferos.http.errors import APIError, document_errors_as_400
@@ -162,12 +163,16 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
         return {"status": "recorded", "requests": controller.recorder.totals["requests"]}
 
     @router.get("/history")
-    async def history(limit: int = 100, kind: str | None = None) -> dict[str, Any]:
+    async def history(limit: int = 100, kind: str | None = None, events: bool = False) -> dict[str, Any]:
+        """The last ``limit`` entries: metric snapshots and events; ``kind`` one kind only, ``events=true`` every
+        kind but the snapshots (policy, config, guard, fallback, baseline, notification)."""
         if limit < 1 or limit > 10_000:
             raise APIError(400, "invalid_request", "limit must be in 1..10000")
-        return {"history": controller.history.entries(limit, kind), "max_entries": controller.history.max_entries}
+        return {"history": controller.history.entries(limit, kind, exclude_kind="snapshot" if events else None),
+                "max_entries": controller.history.max_entries}
 
     app.include_router(router)
+    mount_dashboard(app)
     # outermost: the host allow-list, cross-site refusal and the token come before CORS, routing and bodies
     app.add_middleware(RequestGuard, policy=guard_policy_from_env(os.environ, token_rule(token)))
     return app

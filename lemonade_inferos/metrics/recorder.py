@@ -196,7 +196,9 @@ class History:
             except OSError as exc:  # a full disk loses history lines, never a request
                 log.warning("could not write %s: %s", self.path, exc)
 
-    def entries(self, limit: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+    def entries(self, limit: int | None = None, kind: str | None = None,
+                exclude_kind: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
-            items = [e for e in self._entries if kind is None or e.get("kind") == kind]
+            items = [e for e in self._entries if (kind is None or e.get("kind") == kind)
+                     and (exclude_kind is None or e.get("kind") != exclude_kind)]
         return items[-limit:] if limit else items

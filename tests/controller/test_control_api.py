@@ -150,6 +150,9 @@ def test_baseline_mode_turns_every_optimisation_off_until_disabled(control, toke
     assert httpx.get(f"{plugin_server}/api/v1/stats").json()["inferos"]["engine"] == "inferos"
     kinds = [e.get("kind") for e in httpx.get(control + "/history", params={"kind": "baseline"}).json()["history"]]
     assert kinds[-2:] == ["baseline", "baseline"]
+    events = httpx.get(control + "/history", params={"events": "true", "limit": 1000}).json()["history"]
+    assert [e["kind"] for e in events if e["kind"] == "baseline"][-2:] == ["baseline", "baseline"]
+    assert all(e["kind"] != "snapshot" for e in events)
 
 
 def test_history_survives_a_restart(tmp_path):
