@@ -257,7 +257,7 @@ class InferosPlugin:
     def _what_ran(record: RequestRecord, stats: InferenceStats) -> dict[str, Any]:
         """What the request ran with, from the engine and the cache it used (optimization_status reports it)."""
         engine, kv = record.engine, stats.kv or {}
-        quantized = bool(kv.get("block_layers_quantized")) or kv.get("live_form") == "int8"
+        quantized = any((kv.get("block_layers_quantized") or {}).values()) or kv.get("live_form") == "int8"
         return {"devices": record.devices, "io_binding": engine.policy.enable_iobinding if engine else None,
                 "hybrid": engine.hybrid if engine else False, "live_form": kv.get("live_form"),
                 "kv_quantized": quantized, "kv_evicted": bool(kv.get("blocks_evicted")),

@@ -48,8 +48,10 @@ def user_turns(tokenizer: Any, num_turns: int, max_tokens: int = 180) -> list[st
     return turns
 
 
-def _stream_turn(base: str, model: str, messages: list[dict[str, str]], max_tokens: int,
-                 **extra: Any) -> dict[str, Any]:
+def stream_turn(base: str, model: str, messages: list[dict[str, str]], max_tokens: int,
+                **extra: Any) -> dict[str, Any]:
+    """One streamed chat request (greedy unless ``extra`` says otherwise), timed at the client: TTFT at the
+    first content chunk, latency at the stream's end; the server's usage."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             **extra}
     started, first, parts, usage = time.perf_counter(), None, [], {}
@@ -64,7 +66,8 @@ def _stream_turn(base: str, model: str, messages: list[dict[str, str]], max_toke
                 first = time.perf_counter()
             parts.append(delta or "")
             usage = chunk.get("usage") or usage
-    return {"ttft_s": (first or time.perf_counter()) - started, "text": "".join(parts),
+    ended = time.perf_counter()
+    return {"ttft_s": (first or ended) - started, "latency_s": ended - started, "text": "".join(parts),
             "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
             "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens"),
             "server_ttft_s": usage.get("prefill_duration_ttft")}
@@ -75,7 +78,7 @@ def play(base: str, model: str, turns: list[str], reply_tokens: int) -> tuple[li
     records = []
     for index, user in enumerate(turns):
         messages.append({"role": "user", "content": user})
-        record = _stream_turn(base, model, messages, reply_tokens)
+        record = stream_turn(base, model, messages, reply_tokens)
         record["turn"] = index + 1
         records.append(record)
         messages.append({"role": "assistant", "content": record["text"]})
@@ -85,7 +88,7 @@ def play(base: str, model: str, turns: list[str], reply_tokens: int) -> tuple[li
 def cold_ttft(base: str, model: str, messages: list[dict[str, str]], reply_tokens: int) -> float:
     """TTFT of the last prompt prefilled from scratch (``cache_prompt: false``: with segment reuse, a prompt whose
     first word changed would still find the rest shifted in the warm cache)."""
-    return _stream_turn(base, model, messages, reply_tokens, cache_prompt=False)["ttft_s"]
+    return stream_turn(base, model, messages, reply_tokens, cache_prompt=False)["ttft_s"]
 
 
 def restore_kld(model_dir: Path, messages: list[dict[str, str]], kv_mode: str = "dynamic") -> dict[str, float]:
@@ -154,7 +157,7 @@ def run_multiturn_bench(model_name: str, model_dir: Path, num_turns: int, reply_
     # no disk spill: blocks a previous run left on disk would turn the cold prefill into a hit
     for mode, args in (("inferos", ("--plugin", "inferos", "--inferos-prefix-spill-mb", "0")), ("baseline", ())):
         with running_server("--ctx-size", "8192", *args, log_path=log_dir / f"multiturn-{mode}.log") as base:
-            _stream_turn(base, model_name, [{"role": "user", "content": "warm up"}], 2)
+            stream_turn(base, model_name, [{"role": "user", "content": "warm up"}], 2)
             records, messages = play(base, model_name, turns, reply_tokens)
             cold = cold_ttft(base, model_name, messages + [{"role": "assistant", "content": records[-1]["text"]}][:-1],
                              reply_tokens)

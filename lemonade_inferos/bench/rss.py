@@ -9,10 +9,11 @@ import psutil
 
 
 class PeakRssSampler:
-    """Samples this process's RSS in a thread; ``peak_mb`` is the maximum seen while active."""
+    """Samples a process's RSS (this one, or ``pid``: a server's) in a thread; ``peak_mb`` is the maximum seen
+    while active."""
 
-    def __init__(self, interval_s: float = 0.005) -> None:
-        self._process = psutil.Process()
+    def __init__(self, interval_s: float = 0.005, pid: int | None = None) -> None:
+        self._process = psutil.Process(pid)
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

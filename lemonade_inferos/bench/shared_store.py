@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import httpx
 
-from lemonade_inferos.bench.multiturn import _stream_turn
+from lemonade_inferos.bench.multiturn import stream_turn
 from lemonade_inferos.bench.servers import free_port, running_server
 
 
@@ -100,14 +100,14 @@ def sharing(model: str, model_dir: Path, url: str, log_dir: Path, prompt_chars: 
     warm_up = [{"role": "user", "content": "warm up"}]
     root = Path(tempfile.mkdtemp(prefix="inferos-shared-"))
     with _server(url, _home(model_dir, root / "a"), log_dir / "shared-a.log") as first:
-        _stream_turn(first, model, warm_up, 2)
-        a = _stream_turn(first, model, messages, 8)
+        stream_turn(first, model, warm_up, 2)
+        a = stream_turn(first, model, messages, 8)
         _drained(first)
         written = _metric(first, "inferos_shared_store_writes_total")
     with _server(url, _home(model_dir, root / "b"), log_dir / "shared-b.log") as second:
-        _stream_turn(second, model, warm_up, 2)
-        b = _stream_turn(second, model, messages, 8)
-        b_cold = _stream_turn(second, model, cold_messages, 8)
+        stream_turn(second, model, warm_up, 2)
+        b = stream_turn(second, model, messages, 8)
+        b_cold = stream_turn(second, model, cold_messages, 8)
         shared_blocks = _metric(second, 'inferos_prefix_hit_blocks_total{tier="shared"}')
         latency_sum = _metric(second, "inferos_shared_store_latency_seconds_sum")
         latency_count = _metric(second, "inferos_shared_store_latency_seconds_count")
@@ -133,7 +133,7 @@ def outage(model: str, model_dir: Path, url: str, store: subprocess.Popen, log_d
             for chat in conversations:
                 chat.append({"role": "user", "content": f"Turn {turn + 1}: name one Python builtin."})
                 try:
-                    reply = _stream_turn(base, model, chat, 12)
+                    reply = stream_turn(base, model, chat, 12)
                     completed += 1
                     chat.append({"role": "assistant", "content": reply["text"]})
                 except httpx.HTTPError:

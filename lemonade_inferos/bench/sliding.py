@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lemonade_inferos.bench.multiturn import _stream_turn, user_turns
+from lemonade_inferos.bench.multiturn import stream_turn, user_turns
 from lemonade_inferos.bench.servers import running_server
 
 SYSTEM = ("You are GAIA, a local assistant on an AI PC. You answer questions about Python from its documentation. "
@@ -41,7 +41,7 @@ def play_sliding(base: str, model: str, turns: list[str], window: int, reply_tok
     records = []
     for index, user in enumerate(turns):
         messages = _messages(exchanges[-window:], user)
-        record = _stream_turn(base, model, messages, reply_tokens)
+        record = stream_turn(base, model, messages, reply_tokens)
         # sliding: the oldest exchange is dropped now, right after the system prompt (the prefix breaks there)
         record.update(turn=index + 1, sliding=len(exchanges) > window, messages=messages)
         records.append(record)
@@ -51,7 +51,7 @@ def play_sliding(base: str, model: str, turns: list[str], window: int, reply_tok
 
 def _cold(base: str, model: str, messages: list[dict[str, str]], reply_tokens: int) -> float:
     """The same prompt prefilled from scratch (llama.cpp's ``cache_prompt: false``: nothing reused)."""
-    return _stream_turn(base, model, messages, reply_tokens, cache_prompt=False)["ttft_s"]
+    return stream_turn(base, model, messages, reply_tokens, cache_prompt=False)["ttft_s"]
 
 
 def quality(model_dir: Path, records: list[dict[str, Any]], reply_tokens: int, share: float) -> list[dict]:
@@ -126,7 +126,7 @@ def run_sliding_bench(model_name: str, model_dir: Path, num_turns: int, window: 
         label = name if share is None else f"{name} {share:g}"
         with running_server("--ctx-size", "8192", "--plugin", "inferos", "--inferos-prefix-spill-mb", "0", *extra,
                             log_path=log_dir / f"sliding-{label.replace(' ', '-')}.log") as base:
-            _stream_turn(base, model_name, [{"role": "user", "content": "warm up"}], 2)
+            stream_turn(base, model_name, [{"role": "user", "content": "warm up"}], 2)
             records = play_sliding(base, model_name, turns, window, reply_tokens)
             sliding = [r for r in records if r["sliding"]]
             for record in sliding:

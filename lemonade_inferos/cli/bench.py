@@ -1,4 +1,4 @@
-"""``inferos bench engine|kv|multiturn``: benchmarks, JSON plus a PNG, against a baseline in the same run."""
+"""``inferos bench engine|kv|multiturn|report|...``: benchmarks, JSON plus a PNG, against a baseline in the same run."""
 
 from __future__ import annotations
 
@@ -285,3 +285,73 @@ def bench_shared_store_cmd(model_name: str, store_url: str | None, prompt_chars:
         Console().print(f"outage: {o['completed']}/{o['requests']} requests completed with the store killed after "
                         f"round {o['store_killed_after_round']}; store errors {o['metrics']['errors_total']}")
     Console().print(f"wrote {json_path}")
+
+
+@bench.command("report")
+@click.option("--model", "model_name", default="SmolLM2-135M-Instruct-CPU", show_default=True,
+              help="Registry model name served by lemonade-server.")
+@click.option("--quick", is_flag=True, help="A few minutes: 1 warm-up and 2 runs of 2 prompts per set, 48-token "
+              "replies (the default is the document's 3 warm-up and 10 measured runs of every prompt).")
+@click.option("--runs", type=click.IntRange(1, 100), default=None, help="Measured runs per prompt.")
+@click.option("--warmup", type=click.IntRange(0, 20), default=None, help="Warm-up runs per prompt.")
+@click.option("--sets", default=None, help="Comma-separated prompt sets [default: conversation,reasoning,agent,rag].")
+@click.option("--ablation/--no-ablation", default=True, show_default=True,
+              help="Also run the ablation (8 configurations) and its synergy analysis.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out/report"), show_default=True,
+              help="Folder for report.json, report.html and the PNG charts.")
+@handle_errors
+def bench_report_cmd(model_name: str, quick: bool, runs: int | None, warmup: int | None, sets: str | None,
+                     ablation: bool, out_dir: Path) -> None:
+    """The design document's reproducible benchmark (baseline og.Generator vs inferos, through real servers),
+    its ablation study with synergy analysis, as JSON, PNG and a self-contained HTML report."""
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lemonade_inferos.bench.prompt_sets import SETS
+    from lemonade_inferos.bench.report import ReportConfig
+    from lemonade_inferos.bench.report_html import write_charts, write_html
+    from lemonade_inferos.bench.report_run import run_report
+    from lemonade_inferos.host.registry import ModelRegistry
+    from lemonade_inferos.reports import write_json
+
+    chosen = tuple(s.strip() for s in sets.split(",")) if sets else SETS
+    if unknown := [s for s in chosen if s not in SETS]:
+        raise click.UsageError(f"unknown prompt set(s) {unknown}; choose from {list(SETS)}")
+    config = ReportConfig.quick() if quick else ReportConfig()
+    changes = {k: v for k, v in {"runs": runs, "warmup": warmup}.items() if v is not None}
+    config = replace(config, sets=chosen, ablation=ablation,
+                     ablation_sets=tuple(s for s in config.ablation_sets if s in chosen) or chosen, **changes)
+    registry = ModelRegistry()
+    folder = registry.pull(model_name, progress=console.log) if not registry.is_downloaded(model_name) \
+        else registry.folder(model_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        def task(label: str, total: int):
+            task_id = progress.add_task(label, total=total)
+            return lambda n: progress.advance(task_id, n)
+
+        report = run_report(model_name, folder, config, task, out_dir / "logs").to_dict()
+    write_json(out_dir / "report.json", report)
+    charts = write_charts(report, out_dir)
+    write_html(report, charts, out_dir / "report.html")
+    _print_report(report)
+    Console().print(f"wrote {out_dir / 'report.json'}, {out_dir / 'report.html'} and {len(charts)} PNG charts")
+
+
+def _print_report(report: dict) -> None:
+    from lemonade_inferos.bench.report_html import ABLATION_HEADER, MODE_HEADER, ablation_rows, mode_rows
+
+    table = Table(*MODE_HEADER)
+    for row in mode_rows(report):
+        table.add_row(*row)
+    Console().print(table)
+    if report.get("ablation"):
+        table = Table(*ABLATION_HEADER)
+        for row in ablation_rows(report["ablation"]):
+            table.add_row(*row)
+        Console().print(table)
+        for name, a in report["ablation"]["analysis"]["synergy_analysis"].items():
+            Console().print(f"{name}: actual {a['actual']:+.1f} %, expected {a['expected']:+.1f} %, synergy "
+                            f"{a['synergy']:+.1f} points ({a['interpretation']})")

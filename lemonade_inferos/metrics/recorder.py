@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 ACCEPT_RATE_WINDOW = 50  # requests that drafted (the design document's quality.accept_rate window)
 
 
-def _percentiles(values: list[float]) -> dict[str, float | None]:
+def latency_summary_ms(values: list[float]) -> dict[str, float | None]:
+    """Mean, median, p95, p99 and std in ms of durations in seconds (all None when there are none)."""
     if not values:
         return {"mean_ms": None, "median_ms": None, "p95_ms": None, "p99_ms": None, "std_ms": None}
     ms = np.asarray(values) * 1000.0
@@ -118,10 +119,10 @@ class MetricsRecorder:
                            "calculation": "total_tokens / total_time_seconds",
                            "note": "generated tokens and requests over the time from the first request's start in "
                                    "the window to now"},
-            "latency": {**_percentiles([s.latency_s for s in recent]),
-                        "queue_wait": _percentiles([s.queue_wait_s for s in recent]),
+            "latency": {**latency_summary_ms([s.latency_s for s in recent]),
+                        "queue_wait": latency_summary_ms([s.queue_wait_s for s in recent]),
                         "calculation": "end_time - arrival_time per request (queue wait included)"},
-            "first_token_latency": {**{k: v for k, v in _percentiles([s.ttft_s for s in recent if s.ttft_s is not None])
+            "first_token_latency": {**{k: v for k, v in latency_summary_ms([s.ttft_s for s in recent if s.ttft_s is not None])
                                        .items() if k in ("mean_ms", "median_ms", "p95_ms")},
                                     "measurement_method": "measured: first token produced - request start",
                                     "note": "measured at the first emitted token, not estimated"},
