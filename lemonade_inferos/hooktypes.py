@@ -28,6 +28,7 @@ class InferenceContext:
     endpoint: str = "chat/completions"
     context_length: int | None = None
     cache_prompt: bool = True             # llama.cpp's: False asks for a prefill from scratch (nothing reused)
+    sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, top_k, repetition_penalty, seed
     extra: dict[str, Any] = field(default_factory=dict)
 
 

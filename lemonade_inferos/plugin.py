@@ -40,6 +40,7 @@ from lemonade_inferos.kvcache.shared_tier import SharedTier
 from lemonade_inferos.kvcache.warm import WarmCaches
 from lemonade_inferos.metrics.prometheus import ControllerCollector
 from lemonade_inferos.paths import inferos_home
+from lemonade_inferos.tuning.recorder import WorkloadRecorder
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class InferosPlugin:
         self._records: dict[str, RequestRecord] = {}
         self._chat_acceptance: OrderedDict[bytes, float] = OrderedDict()  # chat -> its last turn's acceptance
         self._records_lock = threading.Lock()
+        self._recorder = WorkloadRecorder()
         self._shadow_counter = itertools.count()
         self._shadow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferos-shadow")
         self.control_server: ControlServer | None = None
@@ -151,6 +153,8 @@ class InferosPlugin:
     @hookimpl
     def pre_run(self, context: InferenceContext) -> RunPlan:
         controller = self.controller
+        if controller.settings.record is not None:  # --inferos-record FILE: the workload inferos ab/tune replay
+            self._recorder.record(controller.settings.record, context)
         watchdog = controller.settings.watchdog_s or None
         if controller.use_baseline:
             return RunPlan(baseline=True, policy_version=controller.policy_version, stall_timeout_s=watchdog,

@@ -47,7 +47,7 @@ SHORT_FORMS = {"kv_mode": ("policy", "kv", "mode"), "recent_window": ("policy", 
 ENV_ALIASES = {"AGENT_PORT": "control_port"}
 # settings a running server applies at once; the rest are read at start (a change is reported as needing one)
 LIVE_FIELDS = {"policy", "loops", "prefix_cache_mb", "warm_caches", "shadow_every", "shadow_max_tokens",
-               "importance", "memory_limit", "log_level", "watchdog_s", "quality_schedule", "notifications"}
+               "importance", "memory_limit", "log_level", "watchdog_s", "quality_schedule", "notifications", "record"}
 
 
 class QualitySchedule(BaseModel):
@@ -99,6 +99,8 @@ class InferosSettings(BaseModel):
     shadow_max_tokens: int = Field(512, ge=16)
     memory_limit: int | None = Field(None, ge=1, description="bytes, or a size such as 16GB")
     history_path: Path | None = None
+    record: Path | None = Field(None, description="append every request (prompt token ids, max_tokens, sampling) "
+                                "to this JSON-lines file: a workload `inferos ab` and `inferos tune` replay")
     history_period_s: float = Field(10.0, gt=0)
     guard: dict[str, int | float] | None = None
     watchdog_s: float = Field(120.0, ge=0, description="a generation without a token this long is ended; 0: off")

@@ -295,13 +295,17 @@ def bench_shared_store_cmd(model_name: str, store_url: str | None, prompt_chars:
 @click.option("--runs", type=click.IntRange(1, 100), default=None, help="Measured runs per prompt.")
 @click.option("--warmup", type=click.IntRange(0, 20), default=None, help="Warm-up runs per prompt.")
 @click.option("--sets", default=None, help="Comma-separated prompt sets [default: conversation,reasoning,agent,rag].")
+@click.option("--prompts", type=click.IntRange(1, 10), default=None, help="Prompts per set [default: all; 2 with "
+              "--quick].")
+@click.option("--max-tokens", type=click.IntRange(1, 4096), default=None, help="max_tokens of each reply [default: "
+              "the document's 128; 48 with --quick].")
 @click.option("--ablation/--no-ablation", default=True, show_default=True,
               help="Also run the ablation (8 configurations) and its synergy analysis.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-out/report"), show_default=True,
               help="Folder for report.json, report.html and the PNG charts.")
 @handle_errors
 def bench_report_cmd(model_name: str, quick: bool, runs: int | None, warmup: int | None, sets: str | None,
-                     ablation: bool, out_dir: Path) -> None:
+                     prompts: int | None, max_tokens: int | None, ablation: bool, out_dir: Path) -> None:
     """The design document's reproducible benchmark (baseline og.Generator vs inferos, through real servers),
     its ablation study with synergy analysis, as JSON, PNG and a self-contained HTML report."""
     from dataclasses import replace
@@ -319,7 +323,8 @@ def bench_report_cmd(model_name: str, quick: bool, runs: int | None, warmup: int
     if unknown := [s for s in chosen if s not in SETS]:
         raise click.UsageError(f"unknown prompt set(s) {unknown}; choose from {list(SETS)}")
     config = ReportConfig.quick() if quick else ReportConfig()
-    changes = {k: v for k, v in {"runs": runs, "warmup": warmup}.items() if v is not None}
+    changes = {k: v for k, v in {"runs": runs, "warmup": warmup, "prompts_per_set": prompts,
+                                 "max_tokens": max_tokens}.items() if v is not None}
     config = replace(config, sets=chosen, ablation=ablation,
                      ablation_sets=tuple(s for s in config.ablation_sets if s in chosen) or chosen, **changes)
     registry = ModelRegistry()

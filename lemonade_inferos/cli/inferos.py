@@ -7,6 +7,7 @@
     inferos policy set kv.mode=quality_optimized          (cli/control.py; also metrics, baseline, dashboard)
     inferos config show; inferos agent --config FILE      (cli/config.py)
     inferos service install|uninstall|status|show          (cli/service.py)
+    inferos ab --policy a.yaml --policy b.yaml; inferos tune --workload chat   (cli/tune.py)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import click
 
 from lemonade_inferos import __version__
-from lemonade_inferos.cli import bench, config, control, eval, model, service
+from lemonade_inferos.cli import bench, config, control, eval, model, service, tune
 
 
 @click.group()
@@ -29,7 +30,8 @@ def cli(log_level: str) -> None:
 
 
 for command in (model.model, model.generate, bench.bench, eval.eval_group, control.policy, control.metrics,
-                control.baseline, control.dashboard, config.config_group, config.agent, service.service_group):
+                control.baseline, control.dashboard, config.config_group, config.agent, service.service_group,
+                tune.ab, tune.tune):
     cli.add_command(command)
 
 

@@ -63,7 +63,7 @@ def _sampling(body: SamplingFields, host: Any, max_tokens: int | None = None) ->
 
 async def _prepare(request: Request, body: SamplingFields, text: str | None, messages: list[dict] | None,
                    max_tokens: int | None = None, guidance: Guidance | None = None,
-                   tool_request: ChatCompletionRequest | None = None):
+                   tool_request: ChatCompletionRequest | None = None, token_ids: list[int] | None = None):
     """The model, prompt ids and sampling of a request; with ``tool_request``, also its tool setup (the tools
     rendered into the prompt, the call syntax constraining the output)."""
     host = _host(request)
@@ -91,7 +91,7 @@ async def _prepare(request: Request, body: SamplingFields, text: str | None, mes
         except jinja2.TemplateError as exc:  # the model's template refuses these messages (e.g. role order)
             raise APIError(400, "invalid_messages", f"the model's chat template refused the messages: {exc}") \
                 from exc
-    prompt_ids = model.tokenizer.encode(text or "")
+    prompt_ids = _checked_ids(token_ids, model) if token_ids is not None else model.tokenizer.encode(text or "")
     if not prompt_ids:
         raise APIError(400, "empty_prompt", "the prompt is empty")
     if len(prompt_ids) >= model.ctx_size:
@@ -101,6 +101,15 @@ async def _prepare(request: Request, body: SamplingFields, text: str | None, mes
     # no more tokens than the context has room for: a huge max_tokens ends with finish_reason "length"
     params = replace(params, max_tokens=min(params.max_tokens, model.ctx_size - len(prompt_ids)), guidance=guidance)
     return host, model, prompt_ids, params, tool_setup
+
+
+def _checked_ids(token_ids: list[int], model: Any) -> list[int]:
+    vocab = model.spec.vocab_size if model.spec is not None else None
+    bad = [t for t in token_ids if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise APIError(400, "invalid_request", f"prompt token ids must be in 0..{vocab - 1 if vocab else 'vocab'}; "
+                       f"got {bad[:5]}", param="prompt")
+    return list(token_ids)
 
 
 def _open(request: Request, host: Any, model: Any, prompt_ids: list[int], params: SamplingParams,
@@ -210,8 +219,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
-    prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-    host, model, prompt_ids, params, _ = await _prepare(request, body, prompt, None)
+    token_ids = body.prompt if body.prompt and all(isinstance(t, int) for t in body.prompt) else None
+    prompt = body.prompt if isinstance(body.prompt, str) else "" if token_ids else "".join(body.prompt)
+    host, model, prompt_ids, params, _ = await _prepare(request, body, prompt, None, token_ids=token_ids)
+    if token_ids is not None:
+        prompt = model.tokenizer.decode(token_ids, skip_special_tokens=False)
     run = _open(request, host, model, prompt_ids, params, "completions", body.stream, body.cache_prompt)
     request_id = run.request_id
     if not body.stream:

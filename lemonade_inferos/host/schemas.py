@@ -88,7 +88,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] = Field(description="text, texts (joined) or token ids (OpenAI's token "
+                                                "array: sent to the model as they are, no template)")
     echo: bool = False
 
 

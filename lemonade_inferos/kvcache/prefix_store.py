@@ -117,9 +117,11 @@ class PrefixStore:
                 keys, values = cache.at_rest(start, start + self.block_size, tier, self.group_size)
                 tokens = tuple(token_ids[start:start + self.block_size])
                 block = pool.cache(block_hash, tokens, tier, keys, values)
-                self._by_content[content_key(salt, list(tokens))] = (block_hash, start)
+                content = content_key(salt, list(tokens))
+                self._by_content[content] = (block_hash, start)
                 if self.shared is not None:
                     self.shared.write(block, keys, values)
+                    self.shared.write_segment(content, block_hash, start)
                 new_blocks += 1
             for block_hash in reversed(hashes):  # tail first: parents end up most recently used
                 pool.touch(pool.cached(block_hash, reach_lower=False))
@@ -152,8 +154,31 @@ class PrefixStore:
                     best = (q, run, origins)
                 if q + len(run) * bs >= len(prompt_ids) - 1 - bs:
                     break  # nothing later can be longer
+            if not best[1] and self.shared is not None:
+                best = self._shifted_from_shared(prompt_ids, start, last, salt, max_tier) or best
             self.pool.pin(best[1])
         return best
+
+    def _shifted_from_shared(self, prompt_ids: list[int], start: int, last: int, salt: bytes, max_tier: int
+                             ) -> tuple[int, list[KVBlock], list[int]] | None:
+        """The segment index on the shared tier (another server parked the blocks): the first position whose
+        block it knows, with the chain after it brought into memory (under the lock, as :meth:`lookup`'s reads)."""
+        bs = self.block_size
+        positions = list(range(start, last + 1))
+        contents = [content_key(salt, prompt_ids[q:q + bs]) for q in positions]
+        for q, content, entry in zip(positions, contents, self.shared.read_segments(contents)):
+            if entry is None:
+                continue
+            hashes = [entry[0]]
+            for p in range(q + bs, len(prompt_ids) - bs, bs):  # the prompt's last token always runs
+                hashes.append(chained_hash(hashes[-1], prompt_ids[p:p + bs]))
+            fetched = self._from_shared(hashes, max_tier)
+            self.pool.unpin(fetched)  # shifted_run pins what it hands out
+            if fetched:
+                self._by_content[content] = entry
+                run, origins, _ = self._follow(prompt_ids, q, entry, max_tier)
+                return q, run, origins
+        return None
 
     def record_segment(self, num_blocks: int) -> None:
         """Count blocks a request took from :meth:`shifted_run` (the segment hits)."""

@@ -27,6 +27,7 @@ from lemonade_inferos.kvcache.block_bytes import Tensor, decode_block, encode_bl
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "inferos:kv:v1:"
+SEGMENT_PREFIX = "inferos:seg:v1:"   # content key -> chained hash (16 bytes) + origin position (8, little endian)
 SCHEMES = {"valkey": "redis", "valkeys": "rediss", "redis": "redis", "rediss": "rediss", "unix": "unix"}
 READ_BATCH = 8
 MAX_BACKOFF_S = 30.0
@@ -73,7 +74,8 @@ class SharedTier:
         self._down_until = 0.0
         self._backoff_s = 0.0
         self.counts = {"reads": 0, "hits": 0, "misses": 0, "writes": 0, "errors": 0, "corrupt": 0,
-                       "skipped_down": 0, "dropped_writes": 0, "bytes_read": 0, "bytes_written": 0}
+                       "skipped_down": 0, "dropped_writes": 0, "bytes_read": 0, "bytes_written": 0,
+                       "segment_reads": 0, "segment_hits": 0, "segment_writes": 0}
         self.latency_s_sum = 0.0
         self.latency_count = 0
         self.last_error: str | None = None
@@ -173,15 +175,45 @@ class SharedTier:
             self.counts["dropped_writes"] += 1
             return
         try:
-            self._queue.put_nowait(("set", block.block_hash, encode_block(block, keys, values)))
+            self._queue.put_nowait(("set", KEY_PREFIX + block.block_hash.hex(), encode_block(block, keys, values)))
         except queue.Full:
             self.counts["dropped_writes"] += 1
+
+    def write_segment(self, content: bytes, block_hash: bytes, origin: int) -> None:
+        """Queue a segment-index entry: servers that never saw the sequence find its blocks by their tokens."""
+        if not self.may_try():
+            return
+        try:
+            self._queue.put_nowait(("set", SEGMENT_PREFIX + content.hex(), block_hash + origin.to_bytes(8, "little")))
+        except queue.Full:
+            self.counts["dropped_writes"] += 1
+
+    def read_segments(self, contents: list[bytes]) -> list[tuple[bytes, int] | None]:
+        """The segment-index entries of ``contents`` (one MGET); a value of the wrong shape is ignored."""
+        if not contents or not self.may_try():
+            return [None] * len(contents)
+        started = time.perf_counter()
+        try:
+            values = self._client.mget([SEGMENT_PREFIX + c.hex() for c in contents])
+        except self._errors as exc:
+            self._failed(exc, "read")
+            return [None] * len(contents)
+        self._succeeded(started)
+        self.counts["segment_reads"] += 1
+        entries = []
+        for value in values:
+            if value is not None and len(value) != 24:
+                self.counts["corrupt"] += 1
+                value = None
+            entries.append(None if value is None else (value[:16], int.from_bytes(value[16:], "little")))
+        self.counts["segment_hits"] += sum(e is not None for e in entries)
+        return entries
 
     def discard(self, block_hashes: Iterable[bytes]) -> None:
         """Queue deletes (blocks whose restore failed must not be offered to anyone again)."""
         for block_hash in block_hashes:
             try:
-                self._queue.put_nowait(("del", block_hash, b""))
+                self._queue.put_nowait(("del", KEY_PREFIX + block_hash.hex(), b""))
             except queue.Full:
                 self.counts["dropped_writes"] += 1
 
@@ -202,15 +234,14 @@ class SharedTier:
                 for _ in batch:
                     self._queue.task_done()
 
-    def _send(self, batch: list[tuple[str, bytes, bytes]]) -> None:
+    def _send(self, batch: list[tuple[str, str, bytes]]) -> None:
         if not self.may_try():
             self.counts["dropped_writes"] += len(batch)
             return
         started = time.perf_counter()
         try:
             pipe = self._client.pipeline(transaction=False)
-            for op, block_hash, data in batch:
-                key = KEY_PREFIX + block_hash.hex()
+            for op, key, data in batch:
                 pipe.set(key, data) if op == "set" else pipe.delete(key)
             pipe.execute()
         except self._errors as exc:
@@ -218,7 +249,8 @@ class SharedTier:
             self._failed(exc, "write")
             return
         self._succeeded(started)
-        sets = [data for op, _, data in batch if op == "set"]
+        sets = [data for op, key, data in batch if op == "set" and key.startswith(KEY_PREFIX)]
+        self.counts["segment_writes"] += sum(op == "set" and key.startswith(SEGMENT_PREFIX) for op, key, _ in batch)
         self.counts["writes"] += len(sets)
         self.counts["bytes_written"] += sum(len(d) for d in sets)
 

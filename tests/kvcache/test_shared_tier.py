@@ -101,3 +101,23 @@ def test_a_store_that_is_down_is_a_miss_and_backs_off(own_redis_server):
     later.token_ids[:] = [t + 500 for t in later.token_ids]   # another conversation
     assert store.park(later, SALT) == 3
     assert tier.drain() and tier.stats()["writes"] == 3, "back after the backoff"
+
+
+def test_a_server_finds_a_siblings_blocks_after_a_changed_prefix_through_the_shared_segment_index(redis_server):
+    redis_server.client().flushall()
+    first = PrefixStore(2**30, shared=SharedTier(redis_server.url))
+    cache = _sequence(200)
+    first.park(cache, SALT)
+    assert first.shared.drain() and first.shared.stats()["segment_writes"] == 6
+    second = PrefixStore(2**30, shared=SharedTier(redis_server.url))  # never saw the sequence: nothing local
+    prompt = list(range(5000, 5040)) + cache.token_ids[64:200] + [1]  # another history before the same blocks
+    position, blocks, origins = second.shifted_run(prompt, 0, SALT, max_tier=2)
+    try:
+        assert position == 40 and origins == [64, 96, 128, 160]
+        assert [b.token_ids for b in blocks] == [tuple(cache.token_ids[o:o + 32]) for o in origins]
+    finally:
+        second.release(blocks)
+    assert second.shared.stats()["segment_hits"] >= 1
+    assert second.stats()["hit_blocks_by_tier"]["shared"] >= 4
+    redis_server.client().set("inferos:seg:v1:" + "00" * 16, b"short")  # a foreign value: ignored, counted
+    assert second.shared.read_segments([bytes(16)]) == [None] and second.shared.stats()["corrupt"] >= 1
