@@ -142,3 +142,20 @@ def write_html(report: dict[str, Any], charts: list[Path], path: Path) -> None:
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}")
     path.write_text(f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>inferos bench report"
                     f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>", encoding="utf-8")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    """The report's tables as Markdown (what the README quotes)."""
+    parts = [_md_table(MODE_HEADER, mode_rows(report))]
+    if report.get("ablation"):
+        ablation = report["ablation"]
+        parts.append(_md_table(ABLATION_HEADER, ablation_rows(ablation)))
+        parts.append(_md_table(["combination", "expected %", "actual %", "synergy (points)", "interpretation"],
+                               [[c, _fmt(a["expected"]), _fmt(a["actual"]), _fmt(a["synergy"]), a["interpretation"]]
+                                for c, a in ablation["analysis"]["synergy_analysis"].items()]))
+    path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")

@@ -314,7 +314,7 @@ def bench_report_cmd(model_name: str, quick: bool, runs: int | None, warmup: int
 
     from lemonade_inferos.bench.prompt_sets import SETS
     from lemonade_inferos.bench.report import ReportConfig
-    from lemonade_inferos.bench.report_html import write_charts, write_html
+    from lemonade_inferos.bench.report_html import write_charts, write_html, write_markdown
     from lemonade_inferos.bench.report_run import run_report
     from lemonade_inferos.host.registry import ModelRegistry
     from lemonade_inferos.reports import write_json
@@ -341,8 +341,10 @@ def bench_report_cmd(model_name: str, quick: bool, runs: int | None, warmup: int
     write_json(out_dir / "report.json", report)
     charts = write_charts(report, out_dir)
     write_html(report, charts, out_dir / "report.html")
+    write_markdown(report, out_dir / "report.md")
     _print_report(report)
-    Console().print(f"wrote {out_dir / 'report.json'}, {out_dir / 'report.html'} and {len(charts)} PNG charts")
+    Console().print(f"wrote {out_dir / 'report.json'}, {out_dir / 'report.html'}, report.md and {len(charts)} PNG "
+                    "charts")
 
 
 def _print_report(report: dict) -> None:

@@ -74,6 +74,7 @@ def test_bench_report_measures_both_modes_and_every_ablation_configuration_throu
         assert row["active"]["hybrid"] is False and row["active"]["hybrid_reason"]  # one device here
     assert set(ablation["analysis"]["synergy_analysis"]) == {"kv_io", "full", "full_spec"}
     charts = sorted(p.name for p in out.glob("*.png"))
+    assert (out / "report.md").read_text().count("| full_spec |") == 2  # the ablation row and its synergy
     assert charts == ["report-ablation.png", "report-first-token-latency.png", "report-latency-p95.png",
                       "report-synergy.png", "report-throughput.png"]
     with sync_playwright() as p:  # the HTML opens in a browser and shows its charts

@@ -51,7 +51,7 @@ def test_the_server_records_what_it_serves_and_a_token_id_prompt_replays_it_exac
     assert replay["usage"]["prompt_tokens"] == chat["usage"]["prompt_tokens"]
     assert replay["choices"][0]["text"] == chat["choices"][0]["message"]["content"]  # same prompt, same seed
     bad = httpx.post(f"{base}/api/v1/completions", json={"model": MODEL, "prompt": [1, 10**9], "max_tokens": 2})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+    assert bad.status_code == 400 and bad.json()["error"]["details"]["param"] == "prompt"
 
 
 def test_inferos_ab_measures_each_candidate_and_restores_the_configured_policy(server, token, tmp_path):
