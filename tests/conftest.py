@@ -100,6 +100,9 @@ def control_url(base: str) -> str:
     return httpx.get(f"{base}/api/v1/health", timeout=10).json()["inferos"]["control_api"]["url"]
 
 
+# Debian's chromium (the README's test command installs it); the browser tests fail, never skip, without it
+CHROMIUM = os.environ.get("INFEROS_CHROMIUM", "/usr/bin/chromium")
+
 TINY_ARCHS = ("llama", "qwen3")
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 import numpy as np
@@ -48,29 +48,35 @@ def user_turns(tokenizer: Any, num_turns: int, max_tokens: int = 180) -> list[st
     return turns
 
 
-def stream_turn(base: str, model: str, messages: list[dict[str, str]], max_tokens: int,
-                **extra: Any) -> dict[str, Any]:
-    """One streamed chat request (greedy unless ``extra`` says otherwise), timed at the client: TTFT at the
-    first content chunk, latency at the stream's end; the server's usage."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            **extra}
+def timed_stream(url: str, body: dict[str, Any], text_of: Callable[[dict[str, Any]], str | None]
+                 ) -> dict[str, Any]:
+    """POST a streamed (SSE) request, timed at the client: TTFT at the first chunk ``text_of`` finds text in,
+    latency at the stream's end; the reply's text and the server's usage."""
     started, first, parts, usage = time.perf_counter(), None, [], {}
-    with httpx.stream("POST", f"{base}/api/v1/chat/completions", json=body, timeout=600) as response:
+    with httpx.stream("POST", url, json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            delta = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
-            if delta is not None and first is None:
+            text = text_of(chunk) if chunk.get("choices") else None
+            if text is not None and first is None:
                 first = time.perf_counter()
-            parts.append(delta or "")
+            parts.append(text or "")
             usage = chunk.get("usage") or usage
     ended = time.perf_counter()
     return {"ttft_s": (first or ended) - started, "latency_s": ended - started, "text": "".join(parts),
             "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-            "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens"),
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
             "server_ttft_s": usage.get("prefill_duration_ttft")}
+
+
+def stream_turn(base: str, model: str, messages: list[dict[str, str]], max_tokens: int,
+                **extra: Any) -> dict[str, Any]:
+    """One streamed chat request (greedy unless ``extra`` says otherwise), timed by :func:`timed_stream`."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            **extra}
+    return timed_stream(f"{base}/api/v1/chat/completions", body, lambda c: c["choices"][0]["delta"].get("content"))
 
 
 def play(base: str, model: str, turns: list[str], reply_tokens: int) -> tuple[list[dict[str, Any]], list[dict]]:

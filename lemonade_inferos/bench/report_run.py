@@ -55,18 +55,24 @@ def environment() -> dict[str, Any]:
 
 
 def run_ablation(model: str, config: ReportConfig, token: str, progress: ProgressFactory,
-                 log_dir: Path | None) -> dict[str, Any]:
-    results, runs = {}, {}
+                 log_dir: Path | None) -> dict[str, dict[str, Any]]:
+    """Each configuration on a fresh plugin server: its measured run (records, peak RSS), what ran, overrides."""
+    runs = {}
     for name, features in CONFIGURATIONS.items():
         advance = progress(f"ablation {name}", config.requests(config.ablation_sets))
         with plugin_server(token, log_dir / f"ablation-{name}.log" if log_dir else None) as (base, pid, control):
             policy = set_policy(control, token, policy_update(features))
-            runs[name] = play_sets(base, pid, model, config, config.ablation_sets, uses_cache(features), advance)
-            active = active_features(httpx.get(f"{control}/metrics", timeout=30).json())
-        results[name] = {**mode_metrics(runs[name]), "features": list(features), "description": DESCRIPTIONS[name],
-                         "active": active, "overrides": policy["overrides"]}
-    return {"configurations": results, "analysis": synergy(results), "sets": list(config.ablation_sets),
-            "records": runs}
+            run = play_sets(base, pid, model, config, config.ablation_sets, uses_cache(features), advance)
+            run["active"] = active_features(httpx.get(f"{control}/metrics", timeout=30).json())
+        runs[name] = {**run, "features": list(features), "overrides": policy["overrides"]}
+    return runs
+
+
+def ablation_summary(runs: dict[str, dict[str, Any]], sets: tuple[str, ...]) -> dict[str, Any]:
+    """The configurations' metrics (once their replies are scored) and the synergy analysis."""
+    results = {name: {**mode_metrics(run), "features": run["features"], "description": DESCRIPTIONS[name],
+                      "active": run["active"], "overrides": run["overrides"]} for name, run in runs.items()}
+    return {"configurations": results, "analysis": synergy(results), "sets": list(sets)}
 
 
 def run_report(model: str, model_dir: Path, config: ReportConfig, progress: ProgressFactory,
@@ -82,15 +88,11 @@ def run_report(model: str, model_dir: Path, config: ReportConfig, progress: Prog
     with plugin_server(token, log_dir / "inferos.log" if log_dir else None) as (base, pid, control):
         inferos = play_sets(base, pid, model, config, progress=advance)
         inferos["active"] = active_features(httpx.get(f"{control}/metrics", timeout=30).json())
-    ablation = run_ablation(model, config, token, progress, log_dir) if config.ablation else None
+    ablation_runs = run_ablation(model, config, token, progress, log_dir) if config.ablation else {}
     started = time.perf_counter()
-    scored = baseline["records"] + inferos["records"]
-    if ablation:
-        scored += [r for run in ablation["records"].values() for r in run["records"]]
-    reference_scores(model_dir, scored)
-    if ablation:  # the quality scores exist now: summarize again, then drop the raw runs from the document
-        for name, run in ablation.pop("records").items():
-            ablation["configurations"][name].update({k: v for k, v in mode_metrics(run).items()})
+    reference_scores(model_dir, baseline["records"] + inferos["records"]
+                     + [r for run in ablation_runs.values() for r in run["records"]])
+    ablation = ablation_summary(ablation_runs, config.ablation_sets) if ablation_runs else None
     env["scoring_s"] = time.perf_counter() - started
     report = compare(model, config, env, baseline, inferos, ablation)
     report.inferos["active"] = inferos["active"]

@@ -48,6 +48,12 @@ class SamplingParams:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}",
                                   param="repetition_penalty")
 
+    def settings(self) -> dict[str, object]:
+        """The sampling as plain values (what a recorded request keeps: everything but max_tokens and the grammar)."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": list(self.stop),
+                "ignore_eos": self.ignore_eos}
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

@@ -119,10 +119,7 @@ class GenerateService:
         context = InferenceContext(request_id=request_id, model=model.name, model_path=str(model.folder),
                                    prompt_ids=prompt_ids, max_tokens=params.max_tokens, endpoint=endpoint,
                                    context_length=model.ctx_size, cache_prompt=cache_prompt,
-                                   sampling={"temperature": params.temperature, "top_p": params.top_p,
-                                             "top_k": params.top_k, "repetition_penalty": params.repetition_penalty,
-                                             "seed": params.seed, "stop": list(params.stop),
-                                             "ignore_eos": params.ignore_eos})
+                                   sampling=params.settings())
         plan: RunPlan | None = self.pm.hook.pre_run(context=context)
         baseline = plan is None or plan.baseline
         # from here on PostRun sees every outcome: a failure to build our engine or its cache included

@@ -219,10 +219,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
-    token_ids = body.prompt if body.prompt and all(isinstance(t, int) for t in body.prompt) else None
-    prompt = body.prompt if isinstance(body.prompt, str) else "" if token_ids else "".join(body.prompt)
+    token_ids = body.prompt if body.prompt and isinstance(body.prompt[0], int) else None
+    prompt = None if token_ids else body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
     host, model, prompt_ids, params, _ = await _prepare(request, body, prompt, None, token_ids=token_ids)
-    if token_ids is not None:
+    if token_ids is not None and body.echo:
         prompt = model.tokenizer.decode(token_ids, skip_special_tokens=False)
     run = _open(request, host, model, prompt_ids, params, "completions", body.stream, body.cache_prompt)
     request_id = run.request_id

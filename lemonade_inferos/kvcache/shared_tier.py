@@ -140,17 +140,22 @@ class SharedTier:
         return found
 
     def _get(self, block_hashes: list[bytes]) -> list[bytes | None]:
+        values = self._mget([KEY_PREFIX + h.hex() for h in block_hashes], "reads")
+        return [None] * len(block_hashes) if values is None else values
+
+    def _mget(self, keys: list[str], counter: str) -> list[bytes | None] | None:
+        """One MGET, timed and counted under ``counter``; None when the store is skipped (down) or fails."""
         if not self.may_try():
             self.counts["skipped_down"] += 1
-            return [None] * len(block_hashes)
+            return None
         started = time.perf_counter()
         try:
-            values = self._client.mget([KEY_PREFIX + h.hex() for h in block_hashes])
+            values = self._client.mget(keys)
         except self._errors as exc:
             self._failed(exc, "read")
-            return [None] * len(block_hashes)
+            return None
         self._succeeded(started)
-        self.counts["reads"] += 1
+        self.counts[counter] += 1
         return values
 
     def _decode(self, block_hash: bytes, data: bytes | None):
@@ -190,16 +195,9 @@ class SharedTier:
 
     def read_segments(self, contents: list[bytes]) -> list[tuple[bytes, int] | None]:
         """The segment-index entries of ``contents`` (one MGET); a value of the wrong shape is ignored."""
-        if not contents or not self.may_try():
+        values = self._mget([SEGMENT_PREFIX + c.hex() for c in contents], "segment_reads") if contents else None
+        if values is None:
             return [None] * len(contents)
-        started = time.perf_counter()
-        try:
-            values = self._client.mget([SEGMENT_PREFIX + c.hex() for c in contents])
-        except self._errors as exc:
-            self._failed(exc, "read")
-            return [None] * len(contents)
-        self._succeeded(started)
-        self.counts["segment_reads"] += 1
         entries = []
         for value in values:
             if value is not None and len(value) != 24:

@@ -9,14 +9,13 @@ OpenAI token-array prompt, so the model sees exactly the recorded prompt, templa
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import httpx
 
 from lemonade_inferos.bench.prompt_sets import GENERATION, SETS, prompt_items
+from lemonade_inferos.bench.multiturn import timed_stream
 from lemonade_inferos.bench.report import ReportConfig, play_item
 from lemonade_inferos.errors import InferosError
 
@@ -77,20 +76,8 @@ def stream_completion(base: str, model: str, request: dict[str, Any]) -> dict[st
         sampling["repeat_penalty"] = sampling.pop("repetition_penalty")
     body = {"model": model, "prompt": request["prompt_ids"], "max_tokens": request["max_tokens"], "stream": True,
             **sampling}
-    started, first, usage = time.perf_counter(), None, {}
-    with httpx.stream("POST", f"{base}/api/v1/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text") and first is None:
-                first = time.perf_counter()
-            usage = chunk.get("usage") or usage
-    ended = time.perf_counter()
-    return {"ttft_s": (first or ended) - started, "latency_s": ended - started,
-            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"), "set": "recorded"}
+    record = timed_stream(f"{base}/api/v1/completions", body, lambda c: c["choices"][0].get("text") or None)
+    return {**record, "set": "recorded"}
 
 
 def replay(base: str, model: str, workload: Workload, progress: Progress = lambda n: None) -> list[dict[str, Any]]:

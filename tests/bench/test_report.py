@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from lemonade_inferos.bench.prompt_sets import AGENT_SYSTEM, CONVERSATION, prompt_items
 from lemonade_inferos.bench.report import improvements, summarize
 from lemonade_inferos.cli.inferos import cli
+from tests.conftest import CHROMIUM
 
 
 def test_the_prompt_sets_are_fixed_and_runs_differ_where_real_traffic_does():
@@ -78,7 +79,7 @@ def test_bench_report_measures_both_modes_and_every_ablation_configuration_throu
     assert charts == ["report-ablation.png", "report-first-token-latency.png", "report-latency-p95.png",
                       "report-synergy.png", "report-throughput.png"]
     with sync_playwright() as p:  # the HTML opens in a browser and shows its charts
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True)
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         page = browser.new_page()
         errors = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

@@ -14,9 +14,8 @@ import pytest
 from playwright.sync_api import Page, sync_playwright
 
 from lemonade_inferos.bench.servers import running_server
-from tests.conftest import control_url
+from tests.conftest import CHROMIUM, control_url
 
-CHROMIUM = os.environ.get("INFEROS_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("INFEROS_TEST_ARTIFACTS", Path(__file__).parents[2] / ".cache" / "test-artifacts"))
 MODEL = "SmolLM2-135M-Instruct-CPU"
 CHARTS = ("chart-tps", "chart-latency", "chart-memory", "chart-kv-tiers", "chart-rates", "chart-quality")
