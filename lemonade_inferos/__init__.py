@@ -12,3 +12,9 @@ The package tree is a picture of the architecture:
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# onnxruntime's PyPI builds write a device id and an event queue under ~/.cache/Microsoft/DeveloperTools when
+# imported, and try to upload events: a local server sends nothing its user did not ask for (set it to 0 to opt in)
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")

@@ -131,10 +131,13 @@ class InferosPlugin:
         host.stat_sources["kv_memory"] = self.kv_memory
         if self.settings.control_api:
             self.control_server = ControlServer(self.controller, self.settings.control_port)
-            started = self.control_server.start()
-            base = f"http://127.0.0.1:{self.control_server.port}"
-            host.extras["control_api"] = {"url": f"{base}/v1", "dashboard": f"{base}/dashboard",
-                                          "running": started, "error": self.control_server.error}
+            if self.control_server.start():
+                base = f"http://127.0.0.1:{self.control_server.port}"
+                host.extras["control_api"] = {"url": f"{base}/v1", "dashboard": f"{base}/dashboard",
+                                              "running": True, "error": None}
+            else:  # never another process's endpoints: none, and why
+                host.extras["control_api"] = None
+                host.extras["control_api_error"] = self.control_server.error
         log.info("inferos plugin active: kv mode %s, prefix cache %.0f MiB", self.controller.policy.kv.mode,
                  self.reuse.store.budget_bytes / 2**20)
 

@@ -9,13 +9,31 @@ from pathlib import Path
 
 import pytest
 
+# Tests write under the checkout only, never in the user's home: the built model, history, tokens and spill files
+# (INFEROS_HOME), the plugin's user config copy (never a developer's own ~/.config/inferos), what libraries cache
+# under the XDG folders (matplotlib, transformers, torch), what third-party clients keep in a home of their own
+# (GAIA's ~/.gaia: HOME itself is a folder of the checkout), and pytest's own temporary folders (pytest_configure).
+CACHE = Path(__file__).resolve().parents[1] / ".cache"
+os.environ.setdefault("INFEROS_HOME", str(CACHE / "inferos"))
+os.environ["HOME"] = str(CACHE / "test-home" / "home")
+(CACHE / "test-home" / "home").mkdir(parents=True, exist_ok=True)
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # what lemonade_inferos sets, for processes that skip it
+for _variable, _folder in (("XDG_CACHE_HOME", "xdg-cache"), ("XDG_CONFIG_HOME", "xdg-config"),
+                           ("XDG_DATA_HOME", "xdg-data"), ("XDG_STATE_HOME", "xdg-state")):
+    os.environ[_variable] = str(CACHE / "test-home" / _folder)
+(CACHE / "test-home").mkdir(parents=True, exist_ok=True)
+os.environ.setdefault("INFEROS_CONFIG_DIR", tempfile.mkdtemp(prefix="inferos-config-", dir=CACHE / "test-home"))
 # every server a test starts gets its own control-API port (7031 may be taken by a user's server)
 os.environ.setdefault("INFEROS_RANDOM_PORT", "true")
-# the plugin's user config copy is read from here: never a developer's own ~/.config/inferos during tests
-os.environ.setdefault("INFEROS_CONFIG_DIR", tempfile.mkdtemp(prefix="inferos-config-"))
 
-from lemonade_inferos.bench.servers import running_server
-from lemonade_inferos.engine.build import BuildSpec, build_model
+from lemonade_inferos.bench.servers import running_server  # noqa: E402 (after the environment above)
+from lemonade_inferos.engine.build import BuildSpec, build_model  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmp_path factory reads the option
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.basetemp is None:
+        config.option.basetemp = str(CACHE / "pytest-tmp")
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,10 @@ def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      envvar="LEMONADE_REQUEST_TIMEOUT", show_envvar=True, show_default=True,
                      help="Seconds one generation may run (queue wait and engine load not counted); a longer one ends with "
                           "HTTP 504 request_timeout (an SSE error event when streaming)."),
+        click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=8.0,
+                     envvar="LEMONADE_MAX_BODY_MB", show_envvar=True, show_default=True,
+                     help="Largest request body in MiB; a larger one is HTTP 413 request_too_large, refused before "
+                          "it is read whole or parsed."),
         click.option("--plugin-option", "plugin_option", multiple=True, metavar="NAME.KEY=VALUE",
                      help="An option for a loaded plugin (repeatable), e.g. --plugin-option inferos.kv.mode=dynamic; "
                           "--NAME-KEY VALUE is the same (--inferos-prefix-cache-mb 64). The plugin validates them; "
@@ -69,7 +73,7 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
 def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
-           plugins: tuple[str, ...], max_queue: int, request_timeout: float,
+           plugins: tuple[str, ...], max_queue: int, request_timeout: float, max_body_mb: float,
            plugin_options: dict[str, dict[str, Any]], config_path: Path | None) -> None:
     from lemonade_inferos.host.app import create_app
     from lemonade_inferos.host.registry import ModelRegistry
@@ -84,7 +88,7 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
     settings = HostSettings(host=host, port=port, log_level=log_level, ctx_size=ctx_size,
                             max_loaded_models=max_loaded_models, api_key=os.environ.get("LEMONADE_API_KEY") or None,
                             plugins=list(plugins), max_queue=max_queue, request_timeout_s=request_timeout,
-                            plugin_options=plugin_options, config_path=config_path)
+                            max_body_mb=max_body_mb, plugin_options=plugin_options, config_path=config_path)
     if model:
         settings.default_model = model
     sock = bind_socket(host, port)  # first: a busy port fails now, before a build or a plugin starts
@@ -161,13 +165,13 @@ def cli() -> None:
 @click.pass_context
 @handle_errors
 def serve(ctx: click.Context, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
-          no_tray: bool, plugins: tuple[str, ...], max_queue: int, request_timeout: float, config_path: Path | None,
-          plugin_option: tuple[str, ...]) -> None:
+          no_tray: bool, plugins: tuple[str, ...], max_queue: int, request_timeout: float, max_body_mb: float,
+          config_path: Path | None, plugin_option: tuple[str, ...]) -> None:
     """Start the server (default model: SmolLM2-135M-Instruct-CPU, built offline on first use).
 
     SIGTERM or SIGINT stop it cleanly: running generations end, state is written, exit code 0.
     """
-    _serve(None, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, request_timeout,
+    _serve(None, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, request_timeout, max_body_mb,
            plugin_options(plugins, plugin_option, ctx.args, config_path), config_path)
 
 
@@ -178,9 +182,9 @@ def serve(ctx: click.Context, host: str, port: int, log_level: str, ctx_size: in
 @handle_errors
 def run(ctx: click.Context, model: str, host: str, port: int, log_level: str, ctx_size: int | None,
         max_loaded_models: int, no_tray: bool, plugins: tuple[str, ...], max_queue: int, request_timeout: float,
-        config_path: Path | None, plugin_option: tuple[str, ...]) -> None:
+        max_body_mb: float, config_path: Path | None, plugin_option: tuple[str, ...]) -> None:
     """Start the server with MODEL loaded."""
-    _serve(model, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, request_timeout,
+    _serve(model, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, request_timeout, max_body_mb,
            plugin_options(plugins, plugin_option, ctx.args, config_path), config_path)
 
 

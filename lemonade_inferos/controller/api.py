@@ -7,7 +7,7 @@ document's security headers; CORS admits loopback origins only.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 from datetime import datetime, timezone
 from typing import Any
@@ -20,18 +20,21 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from lemonade_inferos import __version__
-from lemonade_inferos.controller.config import ConfigError, parse_config
+from lemonade_inferos.controller.config import ConfigError, ConfigSyntaxError, parse_config
 from lemonade_inferos.controller.controller import Controller
 from lemonade_inferos.dashboard import mount_dashboard
 from lemonade_inferos.hooktypes import InferenceStats
 from lemonade_inferos.host.errors import install_error_handlers
+from lemonade_inferos.http.body_limit import BodyLimit
 from lemonade_inferos.http.errors import APIError, document_errors_as_400
 from lemonade_inferos.http.guard import RequestGuard, TokenRule, guard_policy_from_env
+from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
 from lemonade_inferos.metrics.prometheus import ControllerCollector
 
 STATS_ADAPTER = TypeAdapter(InferenceStats)
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
                     "X-XSS-Protection": "1; mode=block", "Cache-Control": "no-store"}
+MAX_BODY_BYTES = 2**20   # a config document or a policy is a few KiB
 LOOPBACK_ORIGINS = r"^https?://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?$"
 
 
@@ -59,6 +62,14 @@ def _validation_error(exc: ValidationError, code: str = "invalid_policy") -> API
                     errors=[{"loc": list(map(str, e["loc"])), "msg": e["msg"]} for e in exc.errors()])
 
 
+def _utf8(raw: bytes, fmt: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"invalid_{fmt}", f"the body is not UTF-8 (byte {raw[exc.start]:#04x} at offset "
+                       f"{exc.start})", position=exc.start) from exc
+
+
 def create_control_app(controller: Controller, token: str) -> FastAPI:
     app = FastAPI(title="Infer-OS Control Agent", version=__version__)
     install_error_handlers(app)
@@ -74,7 +85,7 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
 
     registry = CollectorRegistry()
     registry.register(ControllerCollector(controller.metrics))
-    router = APIRouter(prefix="/v1")
+    router = APIRouter(prefix="/v1", route_class=OffLoopJSONRoute)
 
     @router.get("/health")
     async def health() -> dict[str, Any]:
@@ -122,24 +133,23 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
     @router.post("/config")
     async def set_config(request: Request) -> dict[str, Any]:
         """Body: ``{"reload": true}`` re-reads the config file; a YAML/TOML/JSON document replaces the config."""
-        raw = await request.body()
         content_type = request.headers.get("content-type", "")
         try:
             if "json" in content_type:
-                data = json.loads(raw or b"{}")
-                if not isinstance(data, dict):
-                    raise APIError(400, "invalid_config", "the body must be a JSON object: {\"reload\": true} or "
-                                   "a config document ({\"infer_os\": {...}})")
+                data = await json_object(request, "config: {\"reload\": true} or a config document "
+                                         "({\"infer_os\": {...}})")
                 if data.get("reload") is True:
                     config = controller.reload_config()
                     return {"status": "reloaded", **config.to_document()}
                 config = parse_config(yaml.safe_dump(data), "request body")
             else:
-                config = parse_config(raw.decode("utf-8"), "request body", "toml" if "toml" in content_type else "yaml")
+                fmt = "toml" if "toml" in content_type else "yaml"
+                raw = await request.body()
+                config = await asyncio.to_thread(parse_config, _utf8(raw, fmt), "request body", fmt)
+        except ConfigSyntaxError as exc:
+            raise APIError(400, f"invalid_{exc.fmt}", str(exc), **exc.details()) from exc
         except ConfigError as exc:
             raise APIError(400, "invalid_config", str(exc), **exc.details()) from exc
-        except ValueError as exc:  # JSON syntax, or bytes that are not UTF-8
-            raise APIError(400, "invalid_json", f"the request body cannot be read: {exc}") from exc
         controller.apply_config(config, "POST /v1/config")
         return {"status": "applied", **config.to_document()}
 
@@ -173,6 +183,7 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
 
     app.include_router(router)
     mount_dashboard(app)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     # outermost: the host allow-list, cross-site refusal and the token come before CORS, routing and bodies
     app.add_middleware(RequestGuard, policy=guard_policy_from_env(os.environ, token_rule(token)))
     return app

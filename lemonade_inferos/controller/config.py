@@ -30,6 +30,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 log = logging.getLogger(__name__)
+MAX_DEPTH = 32   # how deep a config document may nest (the policy itself is ~4 deep)
 
 def _presets_dir() -> Path:
     """``configs/`` of a source checkout (editable install), else the copy a wheel puts under share/."""
@@ -72,6 +73,14 @@ class ConfigError(ValueError):
         return {"source": self.source, "line": self.line, "field": self.field}
 
 
+class ConfigSyntaxError(ConfigError):
+    """A document that is not readable YAML or TOML (``fmt`` says which): syntax, or nested too deep."""
+
+    def __init__(self, message: str, source: str, fmt: str, line: int | None = None) -> None:
+        super().__init__(message, source, line)
+        self.fmt = fmt
+
+
 def parse_document(text: str, source: str, fmt: str | None = None) -> dict[str, Any]:
     """The ``infer_os`` section of a YAML or TOML document, unvalidated.
 
@@ -83,17 +92,36 @@ def parse_document(text: str, source: str, fmt: str | None = None) -> dict[str, 
         data = tomllib.loads(text) if fmt == "toml" else yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
-        raise ConfigError(f"{source}:{line}: YAML syntax error: {exc.problem}", source, line) from exc
+        raise ConfigSyntaxError(f"{source}:{line}: YAML syntax error: {exc.problem}", source, fmt, line) from exc
     except yaml.YAMLError as exc:  # e.g. a control character: the reader names its position
         mark = getattr(exc, "position", None)
         line = text.count("\n", 0, mark) + 1 if isinstance(mark, int) else None
-        raise ConfigError(f"{source}:{line}: YAML cannot read this document: {exc}", source, line) from exc
+        raise ConfigSyntaxError(f"{source}:{line}: YAML cannot read this document: {exc}", source, fmt, line) \
+            from exc
     except tomllib.TOMLDecodeError as exc:
         line = getattr(exc, "lineno", None)
-        raise ConfigError(f"{source}: TOML syntax error: {exc}", source, line) from exc
+        raise ConfigSyntaxError(f"{source}: TOML syntax error: {exc}", source, fmt, line) from exc
+    except RecursionError as exc:  # both readers recurse per nesting level
+        raise ConfigSyntaxError(f"{source}: nested too deep to read as {fmt.upper()}", source, fmt) from exc
+    if _depth(data) > MAX_DEPTH:  # the policy is ~4 deep; deeper structures only cost the walks after this
+        raise ConfigSyntaxError(f"{source}: nested deeper than {MAX_DEPTH} levels", source, fmt)
     if not isinstance(data, dict) or not isinstance(data.get("infer_os"), dict):
         raise ConfigError(f"{source}: the document needs an 'infer_os:' mapping at its root", source, 1, "infer_os")
     return dict(data["infer_os"])
+
+
+def _depth(value: Any) -> int:
+    """How deep mappings and lists nest in ``value``, up to ``MAX_DEPTH + 1``: iterative, and a subtree that YAML
+    aliases share is walked once per depth (not once per path, which is exponential in a "billion laughs")."""
+    deepest, stack, seen = 0, [(value, 1)], set()
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)) and (id(node), depth) not in seen:
+            seen.add((id(node), depth))
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def parse_config(text: str, source: str, fmt: str | None = None) -> InferOSConfig:

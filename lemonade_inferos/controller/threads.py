@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import psutil
 
@@ -22,14 +23,26 @@ QUIET_BELOW = 0.3       # ... and below which it comes back
 MIN_WINDOW_S = 1.0      # shorter windows keep the last decision (too little CPU time to judge)
 
 
+def others_cpu_seconds(process: psutil.Process | None = None) -> tuple[float, float]:
+    """The load signal: (monotonic seconds, CPU seconds used by every process but this one since boot)."""
+    system = psutil.cpu_times()
+    busy_total = system.user + system.system + getattr(system, "nice", 0.0) + getattr(system, "irq", 0.0) \
+        + getattr(system, "softirq", 0.0)
+    ours = sum((process or psutil.Process()).cpu_times()[:4])  # user, system, children_user, children_system
+    return time.monotonic(), busy_total - ours
+
+
 @dataclass
 class ThreadPolicy:
-    """Decides ``allow_spinning`` from what other processes used of the CPU since the last decision."""
+    """Decides ``allow_spinning`` from what other processes used of the CPU since the last decision.
+
+    ``sample`` is the load signal (:func:`others_cpu_seconds`); a test drives the policy with one it controls.
+    """
 
     busy: bool = False
     others_cores: float | None = None   # the last measurement, for the metrics document
-    _last: tuple[float, float, float] | None = field(default=None, repr=False)
-    _process: psutil.Process = field(default_factory=psutil.Process, repr=False)
+    sample: Callable[[], tuple[float, float]] = field(default=others_cpu_seconds, repr=False)
+    _last: tuple[float, float] | None = field(default=None, repr=False)
 
     def allow_spinning(self) -> bool:
         self.measure()
@@ -37,19 +50,15 @@ class ThreadPolicy:
 
     def measure(self) -> None:
         """Update the decision from the CPU time used since the last measurement (at least a second ago)."""
-        now = time.monotonic()
-        if self._last is not None and now - self._last[0] < MIN_WINDOW_S:
-            return  # too little CPU time to judge: the last decision stands (and /proc is not read)
-        system = psutil.cpu_times()
-        busy_total = system.user + system.system + getattr(system, "nice", 0.0) + getattr(system, "irq", 0.0) \
-            + getattr(system, "softirq", 0.0)
-        ours = sum(self._process.cpu_times()[:4])  # user, system, children_user, children_system
+        now, others = self.sample()
         if self._last is None:
-            self._last = (now, busy_total, ours)
+            self._last = (now, others)
             return
-        then, busy_then, ours_then = self._last
-        self._last = (now, busy_total, ours)
-        self.others_cores = max(0.0, (busy_total - busy_then) - (ours - ours_then)) / (now - then)
+        if now - self._last[0] < MIN_WINDOW_S:
+            return  # too little CPU time to judge: the last decision stands
+        then, others_then = self._last
+        self._last = (now, others)
+        self.others_cores = max(0.0, others - others_then) / (now - then)
         if self.busy and self.others_cores < QUIET_BELOW:
             self.busy = False
         elif not self.busy and self.others_cores > BUSY_ABOVE:

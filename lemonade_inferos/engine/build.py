@@ -148,6 +148,7 @@ def build_model(spec: BuildSpec, progress: Progress = lambda msg: None, force: b
     hf_dir = _export_hf(builtin, gguf, progress)
     work = spec.output_dir.with_name(spec.output_dir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
+    work.parent.mkdir(parents=True, exist_ok=True)
     extra: list[str] = []
     if spec.kv == "int8":
         scales = _calibrate_kv_scales(BuildSpec(spec.model, spec.weights, "fp32"), hf_dir, progress)
@@ -214,7 +215,7 @@ def _run_logged(cmd: list[str], log_path: Path) -> None:
 def list_built_models() -> list[dict[str, object]]:
     """Every model folder under the models cache, with its manifest when present."""
     rows = []
-    for path in sorted(models_dir().iterdir()):
+    for path in sorted(models_dir().iterdir()) if models_dir().is_dir() else ():
         if not path.is_dir() or path.name.endswith(".partial"):
             continue
         manifest_path = path / MANIFEST

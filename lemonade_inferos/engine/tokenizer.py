@@ -7,6 +7,7 @@ torch/transformers import is needed at serve time.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,20 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from lemonade_inferos.errors import ModelFolderError
+
+
+CHARS_PER_TOKEN_BOUND = 16   # English text has ~4 characters a token, code ~3; a text over 16 is rare
+PREFIX_SLACK_TOKENS = 16     # a prefix may tokenize a few tokens apart from the same text inside the whole
+
+
+class PromptTooLong(ValueError):
+    """A text with at least ``limit`` tokens; ``how`` says how they were counted when not all were (``counted`` is
+    the phrase for a message: "at least 50,925 tokens (...)")."""
+
+    def __init__(self, num_tokens: int, limit: int, how: str = "") -> None:
+        self.num_tokens, self.limit = num_tokens, limit
+        self.counted = f"at least {num_tokens:,} tokens ({how})" if how else f"{num_tokens:,} tokens"
+        super().__init__(f"the text has {self.counted}; fewer than {limit:,} fit")
 
 
 def _raise_exception(message: str) -> None:
@@ -52,8 +67,46 @@ class ChatTokenizer:
         return cls(tokenizer=tokenizer, chat_template=template, special_tokens=specials)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special-token strings in it map to their ids."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text``; special-token strings in it map to their ids.
+
+        Through ``encode_batch``, which releases the GIL while it runs (``encode`` holds it: an 8 MB text stalls
+        every other thread of the process, the server's event loop included, for ~6 s; measured 2026-12-05).
+        """
+        return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def encode_within(self, text: str, limit: int) -> list[int]:
+        """Token ids of ``text``, which must have fewer than ``limit`` tokens.
+
+        A text of at least ``limit * max_token_bytes`` characters is refused untokenized. One longer than
+        ``limit * CHARS_PER_TOKEN_BOUND`` characters is first measured by its prefix up to a
+        whitespace (the pieces before a whitespace tokenize the same as in the whole text), and refused when that
+        prefix alone has ``limit`` tokens or more: a 10 MB paste into an 8K context costs ~0.1 s of one core, not
+        ~7 s. A text that is long but not over the limit (more than 16 characters a token) is encoded whole.
+
+        Raises:
+            PromptTooLong: ``text`` has at least ``limit`` tokens.
+        """
+        if len(text) >= limit * self.max_token_bytes:  # more text than ``limit`` tokens can cover
+            raise PromptTooLong(len(text) // self.max_token_bytes, limit,
+                                f"{len(text):,} characters, at most {self.max_token_bytes} to a token")
+        cut = limit * CHARS_PER_TOKEN_BOUND
+        if len(text) > cut:
+            space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+            if space > cut // 2:
+                counted = len(self.encode(text[:space]))
+                if counted >= limit + PREFIX_SLACK_TOKENS:
+                    raise PromptTooLong(counted, limit, f"counted in its first {space:,} characters")
+        ids = self.encode(text)
+        if len(ids) >= limit:
+            raise PromptTooLong(len(ids), limit)
+        return ids
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token stands for, bounded above by its vocabulary string's own length
+        (a byte-level token's characters are one byte each; a ``<0xE3>`` byte token or a ``▁`` space is longer
+        than the text it covers): a text of ``n`` bytes has at least ``n / max_token_bytes`` tokens."""
+        return max(len(token.encode("utf-8")) for token in self.tokenizer.get_vocab(with_added_tokens=True))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -24,6 +24,7 @@ from lemonade_inferos.host.routes import LEMONADE_API_VERSION, router
 from lemonade_inferos.host.run import HostRunner
 from lemonade_inferos.host.settings import HostSettings
 from lemonade_inferos.host.telemetry import Telemetry
+from lemonade_inferos.http.body_limit import BodyLimit
 from lemonade_inferos.http.errors import document_errors_as_400
 from lemonade_inferos.http.guard import RequestGuard, TokenRule, guard_policy_from_env
 from lemonade_inferos.metrics.host import HostCollector, HostStats
@@ -120,6 +121,7 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
     app.include_router(internal_router)  # /internal/set, /internal/config, /internal/telemetry/flush
 
     pm.hook.extra_routes(app=app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, setting="--max-body-mb or LEMONADE_MAX_BODY_MB")
     app.add_middleware(RequestGuard, policy=guard_policy_from_env(os.environ, api_key_rule(settings.api_key),
                                                                   bind_host=settings.host))
     return app

@@ -16,6 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lemonade_inferos.errors import (GenerationError, InferosError, ModelFolderError, ModelNotFoundError,
                                      RequestError, RequestTimeout, ServerStopping)
 from lemonade_inferos.http.errors import APIError, error_body, error_response  # noqa: F401 (re-exported)
+from lemonade_inferos.http.body_limit import BodyTooLarge
+from lemonade_inferos.http.json_body import parsed_body
 
 STATUS_OF = ((ModelNotFoundError, 404), (ModelFolderError, 400), (RequestError, 400), (RequestTimeout, 504),
              (ServerStopping, 503))
@@ -37,13 +39,11 @@ GENERATE_PATHS = ("/chat/completions", "/completions", "/responses")
 
 
 async def _streamed(request: Request) -> bool:
-    """Whether ``request`` asked for a streamed generation (``"stream": true`` on a generate route)."""
+    """Whether ``request`` asked for a streamed generation (``"stream": true`` on a generate route; the body as its
+    route parsed it, never parsed again here)."""
     if request.method != "POST" or not request.url.path.endswith(GENERATE_PATHS):
         return False
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except (ValueError, RuntimeError):
-        return False
+    body = parsed_body(request)
     return isinstance(body, dict) and body.get("stream") is True
 
 
@@ -64,9 +64,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(400, "invalid_json", "the request body is not valid JSON",
-                                  {"errors": _jsonable(errors)})
+        invalid = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if invalid is not None:
+            reason = (invalid.get("ctx") or {}).get("error")
+            return error_response(400, "invalid_json", "the request body is not valid JSON"
+                                  + (f": {reason}" if reason else ""), {"errors": _jsonable(errors)})
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         return await _answer(request, 400, error_body(400, "invalid_request",
@@ -80,6 +82,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, BodyTooLarge):
+            return exc.response()
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 

@@ -8,13 +8,13 @@ Any other key is a 400 naming it, so a client never believes a setting took effe
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from fastapi import APIRouter, Request
 
 from lemonade_inferos.http.errors import APIError
+from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
 
-router = APIRouter(prefix="/internal")
+router = APIRouter(prefix="/internal", route_class=OffLoopJSONRoute)
 SETTABLE = ("telemetry", "ctx_size")
 
 
@@ -29,11 +29,8 @@ async def config(request: Request):
 @router.post("/set")
 async def set_config(request: Request):
     host = request.app.state.host
-    try:
-        body: Any = await request.json()
-    except ValueError:
-        raise APIError(400, "invalid_request", "the body is not valid JSON") from None
-    if not isinstance(body, dict) or not body:
+    body = await json_object(request, "settings")
+    if not body:
         raise APIError(400, "invalid_request", "the body must be a non-empty object of settings")
     unknown = sorted(set(body) - set(SETTABLE))
     if unknown:

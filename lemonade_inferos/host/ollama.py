@@ -20,10 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lemonade_inferos import __version__
 from lemonade_inferos.engine.types import GenerationChunk
-from lemonade_inferos.host import routes, structured, tools
+from lemonade_inferos.host import routes, tools
 from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from lemonade_inferos.http.json_body import OffLoopJSONRoute
 
-router = APIRouter(prefix="/api")
+router = APIRouter(prefix="/api", route_class=OffLoopJSONRoute)
 OLLAMA_API_VERSION = "0.6.3"   # the Ollama API level these routes follow
 
 
@@ -133,10 +134,9 @@ async def chat(body: OllamaChatRequest, request: Request):
     openai_body = ChatCompletionRequest(messages=body.messages or [ChatMessage(role="user", content="")],
                                         tools=body.tools, response_format=body.response_format(),
                                         **{k: v for k, v in body.sampling().items() if v is not None})
-    guidance = structured.guidance_for(openai_body.response_format)
     host, model, prompt_ids, params, tool_setup = await routes._prepare(
-        request, openai_body, None, [m.as_template_message() for m in openai_body.messages], guidance=guidance,
-        tool_request=openai_body)
+        request, openai_body, None, [m.as_template_message() for m in openai_body.messages],
+        response_format=openai_body.response_format, tool_request=openai_body)
     run = routes._open(request, host, model, prompt_ids, params, "api/chat", body.stream)
     if not body.stream:
         text, stats = await routes._collect(run)
@@ -170,15 +170,14 @@ async def chat(body: OllamaChatRequest, request: Request):
 async def generate(body: OllamaGenerateRequest, request: Request):
     started = time.perf_counter()
     openai_body = CompletionRequest(prompt=body.prompt, **{k: v for k, v in body.sampling().items() if v is not None})
-    guidance = structured.guidance_for(body.response_format())
     if body.raw:
         host, model, prompt_ids, params, _ = await routes._prepare(request, openai_body, body.prompt, None,
-                                                                   guidance=guidance)
+                                                                   response_format=body.response_format())
     else:  # Ollama renders the prompt with the model's template unless raw
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
             [{"role": "user", "content": body.prompt}]
         host, model, prompt_ids, params, _ = await routes._prepare(request, openai_body, None, messages,
-                                                                   guidance=guidance)
+                                                                   response_format=body.response_format())
     run = routes._open(request, host, model, prompt_ids, params, "api/generate", body.stream)
     if not body.stream:
         text, stats = await routes._collect(run)

@@ -17,7 +17,6 @@ from typing import Any
 
 from lemonade_inferos.engine.build import BuildSpec, build_model, is_built
 from lemonade_inferos.engine.model_folder import load_model_folder
-from lemonade_inferos.engine.session import available_providers
 from lemonade_inferos.durable import atomic_write, quarantine
 from lemonade_inferos.errors import InferosError, ModelNotFoundError, RequestError
 from lemonade_inferos.paths import inferos_home
@@ -163,6 +162,8 @@ def devices_for_recipe(recipe: str) -> tuple[list[str], str | None]:
     """Devices to try for a recipe, and the reason when it falls back to CPU here."""
     devices = RECIPE_DEVICES.get(recipe, ["cpu"])
     provider = RECIPE_PROVIDER.get(recipe, "CPUExecutionProvider")
+    from lemonade_inferos.engine.session import available_providers  # onnxruntime: not for `list`
+
     if provider not in available_providers():
         reason = f"recipe {recipe} wants {provider}, which this onnxruntime build lacks: running on CPU"
         log.warning(reason)

@@ -11,7 +11,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jinja2
@@ -22,6 +22,7 @@ from starlette.background import BackgroundTask
 
 from lemonade_inferos import __version__
 from lemonade_inferos.engine.sampling import SamplingParams
+from lemonade_inferos.engine.tokenizer import PromptTooLong
 from lemonade_inferos.engine.session import available_providers
 from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.errors import GenerationError, InferosError
@@ -36,10 +37,11 @@ from lemonade_inferos.host.schemas import (ChatCompletionRequest, CompletionRequ
                                           PullRequest, ResponsesRequest, SamplingFields, UnloadRequest)
 from lemonade_inferos.http.errors import APIError, error_body
 from lemonade_inferos.hooktypes import InferenceStats
+from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
 
 LEMONADE_API_VERSION = "10.2.0"  # the Lemonade API level this host implements (GAIA needs >= 10.2.0)
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJSONRoute)
 log = logging.getLogger(__name__)
 
 
@@ -61,13 +63,37 @@ def _sampling(body: SamplingFields, host: Any, max_tokens: int | None = None) ->
         seed=body.seed, stop=tuple(body.stop or ()), ignore_eos=body.ignore_eos)
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """What a request's body becomes before it is admitted: prompt ids, the constraint on the reply, tool setup."""
+
+    ids: list[int]
+    guidance: Guidance | None = None
+    tool_setup: tools.ToolSetup | None = None
+
+
 async def _prepare(request: Request, body: SamplingFields, text: str | None, messages: list[dict] | None,
-                   max_tokens: int | None = None, guidance: Guidance | None = None,
+                   max_tokens: int | None = None, response_format: dict[str, Any] | None = None,
                    tool_request: ChatCompletionRequest | None = None, token_ids: list[int] | None = None):
     """The model, prompt ids and sampling of a request; with ``tool_request``, also its tool setup (the tools
-    rendered into the prompt, the call syntax constraining the output)."""
+    rendered into the prompt, the call syntax constraining the output).
+
+    The prompt is built in a worker thread (templating, tokenizing, compiling a schema can take seconds for a
+    large body), so health checks and other clients' streams go on meanwhile."""
     host = _host(request)
     model = await host.models.resolve(body.model)
+    prompt = await asyncio.to_thread(_prompt, model, text, messages, response_format, tool_request, token_ids)
+    params = _sampling(body, host, max_tokens)
+    # no more tokens than the context has room for: a huge max_tokens ends with finish_reason "length"
+    params = replace(params, max_tokens=min(params.max_tokens, model.ctx_size - len(prompt.ids)),
+                     guidance=prompt.guidance)
+    return host, model, prompt.ids, params, prompt.tool_setup
+
+
+def _prompt(model: Any, text: str | None, messages: list[dict] | None, response_format: dict[str, Any] | None,
+            tool_request: ChatCompletionRequest | None, token_ids: list[int] | None) -> Prompt:
+    """:func:`_prepare`'s work off the event loop (see there)."""
+    guidance = structured.guidance_for(response_format)
     tool_setup = None
     if messages is not None:
         template_tools = None
@@ -91,19 +117,20 @@ async def _prepare(request: Request, body: SamplingFields, text: str | None, mes
         except jinja2.TemplateError as exc:  # the model's template refuses these messages (e.g. role order)
             raise APIError(400, "invalid_messages", f"the model's chat template refused the messages: {exc}") \
                 from exc
-    prompt_ids = _checked_ids(token_ids, model) if token_ids is not None else model.tokenizer.encode(text or "")
-    if not prompt_ids:
+    try:
+        ids = _checked_ids(token_ids, model) if token_ids is not None else \
+            model.tokenizer.encode_within(text or "", model.ctx_size)
+    except PromptTooLong as exc:
+        raise GenerationError(f"the prompt has {exc.counted} but the context holds {model.ctx_size}; shorten it",
+                              prompt_tokens=exc.num_tokens, context_length=model.ctx_size) from exc
+    if not ids:
         raise APIError(400, "empty_prompt", "the prompt is empty")
-    if len(prompt_ids) >= model.ctx_size:
-        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens but the context holds {model.ctx_size}; "
-                              "shorten it", prompt_tokens=len(prompt_ids), context_length=model.ctx_size)
-    params = _sampling(body, host, max_tokens)
-    # no more tokens than the context has room for: a huge max_tokens ends with finish_reason "length"
-    params = replace(params, max_tokens=min(params.max_tokens, model.ctx_size - len(prompt_ids)), guidance=guidance)
-    return host, model, prompt_ids, params, tool_setup
+    return Prompt(ids, guidance, tool_setup)
 
 
 def _checked_ids(token_ids: list[int], model: Any) -> list[int]:
+    if len(token_ids) >= model.ctx_size:
+        raise PromptTooLong(len(token_ids), model.ctx_size)
     vocab = model.spec.vocab_size if model.spec is not None else None
     bad = [t for t in token_ids if t < 0 or (vocab is not None and t >= vocab)]
     if bad:
@@ -197,8 +224,8 @@ async def _with_pings(events, every_s: float):
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     messages = [m.as_template_message() for m in body.messages]
-    guidance = structured.guidance_for(body.response_format)
-    host, model, prompt_ids, params, tool_setup = await _prepare(request, body, None, messages, guidance=guidance,
+    host, model, prompt_ids, params, tool_setup = await _prepare(request, body, None, messages,
+                                                                 response_format=body.response_format,
                                                                  tool_request=body)
     run = _open(request, host, model, prompt_ids, params, "chat/completions", body.stream, body.cache_prompt)
     request_id = run.request_id
@@ -252,9 +279,8 @@ async def responses(body: ResponsesRequest, request: Request):
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.input]
     if body.instructions:
         messages.insert(0, {"role": "system", "content": body.instructions})
-    guidance = structured.guidance_for((body.text or {}).get("format"))
     host, model, prompt_ids, params, _ = await _prepare(request, body, None, messages, body.max_output_tokens,
-                                                        guidance)
+                                                        (body.text or {}).get("format"))
     run = _open(request, host, model, prompt_ids, params, "responses", body.stream, body.cache_prompt)
     request_id = run.request_id
     if not body.stream:
@@ -337,7 +363,7 @@ async def save_model_options(model_id: str, request: Request):
     host = _host(request)
     name = host.registry.canonical(model_id)
     info = host.registry.get(name)
-    body = await _json_object(request)
+    body = await json_object(request, "recipe options")
     dry_run = body.pop("dry_run", False)
     if not isinstance(dry_run, bool):
         raise APIError(400, "invalid_request", "dry_run must be a boolean", param="dry_run")
@@ -352,16 +378,6 @@ async def reset_model_options(model_id: str, request: Request):
     info = host.registry.get(name)
     host.models.options.reset(name)
     return _options(host, name, info)
-
-
-async def _json_object(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise APIError(400, "invalid_request", "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "invalid_request", "the body must be a JSON object of recipe options")
-    return body
 
 
 @router.post("/load")

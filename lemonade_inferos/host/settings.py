@@ -18,6 +18,12 @@ class HostSettings(BaseModel):
     default_model: str = "SmolLM2-135M-Instruct-CPU"
     max_queue: int = Field(16, ge=1, description="requests waiting for the engine before 503")
     request_timeout_s: float = Field(600.0, gt=0)
+    max_body_mb: float = Field(8.0, gt=0, description="largest request body, MiB: a full 128K-token context of "
+                               "JSON-escaped text fits (413 request_too_large above it, refused before parsing)")
     plugin_options: dict[str, dict[str, object]] = Field(default_factory=dict, description="per plugin, the "
                                                          "options passed through to it as given")
     config_path: Path | None = None
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)

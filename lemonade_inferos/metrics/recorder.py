@@ -108,6 +108,8 @@ class MetricsRecorder:
         now = time.time()
         span = now - min(s.start_unix for s in recent) if recent else 0.0
         tokens = sum(s.predicted_n for s in recent)
+        decoding = [s for s in recent if s.predicted_n and s.predicted_ms]
+        decode_s = sum(s.predicted_ms for s in decoding) / 1000
         rss = self._process.memory_info().rss
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
         document = {
@@ -116,9 +118,13 @@ class MetricsRecorder:
                                    "description": f"requests that ended in the last {self.window_s:.0f} s"},
             "throughput": {"tokens_per_second": tokens / span if span > 0 else None,
                            "requests_per_second": len(recent) / span if span > 0 else None,
+                           "decode_tokens_per_second": (sum(s.predicted_n for s in decoding) / decode_s
+                                                        if decode_s > 0 else None),
                            "calculation": "total_tokens / total_time_seconds",
-                           "note": "generated tokens and requests over the time from the first request's start in "
-                                   "the window to now"},
+                           "note": "tokens_per_second and requests_per_second: generated tokens and requests over "
+                                   "the time from the first request's start in the window to now (idle time "
+                                   "included); decode_tokens_per_second: generated tokens over the time spent "
+                                   "decoding them (what a client sees while its reply streams)"},
             "latency": {**latency_summary_ms([s.latency_s for s in recent]),
                         "queue_wait": latency_summary_ms([s.queue_wait_s for s in recent]),
                         "calculation": "end_time - arrival_time per request (queue wait included)"},

@@ -38,8 +38,9 @@ def fuzz_server(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def host_api(fuzz_server):
     base, _ = fuzz_server
-    # the router is mounted under four prefixes; one of them covers its code
-    return schemathesis.openapi.from_url(f"{base}/openapi.json").include(path_regex=r"^/(api/v1/|live|metrics)")
+    # the router is mounted under four prefixes; one of them covers its code; then Ollama's routes and /internal
+    return schemathesis.openapi.from_url(f"{base}/openapi.json").include(
+        path_regex=r"^/(api/v1/|api/(version|tags|ps|chat|generate)$|internal/|live|metrics)")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 
@@ -54,3 +56,42 @@ def test_list_shows_the_default_model_installed(model_dir):
 def test_status_reports_a_stopped_server():
     result = _cli("status", "--port", str(free_port()))
     assert result.returncode == 1 and "not running" in result.stdout
+
+
+READ_ONLY_COMMANDS = [("lemonade_server", "list"), ("lemonade_server", "status"), ("lemonade_server", "--version"),
+                      ("inferos", "model", "list"), ("inferos", "config", "show"), ("inferos", "config", "path"),
+                      ("inferos", "service", "show"), ("inferos", "service", "status"), ("inferos", "dashboard"),
+                      ("inferos", "metrics"), ("inferos", "policy", "get")]
+
+
+def test_read_only_commands_create_nothing_in_a_fresh_home(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INFEROS_", "XDG_"))}
+    env.update(HOME=str(home), INFEROS_AGENT_PORT=str(free_port()))  # no server there: the commands say so
+    for module, *args in READ_ONLY_COMMANDS:
+        if args == ["status"]:
+            args += ["--port", str(free_port())]
+        result = subprocess.run([sys.executable, "-m", f"lemonade_inferos.cli.{module}", *args], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in result.stderr and "Usage:" not in result.stderr, (args, result.stderr)
+        created = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+        assert created == [], f"{module} {' '.join(args)} created {created}"
+
+
+def test_a_busy_control_port_is_reported_and_another_servers_endpoints_are_never_advertised(model_dir, tmp_path):
+    with socket.socket() as holder:  # another process's control API on the port this server is told to use
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {"INFEROS_RANDOM_PORT": "false", "INFEROS_AGENT_PORT": str(port)}
+        with running_server("--plugin", "inferos", env=env, log_path=tmp_path / "server.log") as base:
+            inferos = httpx.get(f"{base}/api/v1/health").json()["inferos"]
+            assert inferos["control_api"] is None
+            assert f"127.0.0.1:{port}" in inferos["control_api_error"] and "INFEROS_AGENT_PORT" in inferos[
+                "control_api_error"]
+            reply = httpx.post(f"{base}/api/v1/chat/completions", timeout=120, json={
+                "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+            assert reply.status_code == 200  # serving goes on without the control API
+    log = (tmp_path / "server.log").read_text()
+    assert "serving without a control API" in log and "Traceback" not in log

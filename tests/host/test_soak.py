@@ -26,6 +26,7 @@ TOPICS = ["lighthouses", "rivers", "volcanoes", "bees", "trains", "glaciers", "o
 BAD_REQUESTS = [  # each must be a 4xx and change nothing for anyone
     {"messages": [{"role": "wizard", "content": "hi"}]}, {"messages": []}, {"n": 2}, {"temperature": 7},
     {"max_tokens": -1}, {"stop": ["a", "b", "c", "d", "e"]}, {"model": "no-such-model"},
+    {"messages": [{"role": "user", "content": "a paste far over the context " * 100_000}]},  # 3 MB
 ]
 
 
