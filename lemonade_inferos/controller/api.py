@@ -28,7 +28,7 @@ from lemonade_inferos.host.errors import install_error_handlers
 from lemonade_inferos.http.body_limit import BodyLimit
 from lemonade_inferos.http.errors import APIError, document_errors_as_400
 from lemonade_inferos.http.guard import RequestGuard, TokenRule, guard_policy_from_env
-from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
+from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object, not_utf8
 from lemonade_inferos.metrics.prometheus import ControllerCollector
 
 STATS_ADAPTER = TypeAdapter(InferenceStats)
@@ -66,8 +66,7 @@ def _utf8(raw: bytes, fmt: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise APIError(400, f"invalid_{fmt}", f"the body is not UTF-8 (byte {raw[exc.start]:#04x} at offset "
-                       f"{exc.start})", position=exc.start) from exc
+        raise APIError(400, f"invalid_{fmt}", not_utf8(raw, exc), position=exc.start) from exc
 
 
 def create_control_app(controller: Controller, token: str) -> FastAPI:

@@ -44,14 +44,18 @@ def parse_json_body(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise json.JSONDecodeError(f"the body is not UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})",
-                                   "", exc.start) from exc
+        raise json.JSONDecodeError(not_utf8(raw, exc), "", exc.start) from exc
     try:
         value = json.loads(text)
     except RecursionError as exc:
         raise json.JSONDecodeError(f"nested deeper than {MAX_DEPTH} levels", "", 0) from exc
     # only a \uD800-\uDFFF escape can carry a surrogate: raw UTF-8 cannot encode one
     return _checked(value, repair=_SURROGATE_ESCAPE.search(raw) is not None)
+
+
+def not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    """The message for a body that is not UTF-8, naming the first bad byte and its offset."""
+    return f"the body is not UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})"
 
 
 def _checked(value: Any, repair: bool) -> Any:
