@@ -17,11 +17,12 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lemonade_inferos.controller.activity import RequestActivity
 from lemonade_inferos.controller.controller import Controller
@@ -103,7 +104,8 @@ class InferosPlugin:
         self._shadow_counter = itertools.count()
         self._shadow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferos-shadow")
         self.control_server: ControlServer | None = None
-        self._last_engine: Any = None
+        # the engine that served the last request, not kept alive by us: an unloaded model's sessions are freed
+        self._last_engine: Callable[[], Any] = lambda: None
 
     @staticmethod
     def _prefix_budget(settings: InferosSettings) -> int:
@@ -227,7 +229,7 @@ class InferosPlugin:
         record = self._record(context.request_id)
         if record is None:
             return None
-        self._last_engine = engine
+        self._last_engine = weakref.ref(engine)
         record.engine = engine
         layout = engine.layout_for(record.kv_plan)  # INT8 live, or the model's dtype (guard's last steps)
         record.salt = PrefixStore.salt(engine.folder.fingerprint, self._kv_format(layout, record.kv_plan))
@@ -255,7 +257,7 @@ class InferosPlugin:
             return
         every = self.controller.settings.shadow_every
         if stats.error is None and every > 0 and next(self._shadow_counter) % every == 0 and cache.plan.quantizes:
-            self._shadow.submit(self._shadow_pass, record.engine, list(cache.token_ids), cache.plan,
+            self._shadow.submit(self._shadow_pass, weakref.ref(record.engine), list(cache.token_ids), cache.plan,
                                 rope_tables(record.engine), cache.max_tier)
         # under memory pressure the store's INT8 copy is enough: the live cache is not kept
         self.reuse.release(cache, record.salt, keep_warm=not self.controller.fallbacks.memory_pressure)
@@ -286,7 +288,7 @@ class InferosPlugin:
         live = sum(cache.nbytes for cache in running)
         reuse = self.reuse.stats()
         at_rest = int(reuse.get("bytes") or 0) + int((reuse.get("warm") or {}).get("bytes") or 0)
-        engine = self._last_engine
+        engine = self._last_engine()
         return {"live_bytes": live, "live_working_buffer_bytes": sum(c.buffer.nbytes for c in running),
                 "running_requests": len(running), "at_rest_bytes": at_rest,
                 "prefix_store_bytes": reuse.get("bytes"), "warm_cache_bytes": (reuse.get("warm") or {}).get("bytes"),
@@ -316,10 +318,24 @@ class InferosPlugin:
         with self._records_lock:
             return self._records.get(request_id)
 
-    def _shadow_pass(self, engine: Any, token_ids: list[int], plan: Any, rope: Any, max_tier: int) -> None:
+    def _shadow_pass(self, engine_ref: Callable[[], Any], token_ids: list[int], plan: Any, rope: Any,
+                     max_tier: int) -> None:
+        """Score a finished request's tokens while the server is idle. It holds its engine only while it runs
+        and gives way to any request (a pass resumes nothing): waiting with the engine in hand would keep a
+        replaced session's memory alive across an unload or a policy switch."""
+        if not self.activity.wait_idle():
+            return
+        engine = engine_ref()
+        if engine is None or engine is not self._last_engine():
+            return
+
+        def still_idle() -> bool:
+            return self.activity.wait_idle(timeout=0) and self._last_engine() is engine
+
         try:
-            sample = shadow_score(engine, token_ids, plan, rope, max_tier, self.controller.settings.shadow_max_tokens,
-                                  before_chunk=self.activity.wait_idle)
+            with engine.transient_forms():  # a reference form it loads is not held between passes
+                sample = shadow_score(engine, token_ids, plan, rope, max_tier,
+                                      self.controller.settings.shadow_max_tokens, before_chunk=still_idle)
         except Exception:
             log.exception("shadow pass failed")
             return
@@ -330,11 +346,13 @@ class InferosPlugin:
         """``inferos eval ppl`` of the active plan on the engine that served the last request."""
         from lemonade_inferos.eval.ppl import eval_ppl
 
-        if self._last_engine is None:
-            raise RuntimeError("no request has been served yet, so there is no loaded engine to evaluate")
+        engine = self._last_engine()
+        if engine is None:
+            raise RuntimeError("no loaded engine has served a request, so there is none to evaluate")
         plan = self.controller.kv_plan()  # exactly as requests run it, importance signal included
         named = replace(plan, name=f"{plan.name}@{plan.pressure:.2f}")
-        return eval_ppl(self._last_engine, [named], context=context, recent_window=plan.recent_window)[0]
+        with engine.transient_forms():
+            return eval_ppl(engine, [named], context=context, recent_window=plan.recent_window)[0]
 
     def _on_guard_step(self, event: dict[str, Any]) -> None:
         """A step back re-prefills affected sessions: blocks stored beyond the new cap leave the prefix store."""

@@ -27,16 +27,25 @@ def server_process(*args: str, env: dict[str, str] | None = None, port: int | No
     """Run ``lemonade-server serve ARGS``; yield its base URL and process once ``/live`` answers; stop it after."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "lemonade_inferos.cli.lemonade_server", "serve", "--port", str(port), *args]
+    with http_process(cmd, f"http://127.0.0.1:{port}", "/live", env, log_path, startup_timeout_s) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def http_process(cmd: list[str], base: str, ready_path: str, env: dict[str, str] | None = None,
+                 log_path: Path | None = None, startup_timeout_s: float = 180
+                 ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run any HTTP server ``cmd`` (ours, or a peer's such as llama-server); yield ``base`` and the process once
+    ``ready_path`` answers 200; stop it after (SIGTERM, then SIGKILL after 20 s)."""
     log = open(log_path or os.devnull, "w")
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + startup_timeout_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)} (log: {log_path})")
             try:
-                if httpx.get(f"{base}/live", timeout=1).status_code == 200:
+                if httpx.get(f"{base}{ready_path}", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

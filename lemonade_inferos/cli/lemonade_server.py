@@ -75,6 +75,7 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
            plugins: tuple[str, ...], max_queue: int, request_timeout: float, max_body_mb: float,
            plugin_options: dict[str, dict[str, Any]], config_path: Path | None) -> None:
+    from lemonade_inferos.engine import heap
     from lemonade_inferos.host.app import create_app
     from lemonade_inferos.host.registry import ModelRegistry
     from lemonade_inferos.host.server import bind_socket, pid_file, serve
@@ -92,6 +93,9 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
     if model:
         settings.default_model = model
     sock = bind_socket(host, port)  # first: a busy port fails now, before a build or a plugin starts
+    not_limited = heap.limit_arenas()  # before any thread starts (engine/heap.py)
+    if not_limited:
+        logging.getLogger(__name__).info("malloc arenas not limited: %s", not_limited)
     registry = ModelRegistry()
     if not registry.is_downloaded(settings.default_model):
         with console.status(f"building {settings.default_model} (first use, offline)") as status:

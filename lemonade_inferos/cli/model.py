@@ -31,7 +31,20 @@ def model_build(name: str, weights: str, kv: str, force: bool) -> None:
     spec = BuildSpec(name, weights, kv)
     with console.status(f"building {spec.variant}") as status:
         path = build_model(spec, progress=lambda msg: (status.update(msg), console.log(msg)), force=force)
+    _calibrate(path)
     click.echo(str(path))
+
+
+def _calibrate(path) -> None:
+    """The INT8 live KV scales, calibrated now with a progress bar (a server's first request then does not wait)."""
+    from rich.progress import Progress
+
+    from lemonade_inferos.engine.live_forms import prepare_live_int8
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("calibrating INT8 live KV scales", total=None)
+        said = prepare_live_int8(path, ["cpu"], lambda done, total: bar.update(task, completed=done, total=total))
+    console.log(said)
 
 
 @model.command("list")

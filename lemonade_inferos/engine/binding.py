@@ -6,9 +6,11 @@ commits the accepted prefix (speculative decoding).
 
 Under the hybrid scheduler a step of more than one token (a prompt chunk) runs on the prefill session and a step
 of one token, or a draft's verification, on the decode session; both bind the same KV buffers, so nothing is
-handed over between them on one device. With ``enable_iobinding`` off a step is a plain ``session.run``: ONNX
-Runtime allocates every output, and the new K/V are copied into the cache afterwards (the ablation's "no IOBinding"
-row: what in-place KV saves).
+handed over between them on one device. A graph of two attention paths (``dual_attention.py``: the INT8 live
+form) runs a prompt chunk on its float path, whose present outputs are the chunk's K/V codes, written into the
+cache after the run, and everything else on its INT8 path, in place. With ``enable_iobinding`` off a step is a
+plain ``session.run``: ONNX Runtime allocates every output, and the new K/V are copied into the cache afterwards
+(the ablation's "no IOBinding" row: what in-place KV saves).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
+from lemonade_inferos.engine.dual_attention import INT8_ATTENTION
 from lemonade_inferos.engine.graph import LOGITS_POSITIONS, POSITION_IDS
 from lemonade_inferos.engine.kv import KVCache
 
@@ -26,12 +29,17 @@ if TYPE_CHECKING:
 
 
 class _PhaseIO:
-    """One phase's session and its IOBinding (rebinds K/V only when the cache reallocates its buffers)."""
+    """One phase's session and its IOBinding (rebinds K/V only when the cache reallocates its buffers).
 
-    def __init__(self, form: Any, io_binding: bool) -> None:
+    ``float_attention``: the phase runs the dual-attention graph's float path (present outputs: the chunk's codes).
+    """
+
+    def __init__(self, form: Any, io_binding: bool, float_attention: bool = False) -> None:
         self.form = form
         self.io = form.session.io_binding() if io_binding else None
         self.bound_version = -1
+        self.float_attention = float_attention
+        self.switch = np.array(not float_attention)  # INT8_ATTENTION (bound by address: kept alive here)
 
 
 class StepBinding:
@@ -43,8 +51,11 @@ class StepBinding:
         self.cache = cache
         io_binding = engine.policy.enable_iobinding
         # the graph that reads this cache's live form, per phase (one object unless the scheduler is hybrid)
-        prefill = _PhaseIO(engine.form_for(cache.layout, "prefill"), io_binding)
-        decode = _PhaseIO(engine.form_for(cache.layout, "decode"), io_binding) if engine.hybrid else prefill
+        prefill_form = engine.form_for(cache.layout, "prefill")
+        dual = prefill_form.graph.dual_attention
+        prefill = _PhaseIO(prefill_form, io_binding, float_attention=dual)
+        decode = (_PhaseIO(engine.form_for(cache.layout, "decode"), io_binding) if engine.hybrid or dual
+                  else prefill)
         self._phases = {"prefill": prefill, "decode": decode}
         self.form = prefill.form
         self._mask = np.ones((1, cache.layout.max_tokens + 1), dtype=np.int64)
@@ -113,8 +124,14 @@ class StepBinding:
                   else np.empty((1, rows, engine.folder.vocab_size), dtype=np.float32))
         io.bind_output(engine.folder.output_names["logits"], "cpu", 0, np.float32, list(logits.shape),
                        logits.ctypes.data)
-        probes = self._bind_probes(io, num_new, cache.num_tokens + num_new)
+        chunk = self._bind_chunk_codes(io, num_new) if phase.float_attention else None
+        probes = self._bind_probes(io, num_new, cache.num_tokens + num_new)  # last: see below
         phase.form.session.run_with_iobinding(io, self.run_options)
+        if chunk is not None:
+            start = cache.num_tokens
+            for (key, value), (key_codes, value_codes) in zip(cache.arrays(), chunk):
+                key[:, :, start:start + num_new] = key_codes
+                value[:, :, start:start + num_new] = value_codes
         if not (engine.probe_outputs and cache.wants_attention):
             return logits, None
         if probes is None:  # a chunk: ORT allocated them; they were bound last
@@ -130,13 +147,16 @@ class StepBinding:
         for layer, (key, value) in enumerate(cache.ort_values()):
             feeds[folder.past_key_name(layer)], feeds[folder.past_value_name(layer)] = key, value
         feeds.update(phase.form.scale_values)
+        if phase.form.graph.dual_attention:
+            feeds[INT8_ATTENTION] = ort.OrtValue.ortvalue_from_numpy(phase.switch)
         presents = [name for layer in range(folder.num_layers)
                     for name in (folder.present_key_name(layer), folder.present_value_name(layer))]
         names = [folder.output_names["logits"], *presents, *engine.probe_outputs]
         outputs = phase.form.session.run_with_ort_values(names, feeds, self.run_options)
+        start = cache.num_tokens if phase.float_attention else 0  # the float path's present: the chunk's rows
         for (key, value), present_key, present_value in zip(cache.arrays(), outputs[1::2], outputs[2::2]):
-            _copy_present(key, present_key.numpy())
-            _copy_present(value, present_value.numpy())
+            _copy_present(key, present_key.numpy(), start)
+            _copy_present(value, present_value.numpy(), start)
         logits = outputs[0].numpy()
         probes = [o.numpy() for o in outputs[1 + len(presents):]] if engine.probe_outputs else []
         return logits, (probes if probes and cache.wants_attention else None)
@@ -161,19 +181,34 @@ class StepBinding:
             io.bind_output(name, "cpu", 0, np.float32, shape, view.ctypes.data)
         return views
 
+    def _bind_chunk_codes(self, io: ort.IOBinding, num_new: int) -> np.ndarray:
+        """Bind the float path's present outputs (the chunk's K/V codes) to one buffer; returned as
+        ``[layer, key|value, 1, kv_heads, num_new, head_size]``."""
+        folder, layout = self.engine.folder, self.cache.layout
+        shape = [1, layout.num_kv_heads, num_new, layout.head_size]
+        codes = np.empty((layout.num_layers, 2, *shape), dtype=layout.dtype)
+        for layer in range(layout.num_layers):
+            for kind, name in enumerate((folder.present_key_name(layer), folder.present_value_name(layer))):
+                io.bind_output(name, "cpu", 0, layout.dtype, shape, codes[layer, kind].ctypes.data)
+        return codes
+
     def _bind_cache(self, phase: _PhaseIO) -> None:
         folder, io = self.engine.folder, phase.io
         for layer, (key, value) in enumerate(self.cache.ort_values()):
             io.bind_ortvalue_input(folder.past_key_name(layer), key)
             io.bind_ortvalue_input(folder.past_value_name(layer), value)
-            io.bind_ortvalue_output(folder.present_key_name(layer), key)
-            io.bind_ortvalue_output(folder.present_value_name(layer), value)
+            if not phase.float_attention:  # written in place; the float path's chunk codes are bound per step
+                io.bind_ortvalue_output(folder.present_key_name(layer), key)
+                io.bind_ortvalue_output(folder.present_value_name(layer), value)
         for name, scale in phase.form.scale_values:  # the INT8 live form's per-channel scales
             io.bind_ortvalue_input(name, scale)
+        if phase.form.graph.dual_attention:
+            io.bind_cpu_input(INT8_ATTENTION, phase.switch)
         phase.bound_version = self.cache.buffers_version
 
 
-def _copy_present(buffer: np.ndarray, present: np.ndarray) -> None:
-    """Write a present K/V output back into the cache's buffer (it may be shorter than the buffer's capacity)."""
-    length = min(buffer.shape[2], present.shape[2])
-    buffer[:, :, :length] = present[:, :, :length]
+def _copy_present(buffer: np.ndarray, present: np.ndarray, start: int = 0) -> None:
+    """Write a present K/V output into the cache's buffer from row ``start`` (it may be shorter than the buffer's
+    capacity)."""
+    length = min(buffer.shape[2] - start, present.shape[2])
+    buffer[:, :, start:start + length] = present[:, :, :length]

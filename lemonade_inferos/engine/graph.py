@@ -42,6 +42,9 @@ from pathlib import Path
 
 import onnx
 
+from lemonade_inferos.engine.dual_attention import (ATTENTION_IF_PREFIX, INT8_ATTENTION, add_dual_attention,
+                                                     dual_attention_obstacle)
+
 log = logging.getLogger(__name__)
 
 POSITION_IDS = "position_ids"
@@ -66,6 +69,7 @@ class PreparedGraph:
     kv_scale_inputs: tuple[tuple[str, str], ...] = ()   # per layer (key, value) scale inputs of the INT8 live form
     kv_int8_reason: str | None = None                    # why the INT8 live form was not made (when asked)
     kv_elem_type: int = onnx.TensorProto.FLOAT           # the past's element type (ONNX TensorProto enum)
+    dual_attention: bool = False                         # an INT8 graph with a float prefill path (dual_attention.py)
 
 
 def kv_scale_names(layer: int) -> tuple[str, str]:
@@ -189,23 +193,27 @@ def _select_logits_rows(model: onnx.ModelProto) -> bool:
 def _describe(model: onnx.ModelProto, model_ref: str | bytes, probe_names: tuple[str, ...],
               kv_int8_reason: str | None = None) -> PreparedGraph:
     inputs = {i.name for i in model.graph.input}
-    gqa = sum(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    gqa = sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) + \
+        sum(n.op_type == "If" and n.name.startswith(ATTENTION_IF_PREFIX) for n in model.graph.node)
     scales = tuple(kv_scale_names(layer) for layer in range(gqa)) if kv_scale_names(0)[0] in inputs else ()
     past = next((i for i in model.graph.input if i.name.startswith("past_key_values")), None)
     elem = past.type.tensor_type.elem_type if past is not None else onnx.TensorProto.FLOAT
     return PreparedGraph(model_ref, POSITION_IDS in inputs, gqa, probe_names, LOGITS_POSITIONS in inputs, scales,
-                         kv_int8_reason, elem)
+                         kv_int8_reason, elem, INT8_ATTENTION in inputs)
 
 
-def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: bool = False) -> PreparedGraph:
+def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: bool = False,
+                  head_size: int | None = None) -> PreparedGraph:
     """Return the graph the engine should load, patched for true positions when possible (and for the INT8 live
-    KV form when ``int8_kv``: see :attr:`PreparedGraph.kv_int8_reason` when it could not be)."""
+    KV form when ``int8_kv``: see :attr:`PreparedGraph.kv_int8_reason` when it could not be; ``head_size``, the
+    folder's, lets its float prefill path be built where the graph leaves the head size symbolic)."""
     suffix = "" if not probe_layers else f"-probe{'-'.join(map(str, probe_layers))}"
     patched_path = onnx_path.with_name(onnx_path.stem + ".inferos" + suffix + ("-kv8" if int8_kv else "") + ".onnx")
     probe_names = tuple(f"{PROBE_PREFIX}{layer}" for layer in probe_layers)
     if patched_path.is_file() and patched_path.stat().st_mtime >= onnx_path.stat().st_mtime:
         model = onnx.load(str(patched_path), load_external_data=False)
-        if any(i.name == LOGITS_POSITIONS for i in model.graph.input):  # else: written by an older version
+        inputs = {i.name for i in model.graph.input}
+        if LOGITS_POSITIONS in inputs and (not int8_kv or INT8_ATTENTION in inputs):  # else: an older version's
             return _describe(model, str(patched_path), probe_names)
     model = onnx.load(str(onnx_path), load_external_data=False)
     original_inputs = {i.name for i in model.graph.input}
@@ -224,6 +232,12 @@ def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: 
         if not has_positions:
             raise ValueError(f"{onnx_path}: the attention probe needs rotary GroupQueryAttention nodes")
         _add_probes(model, probe_layers)
+    if int8_kv:  # after the probes: both attention paths output the probed layers' scores
+        obstacle = dual_attention_obstacle(model, head_size)
+        if obstacle is None:
+            add_dual_attention(model, head_size)
+        else:
+            log.info("%s: prefill reads the INT8 past in place (%s)", onnx_path, obstacle)
     if not _select_logits_rows(model):
         log.info("%s: LM head not found; every prompt position's logits are computed", onnx_path)
     if {i.name for i in model.graph.input} == original_inputs and not probe_layers:

@@ -124,15 +124,18 @@ def load_calibration(fingerprint: str, heads: int, head_size: int) -> Calibratio
 
 
 def calibrate(forward: Callable[[list[int]], list[tuple[np.ndarray, np.ndarray]]], passages: list[list[int]],
-              heads: int, head_size: int) -> tuple[StaticKVScales, float]:
+              heads: int, head_size: int, progress: Callable[[int, int], None] = lambda done, total: None
+              ) -> tuple[StaticKVScales, float]:
     """Scales from the K/V the float form writes for ``passages``.
 
-    ``forward(ids)`` returns per layer the ``[H, T, D]`` keys and values of a fresh cache after ``ids``.
-    Returns the scales and the share of calibration values that fall beyond them.
+    ``forward(ids)`` returns per layer the ``[H, T, D]`` keys and values of a fresh cache after ``ids``;
+    ``progress(done, total)`` is called after each passage. Returns the scales and the share of calibration values
+    that fall beyond them.
     """
     per_layer_k: list[list[np.ndarray]] = []
     per_layer_v: list[list[np.ndarray]] = []
-    for ids in passages:
+    for index, ids in enumerate(passages):
+        progress(index, len(passages))
         for layer, (keys, values) in enumerate(forward(ids)):
             if layer == len(per_layer_k):
                 per_layer_k.append([])
@@ -141,6 +144,7 @@ def calibrate(forward: Callable[[list[int]], list[tuple[np.ndarray, np.ndarray]]
             envelope = np.sqrt(keys[..., :half] ** 2 + keys[..., half:] ** 2)     # [H, T, D/2]
             per_layer_k[layer].append(np.concatenate([envelope, envelope], axis=-1))
             per_layer_v[layer].append(np.abs(values))
+    progress(len(passages), len(passages))
     k_scales, v_scales, beyond, total = [], [], 0, 0
     for ks, vs in zip(per_layer_k, per_layer_v):
         for group, out in ((np.concatenate(ks, axis=1), k_scales), (np.concatenate(vs, axis=1), v_scales)):

@@ -4,28 +4,34 @@ A cache's layout says which form reads it (``KVLayout.scales`` set: INT8 codes w
 else the model's dtype), so one engine serves both at once: requests whose plan keeps KV in INT8 while it runs,
 and the quality guard's full-precision step, scoring references and ``kv.mode: disabled`` on the float graph.
 Each form is an ONNX Runtime session loaded on first use. The calibration that makes the INT8 form (see
-``kv_scales.py``) needs the float graph, so it runs in a child process of its own the first time a model is seen:
-the serving process never holds both graphs for it (memory a process has held is not given back).
+``kv_scales.py``) needs the float graph, so it runs in a child process of its own (:func:`calibrate_folder`): the
+serving process never holds both graphs for it (memory a process has held is not given back). It runs when a
+model is built or pulled (:func:`prepare_live_int8`, with progress), so a server finds the scales kept; a folder a
+server meets first is calibrated in the background while the model's own form serves (``background``), and new
+caches get the INT8 form once its scales are ready.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from lemonade_inferos.corpus import calibration_passages
-from lemonade_inferos.engine import kv_scales
+from lemonade_inferos.engine import heap, kv_scales
 from lemonade_inferos.engine.graph import PreparedGraph, prepare_graph
 from lemonade_inferos.engine.kv import DenseKVCache, KVLayout
 
 if TYPE_CHECKING:
+    from lemonade_inferos.engine.model_folder import ModelFolder
     from lemonade_inferos.engine.ort_engine import OrtEngine
 
 log = logging.getLogger(__name__)
@@ -44,43 +50,111 @@ class LoadedForm:
     scale_values: list[tuple[str, ort.OrtValue]]
 
 
-CALIBRATE_IN_CHILD = True      # False inside the calibration process itself
 CALIBRATION_TIMEOUT_S = 900
+Progress = Callable[[int, int], None]   # (passages done, passages)
+# set in the calibration process only: it calibrates in process and reports each passage here
+_child_progress: Progress | None = None
 
 
 def _calibrate_child(folder: str, devices: list[str], queue: Any) -> None:
     """The calibration process: load the model with the INT8 live form, which calibrates and keeps the scales."""
-    global CALIBRATE_IN_CHILD
-    CALIBRATE_IN_CHILD = False
+    global _child_progress
+    _child_progress = lambda done, total: queue.put(("progress", done, total))
     from lemonade_inferos.engine.ort_engine import OrtEngine
     from lemonade_inferos.engine.session import SessionPolicy
 
     try:
         engine = OrtEngine(folder, SessionPolicy(devices=devices, kv_cache="int8"))
-        reason = engine.live_kv_report()["int8_unavailable_reason"]
-        queue.put(reason)
+        queue.put(("done", engine.live_kv_report()["int8_unavailable_reason"]))
     except Exception as exc:  # reported to the serving process, which keeps its float form
-        queue.put(f"{type(exc).__name__}: {exc}")
+        queue.put(("done", f"{type(exc).__name__}: {exc}"))
 
 
-def _answer(queue: Any, child: Any, timeout_s: float) -> str | None:
-    """The calibration process's answer (None: success, else its error); a process that exits without one or
-    outlives ``timeout_s`` is an error, found within a second."""
+def _answer(queue: Any, child: Any, timeout_s: float, progress: Progress) -> str | None:
+    """The calibration process's answer (None: success, else its error), relaying its progress; a process that
+    exits without one or outlives ``timeout_s`` is an error, found within a second."""
     import queue as queues
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            return queue.get(timeout=1.0)
+            message = queue.get(timeout=1.0)
         except queues.Empty:
             if not child.is_alive():
                 raise ValueError(f"the calibration process exited with code {child.exitcode} and no answer")
+            continue
+        if message[0] == "done":
+            return message[1]
+        progress(*message[1:])
     raise ValueError(f"the calibration process gave no answer in {timeout_s:.0f} s")
 
 
+def calibrate_folder(folder: "ModelFolder", devices: list[str], progress: Progress = lambda done, total: None
+                     ) -> kv_scales.Calibration:
+    """Calibrate ``folder``'s INT8 live KV scales in a fresh process and return them (kept in INFEROS_HOME).
+
+    A fresh process because it loads the float graph beside the INT8 one, and memory a process has held is not
+    given back: a server never holds both (measured: 1214 against 736 MiB RSS for SmolLM2-135M fp32 after a
+    calibrating load in process)."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    queue = spawn.Queue()
+    child = spawn.Process(target=_calibrate_child, args=(str(folder.path), list(devices), queue),
+                          name="inferos-calibrate")
+    child.start()
+    try:
+        error = _answer(queue, child, CALIBRATION_TIMEOUT_S, progress)
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(timeout=30)
+    if error is not None:
+        raise ValueError(f"calibration failed: {error}")
+    found = kv_scales.load_calibration(folder.fingerprint, folder.num_kv_heads, folder.head_size)
+    if found is None:
+        raise ValueError("the calibration process wrote no scales")
+    return replace(found, scales=replace(found.scales, source="calibrated"))
+
+
+def known_scales(folder: "ModelFolder") -> kv_scales.Calibration | None:
+    """Scales that need no calibration run: the folder's own file, or a calibration kept for its fingerprint."""
+    scales = kv_scales.folder_scales(folder.path, folder.num_kv_heads, folder.head_size)
+    if scales is not None:
+        return kv_scales.Calibration(scales, None, None)
+    return kv_scales.load_calibration(folder.fingerprint, folder.num_kv_heads, folder.head_size)
+
+
+def prepare_live_int8(path: str | Path, devices: list[str], progress: Progress = lambda done, total: None) -> str:
+    """Make a model folder ready to serve the INT8 live form at once (``inferos model build``, ``pull``): its graph
+    patched and its scales calibrated. Returns what was done, or why the form is not possible."""
+    from lemonade_inferos.engine.model_folder import load_model_folder
+
+    folder = load_model_folder(path)
+    if prepare_graph(folder.onnx_path).kv_elem_type == onnx.TensorProto.INT8:
+        return "its graph reads an INT8 past already"
+    graph = prepare_graph(folder.onnx_path, int8_kv=True, head_size=folder.head_size)
+    if graph.kv_int8_reason is not None:
+        return f"INT8 live KV is not possible: {graph.kv_int8_reason}"
+    from lemonade_inferos.engine.ort_engine import default_probe_layers
+
+    with contextlib.suppress(ValueError):  # the server's graph too (probes rank blocks), where it can have them
+        prepare_graph(folder.onnx_path, default_probe_layers(folder.num_layers), int8_kv=True,
+                      head_size=folder.head_size)
+    if known_scales(folder) is not None:
+        return "INT8 live KV scales: already calibrated"
+    started = time.perf_counter()
+    calibrate_folder(folder, devices, progress)
+    return f"INT8 live KV scales calibrated in {time.perf_counter() - started:.1f} s"
+
+
 class LiveForms:
-    def __init__(self, engine: "OrtEngine", graph: PreparedGraph) -> None:
+    def __init__(self, engine: "OrtEngine", graph: PreparedGraph, background: bool = False) -> None:
+        """``background``: a folder without scales is calibrated in a background process while the model's own
+        form serves (a server); else the first use of the INT8 form waits for its calibration."""
         self.engine = engine
+        self.background = background
+        self.calibrating: dict[str, Any] | None = None   # while a background calibration runs: its progress
         self._graphs: dict[bool, PreparedGraph] = {False: graph}
         self._loaded: dict[tuple[bool, str], LoadedForm] = {}   # (INT8?, phase) -> its session
         self._lock = threading.RLock()
@@ -131,9 +205,26 @@ class LiveForms:
                 "model_kv_dtype": str(self.model_layout.dtype),
                 "int8_available": self.int8_layout is not None or self.model_layout.live_int8,
                 "int8_unavailable_reason": None if self.int8_layout is not None else self.int8_reason,
+                "calibrating": dict(self.calibrating) if self.calibrating else None,
                 "scales": kv_scales.describe(self.calibration),
                 "loaded_forms": sorted({"int8" if int8 else "model" for int8, _ in self._loaded}),
                 "loaded_sessions": sorted(f"{'int8' if int8 else 'model'}:{phase}" for int8, phase in self._loaded)}
+
+    @contextlib.contextmanager
+    def transient(self) -> Iterator[None]:
+        """Forms first loaded inside are dropped after, their memory returned (a quality pass's float reference:
+        a second copy of the weights, not held between passes). A request that took one meanwhile keeps it."""
+        with self._lock:
+            before = set(self._loaded)
+        try:
+            yield
+        finally:
+            with self._lock:
+                dropped = [key for key in self._loaded if key not in before]
+                for key in dropped:
+                    del self._loaded[key]
+            if dropped:
+                heap.trim()
 
     # -- loading ---------------------------------------------------------------------------------------
     def _max_tokens(self) -> int:
@@ -168,76 +259,89 @@ class LiveForms:
 
     def _patch_and_calibrate(self) -> None:
         engine = self.engine
-        graph = prepare_graph(engine.folder.onnx_path, engine._probe_layers, int8_kv=True)
+        graph = prepare_graph(engine.folder.onnx_path, engine._probe_layers, int8_kv=True,
+                              head_size=engine.folder.head_size)
         if graph.kv_int8_reason is not None:
             self.int8_reason = graph.kv_int8_reason
             return
         self._graphs[True] = graph
+        if self.background and _child_progress is None and known_scales(engine.folder) is None:
+            self._calibrate_in_background()
+            return
         had_model_form = any(not int8 for int8, _ in self._loaded)
         try:
-            self.calibration = self._calibration()
+            calibration = self._calibration()
         except Exception as exc:  # no scales means no INT8 form, never a failed request: the float form serves
-            self.int8_reason = f"no INT8 scales: {type(exc).__name__}: {exc}"
-            log.warning("%s: INT8 live KV off (%s)", engine.folder.path, self.int8_reason,
-                        exc_info=not isinstance(exc, (ValueError, OSError)))
-            self.int8_layout = None
-            for key in [k for k in self._loaded if k[0]]:
-                del self._loaded[key]
+            self._no_scales(exc)
             return
         finally:
             if not had_model_form:  # the float form was only needed to calibrate
                 for key in [k for k in self._loaded if not k[0]]:
                     del self._loaded[key]
-        self.int8_layout = replace(self.model_layout, dtype=np.dtype(np.int8), scales=self.calibration.scales)
-        log.info("%s: INT8 live KV with scales from %s (%s)", engine.folder.path, self.calibration.scales.source,
-                 kv_scales.describe(self.calibration))
+        self._adopt(calibration)
+
+    def _adopt(self, calibration: kv_scales.Calibration) -> None:
+        self.calibration = calibration
+        self.int8_layout = replace(self.model_layout, dtype=np.dtype(np.int8), scales=calibration.scales)
+        self.int8_reason = None
+        log.info("%s: INT8 live KV with scales from %s (%s)", self.engine.folder.path, calibration.scales.source,
+                 kv_scales.describe(calibration))
+
+    def _no_scales(self, exc: Exception) -> None:
+        self.int8_reason = f"no INT8 scales: {type(exc).__name__}: {exc}"
+        log.warning("%s: INT8 live KV off (%s)", self.engine.folder.path, self.int8_reason,
+                    exc_info=not isinstance(exc, (ValueError, OSError)))
+        self.int8_layout = None
+        for key in [k for k in self._loaded if k[0]]:
+            del self._loaded[key]
+
+    def _calibrate_in_background(self) -> None:
+        """Calibrate in a child process while the model's own form serves; new caches get the INT8 form after."""
+        folder = self.engine.folder
+        self.int8_reason = "its INT8 scales are being calibrated in the background"
+        self.calibrating = {"started_at": time.time(), "passages_done": 0,
+                            "passages": kv_scales.CALIBRATION_PASSAGES}
+        log.info("%s: no INT8 live KV scales yet: calibrating them in the background (%d passages); the model's "
+                 "own KV form serves until they are ready", folder.path, kv_scales.CALIBRATION_PASSAGES)
+        threading.Thread(target=self._background_calibration, name="inferos-calibrate", daemon=True).start()
+
+    def _background_calibration(self) -> None:
+        folder, started = self.engine.folder, time.perf_counter()
+        try:
+            calibration = calibrate_folder(folder, list(self.engine.policy.devices), self._background_progress)
+        except Exception as exc:
+            with self._lock:
+                self.calibrating = None
+                self._no_scales(exc)
+            return
+        with self._lock:
+            self.calibrating = None
+            self._adopt(calibration)
+        log.info("%s: INT8 live KV scales ready after %.1f s: new requests use the INT8 live form", folder.path,
+                 time.perf_counter() - started)
+
+    def _background_progress(self, done: int, total: int) -> None:
+        if self.calibrating is not None:
+            self.calibrating.update(passages_done=done, passages=total)
+        log.info("%s: calibrating INT8 live KV scales: passage %d/%d", self.engine.folder.path, done, total)
 
     def _calibration(self) -> kv_scales.Calibration:
         folder = self.engine.folder
-        heads, head_size = folder.num_kv_heads, folder.head_size
-        scales = kv_scales.folder_scales(folder.path, heads, head_size)
-        if scales is not None:
-            return kv_scales.Calibration(scales, None, None)
-        fingerprint = folder.fingerprint
-        found = kv_scales.load_calibration(fingerprint, heads, head_size)
+        found = known_scales(folder)
         if found is not None:
             return found
-        if CALIBRATE_IN_CHILD:
-            return self._calibrate_in_child(fingerprint)
+        if _child_progress is None:
+            return calibrate_folder(folder, list(self.engine.policy.devices))
         started = time.perf_counter()
+        heads, head_size = folder.num_kv_heads, folder.head_size
         passages = self._passages(kv_scales.CALIBRATION_PASSAGES + 1)
-        scales, saturated = kv_scales.calibrate(self._float_kv, passages[:-1], heads, head_size)
+        scales, saturated = kv_scales.calibrate(self._float_kv, passages[:-1], heads, head_size, _child_progress)
         self.int8_layout = replace(self.model_layout, dtype=np.dtype(np.int8), scales=scales)
         calibration = kv_scales.Calibration(scales, self._live_delta_nll(passages[-1]), saturated)
-        path = kv_scales.save_calibration(fingerprint, calibration)
+        path = kv_scales.save_calibration(folder.fingerprint, calibration)
         log.info("calibrated INT8 live KV scales for %s in %.1f s (kept in %s)", folder.path,
                  time.perf_counter() - started, path)
         return calibration
-
-    def _calibrate_in_child(self, fingerprint: str) -> kv_scales.Calibration:
-        """Calibrate in a fresh process: it loads the float graph beside the INT8 one, and memory a process has
-        held is not given back, so the serving process never holds both (measured: 1214 against 736 MiB RSS for
-        SmolLM2-135M fp32 after a calibrating load in process)."""
-        import multiprocessing
-
-        folder = self.engine.folder
-        spawn = multiprocessing.get_context("spawn")
-        queue = spawn.Queue()
-        child = spawn.Process(target=_calibrate_child, args=(str(folder.path), list(self.engine.policy.devices), queue),
-                              name="inferos-calibrate")
-        child.start()
-        try:
-            error = _answer(queue, child, CALIBRATION_TIMEOUT_S)
-        finally:
-            if child.is_alive():
-                child.kill()
-            child.join(timeout=30)
-        if error is not None:
-            raise ValueError(f"calibration failed: {error}")
-        found = kv_scales.load_calibration(fingerprint, folder.num_kv_heads, folder.head_size)
-        if found is None:
-            raise ValueError("the calibration process wrote no scales")
-        return replace(found, scales=replace(found.scales, source="calibrated"))
 
     def _passages(self, count: int) -> list[list[int]]:
         tokenizer = self.engine.tokenizer

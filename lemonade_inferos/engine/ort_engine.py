@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -51,13 +51,16 @@ class OrtEngine:
         context_length: tokens a cache may hold (``--ctx-size``); at most the model's.
         attention_probe_layers: layers whose attention probabilities are returned to caches that rank blocks
             by attention (see ``graph.py``); empty for the plain graph.
+        background_calibration: a folder whose INT8 live KV scales are not calibrated yet serves in its own KV
+            form while they are calibrated in the background (a server: no first-request stall); else the
+            first use of the INT8 form waits for them.
     """
 
     name = "inferos"
 
     def __init__(self, model: str | Path | ModelFolder, policy: SessionPolicy | None = None,
                  prefill_chunk_tokens: int = 512, context_length: int | None = None,
-                 attention_probe_layers: tuple[int, ...] = ()) -> None:
+                 attention_probe_layers: tuple[int, ...] = (), background_calibration: bool = False) -> None:
         self.folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
         self.folder.fingerprint  # read now (~18 MiB of the model): never inside a request's watched run
         self.policy = policy or SessionPolicy()
@@ -75,18 +78,26 @@ class OrtEngine:
         self.has_position_ids = graph.has_position_ids
         self.has_logits_positions = graph.has_logits_positions
         self.probe_outputs = graph.probe_outputs
-        self._forms = LiveForms(self, graph)
+        self._forms = LiveForms(self, graph, background=background_calibration)
         self._draft_engines: dict[str, OrtEngine] = {}
         self._guidance_tokenizer: object | None = None   # llguidance's tokenizer, built on the first constraint
-        self.layout = self._forms.default_layout(self.policy.kv_cache)
         log.info("loaded %s on %s (true positions: %s; live KV: %s)", self.folder.path,
                  self.session.get_providers(), self.has_position_ids, self._forms.describe()["live_kv"])
+
+    @property
+    def layout(self) -> KVLayout:
+        """The layout caches get by default (``policy.kv_cache``): the INT8 live form's once it is ready."""
+        return self._forms.default_layout(self.policy.kv_cache)
 
     def session_options(self, phase: str) -> tuple[ort.SessionOptions, AppliedSessionOptions]:
         """The session options of ``phase``: decode's own under the hybrid scheduler, else prefill's."""
         if phase == "decode" and self._decode_options is not None:
             return self._decode_options
         return self._options, self.applied_options
+
+    def transient_forms(self) -> ContextManager[None]:
+        """Live forms first loaded inside are dropped after (see :meth:`LiveForms.transient`)."""
+        return self._forms.transient()
 
     @property
     def hybrid(self) -> bool:

@@ -83,8 +83,13 @@ class SessionPolicy(BaseModel):
 
     @property
     def hybrid(self) -> bool:
-        """Whether decode runs on a session of its own (its options differ from prefill's)."""
-        return self.decode is not None and self.for_phase("decode") != self.for_phase("prefill")
+        """Whether decode runs on a session of its own: its options differ from prefill's once each phase's
+        devices are resolved to the providers this build has (DirectML for prefill and the NPU for decode, both
+        falling back to the CPU, is one session, not two copies of the weights)."""
+        if self.decode is None:
+            return False
+        prefill, decode = self.for_phase("prefill"), self.for_phase("decode")
+        return _resolved(decode) != _resolved(prefill)
 
 
 @dataclass
@@ -123,6 +128,11 @@ def choose_providers(devices: list[str]) -> tuple[list[str], list[str], list[str
         _log_once("execution provider %s is not available in this onnxruntime build; using %s",
                   provider, chosen[0] if chosen else "CPUExecutionProvider")
     return requested, chosen or ["CPUExecutionProvider"], missing
+
+
+def _resolved(policy: SessionPolicy) -> SessionPolicy:
+    """``policy`` with its devices replaced by the providers it gets here."""
+    return policy.model_copy(update={"devices": choose_providers(list(policy.devices))[1]})
 
 
 @functools.lru_cache(maxsize=None)

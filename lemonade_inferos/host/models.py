@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from lemonade_inferos.engine import heap
 from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.engine.og_engine import OgEngine
 from lemonade_inferos.engine.ort_engine import OrtEngine
@@ -104,7 +105,9 @@ class LoadedModel:
             else:
                 for old in [k for k in self._engines if k.startswith("inferos:")]:
                     del self._engines[old]  # one ORT session per model: a new policy replaces the old one
-                self._engines[key] = OrtEngine(self.spec or self.folder, policy, context_length=self.ctx_size)
+                heap.trim()  # before the new session allocates: what the old one held is reused or returned
+                self._engines[key] = OrtEngine(self.spec or self.folder, policy, context_length=self.ctx_size,
+                                               background_calibration=True)
         self.last_use = time.time()
         return self._engines[key]
 
@@ -113,6 +116,7 @@ class LoadedModel:
         prefix = "inferos:" if kind == "inferos" else "og"
         for key in [k for k in self._engines if k.startswith(prefix)]:
             del self._engines[key]
+        heap.trim()
         log.warning("%s: the %s engine was discarded after a stalled generation", self.name, kind)
 
     @property
@@ -188,6 +192,7 @@ class ModelManager:
             oldest = min(unpinned, key=lambda m: m.last_use)
             log.info("unloading %s to make room for %s", oldest.name, name)
             del self.loaded[oldest.name]
+            heap.trim()
 
     async def unload(self, name: str | None = None) -> list[str]:
         async with self._lock:
@@ -199,6 +204,7 @@ class ModelManager:
                 del self.loaded[n]
             if self.current not in self.loaded:
                 self.current = next(iter(self.loaded), None)
+            await asyncio.to_thread(heap.trim)
             return names
 
     async def resolve(self, name: str | None) -> LoadedModel:

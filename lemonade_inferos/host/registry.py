@@ -122,7 +122,9 @@ class ModelRegistry:
         """Build a built-in model offline, or register a local OGA folder as ``user.NAME``."""
         name = self.canonical(name)
         if name in BUILTIN_MODELS:
-            return build_model(BuildSpec(**BUILTIN_MODELS[name]["build"]), progress)
+            folder = build_model(BuildSpec(**BUILTIN_MODELS[name]["build"]), progress)
+            calibrate_after_pull(folder, progress)
+            return folder
         if not name.startswith("user."):
             raise ModelNotFoundError(f"'{name}' is not a built-in model; register a local folder as 'user.{name}' "
                                      "with a checkpoint path", model=name)
@@ -142,6 +144,7 @@ class ModelRegistry:
                         "size": round(sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e9, 3),
                         "labels": ["llm", "custom"]}
         self._save(models)
+        calibrate_after_pull(folder, progress)
         return folder
 
     def delete(self, name: str) -> None:
@@ -156,6 +159,22 @@ class ModelRegistry:
 
     def _save(self, models: dict[str, dict[str, Any]]) -> None:
         atomic_write(self.user_models_path, json.dumps(models, indent=2))
+
+
+def calibrate_after_pull(folder: Path, progress=lambda msg: None) -> None:
+    """Calibrate a pulled model's INT8 live KV scales now, so its first request does not wait for them; a failure is
+    reported and left to the server (it calibrates in the background at the first load)."""
+    from lemonade_inferos.engine.live_forms import prepare_live_int8  # onnxruntime: not for `list`
+
+    def passages(done: int, total: int) -> None:
+        progress(f"calibrating INT8 live KV scales: passage {done}/{total}")
+
+    try:
+        progress(prepare_live_int8(folder, ["cpu"], passages))
+    except Exception as exc:
+        log.warning("%s: INT8 live KV scales not calibrated (%s); the server calibrates them at first load", folder,
+                    exc)
+        progress(f"INT8 live KV scales not calibrated ({exc}); the server calibrates them at first load")
 
 
 def devices_for_recipe(recipe: str) -> tuple[list[str], str | None]:

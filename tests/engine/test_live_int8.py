@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import onnx
@@ -65,6 +66,40 @@ def test_a_damaged_calibration_file_is_calibrated_again(tiny_models, tmp_path):
     again = OrtEngine(tiny_models["llama"], INT8)
     assert again.live_kv_report()["scales"]["source"] == "calibrated"
     assert json.loads(path.read_text())["fingerprint"] == fingerprint
+
+
+def test_a_server_meeting_an_uncalibrated_folder_serves_at_once_and_switches_to_int8_when_ready(tiny_models):
+    kv_scales.calibration_path(load_model_folder(tiny_models["llama"]).fingerprint).unlink(missing_ok=True)
+    engine = OrtEngine(tiny_models["llama"], INT8, background_calibration=True)
+    report = engine.live_kv_report()
+    # no stall: the model's own form serves while a child process calibrates (it takes seconds to start)
+    assert not engine.layout.live_int8 and report["live_kv"] == "float32"
+    assert report["calibrating"]["passages"] == kv_scales.CALIBRATION_PASSAGES
+    assert "calibrated in the background" in report["int8_unavailable_reason"]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    assert sum(len(c.token_ids) for c in engine.generate([1, 2, 3, 4], params)) == 4
+    deadline = time.monotonic() + 300
+    while engine.live_kv_report()["calibrating"] is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    report = engine.live_kv_report()
+    assert engine.layout.live_int8 and report["live_kv"] == "int8" and report["int8_unavailable_reason"] is None
+    assert report["scales"]["source"] == "calibrated"
+    assert sum(len(c.token_ids) for c in engine.generate([1, 2, 3, 4], params)) == 4
+
+
+def test_pulling_a_folder_calibrates_it_with_progress(tiny_models, tmp_path):
+    from lemonade_inferos.host.registry import ModelRegistry
+
+    kv_scales.calibration_path(load_model_folder(tiny_models["qwen3"]).fingerprint).unlink(missing_ok=True)
+    said: list[str] = []
+    ModelRegistry(tmp_path / "user_models.json").pull("user.tiny", str(tiny_models["qwen3"]), progress=said.append)
+    total = kv_scales.CALIBRATION_PASSAGES
+    assert f"calibrating INT8 live KV scales: passage {total}/{total}" in said
+    assert said[-1].startswith("INT8 live KV scales calibrated in ")
+    assert OrtEngine(tiny_models["qwen3"], INT8).live_kv_report()["scales"]["source"] == "calibrated (reused)"
+    said.clear()
+    ModelRegistry(tmp_path / "user_models.json").pull("user.tiny", str(tiny_models["qwen3"]), progress=said.append)
+    assert said == ["INT8 live KV scales: already calibrated"]
 
 
 def test_the_folders_own_scale_file_is_used(tiny_models, tmp_path):

@@ -46,6 +46,18 @@ def test_decode_options_equal_to_prefill_keep_one_session():
     assert not policy.hybrid and policy.for_phase("decode") == policy.for_phase("prefill")
 
 
+def test_phases_whose_devices_both_fall_back_to_the_cpu_share_one_session(calibrated_model):
+    """The default scheduler asks DirectML for prefill and the NPU for decode; where neither exists both run on
+    the CPU with the same options: one session, one copy of the weights (two were ~700 MiB more for fp32)."""
+    policy = SessionPolicy(devices=["dml", "cpu"], kv_cache="int8", decode=PhaseOverrides(devices=["npu", "cpu"]))
+    assert not policy.hybrid
+    engine = OrtEngine(calibrated_model, policy)
+    _tokens(engine)
+    assert engine.live_kv_report()["loaded_sessions"] == ["int8:prefill"]
+    assert SessionPolicy(devices=["dml", "cpu"], decode=PhaseOverrides(devices=["npu", "cpu"],
+                                                                        intra_op_num_threads=1)).hybrid
+
+
 def test_run_options_reach_onnx_runtime(calibrated_model, reference):
     engine = OrtEngine(calibrated_model, SessionPolicy(devices=["cpu"], kv_cache="int8"))
     assert _tokens(engine, {"memory.enable_memory_arena_shrinkage": "cpu:0"}) == reference

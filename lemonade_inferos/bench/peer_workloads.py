@@ -1,0 +1,154 @@
+"""What ``inferos bench peers`` asks of each server: the workloads Lemonade's CPU users run, over HTTP.
+
+Every workload talks to ``/v1/chat/completions`` (both servers serve it), streams, is greedy, and is timed at
+the client (:func:`~lemonade_inferos.bench.multiturn.timed_stream`), so both servers are measured alike. Each
+returns its metrics; ``HEADLINE`` names the one the comparison is made on and whether lower is better.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import textwrap
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lemonade_inferos.bench.multiturn import timed_stream
+from lemonade_inferos.bench.sliding import SYSTEM as GAIA_SYSTEM
+
+CHAT_SYSTEM = "You are a helpful assistant for Python programmers. Answer briefly."
+
+
+@dataclass(frozen=True)
+class PeerPrompts:
+    """The texts every server gets, cut by token count with the model's tokenizer (the GGUF's vocabulary)."""
+
+    decode: str          # ~512 tokens of prose: decode after a mid-size prompt
+    cold: str            # ~2,048 tokens: a long prompt prefilled from scratch
+    turns: list[str]     # user turns of <= 180 tokens (the 10-turn chat, GAIA's sliding window)
+    code: str            # a Python module to edit (copy-heavy output)
+
+    @classmethod
+    def build(cls, tokenizer: Any) -> "PeerPrompts":
+        from lemonade_inferos.bench.multiturn import user_turns
+        from lemonade_inferos.corpus import corpus_text
+
+        def cut(text: str, tokens: int) -> str:
+            return tokenizer.decode(tokenizer.encode(text[: tokens * 8])[:tokens])
+
+        text = corpus_text()
+        return cls(decode=cut(text, 480), cold=cut(text[len(text) // 2:], 2000), turns=user_turns(tokenizer, 12),
+                   code=cut(inspect.getsource(textwrap), 700))
+
+
+class Chat:
+    """One server's chat endpoint, as both servers serve it."""
+
+    def __init__(self, base: str, model: str) -> None:
+        self.url, self.model = f"{base}/v1/chat/completions", model
+
+    def __call__(self, messages: list[dict[str, str]], max_tokens: int, **extra: Any) -> dict[str, Any]:
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}, **extra}
+        return timed_stream(self.url, body, lambda c: c["choices"][0]["delta"].get("content"))
+
+
+def _decode_tps(record: dict[str, Any]) -> float | None:
+    tokens, seconds = record["completion_tokens"], record["latency_s"] - record["ttft_s"]
+    return (tokens - 1) / seconds if tokens and tokens > 1 and seconds > 0 else None
+
+
+def decode(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
+    """A ~512-token prompt, then 128 tokens (``ignore_eos``: every server decodes all of them)."""
+    record = chat([{"role": "user", "content": prompts.decode}], 128, ignore_eos=True)
+    return {"decode_tps": _decode_tps(record), "ttft_s": record["ttft_s"],
+            "completion_tokens": record["completion_tokens"]}
+
+
+def cold_prefill(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
+    """A ~2K-token prompt the server has never seen: time to first token."""
+    record = chat([{"role": "user", "content": prompts.cold}], 16)
+    return {"ttft_s": record["ttft_s"], "prompt_tokens": record["prompt_tokens"]}
+
+
+def _play(chat: Chat, system: str, turns: list[str], reply_tokens: int, window: int | None = None
+          ) -> list[dict[str, Any]]:
+    """A chat of ``turns`` with the server's own greedy replies; with ``window``, GAIA's agent pattern: the system
+    prompt and the last ``window`` exchanges only."""
+    exchanges: list[tuple[str, str]] = []
+    records = []
+    for user in turns:
+        kept = exchanges if window is None else exchanges[-window:]
+        messages = [{"role": "system", "content": system}]
+        for question, answer in kept:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        record = chat(messages + [{"role": "user", "content": user}], reply_tokens)
+        record["sliding"] = window is not None and len(exchanges) > window
+        records.append(record)
+        exchanges.append((user, record["text"]))
+    return records
+
+
+def chat_10(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
+    """A 10-turn chat (64-token replies): the last turn's TTFT is what the history costs."""
+    records = _play(chat, CHAT_SYSTEM, prompts.turns[:10], 64)
+    return {"last_ttft_s": records[-1]["ttft_s"], "mean_ttft_s": statistics.mean(r["ttft_s"] for r in records),
+            "last_prompt_tokens": records[-1]["prompt_tokens"]}
+
+
+def sliding_window(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
+    """GAIA's agent: its long system prompt and the last 3 exchanges, 12 turns; the prefix breaks after the system
+    prompt every turn past the 3rd."""
+    records = _play(chat, GAIA_SYSTEM, prompts.turns[:12], 48, window=3)
+    sliding = [r["ttft_s"] for r in records if r["sliding"]]
+    return {"mean_sliding_ttft_s": statistics.mean(sliding), "sliding_turns": len(sliding)}
+
+
+def concurrent_4(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
+    """Four clients at once, each a 3-turn chat of its own: mean TTFT and the wall time for all of them."""
+    results: list[list[dict[str, Any]]] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def client(index: int) -> None:
+        try:
+            results[index] = _play(chat, CHAT_SYSTEM, prompts.turns[index * 3:index * 3 + 3], 48)
+        except BaseException as exc:  # reported by the caller's thread
+            errors.append(exc)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    wall = time.perf_counter() - started
+    records = [r for chat_records in results for r in chat_records]
+    tokens = sum(r["completion_tokens"] or 0 for r in records)
+    return {"mean_ttft_s": statistics.mean(r["ttft_s"] for r in records), "wall_s": wall,
+            "total_tps": tokens / wall}
+
+
+def code_edit(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
+    """Copy-heavy output: return a ~700-token module with one name changed (n-gram drafting's best case)."""
+    ask = ("Rename the class `TextWrapper` to `LineWrapper` in this module and return the whole module, "
+           "unchanged otherwise:\n\n" + prompts.code)
+    record = chat([{"role": "user", "content": ask}], 384)
+    return {"latency_s": record["latency_s"], "decode_tps": _decode_tps(record),
+            "completion_tokens": record["completion_tokens"]}
+
+
+Workload = Callable[[Chat, PeerPrompts], dict[str, Any]]
+WORKLOADS: dict[str, Workload] = {
+    "decode": decode, "decode_spec": decode, "cold_2k": cold_prefill, "chat_10": chat_10,
+    "sliding": sliding_window, "concurrent_4": concurrent_4, "code_edit": code_edit,
+}
+# the metric each workload is compared on, and whether lower is better
+HEADLINE: dict[str, tuple[str, bool]] = {
+    "decode": ("decode_tps", False), "decode_spec": ("decode_tps", False), "cold_2k": ("ttft_s", True),
+    "chat_10": ("last_ttft_s", True), "sliding": ("mean_sliding_ttft_s", True), "concurrent_4": ("mean_ttft_s", True),
+    "code_edit": ("latency_s", True),
+}

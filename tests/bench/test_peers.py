@@ -1,0 +1,37 @@
+"""``inferos bench peers``: how each server is started, and a workload run against a real server of ours (llama-server
+itself is a benchmark-only binary, never a CI requirement)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lemonade_inferos.bench.peer_workloads import PeerPrompts
+from lemonade_inferos.bench.peers import LLAMA, LLAMA_REUSE, OURS, PeerSetup, peers_for, run_once, summarize
+from lemonade_inferos.engine.tokenizer import ChatTokenizer
+
+SETUP = PeerSetup(Path("/opt/llama-server"), Path("/models/m.gguf"), "SmolLM2-135M-Instruct-CPU", ctx_size=4096)
+
+
+def test_each_server_is_started_as_its_users_run_it():
+    peers = {p.name: p for p in peers_for(SETUP, ["decode", "decode_spec", "sliding"])}
+    ours, _ = peers[OURS].command(1234, "decode", SETUP, Path("/tmp/state"))
+    assert ours[-2:] == ["--plugin-option", "inferos.speculative.mode=off"] and "--ctx-size" in ours
+    assert "inferos.prefix_spill_dir=/tmp/state" in ours   # a fresh server finds no spill of an earlier run
+    assert "inferos.speculative.mode=off" not in peers[OURS].command(1234, "decode_spec", SETUP, Path("/tmp/state"))[0]
+    llama, ready = peers[LLAMA].command(1234, "decode_spec", SETUP, Path("/tmp/state"))
+    assert ready == "/health" and llama[llama.index("-c") + 1] == "16384" and llama[llama.index("-np") + 1] == "4"
+    assert llama[-2:] == ["--spec-type", "ngram-simple"]
+    assert peers[LLAMA_REUSE].workloads == ("sliding",)
+    assert peers[LLAMA_REUSE].command(1234, "sliding", SETUP, Path("/tmp/state"))[0][-2:] == ["--cache-reuse", "256"]
+
+
+def test_a_workload_runs_against_a_fresh_server_and_its_peak_rss_is_measured(calibrated_model, tmp_path):
+    prompts = PeerPrompts.build(ChatTokenizer.from_folder(calibrated_model))
+    ours = peers_for(SETUP, ["decode"])[0]
+    metrics = run_once(ours, "decode", SETUP, prompts, tmp_path / "server.log")
+    assert metrics["completion_tokens"] == 128 and metrics["decode_tps"] > 0 and metrics["ttft_s"] > 0
+    assert metrics["peak_rss_mb"] > 100   # the model's weights alone are ~540 MiB at fp32
+    results = summarize(SETUP, {"decode": {OURS: [metrics]}}, runs=1)
+    entry = results["workloads"]["decode"]
+    assert entry["headline"] == "decode_tps" and entry["peers"][OURS]["decode_tps"]["median"] == metrics["decode_tps"]
+    assert "ratio_vs_llama" not in entry   # no llama-server in this run: no ratio is made up

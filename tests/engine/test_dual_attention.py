@@ -1,0 +1,81 @@
+"""The INT8 live form's graph has two attention paths: a prompt chunk runs the float path over the dequantized
+past and stores the codes the INT8 path would store; scoring and decode run the INT8 path in place."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from lemonade_inferos.engine.binding import StepBinding
+from lemonade_inferos.engine.ort_engine import OrtEngine
+from lemonade_inferos.engine.session import SessionPolicy
+from lemonade_inferos.kvcache.manager import TieredKVCache
+from lemonade_inferos.kvcache.plan import named_plan
+
+PROMPT = list(range(300, 700))
+
+
+@pytest.fixture(scope="module")
+def engine(calibrated_model) -> OrtEngine:
+    return OrtEngine(calibrated_model, SessionPolicy(devices=["cpu"], kv_cache="int8"))
+
+
+def _codes(cache) -> np.ndarray:
+    n = cache.num_tokens
+    return np.stack([np.stack([k[:, :, :n], v[:, :, :n]]) for k, v in cache.arrays()])
+
+
+def test_the_int8_graph_has_a_float_prefill_path(engine):
+    assert engine.form_for(engine.layout).graph.dual_attention
+
+
+def test_a_prompt_chunk_on_the_float_path_stores_the_codes_and_logits_of_the_int8_path(engine):
+    float_path, int8_path = engine.new_cache(), engine.new_cache()
+    steps = StepBinding(engine, float_path)
+    first = steps.run(np.asarray([PROMPT[:250]]), all_logits=False).copy()     # a cold chunk: float path
+    logits = steps.run(np.asarray([PROMPT[250:]]), all_logits=False)           # over the INT8 history
+    rows = engine.forward(PROMPT[:250], int8_path)                              # scoring: the INT8 path
+    reference = engine.forward(PROMPT[250:], int8_path)
+    assert float_path.num_tokens == int8_path.num_tokens == len(PROMPT)
+    a, b = _codes(float_path).astype(np.int16), _codes(int8_path).astype(np.int16)
+    # layer 0 reads the same inputs on both paths: a rounding tie at most; deeper layers read hidden states that
+    # differ by the float sums' order (measured: 90% of all codes equal, none more than 6 apart)
+    assert np.abs(a[0] - b[0]).max() <= 1
+    assert np.mean(a == b) > 0.85
+    np.testing.assert_allclose(first, rows[-1], atol=0.5)     # measured: 0.08 and 0.23 (logits of ~20)
+    np.testing.assert_allclose(logits, reference[-1], atol=0.5)
+    assert int(np.argmax(first)) == int(np.argmax(rows[-1]))
+    assert int(np.argmax(logits)) == int(np.argmax(reference[-1]))
+
+
+
+
+def test_a_probed_graph_scores_a_chunk_on_both_paths_alike(calibrated_model):
+    """The attention probe (attention-ranked eviction, the shadow estimate) reads a prompt chunk's scores from the
+    float path and scoring's from the INT8 path: the same attention over the same tokens."""
+    engine = OrtEngine(calibrated_model, SessionPolicy(devices=["cpu"], kv_cache="int8"),
+                       attention_probe_layers=(0, 5))
+    assert engine.form_for(engine.layout).graph.dual_attention
+    plan = replace(named_plan("dynamic", recent_window=32), importance="attention")
+    float_path, int8_path = TieredKVCache(engine.layout, plan), TieredKVCache(engine.layout, plan)
+    StepBinding(engine, float_path).run(np.asarray([PROMPT[:96]]), all_logits=False)
+    engine.forward(PROMPT[:96], int8_path)
+    np.testing.assert_array_equal(float_path._attn_count[:96], int8_path._attn_count[:96])
+    assert int8_path._attn_sum[:96].min() > 0
+    np.testing.assert_allclose(float_path._attn_sum[:96], int8_path._attn_sum[:96], rtol=0.03)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_any_gqa_folder_gets_the_float_prefill_path_and_agrees_with_its_int8_path(tiny_models, arch):
+    """Not SmolLM2-only: other GroupQueryAttention folders (Qwen3's q/k norms, other head counts) get the dual
+    graph, and a prompt chunk's logits on the float path match the INT8 path's."""
+    engine = OrtEngine(tiny_models[arch], SessionPolicy(devices=["cpu"], kv_cache="int8"))
+    assert engine.form_for(engine.layout).graph.dual_attention
+    prompt = PROMPT[:48]
+    float_path, int8_path = engine.new_cache(), engine.new_cache()
+    logits = StepBinding(engine, float_path).run(np.asarray([prompt]), all_logits=False)
+    reference = engine.forward(prompt, int8_path)[-1]
+    np.testing.assert_allclose(logits, reference, atol=1e-3 * float(np.abs(reference).max()) + 1e-4)
+    assert np.mean(_codes(float_path) == _codes(int8_path)) > 0.95
