@@ -265,12 +265,13 @@ class LiveForms:
             self.int8_reason = graph.kv_int8_reason
             return
         self._graphs[True] = graph
-        if self.background and _child_progress is None and known_scales(engine.folder) is None:
-            self._calibrate_in_background()
-            return
         had_model_form = any(not int8 for int8, _ in self._loaded)
         try:
-            calibration = self._calibration()
+            found = known_scales(engine.folder)  # read once: the folder's file or a kept calibration
+            if found is None and self.background and _child_progress is None:
+                self._calibrate_in_background()
+                return
+            calibration = found or self._calibration()
         except Exception as exc:  # no scales means no INT8 form, never a failed request: the float form serves
             self._no_scales(exc)
             return
@@ -326,10 +327,8 @@ class LiveForms:
         log.info("%s: calibrating INT8 live KV scales: passage %d/%d", self.engine.folder.path, done, total)
 
     def _calibration(self) -> kv_scales.Calibration:
+        """A calibration run: in a child process, or here when this is that process."""
         folder = self.engine.folder
-        found = known_scales(folder)
-        if found is not None:
-            return found
         if _child_progress is None:
             return calibrate_folder(folder, list(self.engine.policy.devices))
         started = time.perf_counter()
