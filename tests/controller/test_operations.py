@@ -98,7 +98,9 @@ def test_the_loops_run_their_tasks_at_the_configured_periods(tmp_path):
     controller = Controller(config_path=path, history_path=tmp_path / "h.jsonl")
     controller.start()
     try:
-        time.sleep(0.6)
+        deadline = time.time() + 10
+        while controller.loops.status()["slow"]["rounds"] < 5 and time.time() < deadline:
+            time.sleep(0.05)
         status = controller.loops.status()
     finally:
         controller.stop()
@@ -106,6 +108,31 @@ def test_the_loops_run_their_tasks_at_the_configured_periods(tmp_path):
     assert {"config_files", "quality_schedule", "history_snapshot"} <= set(status["slow"]["tasks"])
     assert status["fast"]["rounds"] > status["mid"]["rounds"] > status["slow"]["rounds"] >= 5
     assert status["fast"]["period_ms"] == 5 and status["slow"]["errors"] == 0
+
+
+def test_a_watching_loop_whose_tasks_cost_more_than_its_period_waits_longer_but_the_slow_loop_keeps_its_period():
+    from lemonade_inferos.controller.loops import MAX_DUTY, ControllerLoops
+
+    def burn_2ms() -> None:
+        end = time.thread_time() + 0.002
+        while time.thread_time() < end:
+            pass
+
+    loops = ControllerLoops(lambda: {"fast": 0.001, "mid": 0.001, "slow": 0.001})
+    loops.add("fast", "burn", burn_2ms)
+    loops.add("mid", "cheap", lambda: None)
+    loops.add("slow", "burn", burn_2ms)   # a reload or a due evaluation: scheduled work, never stretched
+    loops.start()
+    try:
+        time.sleep(1.0)
+        status = loops.status()
+    finally:
+        loops.stop()
+    # 2 ms of CPU a round at 1% of a core: one round per 0.2 s, not one per millisecond
+    assert 2 <= status["fast"]["rounds"] <= 1.0 / (0.002 / MAX_DUTY) + 2
+    assert status["fast"]["last_wait_ms"] >= 0.002 / MAX_DUTY * 1000 * 0.9
+    assert status["mid"]["rounds"] > 50 * status["fast"]["rounds"]
+    assert status["slow"]["rounds"] > 50 * status["fast"]["rounds"] and status["slow"]["max_duty"] is None
 
 
 def test_the_host_passes_plugin_options_through_without_knowing_them():
