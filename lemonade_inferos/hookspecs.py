@@ -8,6 +8,8 @@ one place, ``host/generate.py``, in this order for every generate call::
         make_cache(context, plan, engine) -> KVCache     (our engine only) first cache wins
         engine.generate(...)                             tokens stream out as they come
     post_run(context, plan, stats, cache)                always, also after an error or a client gone
+
+and, from ``host/models.py``, ``load_session(model_name)`` when a model is loaded (its engine is built then).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from lemonade_inferos.engine.kv import KVCache
+    from lemonade_inferos.engine.session import SessionPolicy
     from lemonade_inferos.hooktypes import InferenceContext, InferenceStats, RunPlan
 
 PROJECT = "lemonade_server"
@@ -35,6 +38,15 @@ def host_startup(host: Any) -> None:
 @hookspec
 def host_shutdown(host: Any) -> None:
     """The host is stopping. Stop background services and persist state."""
+
+
+@hookspec(firstresult=True)
+def load_session(model_name: str) -> SessionPolicy | None:
+    """The ONNX Runtime session policy the requests of ``model_name`` will run under, asked when the host loads it.
+
+    The host builds that engine before the load returns, as Lemonade's load returns once its backend can answer,
+    so the first request does not pay for it. The first policy returned wins; None: the host's plain engine.
+    """
 
 
 @hookspec(firstresult=True)

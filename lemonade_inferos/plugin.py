@@ -30,6 +30,7 @@ from lemonade_inferos.controller.server import ControlServer
 from lemonade_inferos.controller.shadow import shadow_score
 from lemonade_inferos.hookspecs import hookimpl
 from lemonade_inferos.hooktypes import InferenceContext, InferenceStats, RunPlan
+from lemonade_inferos.engine.session import SessionPolicy
 from lemonade_inferos.kvcache.manager import TieredKVCache
 from lemonade_inferos.kvcache.plan import NEVER, KVPlan, plan_for_mode
 from lemonade_inferos.plugins import PluginDisabled
@@ -154,6 +155,11 @@ class InferosPlugin:
         if self.control_server:
             self.control_server.stop()
         log.info("inferos plugin stopped; prefix store %s", self.reuse.store.stats())
+
+    @hookimpl
+    def load_session(self, model_name: str) -> SessionPolicy | None:
+        """The session the effective policy asks for now (the baseline's plain engine when it says baseline)."""
+        return None if self.controller.use_baseline else self.controller.session_policy()
 
     @hookimpl
     def pre_run(self, context: InferenceContext) -> RunPlan:

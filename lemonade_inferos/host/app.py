@@ -77,7 +77,7 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
     """Build the host app. Plugins must already be registered on ``pm`` (see ``plugins.load_plugins``)."""
     pm = pm or new_plugin_manager()
     registry = ModelRegistry()
-    models = ModelManager(registry, settings)
+    models = ModelManager(registry, settings, session_for=lambda name: pm.hook.load_session(model_name=name))
     host_stats = HostStats()
     telemetry = Telemetry(__version__)
     host = Host(settings, pm, manifests or {}, registry, models, host_stats,

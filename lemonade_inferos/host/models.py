@@ -16,7 +16,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from lemonade_inferos.engine import heap
 from lemonade_inferos.engine.model_folder import load_model_folder
@@ -142,10 +142,15 @@ class LoadedModel:
 
 
 class ModelManager:
-    def __init__(self, registry: ModelRegistry, settings: HostSettings) -> None:
+    def __init__(self, registry: ModelRegistry, settings: HostSettings,
+                 session_for: Callable[[str], SessionPolicy | None] | None = None) -> None:
+        """``session_for``: the session policy a model's requests will run under (None: the plain og engine);
+        given, a load builds that engine before it returns."""
         self.registry = registry
         self.settings = settings
+        self.session_for = session_for
         self.loaded: dict[str, LoadedModel] = {}
+        self.loading: dict[str, float] = {}    # name -> when its load began
         self.current: str | None = None
         self.options = RecipeOptionsStore(registry.user_models_path.with_name("recipe_options.json"))
         self._lock = asyncio.Lock()
@@ -167,20 +172,46 @@ class ModelManager:
                 loaded.pinned = loaded.pinned if pinned is None else pinned
                 self.current = name
                 return loaded
-            if build_missing and not self.registry.is_downloaded(name):
-                log.info("building %s on first use", name)
-                await asyncio.to_thread(self.registry.pull, name, progress=lambda msg: log.info("%s", msg))
-            folder = self.registry.folder(name)
-            spec = await asyncio.to_thread(load_model_folder, folder)
-            ctx = resolve_ctx(ctx_size, self.options.saved(name), self.settings.ctx_size, spec.context_length)
-            devices, reason = devices_for_recipe(info.get("recipe", "oga-cpu"))
-            self.loaded.pop(name, None)
-            self._make_room(name)
-            self.loaded[name] = LoadedModel(name, info, folder, ctx, devices, reason,
-                                            RequestGate(self.settings.max_queue), model_ctx=spec.context_length,
-                                            pinned=bool(pinned), spec=spec)
+            self.loading[name] = time.time()
+            try:
+                model = await self._load(name, info, ctx_size, build_missing, pinned)
+            finally:
+                del self.loading[name]
+            self.loaded[name] = model
             self.current = name
-            return self.loaded[name]
+            return model
+
+    async def _load(self, name: str, info: dict[str, Any], ctx_size: int | None, build_missing: bool,
+                    pinned: bool | None) -> LoadedModel:
+        """Build the folder if it is missing, make room, and build the engine the model's requests will run on
+        before it counts as loaded: Lemonade's load returns once its backend answers, and the first request does
+        not pay for sessions and prepacking. Meanwhile ``/api/v1/health`` lists the model as loading."""
+        if build_missing and not self.registry.is_downloaded(name):
+            log.info("building %s on first use", name)
+            await asyncio.to_thread(self.registry.pull, name, progress=lambda msg: log.info("%s", msg))
+        folder = self.registry.folder(name)
+        spec = await asyncio.to_thread(load_model_folder, folder)
+        ctx = resolve_ctx(ctx_size, self.options.saved(name), self.settings.ctx_size, spec.context_length)
+        devices, reason = devices_for_recipe(info.get("recipe", "oga-cpu"))
+        self.loaded.pop(name, None)
+        self._make_room(name)
+        model = LoadedModel(name, info, folder, ctx, devices, reason, RequestGate(self.settings.max_queue),
+                            model_ctx=spec.context_length, pinned=bool(pinned), spec=spec)
+        if self.session_for is not None:
+            await asyncio.to_thread(self._build_engine, model)
+        return model
+
+    def _build_engine(self, model: LoadedModel) -> None:
+        started = time.perf_counter()
+        session = self.session_for(model.name)
+        model.engine("og" if session is None else "inferos", session)
+        log.info("%s: engine ready in %.1f s", model.name, time.perf_counter() - started)
+
+    def health_entries(self) -> list[dict[str, Any]]:
+        """Loaded models (``status: ready``) and those still being built or loaded (``status: loading``)."""
+        ready = [{**m.health_entry(), "status": "ready"} for m in self.loaded.values()]
+        return ready + [{"model_name": name, "status": "loading", "loading_since": since, "type": "llm"}
+                        for name, since in self.loading.items()]
 
     def _make_room(self, name: str) -> None:
         while len(self.loaded) >= self.settings.max_loaded_models:

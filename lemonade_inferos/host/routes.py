@@ -498,7 +498,7 @@ async def health(request: Request):
     return {"status": "ok", "version": LEMONADE_API_VERSION,
             "model_loaded": current.name if current else None,
             "checkpoint_loaded": current.info.get("checkpoint") if current else None,
-            "all_models_loaded": [m.health_entry() for m in loaded],
+            "all_models_loaded": host.models.health_entries(),
             # this host serves LLMs only: 0 for the other types Lemonade counts
             "pinned_models": {t: sum(m.pinned for m in loaded) if t == "llm" else 0 for t in MODEL_TYPES},
             "max_models": {t: host.settings.max_loaded_models if t == "llm" else 0 for t in MODEL_TYPES},

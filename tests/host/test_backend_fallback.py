@@ -6,20 +6,14 @@ broken model patch or a failed restore would fail), and the openai client.
 
 from __future__ import annotations
 
-import threading
-import time
-
 import openai
 import pytest
-import uvicorn
 
 from lemonade_inferos.hookspecs import hookimpl
-from lemonade_inferos.host.app import create_app
 from lemonade_inferos.hooktypes import RunPlan
-from lemonade_inferos.host.settings import HostSettings
 from lemonade_inferos.plugins import new_plugin_manager
 
-from .conftest import free_port
+from .conftest import host_in_process
 
 
 class BrokenCachePlugin:
@@ -46,18 +40,8 @@ def broken_host(model_dir):
     plugin = BrokenCachePlugin()
     pm = new_plugin_manager()
     pm.register(plugin, name="broken")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(HostSettings(port=port), pm), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 120
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the in-process host did not start"
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", plugin
-    server.should_exit = True
-    thread.join(10)
+    with host_in_process(pm) as (base, _app):
+        yield base, plugin
 
 
 def test_an_engine_failure_before_the_first_token_is_served_by_the_baseline(broken_host):

@@ -16,8 +16,8 @@ from lemonade_inferos.plugins import PluginError, load_plugins, parse_manifest
 def test_inferos_is_discovered_from_its_installed_entry_point():
     assert plugins.installed_plugins()["inferos"].value == "lemonade_inferos.plugin:InferosPlugin"
     pm, manifests = load_plugins(["inferos"])
-    assert manifests["inferos"].hooks == ("host_startup", "host_shutdown", "pre_run", "run_generation", "make_cache",
-                                         "post_run")
+    assert manifests["inferos"].hooks == ("host_startup", "host_shutdown", "load_session", "pre_run",
+                                          "run_generation", "make_cache", "post_run")
     assert pm.get_plugin("inferos") is not None
 
 
