@@ -62,8 +62,8 @@ class StepBinding:
         # decode (and prefill, where the graph selects logits rows) writes one row of logits into the same buffer
         self._step_logits = np.empty((1, 1, engine.folder.vocab_size), dtype=np.float32)
         self._last_row = np.zeros(1, dtype=np.int64)
-        # decode steps write the probes' attention rows ([heads, 1, past + 1] each) into buffers of their own,
-        # allocated at the first decode step (scoring runs chunks only)
+        # decode steps write the probes' attention rows ([1, 1, past + 1] each: the mean over heads) into buffers
+        # of their own, allocated at the first decode step (scoring runs chunks only)
         self._step_probes: list[np.ndarray] = []
 
     def run(self, token_ids: np.ndarray, all_logits: bool) -> np.ndarray:
@@ -163,7 +163,8 @@ class StepBinding:
 
     def _bind_probes(self, io: ort.IOBinding, num_new: int, total: int) -> list[np.ndarray] | None:
         """Bind the attention probe outputs: a decode step's into preallocated buffers (returned as the
-        ``[1, heads, 1, total]`` views ORT writes), a prefill chunk's to ORT-allocated memory (None)."""
+        ``[1, 1, 1, total]`` views ORT writes: the mean over heads), a prefill chunk's to ORT-allocated memory
+        (None)."""
         names = self.engine.probe_outputs
         if not names:
             return None
@@ -171,12 +172,10 @@ class StepBinding:
             for name in names:
                 io.bind_output(name, "cpu")
             return None
-        heads = self.engine.folder.num_attention_heads
         if not self._step_probes:
-            self._step_probes = [np.empty(heads * (self.cache.layout.max_tokens + 1), dtype=np.float32)
-                                 for _ in names]
-        shape = [1, heads, 1, total]
-        views = [buffer[: shape[1] * total].reshape(shape) for buffer in self._step_probes]
+            self._step_probes = [np.empty(self.cache.layout.max_tokens + 1, dtype=np.float32) for _ in names]
+        shape = [1, 1, 1, total]
+        views = [buffer[:total].reshape(shape) for buffer in self._step_probes]
         for name, view in zip(names, views):
             io.bind_output(name, "cpu", 0, np.float32, shape, view.ctypes.data)
         return views

@@ -12,8 +12,12 @@ is loaded from memory.
 
 Attention probe (optional): GroupQueryAttention can also return its softmax
 probabilities (attribute ``qk_output=2``, a fourth output). For the layers in
-``probe_layers`` that output becomes a graph output ``inferos_attention.N``, so
-the KV cache can rank blocks by the attention they actually receive. It is a
+``probe_layers`` their mean over the query heads becomes a graph output
+``inferos_attention_mean.N`` (``[1, 1, S, T]``), so the KV cache can rank blocks
+by the attention they actually receive. The mean is taken in the graph: the
+per-head probabilities of a 256-token chunk over a 6.9K-token context are
+64 MiB per probe layer, held until the run returns, and ranking needs only the
+mean (the score divides by the rows it averaged over). It is a
 separate graph (``model.inferos-probe.onnx``) because ONNX Runtime computes every
 graph output, bound or not.
 
@@ -40,7 +44,9 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 
 from lemonade_inferos.engine.dual_attention import (ATTENTION_IF_PREFIX, INT8_ATTENTION, add_dual_attention,
                                                      dual_attention_obstacle)
@@ -49,7 +55,7 @@ log = logging.getLogger(__name__)
 
 POSITION_IDS = "position_ids"
 GQA_POSITION_IDS_INDEX = 9
-PROBE_PREFIX = "inferos_attention."
+PROBE_PREFIX = "inferos_attention_mean."   # a new name: graphs cached with per-head probes are rebuilt
 LOGITS_POSITIONS = "inferos_logits_positions"
 LM_HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
 KV_SCALE_PREFIX = "inferos_kv_scale."
@@ -151,7 +157,8 @@ def _patch(model: onnx.ModelProto) -> tuple[bool, int]:
 
 
 def _add_probes(model: onnx.ModelProto, probe_layers: tuple[int, ...]) -> tuple[str, ...]:
-    """Expose the softmax probabilities of the GQA nodes at ``probe_layers`` (by order) as graph outputs."""
+    """Expose the softmax probabilities of the GQA nodes at ``probe_layers`` (by order), averaged over the query
+    heads, as graph outputs ``[1, 1, S, T]``."""
     gqa_nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     names = []
     for layer in probe_layers:
@@ -159,11 +166,24 @@ def _add_probes(model: onnx.ModelProto, probe_layers: tuple[int, ...]) -> tuple[
         node.attribute.append(onnx.helper.make_attribute("qk_output", 2))
         while len(node.output) < 3:
             node.output.append("")
-        name = f"{PROBE_PREFIX}{layer}"
-        node.output.append(name)
+        per_head, name = f"/inferos/attention_probs/{layer}", f"{PROBE_PREFIX}{layer}"
+        node.output.append(per_head)
+        mean = _mean_over_heads(model, per_head, name, layer)
+        model.graph.node.insert(list(model.graph.node).index(node) + 1, mean)
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         names.append(name)
     return tuple(names)
+
+
+def _mean_over_heads(model: onnx.ModelProto, per_head: str, name: str, layer: int) -> onnx.NodeProto:
+    """``ReduceMean`` over axis 1, in the form the graph's opset takes (axes an input from opset 18)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+    node_name = f"/inferos/attention_mean/{layer}"
+    if opset < 18:
+        return onnx.helper.make_node("ReduceMean", [per_head], [name], axes=[1], keepdims=1, name=node_name)
+    axes = f"/inferos/attention_probs/{layer}/axes"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
+    return onnx.helper.make_node("ReduceMean", [per_head, axes], [name], keepdims=1, name=node_name)
 
 
 def _select_logits_rows(model: onnx.ModelProto) -> bool:
@@ -213,7 +233,9 @@ def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: 
     if patched_path.is_file() and patched_path.stat().st_mtime >= onnx_path.stat().st_mtime:
         model = onnx.load(str(patched_path), load_external_data=False)
         inputs = {i.name for i in model.graph.input}
-        if LOGITS_POSITIONS in inputs and (not int8_kv or INT8_ATTENTION in inputs):  # else: an older version's
+        outputs = {o.name for o in model.graph.output}
+        if LOGITS_POSITIONS in inputs and (not int8_kv or INT8_ATTENTION in inputs) \
+                and outputs.issuperset(probe_names):  # else: an older version's
             return _describe(model, str(patched_path), probe_names)
     model = onnx.load(str(onnx_path), load_external_data=False)
     original_inputs = {i.name for i in model.graph.input}

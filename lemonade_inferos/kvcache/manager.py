@@ -117,7 +117,8 @@ class TieredKVCache(KVCache):
         return self.plan.importance == "attention"
 
     def observe_attention(self, probes: list[np.ndarray], num_new: int) -> None:
-        """Accumulate the probe layers' attention probabilities ``[1, H, S, T]`` per cached token.
+        """Accumulate the probe layers' attention probabilities, averaged over heads (``[1, 1, S, T]``; per-head
+        ``[1, H, S, T]`` scores the same), per cached token.
 
         Each token's score is its attention relative to uniform (probability x tokens the query could see),
         averaged over the (layer, head, query) rows that could see it (ZipCache's normalization), so early

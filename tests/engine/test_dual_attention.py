@@ -67,6 +67,21 @@ def test_a_probed_graph_scores_a_chunk_on_both_paths_alike(calibrated_model):
     np.testing.assert_allclose(float_path._attn_sum[:96], int8_path._attn_sum[:96], rtol=0.03)
 
 
+def test_a_probe_returns_the_mean_over_heads_one_row_per_query(calibrated_model):
+    """A chunk's probe output is ``[1, 1, S, T]``, not ``[1, H, S, T]`` (64 MiB per probe layer for 256 tokens over
+    6.9K): every query row is still a distribution over the tokens it could see."""
+    engine = OrtEngine(calibrated_model, SessionPolicy(devices=["cpu"]), attention_probe_layers=(0, 5))
+    plan = replace(named_plan("dynamic", recent_window=32), importance="attention")
+    cache = TieredKVCache(engine.layout, plan)
+    seen = []
+    cache.observe_attention = lambda probes, num_new: seen.append([p.copy() for p in probes])
+    StepBinding(engine, cache).run(np.asarray([PROMPT[:40]]), all_logits=False)
+    (probes,) = seen
+    assert [p.shape for p in probes] == [(1, 1, 40, 40)] * 2
+    np.testing.assert_allclose(probes[0].sum(axis=-1), 1.0, rtol=1e-4)
+    assert np.allclose(np.triu(probes[1][0, 0], 1), 0)   # causal: no row sees a later token
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_any_gqa_folder_gets_the_float_prefill_path_and_agrees_with_its_int8_path(tiny_models, arch):
     """Not SmolLM2-only: other GroupQueryAttention folders (Qwen3's q/k norms, other head counts) get the dual
