@@ -34,6 +34,27 @@ def test_greedy_tokens_match_og_generator_on_a_long_prompt_with_chunked_prefill(
     assert _tokens(chunked, prompt, ignore_eos=True) == _tokens(og_engine, prompt, ignore_eos=True)
 
 
+def test_prompt_chunks_shrink_as_the_context_grows_so_attention_scratch_stays_bounded(ort_engine):
+    from lemonade_inferos.engine.ort_engine import ATTENTION_SCRATCH_BYTES, MIN_CHUNK_TOKENS
+
+    heads, full = ort_engine.folder.num_attention_heads, ort_engine.prefill_chunk_tokens
+    assert ort_engine.chunk_tokens(0) == full   # short contexts: the configured chunk
+    for cached in (2048, 4096, 6900):
+        chunk = ort_engine.chunk_tokens(cached)
+        assert MIN_CHUNK_TOKENS <= chunk < full
+        assert 4 * heads * chunk * (cached + full) <= ATTENTION_SCRATCH_BYTES
+    assert ort_engine.chunk_tokens(10**6) == MIN_CHUNK_TOKENS
+
+
+def test_a_long_prompt_in_shrinking_chunks_decodes_as_in_one_chunk(model_dir, corpus_ids, monkeypatch):
+    from lemonade_inferos.engine import ort_engine as module
+
+    prompt = corpus_ids[:600]
+    reference = _tokens(OrtEngine(model_dir, prefill_chunk_tokens=600), prompt, ignore_eos=True)
+    monkeypatch.setattr(module, "ATTENTION_SCRATCH_BYTES", 4 * 9 * 100 * 600)   # chunks of 100 down to 64 tokens
+    assert _tokens(OrtEngine(model_dir, prefill_chunk_tokens=600), prompt, ignore_eos=True) == reference
+
+
 def test_chunked_prefill_gives_the_same_logits_as_one_pass(ort_engine, corpus_ids):
     ids = corpus_ids[:300]
     whole = ort_engine.forward(ids, ort_engine.new_cache())
