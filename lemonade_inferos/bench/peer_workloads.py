@@ -27,6 +27,7 @@ class PeerPrompts:
 
     decode: str          # ~512 tokens of prose: decode after a mid-size prompt
     cold: str            # ~2,048 tokens: a long prompt prefilled from scratch
+    long: str            # ~6,900 tokens: what one long request adds to a server's memory
     turns: list[str]     # user turns of <= 180 tokens (the 10-turn chat, GAIA's sliding window)
     code: str            # a Python module to edit (copy-heavy output)
 
@@ -39,7 +40,8 @@ class PeerPrompts:
             return tokenizer.decode(tokenizer.encode(text[: tokens * 8])[:tokens])
 
         text = corpus_text()
-        return cls(decode=cut(text, 480), cold=cut(text[len(text) // 2:], 2000), turns=user_turns(tokenizer, 12),
+        return cls(decode=cut(text, 480), cold=cut(text[len(text) // 2:], 2000),
+                   long=cut(text[len(text) // 4:], 6880), turns=user_turns(tokenizer, 12),
                    code=cut(inspect.getsource(textwrap), 700))
 
 
@@ -64,12 +66,19 @@ def decode(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
     """A ~512-token prompt, then 128 tokens (``ignore_eos``: every server decodes all of them)."""
     record = chat([{"role": "user", "content": prompts.decode}], 128, ignore_eos=True)
     return {"decode_tps": _decode_tps(record), "ttft_s": record["ttft_s"],
-            "completion_tokens": record["completion_tokens"]}
+            "completion_tokens": record["completion_tokens"], "prompt_tokens": record["prompt_tokens"]}
 
 
 def cold_prefill(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
     """A ~2K-token prompt the server has never seen: time to first token."""
     record = chat([{"role": "user", "content": prompts.cold}], 16)
+    return {"ttft_s": record["ttft_s"], "prompt_tokens": record["prompt_tokens"]}
+
+
+def long_prompt(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
+    """A ~6,900-token prompt: what one long request costs in time and in memory (the growth of the server's RSS
+    over what it held before, against the FP16 KV of the prompt, is added by the summary)."""
+    record = chat([{"role": "user", "content": prompts.long}], 16)
     return {"ttft_s": record["ttft_s"], "prompt_tokens": record["prompt_tokens"]}
 
 
@@ -144,11 +153,13 @@ def code_edit(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
 Workload = Callable[[Chat, PeerPrompts], dict[str, Any]]
 WORKLOADS: dict[str, Workload] = {
     "decode": decode, "decode_spec": decode, "cold_2k": cold_prefill, "chat_10": chat_10,
-    "sliding": sliding_window, "concurrent_4": concurrent_4, "code_edit": code_edit,
+    "sliding": sliding_window, "concurrent_4": concurrent_4, "code_edit": code_edit, "long_7k": long_prompt,
 }
+# workloads that need a longer context than --ctx-size gives (both servers get it)
+CONTEXT: dict[str, int] = {"long_7k": 8192}
 # the metric each workload is compared on, and whether lower is better
 HEADLINE: dict[str, tuple[str, bool]] = {
     "decode": ("decode_tps", False), "decode_spec": ("decode_tps", False), "cold_2k": ("ttft_s", True),
     "chat_10": ("last_ttft_s", True), "sliding": ("mean_sliding_ttft_s", True), "concurrent_4": ("mean_ttft_s", True),
-    "code_edit": ("latency_s", True),
+    "code_edit": ("latency_s", True), "long_7k": ("ttft_s", True),
 }

@@ -27,7 +27,8 @@ from typing import Any, Iterator
 
 import httpx
 
-from lemonade_inferos.bench.peer_workloads import HEADLINE, WORKLOADS, Chat, PeerPrompts
+from lemonade_inferos.bench.load import busy_core
+from lemonade_inferos.bench.peer_workloads import CONTEXT, HEADLINE, WORKLOADS, Chat, PeerPrompts
 from lemonade_inferos.bench.rss import PeakRssSampler
 from lemonade_inferos.bench.servers import free_port, http_process
 from lemonade_inferos.reports import plot_grouped_bars, write_json
@@ -49,15 +50,16 @@ class Peer:
         empty folder for what a server keeps across restarts (ours: the prefix store's disk spill), so a fresh
         server finds nothing an earlier run left."""
         extra = list(self.extra_args.get(workload, ()))
+        ctx_size = max(setup.ctx_size, CONTEXT.get(workload, 0))
         if self.name == OURS:
             import sys
             return ([sys.executable, "-m", "lemonade_inferos.cli.lemonade_server", "serve", "--port", str(port),
-                     "--plugin", "inferos", "--ctx-size", str(setup.ctx_size),
+                     "--plugin", "inferos", "--ctx-size", str(ctx_size),
                      "--plugin-option", f"inferos.prefix_spill_dir={state_dir}", *setup.our_args, *extra], "/live")
         threads = ["-t", str(setup.threads), "-tb", str(setup.threads)] if setup.threads else []
         # every slot holds the context one request may use on ours (llama-server splits -c between its slots)
         return ([str(setup.llama_server), "-m", str(setup.gguf), "--host", "127.0.0.1", "--port", str(port),
-                 "-c", str(setup.ctx_size * setup.slots), "-np", str(setup.slots), "--no-webui", *threads, *extra],
+                 "-c", str(ctx_size * setup.slots), "-np", str(setup.slots), "--no-webui", *threads, *extra],
                 "/health")
 
 
@@ -70,6 +72,8 @@ class PeerSetup:
     slots: int = 4                   # llama-server's parallel slots, each of ctx_size
     threads: int = 0                 # 0: each server's default (one per core)
     our_args: tuple[str, ...] = ()   # e.g. --plugin-option inferos.kv.live_format=model
+    fp16_kv_bytes_per_token: int = 0  # the model's K and V at FP16 for one token (0: not known, no ratio)
+    busy_core: bool = False          # another process keeps a core busy during every run (a desktop's browser)
 
 
 def peers_for(setup: PeerSetup, workloads: list[str]) -> list[Peer]:
@@ -98,13 +102,20 @@ def _started(peer: Peer, workload: str, setup: PeerSetup, log_path: Path) -> Ite
 
 
 def run_once(peer: Peer, workload: str, setup: PeerSetup, prompts: PeerPrompts, log_path: Path) -> dict[str, Any]:
-    """Start ``peer`` fresh, load its model with one short request, run ``workload`` while sampling its RSS."""
-    with _started(peer, workload, setup, log_path) as (base, pid):
+    """Start ``peer`` fresh, load its model with one short request, run ``workload`` while sampling its RSS (with
+    ``setup.busy_core``, all of it while another process keeps a core busy)."""
+    with busy_core() if setup.busy_core else contextlib.nullcontext(), \
+            _started(peer, workload, setup, log_path) as (base, pid):
         chat = Chat(base, peer.model)
         chat([{"role": "user", "content": "Hello"}], 2)
         with PeakRssSampler(interval_s=0.02, pid=pid) as rss:
+            before_mb = rss.peak_mb
             metrics = WORKLOADS[workload](chat, prompts)
         metrics["peak_rss_mb"] = rss.peak_mb
+        metrics["rss_growth_mb"] = rss.peak_mb - before_mb   # over what the loaded server held
+        if setup.fp16_kv_bytes_per_token and metrics.get("prompt_tokens"):
+            fp16_mb = setup.fp16_kv_bytes_per_token * metrics["prompt_tokens"] / 2**20
+            metrics["rss_growth_vs_fp16_kv"] = metrics["rss_growth_mb"] / fp16_mb
         with contextlib.suppress(httpx.HTTPError):
             metrics["server"] = httpx.get(f"{base}/v1/models", timeout=5).json()
         return metrics
@@ -136,6 +147,7 @@ def summarize(setup: PeerSetup, raw: dict[str, dict[str, list[dict[str, Any]]]],
     results: dict[str, Any] = {
         "model": setup.model, "gguf": str(setup.gguf), "llama_server": str(setup.llama_server),
         "ctx_size": setup.ctx_size, "llama_slots": setup.slots, "threads": setup.threads or "default",
+        "busy_core": setup.busy_core,
         "our_args": list(setup.our_args), "runs": runs,
         "commands": {p.name: p.command(0, "decode", setup, Path("STATE"))[0] for p in peers_for(setup, list(raw))},
         "workloads": {}}

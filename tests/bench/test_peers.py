@@ -3,6 +3,7 @@ itself is a benchmark-only binary, never a CI requirement)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from lemonade_inferos.bench.peer_workloads import PeerPrompts
@@ -23,14 +24,22 @@ def test_each_server_is_started_as_its_users_run_it():
     assert llama[-2:] == ["--spec-type", "ngram-simple"]
     assert peers[LLAMA_REUSE].workloads == ("sliding",)
     assert peers[LLAMA_REUSE].command(1234, "sliding", SETUP, Path("/tmp/state"))[0][-2:] == ["--cache-reuse", "256"]
+    # the 6.9K-token prompt needs 8K of context on both
+    long_ours, _ = peers[OURS].command(1234, "long_7k", SETUP, Path("/tmp/state"))
+    long_llama, _ = peers[LLAMA].command(1234, "long_7k", SETUP, Path("/tmp/state"))
+    assert long_ours[long_ours.index("--ctx-size") + 1] == "8192" and long_llama[long_llama.index("-c") + 1] == "32768"
 
 
 def test_a_workload_runs_against_a_fresh_server_and_its_peak_rss_is_measured(calibrated_model, tmp_path):
     prompts = PeerPrompts.build(ChatTokenizer.from_folder(calibrated_model))
-    ours = peers_for(SETUP, ["decode"])[0]
-    metrics = run_once(ours, "decode", SETUP, prompts, tmp_path / "server.log")
+    setup = replace(SETUP, fp16_kv_bytes_per_token=2 * 30 * 3 * 64 * 2)   # SmolLM2-135M's K and V at FP16
+    ours = peers_for(setup, ["decode"])[0]
+    metrics = run_once(ours, "decode", setup, prompts, tmp_path / "server.log")
     assert metrics["completion_tokens"] == 128 and metrics["decode_tps"] > 0 and metrics["ttft_s"] > 0
     assert metrics["peak_rss_mb"] > 100   # the model's weights alone are ~540 MiB at fp32
+    assert 0 <= metrics["rss_growth_mb"] < metrics["peak_rss_mb"]
+    fp16_kv_mb = setup.fp16_kv_bytes_per_token * metrics["prompt_tokens"] / 2**20
+    assert metrics["rss_growth_vs_fp16_kv"] == metrics["rss_growth_mb"] / fp16_kv_mb
     results = summarize(SETUP, {"decode": {OURS: [metrics]}}, runs=1)
     entry = results["workloads"]["decode"]
     assert entry["headline"] == "decode_tps" and entry["peers"][OURS]["decode_tps"]["median"] == metrics["decode_tps"]
