@@ -22,6 +22,8 @@ import onnxruntime as ort
 
 from lemonade_inferos.engine.dual_attention import INT8_ATTENTION
 from lemonade_inferos.engine.graph import LOGITS_POSITIONS, POSITION_IDS
+from lemonade_inferos.engine.probe_switch import PROBE_SWITCH
+from lemonade_inferos.engine.row_probe import PROBE_ROWS
 from lemonade_inferos.engine.kv import KVCache
 
 if TYPE_CHECKING:
@@ -40,6 +42,8 @@ class _PhaseIO:
         self.bound_version = -1
         self.float_attention = float_attention
         self.switch = np.array(not float_attention)  # INT8_ATTENTION (bound by address: kept alive here)
+        self.probe = np.array(True)                   # PROBE_SWITCH, set before each run
+        self.rows = np.ones(1, dtype=np.int64)        # PROBE_ROWS, set before each run
 
 
 class StepBinding:
@@ -66,13 +70,26 @@ class StepBinding:
         # of their own, allocated at the first decode step (scoring runs chunks only)
         self._step_probes: list[np.ndarray] = []
 
-    def run(self, token_ids: np.ndarray, all_logits: bool) -> np.ndarray:
-        """Run the model on ``token_ids`` ``[1, n]`` after the cached tokens; commit them.
+    @property
+    def probing(self) -> bool:
+        """Whether runs return the probe layers' attention (the graph has probes and the cache ranks by them)."""
+        return bool(self.engine.probe_outputs) and self.cache.wants_attention
+
+    @property
+    def row_probe(self) -> bool:
+        """Whether a prompt chunk can be probed on its last rows in the same run (``row_probe.py``)."""
+        return self._phases["prefill"].form.graph.row_probe
+
+    def run(self, token_ids: np.ndarray, all_logits: bool, probe: bool = True, probe_rows: int | None = None
+            ) -> np.ndarray:
+        """Run the model on ``token_ids`` ``[1, n]`` after the cached tokens; commit them. ``probe=False`` runs
+        the probe layers without their probabilities (where the graph can: ``probe_switch.py``); ``probe_rows``:
+        a prompt chunk's probabilities for its last rows only (where the graph can: ``row_probe.py``).
 
         Returns:
             logits ``[n, vocab]`` when ``all_logits`` else ``[vocab]`` for the last token.
         """
-        logits, probes = self._forward(token_ids, all_logits)
+        logits, probes = self._forward(token_ids, all_logits, probe, probe_rows)
         self.engine.observe(self.cache, probes, token_ids.shape[1])
         self.cache.commit(token_ids[0].tolist())
         return logits[0] if all_logits else logits[0, -1]
@@ -107,17 +124,22 @@ class StepBinding:
             inputs[LOGITS_POSITIONS] = np.arange(num_new, dtype=np.int64) if rows > 1 else self._last_row
         return inputs, rows
 
-    def _forward(self, token_ids: np.ndarray, all_logits: bool) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    def _forward(self, token_ids: np.ndarray, all_logits: bool, probe: bool = True, probe_rows: int | None = None
+                 ) -> tuple[np.ndarray, list[np.ndarray] | None]:
         engine, cache = self.engine, self.cache
         num_new = token_ids.shape[1]
         cache.reserve(num_new)
         phase = self._phases["prefill" if num_new > 1 and not all_logits else "decode"]
+        probe = self.probing and (probe or not phase.form.graph.probe_switch)
+        phase.probe[()] = probe
+        phase.rows[0] = min(num_new, probe_rows or num_new) if probe else 1
         inputs, rows = self._inputs(token_ids, all_logits)
         if phase.io is None:
             return self._run_plain(phase, inputs, num_new)
         io = phase.io
         if cache.buffers_version != phase.bound_version:
             self._bind_cache(phase)
+        self._switches(phase, inputs)
         for name, value in inputs.items():
             io.bind_cpu_input(name, value)
         logits = (self._step_logits if rows == 1
@@ -125,14 +147,14 @@ class StepBinding:
         io.bind_output(engine.folder.output_names["logits"], "cpu", 0, np.float32, list(logits.shape),
                        logits.ctypes.data)
         chunk = self._bind_chunk_codes(io, num_new) if phase.float_attention else None
-        probes = self._bind_probes(io, num_new, cache.num_tokens + num_new)  # last: see below
+        probes = self._bind_probes(io, num_new, cache.num_tokens + num_new, probe)  # last: see below
         phase.form.session.run_with_iobinding(io, self.run_options)
         if chunk is not None:
             start = cache.num_tokens
             for (key, value), (key_codes, value_codes) in zip(cache.arrays(), chunk):
                 key[:, :, start:start + num_new] = key_codes
                 value[:, :, start:start + num_new] = value_codes
-        if not (engine.probe_outputs and cache.wants_attention):
+        if not probe:
             return logits, None
         if probes is None:  # a chunk: ORT allocated them; they were bound last
             probes = [value.numpy() for value in io.get_outputs()[-len(engine.probe_outputs):]]
@@ -149,6 +171,9 @@ class StepBinding:
         feeds.update(phase.form.scale_values)
         if phase.form.graph.dual_attention:
             feeds[INT8_ATTENTION] = ort.OrtValue.ortvalue_from_numpy(phase.switch)
+        switches: dict[str, np.ndarray] = {}
+        self._switches(phase, switches)
+        feeds.update({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in switches.items()})
         presents = [name for layer in range(folder.num_layers)
                     for name in (folder.present_key_name(layer), folder.present_value_name(layer))]
         names = [folder.output_names["logits"], *presents, *engine.probe_outputs]
@@ -159,16 +184,24 @@ class StepBinding:
             _copy_present(value, present_value.numpy(), start)
         logits = outputs[0].numpy()
         probes = [o.numpy() for o in outputs[1 + len(presents):]] if engine.probe_outputs else []
-        return logits, (probes if probes and cache.wants_attention else None)
+        return logits, (probes if probes and bool(phase.probe) else None)
 
-    def _bind_probes(self, io: ort.IOBinding, num_new: int, total: int) -> list[np.ndarray] | None:
+    @staticmethod
+    def _switches(phase: _PhaseIO, inputs: dict[str, np.ndarray]) -> None:
+        """The probe's per-run inputs, where the graph has them."""
+        if phase.form.graph.probe_switch:
+            inputs[PROBE_SWITCH] = phase.probe
+        if phase.form.graph.row_probe:
+            inputs[PROBE_ROWS] = phase.rows
+
+    def _bind_probes(self, io: ort.IOBinding, num_new: int, total: int, probe: bool) -> list[np.ndarray] | None:
         """Bind the attention probe outputs: a decode step's into preallocated buffers (returned as the
-        ``[1, 1, 1, total]`` views ORT writes: the mean over heads), a prefill chunk's to ORT-allocated memory
-        (None)."""
+        ``[1, 1, 1, total]`` views ORT writes: the mean over heads), a prefill chunk's, or a run's without probes
+        (empty), to ORT-allocated memory (None)."""
         names = self.engine.probe_outputs
         if not names:
             return None
-        if num_new > 1:
+        if num_new > 1 or not probe:
             for name in names:
                 io.bind_output(name, "cpu")
             return None

@@ -21,8 +21,12 @@ rotate with, an unknown head size) leaves the graph as it was, with the reason.
 
 from __future__ import annotations
 
+import math
+
 import onnx
 from onnx import TensorProto, helper
+
+from lemonade_inferos.engine.row_probe import PROBE_ROWS, add_row_probe, row_probe_obstacle
 
 INT8_ATTENTION = "inferos_int8_attention"
 ATTENTION_IF_PREFIX = "/inferos/attention/"   # each layer's If: ATTENTION_IF_PREFIX + layer
@@ -53,16 +57,22 @@ def add_dual_attention(model: onnx.ModelProto, head_size: int | None = None) -> 
     graph = model.graph
     graph.input.append(helper.make_tensor_value_info(INT8_ATTENTION, TensorProto.BOOL, []))
     present = set()
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    row_probes = 0
     for layer, node in enumerate(_gqa_nodes(graph)):
         position = list(graph.node).index(node)
         types = _output_types(graph, node)
+        row_probe = _probing(node) and opset >= 13 and row_probe_obstacle(node) is None
+        row_probes += row_probe
         branches = (_int8_branch(node, layer, types),
-                    _float_branch(graph, node, layer, head_size or _head_size(graph, node), types))
+                    _float_branch(graph, node, layer, head_size or _head_size(graph, node), types, row_probe))
         wrapped = helper.make_node("If", [INT8_ATTENTION], list(node.output), name=f"{ATTENTION_IF_PREFIX}{layer}",
                                    then_branch=branches[0], else_branch=branches[1])
         graph.node.remove(node)
         graph.node.insert(position, wrapped)
         present.update(node.output[1:3])
+    if row_probes:
+        graph.input.append(helper.make_tensor_value_info(PROBE_ROWS, TensorProto.INT64, [1]))
     for output in graph.output:  # a prefill's present holds the chunk's rows only
         if output.name in present and len(output.type.tensor_type.shape.dim) == 4:
             output.type.tensor_type.shape.dim[2].dim_param = "inferos_present_length"
@@ -86,8 +96,14 @@ def _int8_branch(node: onnx.NodeProto, layer: int, types: list[int]) -> onnx.Gra
     return helper.make_graph([inner], f"int8_attention_{layer}", [], outputs)
 
 
-def _float_branch(graph: onnx.GraphProto, node: onnx.NodeProto, layer: int, head_size: int, types: list[int]
-                  ) -> onnx.GraphProto:
+def _probing(node: onnx.NodeProto) -> bool:
+    return len(node.output) > 3 and bool(node.output[3]) and bool(_attribute(node, "qk_output", 0))
+
+
+def _float_branch(graph: onnx.GraphProto, node: onnx.NodeProto, layer: int, head_size: int, types: list[int],
+                  row_probe: bool = False) -> onnx.GraphProto:
+    """The float prefill path of one layer; ``row_probe``: its probabilities (a probe layer's) come from
+    ``row_probe.py`` on the chunk's last rows, and the attention itself returns none."""
     p = f"/inferos/attention/{layer}/float/"
     heads, kv_heads = _attribute(node, "num_heads", 0), _attribute(node, "kv_num_heads", 0)
     ins = list(node.input) + [""] * (14 - len(node.input))
@@ -131,12 +147,17 @@ def _float_branch(graph: onnx.GraphProto, node: onnx.NodeProto, layer: int, head
                         "", "", "", ins[_ATTENTION_BIAS], ins[_HEAD_SINK]]
     while attention_inputs[-1] == "":
         attention_inputs.pop()
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in _DROPPED}
+    dropped = _DROPPED + (("qk_output",) if row_probe else ())
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in dropped}
     outputs = [p + "output_units", p + "present_key", p + "present_value"] + \
         ([p + "output_3"] if len(node.output) > 3 and node.output[3] else [])
-    nodes += [helper.make_node("GroupQueryAttention", attention_inputs, outputs, domain="com.microsoft",
-                               name=p + "GroupQueryAttention", do_rotary=0, **attributes),
+    nodes += [helper.make_node("GroupQueryAttention", attention_inputs, outputs[:3] if row_probe else outputs,
+                               domain="com.microsoft", name=p + "GroupQueryAttention", do_rotary=0, **attributes),
               helper.make_node("Mul", [p + "output_units", p + "v_scale_q"], [p + "output_0"])]
+    if row_probe:
+        scale = _attribute(node, "scale", 0.0) or 1.0 / math.sqrt(head_size)
+        add_row_probe(graph, nodes, p + "probe/", p + "query_units", p + "present_key", p + "total1",
+                      (heads, kv_heads, head_size), scale, types[0], p + "output_3")
     for kind in ("k", "v"):  # [batch, chunk, kv_heads * head_size] -> [batch, kv_heads, chunk, head_size]
         nodes += [helper.make_node("Reshape", [codes[kind], init.heads_shape], [p + kind + "_codes4"]),
                   helper.make_node("Transpose", [p + kind + "_codes4"], [p + kind + "_new"], perm=[0, 2, 1, 3])]

@@ -50,6 +50,8 @@ import onnx.numpy_helper
 
 from lemonade_inferos.engine.dual_attention import (ATTENTION_IF_PREFIX, INT8_ATTENTION, add_dual_attention,
                                                      dual_attention_obstacle)
+from lemonade_inferos.engine.probe_switch import PROBE_SWITCH, add_probe_switch
+from lemonade_inferos.engine.row_probe import PROBE_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class PreparedGraph:
     kv_int8_reason: str | None = None                    # why the INT8 live form was not made (when asked)
     kv_elem_type: int = onnx.TensorProto.FLOAT           # the past's element type (ONNX TensorProto enum)
     dual_attention: bool = False                         # an INT8 graph with a float prefill path (dual_attention.py)
+    probe_switch: bool = False                           # a run may leave the probes out (probe_switch.py)
+    row_probe: bool = False                              # a prompt chunk is probed on its last rows (row_probe.py)
 
 
 def kv_scale_names(layer: int) -> tuple[str, str]:
@@ -219,7 +223,7 @@ def _describe(model: onnx.ModelProto, model_ref: str | bytes, probe_names: tuple
     past = next((i for i in model.graph.input if i.name.startswith("past_key_values")), None)
     elem = past.type.tensor_type.elem_type if past is not None else onnx.TensorProto.FLOAT
     return PreparedGraph(model_ref, POSITION_IDS in inputs, gqa, probe_names, LOGITS_POSITIONS in inputs, scales,
-                         kv_int8_reason, elem, INT8_ATTENTION in inputs)
+                         kv_int8_reason, elem, INT8_ATTENTION in inputs, PROBE_SWITCH in inputs, PROBE_ROWS in inputs)
 
 
 def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: bool = False,
@@ -235,7 +239,8 @@ def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: 
         inputs = {i.name for i in model.graph.input}
         outputs = {o.name for o in model.graph.output}
         if LOGITS_POSITIONS in inputs and (not int8_kv or INT8_ATTENTION in inputs) \
-                and outputs.issuperset(probe_names):  # else: an older version's
+                and (not probe_layers or inputs & {PROBE_SWITCH, PROBE_ROWS}) and outputs.issuperset(probe_names):
+            # else: an older version's
             return _describe(model, str(patched_path), probe_names)
     model = onnx.load(str(onnx_path), load_external_data=False)
     original_inputs = {i.name for i in model.graph.input}
@@ -260,6 +265,8 @@ def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: 
             add_dual_attention(model, head_size)
         else:
             log.info("%s: prefill reads the INT8 past in place (%s)", onnx_path, obstacle)
+    if probe_layers:  # last: the float prefill path's probing attention too
+        add_probe_switch(model)
     if not _select_logits_rows(model):
         log.info("%s: LM head not found; every prompt position's logits are computed", onnx_path)
     if {i.name for i in model.graph.input} == original_inputs and not probe_layers:

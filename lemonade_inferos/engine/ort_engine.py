@@ -38,8 +38,8 @@ from lemonade_inferos.errors import GenerationError, InferosError
 
 log = logging.getLogger(__name__)
 
-ATTENTION_SCRATCH_BYTES = 32 << 20   # one layer's attention probabilities of a prompt chunk, at most
-MIN_CHUNK_TOKENS = 64                # below this a chunk's matrix products run far under the CPU's speed
+PROBE_SCRATCH_BYTES = 4 << 20   # one probe layer's attention probabilities of a probed run, at most
+MIN_PROBE_ROWS = 16             # a chunk's rows probed however long the context
 
 CacheFactory = Callable[[KVLayout], KVCache]
 
@@ -200,14 +200,16 @@ class OrtEngine:
         stats.prefill_end_time = time.perf_counter()
         yield from self._decode(binding, logits, prompt, params, stats, speculation)
 
-    def chunk_tokens(self, cached: int) -> int:
-        """Tokens in the next prompt chunk after ``cached`` tokens: at most ``prefill_chunk_tokens``, and few enough
-        that one layer's attention probabilities ``[heads, chunk, context]`` (fp32: ONNX Runtime's CPU
-        GroupQueryAttention holds them whole, and a probe graph holds them again as its output) stay within
-        ``ATTENTION_SCRATCH_BYTES``; never below ``MIN_CHUNK_TOKENS``. Measured on a 6.9K-token prompt (SmolLM2,
-        probes on): 256-token chunks grew the server by 2.4x the prompt's FP16 KV, these 1.5x."""
-        per_token = 4 * self.folder.num_attention_heads * (cached + self.prefill_chunk_tokens)
-        return max(MIN_CHUNK_TOKENS, min(self.prefill_chunk_tokens, ATTENTION_SCRATCH_BYTES // per_token))
+    def probe_rows(self, cached: int, chunk: int) -> int:
+        """How many of a ``chunk`` of prompt tokens after ``cached`` ones are probed (its last rows): all of them
+        while one probe layer's probabilities ``[heads, rows, context]`` fp32 fit ``PROBE_SCRATCH_BYTES``, else as
+        many as fit, at least ``MIN_PROBE_ROWS``. The attention itself runs without probabilities (ONNX Runtime's
+        flash path): the rows come from ``row_probe.py`` in the same run (the INT8 live form's graph) or from a
+        run of their own (``probe_switch.py``, any other probe graph). Measured on a 6.9K-token prompt (SmolLM2
+        int4, INT8 live KV, the server's RSS): whole 256-token chunks probed grew it by 2.4x the prompt's FP16 KV,
+        chunks shrunk to keep their probabilities within 32 MiB by 1.5x, this by 0.90x, as fast."""
+        fit = PROBE_SCRATCH_BYTES // (4 * self.folder.num_attention_heads * (cached + chunk))
+        return min(chunk, max(MIN_PROBE_ROWS, fit))
 
     def prefill(self, binding: StepBinding, ids: list[int], splices: Sequence[Any] = (), offset: int = 0
                 ) -> np.ndarray:
@@ -222,9 +224,14 @@ class OrtEngine:
                 binding.cache.insert_segment(splice.token_ids, splice.keys, splice.values, splice.old_positions)
                 start += len(splice)
                 continue
-            chunk = self.chunk_tokens(binding.cache.num_tokens)
-            end = min(len(ids), start + chunk, pending[0].at - offset if pending else len(ids))
-            logits = binding.run(np.asarray(ids[start:end], dtype=np.int64)[None, :], all_logits=False)
+            end = min(len(ids), start + self.prefill_chunk_tokens, pending[0].at - offset if pending else len(ids))
+            probed = self.probe_rows(binding.cache.num_tokens, end - start) if binding.probing else end - start
+            if probed < end - start and not binding.row_probe:  # the probed rows run on their own
+                binding.run(np.asarray(ids[start:end - probed], dtype=np.int64)[None, :], all_logits=False,
+                            probe=False)
+                start = end - probed
+            logits = binding.run(np.asarray(ids[start:end], dtype=np.int64)[None, :], all_logits=False,
+                                 probe_rows=probed)
             start = end
         assert logits is not None, "prefill of zero tokens: this indicates a bug in cache_prefix_reuse"
         return logits

@@ -122,18 +122,20 @@ class TieredKVCache(KVCache):
 
         Each token's score is its attention relative to uniform (probability x tokens the query could see),
         averaged over the (layer, head, query) rows that could see it (ZipCache's normalization), so early
-        tokens are not favoured for having been seen by more queries.
+        tokens are not favoured for having been seen by more queries. The rows may be the last few of the
+        ``num_new`` tokens only (a long prompt chunk's: ``row_probe.py``): each token counts the rows that saw it.
         """
         if self.plan.importance != "attention":
             return
-        total = probes[0].shape[-1]
+        total, queries = probes[0].shape[-1], probes[0].shape[2]
+        assert queries <= num_new, "more probe rows than new tokens: this indicates a bug in the engine"
         # weight each query row by how many tokens it could see: attention relative to uniform (1/visible),
         # comparable across context lengths and over time (blocks evicted earlier keep comparable scores)
-        visible = np.arange(total - num_new + 1, total + 1, dtype=np.float64)
+        visible = np.arange(total - queries + 1, total + 1, dtype=np.float64)
         mass = sum((p[0].sum(axis=0, dtype=np.float64) * visible[:, None]).sum(axis=0) for p in probes)
         rows = len(probes) * probes[0].shape[1]
-        seen_by = np.full(total, float(num_new))
-        seen_by[total - num_new:] = np.arange(num_new, 0, -1)  # causal: new token j is seen by num_new - j queries
+        # causal: the token at i is seen by the probed queries at or after it (all of them for earlier tokens)
+        seen_by = np.minimum(float(queries), np.arange(total, 0, -1, dtype=np.float64))
         self._attn_sum[:total] += mass
         self._attn_count[:total] += seen_by * rows
 

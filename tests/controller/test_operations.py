@@ -129,10 +129,12 @@ def test_a_watching_loop_whose_tasks_cost_more_than_its_period_waits_longer_but_
     finally:
         loops.stop()
     # 2 ms of CPU a round at 1% of a core: one round per 0.2 s, not one per millisecond
-    assert 2 <= status["fast"]["rounds"] <= 1.0 / (0.002 / MAX_DUTY) + 2
+    capped_rounds = 1.0 / (0.002 / MAX_DUTY) + 2
+    assert 2 <= status["fast"]["rounds"] <= capped_rounds
     assert status["fast"]["last_wait_ms"] >= 0.002 / MAX_DUTY * 1000 * 0.9
-    assert status["mid"]["rounds"] > 50 * status["fast"]["rounds"]
-    assert status["slow"]["rounds"] > 50 * status["fast"]["rounds"] and status["slow"]["max_duty"] is None
+    assert status["mid"]["rounds"] > 10 * capped_rounds
+    # the slow loop burns as much per round as the fast one but is never stretched: it runs many times the cap
+    assert status["slow"]["rounds"] > 10 * capped_rounds and status["slow"]["max_duty"] is None
 
 
 def test_the_host_passes_plugin_options_through_without_knowing_them():

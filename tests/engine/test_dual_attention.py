@@ -67,6 +67,30 @@ def test_a_probed_graph_scores_a_chunk_on_both_paths_alike(calibrated_model):
     np.testing.assert_allclose(float_path._attn_sum[:96], int8_path._attn_sum[:96], rtol=0.03)
 
 
+def test_a_chunk_probed_on_its_last_rows_computes_the_same_and_scores_them_as_the_int8_path(calibrated_model):
+    """A long prompt's chunk is probed on its last rows only, beside an attention that returns no probabilities
+    (ONNX Runtime's flash path): its logits are the unprobed graph's, and its rows are the INT8 path's."""
+    engine = OrtEngine(calibrated_model, SessionPolicy(devices=["cpu"], kv_cache="int8"),
+                       attention_probe_layers=(0, 5))
+    graph = engine.form_for(engine.layout).graph
+    assert graph.dual_attention and graph.row_probe
+    plain = OrtEngine(calibrated_model, SessionPolicy(devices=["cpu"], kv_cache="int8"))
+    plan = replace(named_plan("dynamic", recent_window=32), importance="attention")
+    probed, scored = TieredKVCache(engine.layout, plan), TieredKVCache(engine.layout, plan)
+    seen: list[list[np.ndarray]] = []
+    for cache in (probed, scored):
+        cache.observe_attention = lambda probes, num_new: seen.append([p.copy() for p in probes])
+    logits = StepBinding(engine, probed).run(np.asarray([PROMPT[:96]]), all_logits=False, probe_rows=16)
+    unprobed = StepBinding(plain, plain.new_cache()).run(np.asarray([PROMPT[:96]]), all_logits=False)
+    np.testing.assert_array_equal(logits, unprobed)
+    engine.forward(PROMPT[:96], scored)   # scoring: the INT8 path, every row
+    rows, every = seen
+    assert [p.shape for p in rows] == [(1, 1, 16, 96)] * 2 and [p.shape for p in every] == [(1, 1, 96, 96)] * 2
+    for last, full in zip(rows, every):
+        np.testing.assert_allclose(last[0, 0], full[0, 0, -16:], atol=0.02)
+        assert np.allclose(np.triu(last[0, 0], 81), 0)   # causal: row i (position 80 + i) sees up to 80 + i
+
+
 def test_a_probe_returns_the_mean_over_heads_one_row_per_query(calibrated_model):
     """A chunk's probe output is ``[1, 1, S, T]``, not ``[1, H, S, T]`` (64 MiB per probe layer for 256 tokens over
     6.9K): every query row is still a distribution over the tokens it could see."""

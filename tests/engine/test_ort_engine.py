@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -9,12 +11,15 @@ from lemonade_inferos.engine.kv import DenseKVCache
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.types import GenerationStats
+from lemonade_inferos.engine.session import SessionPolicy
 from lemonade_inferos.errors import GenerationError
+from lemonade_inferos.kvcache.manager import TieredKVCache
+from lemonade_inferos.kvcache.plan import named_plan
 
 
-def _tokens(engine, prompt, **params):
+def _tokens(engine, prompt, cache=None, **params):
     params.setdefault("max_tokens", 48)
-    return [t for c in engine.generate(prompt, SamplingParams(**params)) for t in c.token_ids]
+    return [t for c in engine.generate(prompt, SamplingParams(**params), cache=cache) for t in c.token_ids]
 
 
 def _chat(engine, text):
@@ -34,25 +39,36 @@ def test_greedy_tokens_match_og_generator_on_a_long_prompt_with_chunked_prefill(
     assert _tokens(chunked, prompt, ignore_eos=True) == _tokens(og_engine, prompt, ignore_eos=True)
 
 
-def test_prompt_chunks_shrink_as_the_context_grows_so_attention_scratch_stays_bounded(ort_engine):
-    from lemonade_inferos.engine.ort_engine import ATTENTION_SCRATCH_BYTES, MIN_CHUNK_TOKENS
+def test_a_long_chunk_is_probed_on_its_last_rows_only_so_the_probabilities_stay_bounded(ort_engine):
+    from lemonade_inferos.engine.ort_engine import MIN_PROBE_ROWS, PROBE_SCRATCH_BYTES
 
-    heads, full = ort_engine.folder.num_attention_heads, ort_engine.prefill_chunk_tokens
-    assert ort_engine.chunk_tokens(0) == full   # short contexts: the configured chunk
+    heads, full = ort_engine.folder.num_attention_heads, 256   # a probing engine's chunk
+    assert ort_engine.probe_rows(0, full) == full   # short contexts: the whole chunk
     for cached in (2048, 4096, 6900):
-        chunk = ort_engine.chunk_tokens(cached)
-        assert MIN_CHUNK_TOKENS <= chunk < full
-        assert 4 * heads * chunk * (cached + full) <= ATTENTION_SCRATCH_BYTES
-    assert ort_engine.chunk_tokens(10**6) == MIN_CHUNK_TOKENS
+        rows = ort_engine.probe_rows(cached, full)
+        assert MIN_PROBE_ROWS <= rows < full
+        assert 4 * heads * rows * (cached + full) <= PROBE_SCRATCH_BYTES
+    assert ort_engine.probe_rows(10**6, full) == MIN_PROBE_ROWS
+    assert ort_engine.probe_rows(10**6, 5) == 5
 
 
-def test_a_long_prompt_in_shrinking_chunks_decodes_as_in_one_chunk(model_dir, corpus_ids, monkeypatch):
+def test_a_long_prompt_probed_on_a_few_rows_per_chunk_decodes_as_in_one_chunk(model_dir, corpus_ids, monkeypatch):
     from lemonade_inferos.engine import ort_engine as module
 
     prompt = corpus_ids[:600]
     reference = _tokens(OrtEngine(model_dir, prefill_chunk_tokens=600), prompt, ignore_eos=True)
-    monkeypatch.setattr(module, "ATTENTION_SCRATCH_BYTES", 4 * 9 * 100 * 600)   # chunks of 100 down to 64 tokens
-    assert _tokens(OrtEngine(model_dir, prefill_chunk_tokens=600), prompt, ignore_eos=True) == reference
+    monkeypatch.setattr(module, "PROBE_SCRATCH_BYTES", 4 * 9 * 40 * 600)   # 40 rows of a chunk probed, then fewer
+    engine = OrtEngine(model_dir, SessionPolicy(devices=["cpu"], attention_probe=True), prefill_chunk_tokens=200)
+    assert engine.form_for(engine.layout).graph.probe_switch
+    cache = TieredKVCache(engine.layout, replace(named_plan("fp"), importance="attention"))
+    observed = []
+    original = cache.observe_attention
+    cache.observe_attention = lambda probes, num_new: (observed.append(probes[0].shape), original(probes, num_new))
+    assert _tokens(engine, prompt, ignore_eos=True, cache=cache) == reference
+    # each 200-token chunk: its first rows unprobed, its last rows probed; then one row per decode step
+    assert [shape[2] for shape in observed[:3]] == [24000 // 200, 24000 // 400, 24000 // 600]
+    assert all(shape[2] == 1 for shape in observed[3:]) and len(observed) == 3 + 47
+    assert cache._attn_count[:600].min() > 0   # every prompt token was seen by some probed row
 
 
 def test_chunked_prefill_gives_the_same_logits_as_one_pass(ort_engine, corpus_ids):

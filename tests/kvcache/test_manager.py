@@ -169,3 +169,16 @@ def test_positions_are_reindexed_with_rotated_keys_past_the_rope_table():
     expected = keys_before.copy()
     rope.rotate(expected, np.arange(len(held_positions)) - held_positions)
     assert np.isfinite(cache.buffer.keys[0]).all() and expected.shape[1] == len(held_positions)
+
+
+def test_a_chunk_probed_on_its_last_rows_counts_for_each_token_the_rows_that_saw_it():
+    cache = TieredKVCache(LAYOUT, replace(named_plan("fp"), importance="attention"))
+    fill(cache, 4)
+    cache.reserve(6)
+    # 6 new tokens (positions 4..9), only the last 2 probed: row 0 at position 8 sees 0..8, row 1 sees 0..9
+    rows = np.zeros((1, 1, 2, 10), dtype=np.float32)
+    rows[0, 0, 0, :9], rows[0, 0, 1, :] = 1 / 9, 1 / 10
+    cache.observe_attention([rows, rows], num_new=6)
+    np.testing.assert_array_equal(cache._attn_count[:10], [4.0] * 9 + [2.0])   # 2 rows x 2 probe layers
+    # attention relative to uniform: every row that saw a token gave it exactly its uniform share
+    np.testing.assert_allclose(cache._attn_sum[:10] / cache._attn_count[:10], 1.0)
