@@ -38,7 +38,8 @@ from lemonade_inferos.errors import GenerationError, InferosError
 
 log = logging.getLogger(__name__)
 
-PROBE_SCRATCH_BYTES = 4 << 20   # one probe layer's attention probabilities of a probed run, at most
+PROBE_SCRATCH_BYTES = 4 << 20   # one probe layer's attention probabilities of a prompt chunk's probed rows, at most
+SPLIT_PROBE_BYTES = 32 << 20    # the same where the probed rows need a run of their own (which costs a pass)
 MIN_PROBE_ROWS = 16             # a chunk's rows probed however long the context
 
 CacheFactory = Callable[[KVLayout], KVCache]
@@ -200,15 +201,17 @@ class OrtEngine:
         stats.prefill_end_time = time.perf_counter()
         yield from self._decode(binding, logits, prompt, params, stats, speculation)
 
-    def probe_rows(self, cached: int, chunk: int) -> int:
+    def probe_rows(self, cached: int, chunk: int, budget: int = PROBE_SCRATCH_BYTES) -> int:
         """How many of a ``chunk`` of prompt tokens after ``cached`` ones are probed (its last rows): all of them
-        while one probe layer's probabilities ``[heads, rows, context]`` fp32 fit ``PROBE_SCRATCH_BYTES``, else as
-        many as fit, at least ``MIN_PROBE_ROWS``. The attention itself runs without probabilities (ONNX Runtime's
-        flash path): the rows come from ``row_probe.py`` in the same run (the INT8 live form's graph) or from a
-        run of their own (``probe_switch.py``, any other probe graph). Measured on a 6.9K-token prompt (SmolLM2
-        int4, INT8 live KV, the server's RSS): whole 256-token chunks probed grew it by 2.4x the prompt's FP16 KV,
-        chunks shrunk to keep their probabilities within 32 MiB by 1.5x, this by 0.90x, as fast."""
-        fit = PROBE_SCRATCH_BYTES // (4 * self.folder.num_attention_heads * (cached + chunk))
+        while one probe layer's probabilities ``[heads, rows, context]`` fp32 fit ``budget``, else as many as fit,
+        at least ``MIN_PROBE_ROWS``. The attention itself runs without probabilities (ONNX Runtime's flash path):
+        the rows come from ``row_probe.py`` in the same run (the INT8 live form's graph: ``PROBE_SCRATCH_BYTES``),
+        or from a run of their own (``probe_switch.py``, other probe graphs), which costs a pass over the weights
+        (a 2K-token history's next 256 tokens: 325 against 427 tok/s, fp32 float form), so only past
+        ``SPLIT_PROBE_BYTES``. Measured on a 6.9K-token prompt (SmolLM2 int4, INT8 live KV, the server's RSS):
+        whole 256-token chunks probed grew it by 2.4x the prompt's FP16 KV, chunks shrunk to keep their
+        probabilities within 32 MiB by 1.5x, this by 0.83x, as fast."""
+        fit = budget // (4 * self.folder.num_attention_heads * (cached + chunk))
         return min(chunk, max(MIN_PROBE_ROWS, fit))
 
     def prefill(self, binding: StepBinding, ids: list[int], splices: Sequence[Any] = (), offset: int = 0
@@ -225,7 +228,8 @@ class OrtEngine:
                 start += len(splice)
                 continue
             end = min(len(ids), start + self.prefill_chunk_tokens, pending[0].at - offset if pending else len(ids))
-            probed = self.probe_rows(binding.cache.num_tokens, end - start) if binding.probing else end - start
+            budget = PROBE_SCRATCH_BYTES if binding.row_probe else SPLIT_PROBE_BYTES
+            probed = self.probe_rows(binding.cache.num_tokens, end - start, budget) if binding.probing else end - start
             if probed < end - start and not binding.row_probe:  # the probed rows run on their own
                 binding.run(np.asarray(ids[start:end - probed], dtype=np.int64)[None, :], all_logits=False,
                             probe=False)

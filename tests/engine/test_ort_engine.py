@@ -40,10 +40,12 @@ def test_greedy_tokens_match_og_generator_on_a_long_prompt_with_chunked_prefill(
 
 
 def test_a_long_chunk_is_probed_on_its_last_rows_only_so_the_probabilities_stay_bounded(ort_engine):
+    from lemonade_inferos.engine import ort_engine as module
     from lemonade_inferos.engine.ort_engine import MIN_PROBE_ROWS, PROBE_SCRATCH_BYTES
 
     heads, full = ort_engine.folder.num_attention_heads, 256   # a probing engine's chunk
     assert ort_engine.probe_rows(0, full) == full   # short contexts: the whole chunk
+    assert ort_engine.probe_rows(2048, full, module.SPLIT_PROBE_BYTES) == full   # a pass of their own: later
     for cached in (2048, 4096, 6900):
         rows = ort_engine.probe_rows(cached, full)
         assert MIN_PROBE_ROWS <= rows < full
@@ -57,7 +59,8 @@ def test_a_long_prompt_probed_on_a_few_rows_per_chunk_decodes_as_in_one_chunk(mo
 
     prompt = corpus_ids[:600]
     reference = _tokens(OrtEngine(model_dir, prefill_chunk_tokens=600), prompt, ignore_eos=True)
-    monkeypatch.setattr(module, "PROBE_SCRATCH_BYTES", 4 * 9 * 40 * 600)   # 40 rows of a chunk probed, then fewer
+    # the float form's graph: the probed rows run on their own past this budget (120 rows of a chunk, then fewer)
+    monkeypatch.setattr(module, "SPLIT_PROBE_BYTES", 4 * 9 * 40 * 600)
     engine = OrtEngine(model_dir, SessionPolicy(devices=["cpu"], attention_probe=True), prefill_chunk_tokens=200)
     assert engine.form_for(engine.layout).graph.probe_switch
     cache = TieredKVCache(engine.layout, replace(named_plan("fp"), importance="attention"))
