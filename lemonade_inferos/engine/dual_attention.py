@@ -62,7 +62,7 @@ def add_dual_attention(model: onnx.ModelProto, head_size: int | None = None) -> 
     for layer, node in enumerate(_gqa_nodes(graph)):
         position = list(graph.node).index(node)
         types = _output_types(graph, node)
-        row_probe = _probing(node) and opset >= 13 and row_probe_obstacle(node) is None
+        row_probe = probing(node) and opset >= 13 and row_probe_obstacle(node) is None
         row_probes += row_probe
         branches = (_int8_branch(node, layer, types),
                     _float_branch(graph, node, layer, head_size or _head_size(graph, node), types, row_probe))
@@ -96,8 +96,10 @@ def _int8_branch(node: onnx.NodeProto, layer: int, types: list[int]) -> onnx.Gra
     return helper.make_graph([inner], f"int8_attention_{layer}", [], outputs)
 
 
-def _probing(node: onnx.NodeProto) -> bool:
-    return len(node.output) > 3 and bool(node.output[3]) and bool(_attribute(node, "qk_output", 0))
+def probing(node: onnx.NodeProto) -> bool:
+    """A GroupQueryAttention asked for its probabilities (the attention probe's)."""
+    return (node.op_type == "GroupQueryAttention" and len(node.output) > 3 and bool(node.output[3])
+            and bool(_attribute(node, "qk_output", 0)))
 
 
 def _float_branch(graph: onnx.GraphProto, node: onnx.NodeProto, layer: int, head_size: int, types: list[int],

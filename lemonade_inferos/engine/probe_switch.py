@@ -21,7 +21,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from lemonade_inferos.engine.dual_attention import ATTENTION_IF_PREFIX
+from lemonade_inferos.engine.dual_attention import ATTENTION_IF_PREFIX, probing
 
 PROBE_SWITCH = "inferos_probe"
 SWITCH_PREFIX = "/inferos/probe_switch/"
@@ -36,17 +36,12 @@ def add_probe_switch(model: onnx.ModelProto) -> int:
                         if node.op_type == "If" and node.name.startswith(ATTENTION_IF_PREFIX)]
     wrapped = 0
     for owner in owners:
-        for node in [n for n in owner.node if _probing(n)]:
+        for node in [n for n in owner.node if probing(n)]:
             _wrap(graph, owner, node, wrapped)
             wrapped += 1
     if wrapped and not any(i.name == PROBE_SWITCH for i in graph.input):
         graph.input.append(helper.make_tensor_value_info(PROBE_SWITCH, TensorProto.BOOL, []))
     return wrapped
-
-
-def _probing(node: onnx.NodeProto) -> bool:
-    return (node.op_type == "GroupQueryAttention" and len(node.output) > 3 and bool(node.output[3])
-            and any(a.name == _QK_OUTPUT and helper.get_attribute_value(a) for a in node.attribute))
 
 
 def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
