@@ -212,7 +212,7 @@ class InferosPlugin:
         return plan, notes
 
     def _ttft_choice(self, context: InferenceContext, plan: KVPlan) -> str:
-        """INT8 live KV prefills ~3x slower than the model's dtype (README, "INT8 while it runs"): a request whose
+        """INT8 live KV prefills ~3x slower than the model's dtype (docs/kv-cache.md, "INT8 while it runs"): a request whose
         target TTFT the measured INT8 prefill rate would miss runs its KV in the model's dtype."""
         rate = self.controller.recorder.prefill_rate(live_form="int8")
         if rate is None:

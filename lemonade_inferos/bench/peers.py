@@ -105,8 +105,8 @@ def run_once(peer: Peer, workload: str, setup: PeerSetup, prompts: PeerPrompts, 
     """Start ``peer`` fresh, load its model with one short request, run ``workload`` while sampling its RSS (with
     ``setup.busy_core``, all of it while another process keeps a core busy)."""
     with busy_core() if setup.busy_core else contextlib.nullcontext(), \
-            _started(peer, workload, setup, log_path) as (base, pid):
-        chat = Chat(base, peer.model)
+            _started(peer, workload, setup, log_path) as (base, pid), \
+            contextlib.closing(Chat(base, peer.model)) as chat:
         chat([{"role": "user", "content": "Hello"}], 2)
         with PeakRssSampler(interval_s=0.02, pid=pid) as rss:
             before_mb = rss.peak_mb

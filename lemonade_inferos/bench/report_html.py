@@ -150,7 +150,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:
-    """The report's tables as Markdown (what the README quotes)."""
+    """The report's tables as Markdown (what docs/report-and-tuning.md quotes)."""
     parts = [_md_table(MODE_HEADER, mode_rows(report))]
     if report.get("ablation"):
         ablation = report["ablation"]

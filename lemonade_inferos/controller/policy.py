@@ -31,7 +31,7 @@ class KVPolicy(_Strict):
     mode: Literal["dynamic", "latency_optimized", "throughput_optimized", "quality_optimized", "disabled"] = "dynamic"
     recent_window: int = Field(64, ge=16, le=512)
     level_thresholds: LevelThresholds = Field(default_factory=LevelThresholds)
-    # this project's extension: the working buffer's form while a request runs (README, "The tiered KV cache")
+    # this project's extension: the working buffer's form while a request runs (docs/kv-cache.md)
     live_format: Literal["int8", "model"] = "int8"
     # this project's extension: reuse KV of a prompt run an earlier sequence holds shifted (kvcache/segments.py)
     segment_reuse: bool = True
@@ -80,7 +80,7 @@ class QualityPolicy(_Strict):
 
 
 class SpeculativePolicy(SpeculativeSettings):
-    """Speculative decoding: this project's extension of the design document's schema (README, "Decode").
+    """Speculative decoding: this project's extension of the design document's schema (docs/benchmarks.md, "Decode").
 
     ``auto`` drafts by prompt lookup and stops drafting in a request whose acceptance falls below
     ``quality.min_accept_rate`` (and starts that chat's next turn with fewer draft tokens); ``ngram`` drafts the

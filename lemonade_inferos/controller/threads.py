@@ -1,7 +1,7 @@
 """The thread policy: spin-wait ONNX Runtime's threads only while no other process wants the cores.
 
 Measured on this project's 2-core machines (SmolLM2-135M int4, 512-token prompt, greedy decode, tok/s; the
-numbers are in the README's "Decode" section): on a quiet machine two intra-op threads that spin between
+numbers are in docs/benchmarks.md, "Decode"): on a quiet machine two intra-op threads that spin between
 parallel sections decode ~1.5x faster than og.Generator (which decodes on one core); with one other process
 keeping a core busy, the spinning threads fight it for the core and decode at ~0.7x og.Generator, while the same
 two threads without spinning (or one thread) decode at ~1.0x. So spinning is on while the other processes' CPU

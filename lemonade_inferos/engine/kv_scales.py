@@ -14,7 +14,7 @@ dimension) and layer, with scales that are fixed for the model. They come, in or
    written to ``INFEROS_HOME/calibration/live-int8/`` with the model's fingerprint, and a second load reuses it.
 
 Out-of-range values saturate (the kernel clips; so does :meth:`StaticKVScales.quantize`): only values larger than
-any the calibration saw, and ``inferos eval ppl`` reports the share of saturated codes (README).
+any the calibration saw, and ``inferos eval ppl`` reports the share of saturated codes (docs/kv-cache.md).
 The calibration also measures what the live form costs on a held-out passage (ΔNLL against the float form), kept
 with the scales: the quality guard adds it to the shadow pass's estimate, which compares plans within one form.
 """
