@@ -11,6 +11,7 @@ from typing import Any
 
 from lemonade_inferos.engine.session import SessionPolicy
 from lemonade_inferos.engine.speculative import SpeculationConfig
+from lemonade_inferos.kvcache.stats import KVStats
 
 
 @dataclass
@@ -73,13 +74,14 @@ class InferenceStats:
     rss_bytes: int = 0
     peak_rss_bytes: int | None = None
     kv_bytes_by_tier: dict[str, int] = field(default_factory=dict)
-    kv: dict[str, Any] = field(default_factory=dict)
+    kv: KVStats | None = None            # what the request's KV cache measured (None: the engine's own cache)
     baseline: bool = False
     error: str | None = None
     error_kind: str | None = None       # request | cancelled | shutdown | timeout | stalled | fault (host/run.py)
     queue_wait_s: float = 0.0           # time waiting for the model's engine before the run began
     drafted_n: int = 0                  # speculative decoding: tokens drafted, and accepted by the model
     accepted_n: int = 0
+    fallback_from_error: str | None = None   # served by the baseline after our engine failed with this
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

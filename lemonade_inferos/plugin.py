@@ -32,9 +32,9 @@ from lemonade_inferos.hookspecs import hookimpl
 from lemonade_inferos.hooktypes import InferenceContext, InferenceStats, RunPlan
 from lemonade_inferos.engine.session import SessionPolicy
 from lemonade_inferos.kvcache.manager import TieredKVCache
-from lemonade_inferos.kvcache.plan import NEVER, KVPlan, plan_for_mode
+from lemonade_inferos.kvcache.plan import KVPlan
 from lemonade_inferos.plugins import PluginDisabled
-from lemonade_inferos.settings import InferosSettings, SettingsSources
+from lemonade_inferos.config.settings import InferosSettings, SettingsSources
 from lemonade_inferos.kvcache.prefix_store import PrefixStore
 from lemonade_inferos.kvcache.reuse import PrefixReuse
 from lemonade_inferos.kvcache.rope import rope_tables
@@ -63,11 +63,14 @@ class RequestRecord:
     engine: Any = None
     salt: bytes = b""
     chat: bytes = b""                  # the chat this request belongs to (its drafting acceptance is remembered)
+    keep_warm: bool = True             # the plan's: the finished cache stays live for the next turn
+    overrides: tuple = ()              # the request's own overrides (``planner.py``), for /v1/policy
     cache: Any = None                  # the request's live cache, while it runs (its bytes are reported)
 
 
 class InferosPlugin:
-    """Hook implementations plus what they share: the controller, prefix reuse, the shadow worker.
+    """Hook implementations plus what they share: the controller (whose owner it is: ``controller/owner.py``),
+    prefix reuse, the shadow worker.
 
     Args:
         options: the host's pass-through options for this plugin (``--plugin-option inferos.KEY=VALUE``,
@@ -94,10 +97,7 @@ class InferosPlugin:
         self.reuse = PrefixReuse(store, warm)
         self.activity = RequestActivity()  # shadow passes run between requests, never beside one
         self.controller = Controller(
-            self.sources, settings=settings, prefix_stats=self.reuse.stats, kv_memory=self.kv_memory,
-            evaluation_runner=self._full_evaluation, on_guard_step=self._on_guard_step,
-            on_settings=self._on_settings, server_id=f"{socket.gethostname()}:{os.getpid()}",
-            busy=lambda: self.activity.in_flight > 0)
+            self.sources, settings=settings, owner=self, server_id=f"{socket.gethostname()}:{os.getpid()}")
         self._records: dict[str, RequestRecord] = {}
         self._chat_acceptance: OrderedDict[bytes, float] = OrderedDict()  # chat -> its last turn's acceptance
         self._records_lock = threading.Lock()
@@ -170,57 +170,21 @@ class InferosPlugin:
         if controller.use_baseline:
             return RunPlan(baseline=True, policy_version=controller.policy_version, stall_timeout_s=watchdog,
                            notes={"baseline_reason": controller.baseline_reason})
-        request = controller.plan_request()
-        kv_plan, notes = self._request_plan(context, request)
-        under_pressure = controller.fallbacks.memory_pressure
-        self.reuse.store.set_budget(self.prefix_budget_bytes // (2 if under_pressure else 1))
-        if under_pressure:
+        chat = _chat_key(context)
+        with self._records_lock:
+            acceptance = self._chat_acceptance.get(chat)
+        request = controller.plan_request(context, acceptance)
+        self.reuse.store.set_budget(request.prefix_budget_bytes)
+        if not request.keep_warm:
             self.warm.clear()  # live fp caches are the first memory to give back
         with self._records_lock:
-            record = self._records[context.request_id] = RequestRecord(
-                kv_plan, controller.guard.max_tier,
-                [request.effective.prefill_device, request.effective.decode_device], chat=_chat_key(context))
-        speculation = controller.speculation(self._draft_tokens_for(record.chat))
-        return RunPlan(session=request.session, run_options=request.run_options, speculation=speculation,
+            self._records[context.request_id] = RequestRecord(
+                request.kv_plan, controller.guard.max_tier,
+                [request.effective.prefill_device, request.effective.decode_device], chat=chat,
+                keep_warm=request.keep_warm, overrides=request.request_overrides)
+        return RunPlan(session=request.session, run_options=request.run_options, speculation=request.speculation,
                        policy_version=controller.policy_version, stall_timeout_s=watchdog,
-                       notes={"guard_level": controller.guard.level, "pressure": kv_plan.pressure,
-                              "num_draft_tokens": speculation.num_draft_tokens,
-                              "overrides": [o.field for o in request.effective.overrides], **notes})
-
-    def _request_plan(self, context: InferenceContext, request: Any) -> tuple[KVPlan, dict[str, Any]]:
-        """The request's own asks (InferenceContext): ``quality_budget`` and ``target_ttft_ms`` act on its KV plan;
-        ``batch_size`` above 1 is refused (one sequence per generation), said in the notes."""
-        plan, notes = request.kv_plan, {}
-        budget = context.quality_budget
-        if budget is not None and plan.quantizes:
-            estimate = self.controller.guard.estimate().get("current")
-            if budget <= 0:
-                plan = replace(plan_for_mode("disabled"), pressure=plan.pressure, importance=plan.importance,
-                               live_kv="model")
-                notes["quality_budget"] = "0: no quantization for this request"
-            elif estimate is not None and estimate > budget:
-                plan = replace(plan, int4_below=NEVER)  # no INT4 demotion for this request
-                notes["quality_budget"] = f"{budget} < the online ΔPPL estimate {estimate:.3f}: no INT4"
-            else:
-                notes["quality_budget"] = f"{budget}: the plan's estimate is within it"
-        if context.target_ttft_ms is not None and plan.live_kv == "int8":
-            notes["target_ttft_ms"] = self._ttft_choice(context, plan)
-            if notes["target_ttft_ms"].startswith("model"):
-                plan = replace(plan, live_kv="model")
-        if context.batch_size != 1:
-            notes["batch_size"] = f"not applied: one sequence per generation (asked {context.batch_size})"
-        return plan, notes
-
-    def _ttft_choice(self, context: InferenceContext, plan: KVPlan) -> str:
-        """INT8 live KV prefills ~3x slower than the model's dtype (docs/kv-cache.md, "INT8 while it runs"): a request whose
-        target TTFT the measured INT8 prefill rate would miss runs its KV in the model's dtype."""
-        rate = self.controller.recorder.prefill_rate(live_form="int8")
-        if rate is None:
-            return "int8: no INT8 prefill measured yet"
-        expected_ms = len(context.prompt_ids) / rate * 1000
-        if expected_ms > context.target_ttft_ms:
-            return f"model: INT8 prefill would take ~{expected_ms:.0f} ms > {context.target_ttft_ms:g} ms"
-        return f"int8: ~{expected_ms:.0f} ms is within {context.target_ttft_ms:g} ms"
+                       notes={"guard_level": controller.guard.level, **request.notes()})
 
     @hookimpl(wrapper=True)
     def run_generation(self, context: InferenceContext, plan: RunPlan, run: Any):
@@ -266,26 +230,33 @@ class InferosPlugin:
             self._shadow.submit(self._shadow_pass, weakref.ref(record.engine), list(cache.token_ids), cache.plan,
                                 rope_tables(record.engine), cache.max_tier)
         # under memory pressure the store's INT8 copy is enough: the live cache is not kept
-        self.reuse.release(cache, record.salt, keep_warm=not self.controller.fallbacks.memory_pressure)
+        self.reuse.release(cache, record.salt, keep_warm=record.keep_warm)
 
     @staticmethod
     def _what_ran(record: RequestRecord, stats: InferenceStats) -> dict[str, Any]:
         """What the request ran with, from the engine and the cache it used (optimization_status reports it)."""
-        engine, kv = record.engine, stats.kv or {}
-        quantized = any((kv.get("block_layers_quantized") or {}).values()) or kv.get("live_form") == "int8"
+        engine, kv = record.engine, stats.kv
+        quantized = kv is not None and (any(kv.block_layers_quantized.values()) or kv.live_form == "int8")
         return {"devices": record.devices, "io_binding": engine.policy.enable_iobinding if engine else None,
-                "hybrid": engine.hybrid if engine else False, "live_form": kv.get("live_form"),
-                "kv_quantized": quantized, "kv_evicted": bool(kv.get("blocks_evicted")),
+                "hybrid": engine.hybrid if engine else False, "live_form": kv.live_form if kv else None,
+                "kv_quantized": quantized, "kv_evicted": bool(kv and kv.blocks_evicted),
                 "prefix_reused": stats.cache_n > 0, "plan": record.kv_plan.name,
+                "overrides": [o.to_dict() for o in record.overrides],
                 "sessions": engine.session_report() if engine else None}
 
-    def _on_settings(self, old: InferosSettings, new: InferosSettings) -> None:
+    def settings_changed(self, old: InferosSettings, new: InferosSettings) -> None:
         """A reload: apply what the plugin owns at once (budgets, counts, the log level)."""
         _apply_log_level(new.log_level)
         self.reuse.store.set_budget(self._prefix_budget(new))
         self.warm.configure(new.warm_caches, self._prefix_budget(new))
 
-    # -- what is measured on demand ---------------------------------------------------------------------
+    # -- the controller's owner (controller/owner.py) and what is measured on demand ----------------------
+    def prefix_stats(self) -> dict[str, Any]:
+        return self.reuse.stats()
+
+    def busy(self) -> bool:
+        return self.activity.in_flight > 0
+
     def kv_memory(self) -> dict[str, Any]:
         """KV bytes now: the live caches of running requests (working buffer + demoted blocks' codes) and what is
         kept at rest between requests (the prefix store in memory, the warm caches), measured from their arrays."""
@@ -302,17 +273,6 @@ class InferosPlugin:
                 "live_form": engine.live_kv_report() if engine is not None else None}
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _draft_tokens_for(self, chat: bytes) -> int:
-        """The policy's draft length, shortened for a chat whose last turn accepted less than
-        ``quality.min_accept_rate`` of its drafts (it starts more cautiously; the acceptance watch does the rest)."""
-        policy = self.controller.policy
-        tokens, target = policy.speculative.num_draft_tokens, policy.quality.min_accept_rate
-        with self._records_lock:
-            last = self._chat_acceptance.get(chat)
-        if last is None or target <= 0 or last >= target:
-            return tokens
-        return max(1, int(tokens * last / target))
-
     def _remember_acceptance(self, chat: bytes, rate: float) -> None:
         with self._records_lock:
             self._chat_acceptance[chat] = rate
@@ -348,7 +308,7 @@ class InferosPlugin:
         if sample is not None:
             self.controller.add_shadow_sample(sample)
 
-    def _full_evaluation(self, context: int) -> dict[str, Any]:
+    def full_evaluation(self, context: int) -> dict[str, Any]:
         """``inferos eval ppl`` of the active plan on the engine that served the last request."""
         from lemonade_inferos.eval.ppl import eval_ppl
 
@@ -360,7 +320,7 @@ class InferosPlugin:
         with engine.transient_forms():
             return eval_ppl(engine, [named], context=context, recent_window=plan.recent_window)[0]
 
-    def _on_guard_step(self, event: dict[str, Any]) -> None:
+    def guard_stepped(self, event: dict[str, Any]) -> None:
         """A step back re-prefills affected sessions: blocks stored beyond the new cap leave the prefix store."""
         if event["to_level"] > event["from_level"]:
             event["prefix_blocks_dropped"] = self.reuse.store.drop_above(self.controller.guard.max_tier)

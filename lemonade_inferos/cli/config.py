@@ -27,7 +27,7 @@ def config_group() -> None:
 @config_group.command("path")
 def path() -> None:
     """Print the path of your copy of the plugin config (INFEROS_CONFIG_DIR moves it)."""
-    from lemonade_inferos.settings import user_config_path
+    from lemonade_inferos.config.settings import user_config_path
 
     click.echo(str(user_config_path()))
 
@@ -38,7 +38,7 @@ def path() -> None:
 def init(force: bool) -> None:
     """Write your copy of the plugin config from the shipped plugin.toml."""
     from lemonade_inferos.durable import atomic_write
-    from lemonade_inferos.settings import shipped_config_path, user_config_path
+    from lemonade_inferos.config.settings import shipped_config_path, user_config_path
 
     target = user_config_path()
     if target.exists() and not force:
@@ -56,7 +56,7 @@ def init(force: bool) -> None:
 @handle_errors
 def show(config_path: Path | None, options: tuple[str, ...], as_json: bool) -> None:
     """The settings from every layer, validated (a bad layer is named with its line and field)."""
-    from lemonade_inferos.settings import SettingsSources
+    from lemonade_inferos.config.settings import SettingsSources
 
     given = dict(item.split("=", 1) for item in options if "=" in item)
     if config_path is not None:
@@ -83,7 +83,7 @@ def agent(config_path: Path | None, port: int | None, log_level: str) -> None:
     it and report their stats to it."""
     from lemonade_inferos.controller.controller import Controller
     from lemonade_inferos.controller.server import ControlServer
-    from lemonade_inferos.settings import SettingsSources
+    from lemonade_inferos.config.settings import SettingsSources
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)

@@ -58,7 +58,7 @@ def _table(trials: list[dict[str, Any]]) -> Table:
 
 
 def _finish(server: Any, configured: dict[str, Any], update: dict[str, Any] | None, apply: bool) -> str:
-    from lemonade_inferos.controller.policy import deep_merge
+    from lemonade_inferos.config.policy import deep_merge
 
     if apply and update is not None:
         version = server.set_policy(deep_merge(configured, update))["version"]

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lemonade_inferos.controller.policy import Policy
+from lemonade_inferos.config.policy import Policy
 
 if sys.version_info >= (3, 11):
     import tomllib

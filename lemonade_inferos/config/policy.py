@@ -11,10 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lemonade_inferos.controller.sizes import parse_size
-from lemonade_inferos.engine.speculative import SpeculativeSettings
+from lemonade_inferos.config.sizes import parse_size
 
 GIB = 1024**3
+
+SpeculativeMode = Literal["off", "ngram", "draft", "auto"]
 
 
 class _Strict(BaseModel):
@@ -77,6 +78,25 @@ class SchedulerPolicy(_Strict):
 class QualityPolicy(_Strict):
     max_delta_ppl: float = Field(0.5, ge=0.0, le=2.0)
     min_accept_rate: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class SpeculativeSettings(BaseModel):
+    """What drafts and how much (``engine/speculative.py``): the policy's ``speculative`` section is this."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    mode: SpeculativeMode = "auto"
+    num_draft_tokens: int = Field(6, ge=1, le=16)
+    ngram_min: int = Field(2, ge=1, le=8)
+    ngram_max: int = Field(4, ge=1, le=8)
+    draft_model: str | None = Field(None, description="mode draft: a model folder or name with the same tokenizer")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SpeculativeSettings":
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        if self.mode == "draft" and not self.draft_model:
+            raise ValueError("speculative mode 'draft' needs draft_model (a smaller model with the same tokenizer)")
+        return self
 
 
 class SpeculativePolicy(SpeculativeSettings):

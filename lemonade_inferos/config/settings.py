@@ -30,9 +30,9 @@ from typing import Any, Literal, Mapping
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lemonade_inferos.controller.config import ConfigError, InferOSConfig, LoopsConfig, line_of, load_document, read_text
-from lemonade_inferos.controller.policy import Policy, deep_merge
-from lemonade_inferos.controller.sizes import parse_size
+from lemonade_inferos.config.files import ConfigError, InferOSConfig, LoopsConfig, line_of, load_document, read_text
+from lemonade_inferos.config.policy import Policy, deep_merge
+from lemonade_inferos.config.sizes import parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -20,11 +20,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from lemonade_inferos import __version__
-from lemonade_inferos.controller.config import ConfigError, ConfigSyntaxError, parse_config
+from lemonade_inferos.config.files import ConfigError, ConfigSyntaxError, parse_config
 from lemonade_inferos.controller.controller import Controller
 from lemonade_inferos.dashboard import mount_dashboard
 from lemonade_inferos.hooktypes import InferenceStats
-from lemonade_inferos.host.errors import install_error_handlers
+from lemonade_inferos.http.handlers import install_error_handlers
 from lemonade_inferos.http.body_limit import BodyLimit
 from lemonade_inferos.http.errors import APIError, document_errors_as_400
 from lemonade_inferos.http.guard import RequestGuard, TokenRule, guard_policy_from_env

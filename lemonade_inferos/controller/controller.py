@@ -1,8 +1,8 @@
 """The embedded controller: owns the policy and everything measured about how it works.
 
-The plugin asks it, before every run, for the effective policy (``effective.py``: the configured policy with the
-active fallbacks, the guard's cap, the device substitutions and the thread policy applied, each with its reason)
-and what follows from it: the KV plan, the sessions' options, the run options. After every run it gets the
+The plugin asks it, before every run, for the request's plan (``planner.py``, from the effective policy of
+``effective.py``: the configured policy with the active fallbacks, the guard's cap, the device substitutions and
+the thread policy applied, each with its reason). After every run it gets the
 measured InferenceStats and what actually ran. It keeps metrics over time windows, a persistent history, the
 quality guard, the fallback manager and the quality scheduler, runs its three loops (``loops.py``), and serves
 all of it through the control API (``api.py``).
@@ -13,43 +13,35 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
+from lemonade_inferos.controller import planner
 from lemonade_inferos.controller.agent import AgentLink
-from lemonade_inferos.controller.config import ConfigError, InferOSConfig
+from lemonade_inferos.config.files import ConfigError, InferOSConfig
 from lemonade_inferos.controller.effective import EffectivePolicy, RunState, resolve
 from lemonade_inferos.controller.fallbacks import Fallbacks, NotificationLog
 from lemonade_inferos.controller.guard import QualityGuard, ShadowSample
 from lemonade_inferos.controller.loops import ControllerLoops
-from lemonade_inferos.controller.policy import Policy
+from lemonade_inferos.controller.owner import ControllerOwner
+from lemonade_inferos.controller.planner import PlanState, RequestPlan
+from lemonade_inferos.config.policy import Policy
 from lemonade_inferos.controller.schedule import EvaluationSchedule
 from lemonade_inferos.controller.threads import ThreadPolicy
-from lemonade_inferos.engine.session import PhaseOverrides, SessionPolicy, available_providers
-from lemonade_inferos.engine.speculative import SpeculationConfig
-from lemonade_inferos.hooktypes import InferenceStats
-from lemonade_inferos.kvcache.plan import NEVER, TIER_INT4, TIER_INT8, TIER_L0, TIER_NAMES, KVPlan, plan_for_mode
+from lemonade_inferos.engine.session import SessionPolicy, available_providers
+from lemonade_inferos.hooktypes import InferenceContext, InferenceStats
+from lemonade_inferos.kvcache.stats import KVStats
+from lemonade_inferos.kvcache.plan import TIER_INT4, TIER_INT8, TIER_L0, TIER_NAMES, KVPlan
 from lemonade_inferos.metrics.recorder import History, MetricsRecorder
 from lemonade_inferos.paths import inferos_home
-from lemonade_inferos.settings import InferosSettings, SettingsSources
+from lemonade_inferos.config.settings import InferosSettings, SettingsSources
 
 log = logging.getLogger(__name__)
 
 CAP_NAMES = {TIER_INT4: "INT4", TIER_INT8: "INT8", TIER_L0: "FP16"}   # the guard's cap on block tiers
-
-
-@dataclass(frozen=True)
-class RequestPlan:
-    """What one request runs with, all derived from one effective policy."""
-
-    effective: EffectivePolicy
-    kv_plan: KVPlan
-    session: SessionPolicy
-    run_options: dict[str, str]
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -62,18 +54,11 @@ class Controller:
                  policy: Policy | None = None,
                  memory_limit_bytes: int | None = None, history_path: Path | None = None,
                  config_path: Path | None = None, guard_options: dict[str, Any] | None = None,
-                 importance: str | None = None, prefix_stats: Callable[[], dict[str, Any]] | None = None,
-                 kv_memory: Callable[[], dict[str, Any]] | None = None,
-                 evaluation_runner: Callable[[int], dict[str, Any]] | None = None,
-                 on_guard_step: Callable[[dict[str, Any]], None] | None = None,
-                 on_settings: Callable[[InferosSettings, InferosSettings], None] | None = None,
-                 server_id: str = "local", busy: Callable[[], bool] | None = None) -> None:
+                 importance: str | None = None, owner: ControllerOwner | None = None,
+                 server_id: str = "local") -> None:
         """Settings come from ``sources`` (the plugin's layers); without them, from the keyword arguments alone
-        (tests and tools). Collaborators: ``prefix_stats`` (the prefix store's numbers), ``kv_memory`` (KV bytes
-        live and at rest, measured now), ``evaluation_runner`` (a full ``inferos eval ppl`` of the active plan),
-        ``on_guard_step`` (told of each guard transition first), ``on_settings`` (told of reloaded settings,
-        old and new, to apply what the plugin owns) and ``busy`` (whether a request runs: the loops slow down while
-        none does)."""
+        (tests and tools). ``owner``: the plugin's side (``owner.py``); without one, no caches are reported, no
+        full evaluation can run and the loops run as if a request always did."""
         if sources is None:
             options = {key: value for key, value in (("config", config_path), ("history_path", history_path),
                                                       ("guard", guard_options), ("importance", importance),
@@ -97,15 +82,11 @@ class Controller:
         self.history = History(self.settings.history_path or inferos_home() / "history.jsonl")
         self.guard = QualityGuard(lambda: self.policy.quality.max_delta_ppl, self._guard_transition,
                                   **(self.settings.guard or {}))
-        self._on_guard_step = on_guard_step
-        self._on_settings = on_settings
+        self.owner = owner
         self.fallbacks = Fallbacks(self.notify, NotificationLog(self.settings.notifications))
         self.threads = ThreadPolicy()
-        self.last_kv_stats: dict[str, Any] = {}
+        self.last_kv_stats: KVStats | None = None
         self.last_ran: dict[str, Any] | None = None
-        self.prefix_stats = prefix_stats
-        self.kv_memory = kv_memory
-        self.full_evaluation_runner = evaluation_runner
         self.full_evaluation: dict[str, Any] = {"status": "never_run"}
         self.light_evaluation: dict[str, Any] = {"status": "never_run"}
         self.schedule = EvaluationSchedule(self.settings.quality_schedule)
@@ -114,7 +95,7 @@ class Controller:
         self._mtimes = self._file_mtimes()
         self._pending_mtimes: dict[Path, int] | None = None
         self._last_snapshot = time.monotonic()
-        self.loops = ControllerLoops(self._loop_periods, busy or (lambda: True))
+        self.loops = ControllerLoops(self._loop_periods, owner.busy if owner is not None else (lambda: True))
         self._add_loop_tasks()
 
     # -- settings, policy and config files -------------------------------------------------------------
@@ -176,8 +157,8 @@ class Controller:
         self.fallbacks.notifications.settings = settings.notifications
         if settings.quality_schedule != old.quality_schedule:
             self.schedule.configure(settings.quality_schedule)
-        if self._on_settings is not None:
-            self._on_settings(old, settings)
+        if self.owner is not None:
+            self.owner.settings_changed(old, settings)
         self.notify({"kind": "config", "version": self.policy_version, "source": source,
                      "restart_required": self.restart_required})
 
@@ -245,8 +226,8 @@ class Controller:
         self.notify({"kind": "baseline", "enabled": enable})
 
     def _guard_transition(self, event: dict[str, Any]) -> None:
-        if self._on_guard_step is not None:
-            self._on_guard_step(event)
+        if self.owner is not None:
+            self.owner.guard_stepped(event)
         self.fallbacks.quality_step(event)
         self.notify(event)
 
@@ -298,75 +279,37 @@ class Controller:
     def effective(self, measure: bool = True) -> EffectivePolicy:
         return resolve(self.policy, self.run_state(measure))
 
-    def plan_request(self) -> RequestPlan:
-        """Everything one request runs with, from one effective policy."""
-        effective = self.effective()
-        return RequestPlan(effective, self._kv_plan(effective), self._session_policy(effective),
-                           self._run_options(effective.policy))
+    def plan_state(self, chat_acceptance: float | None = None) -> PlanState:
+        """What the planner reads besides the request, measured now (``chat_acceptance``: the plugin's memory of
+        this chat's last drafting acceptance)."""
+        return PlanState(self.effective(), self.importance, self.guard.max_tier, self.guard.evictions_allowed,
+                         int(self.settings.prefix_cache_mb * 2**20), self.guard.estimate().get("current"),
+                         self.recorder.prefill_rate(live_form="int8"), chat_acceptance)
+
+    def plan_request(self, context: InferenceContext, chat_acceptance: float | None = None) -> RequestPlan:
+        """Everything one request runs with (``planner.py``)."""
+        return planner.plan(context, self.plan_state(chat_acceptance))
 
     def kv_plan(self) -> KVPlan:
-        """The effective policy's KV plan."""
-        return self._kv_plan(self.effective())
+        """The effective policy's KV plan, before any request's asks."""
+        return planner.kv_plan(self.plan_state())
 
     def session_policy(self) -> SessionPolicy:
-        return self._session_policy(self.effective())
-
-    def _kv_plan(self, effective: EffectivePolicy) -> KVPlan:
-        kv = effective.policy.kv
-        t = kv.level_thresholds
-        plan = plan_for_mode(kv.mode, recent_window=min(kv.recent_window, 512), l1_int8=t.L1_int8,
-                             l2_int4=t.L2_int4, l3_evict=t.L3_evict)
-        if not self.guard.evictions_allowed:
-            plan = replace(plan, evict_below=NEVER)
-        # INT8 live while the plan quantizes and the guard allows INT8; its "no quantization" and "full precision"
-        # steps (and kv.mode disabled) run on the model's own KV dtype
-        live = kv.live_format if plan.quantizes and self.guard.max_tier >= TIER_INT8 else "model"
-        segments = kv.segment_recompute if kv.segment_reuse else None   # the guard's steps turn it off
-        return replace(plan, pressure=effective.state.pressure, importance=self.importance, live_kv=live,
-                       segment_recompute=segments)
-
-    def _session_policy(self, effective: EffectivePolicy) -> SessionPolicy:
-        """Session options per phase; spinning follows the measured load unless the scheduler fixes it."""
-        policy = effective.policy
-        scheduler, io = policy.scheduler, policy.io
-        prefill = SessionPolicy(
-            devices=list(dict.fromkeys([effective.prefill_device, "cpu"])), enable_iobinding=io.enable_iobinding,
-            intra_op_num_threads=scheduler.prefill.intra_op_num_threads,
-            allow_spinning=_spin(scheduler.prefill.allow_spinning, effective.allow_spinning),
-            dml_pool_bytes=io.dml_pool_bytes,  # reported not applied where it cannot act (engine/session.py)
-            host_pool_bytes=io.host_pool_bytes, attention_probe=self.importance == "attention",
-            kv_cache=policy.kv.live_format)
-        decode = PhaseOverrides(devices=list(dict.fromkeys([effective.decode_device, "cpu"])),
-                                intra_op_num_threads=scheduler.decode.intra_op_num_threads,
-                                allow_spinning=_spin(scheduler.decode.allow_spinning, effective.allow_spinning))
-        hybrid = prefill.model_copy(update={"decode": decode})
-        return hybrid if hybrid.hybrid else prefill
-
-    @staticmethod
-    def _run_options(policy: Policy) -> dict[str, str]:
-        entries = dict(policy.io.run_config)
-        if policy.io.arena_shrinkage:
-            entries["memory.enable_memory_arena_shrinkage"] = "cpu:0"
-        return entries
-
-    def speculation(self, num_draft_tokens: int | None = None) -> SpeculationConfig:
-        """The policy's ``speculative`` section for one request (``num_draft_tokens`` overrides the policy's,
-        for a chat whose last turn drafted poorly), enforcing ``quality.min_accept_rate``."""
-        settings = self.policy.speculative.model_dump()
-        if num_draft_tokens:
-            settings["num_draft_tokens"] = num_draft_tokens
-        return SpeculationConfig(**settings, min_accept_rate=self.policy.quality.min_accept_rate)
+        return planner.session_policy(self.effective(), self.importance)
 
     @property
     def use_baseline(self) -> bool:
         return self.baseline or self.fallbacks.in_backoff
 
     def policy_document(self) -> dict[str, Any]:
-        """``GET /v1/policy``: configured and effective policies, the overrides between them, where they came from."""
+        """``GET /v1/policy``: configured and effective policies, the overrides between them, where they came from;
+        ``last_request_overrides``: what the last request served changed on top of them (its own asks, its chat's
+        drafting, the prefix budget under pressure: ``planner.py``)."""
         effective = self.effective(measure=False)
         return {"policy": self.policy.model_dump(), "configured": self.policy.model_dump(),
                 "effective": effective.policy.model_dump(),
                 "overrides": [o.to_dict() for o in effective.overrides],
+                "last_request_overrides": (self.last_ran or {}).get("overrides", []),
                 "version": self.policy_version, "source": self.config_source,
                 "layers": list(self.sources.layer_sources),
                 "restart_required": self.restart_required, "last_error": self.config_error}
@@ -374,7 +317,7 @@ class Controller:
     # -- what PostRun reports --------------------------------------------------------------------------------
     def record(self, stats: InferenceStats, ran: dict[str, Any] | None = None) -> None:
         self.recorder.record(stats)
-        if stats.kv:
+        if stats.kv is not None:
             self.last_kv_stats = stats.kv
         if self.agent is not None:
             self.agent.report(stats)
@@ -402,13 +345,13 @@ class Controller:
     def run_due_evaluations(self) -> None:
         """The quality scheduler (slow loop): the evaluations due now, each in the background."""
         for kind, context in self.schedule.due():
-            if self.full_evaluation_runner is None:
+            if self.owner is None:
                 return
             self._start_evaluation(kind, context, 0.0)
 
     def schedule_full_evaluation(self, context: int = 512, delay_s: float = 0.0) -> dict[str, Any]:
         """Run ``inferos eval ppl`` for the active plan in the background (after ``delay_s``)."""
-        if self.full_evaluation_runner is None:
+        if self.owner is None:
             raise RuntimeError("no evaluation runner: the inferos plugin is not loaded")
         return self._start_evaluation("full", context, delay_s)
 
@@ -423,7 +366,7 @@ class Controller:
             time.sleep(delay_s)
             self._set_evaluation(kind, {**self._evaluation(kind), "status": "running"})
             try:
-                result = self.full_evaluation_runner(context)
+                result = self.owner.full_evaluation(context)
             except Exception as exc:
                 self._set_evaluation(kind, {"status": "failed", "error": repr(exc), "last_run": iso(time.time())})
                 return
@@ -470,9 +413,9 @@ class Controller:
         return status
 
     def metrics(self) -> dict[str, Any]:
-        kv = self.last_kv_stats
-        prefix = self.prefix_stats() if self.prefix_stats is not None else {}
-        memory = self.kv_memory() if self.kv_memory is not None else None
+        kv = self.last_kv_stats.to_dict() if self.last_kv_stats is not None else {}
+        prefix = self.owner.prefix_stats() if self.owner is not None else {}
+        memory = self.owner.kv_memory() if self.owner is not None else None
         status = self.policy
         extra = {
             "quality": {"delta_ppl_est": self.guard.estimate(), "guard": self.guard.status(),
@@ -549,7 +492,3 @@ def summary_keys(document: dict[str, Any], kv_summary: dict[str, Any]) -> dict[s
                             "accept_rate": document["quality"]["accept_rate"]["current"]},
         "kv_summary": kv_summary,
     }
-
-
-def _spin(configured: bool | None, thread_policy: bool) -> bool:
-    return thread_policy if configured is None else configured

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lemonade_inferos.controller.policy import Policy
+from lemonade_inferos.config.policy import Policy
 from lemonade_inferos.engine.session import DEVICE_TO_PROVIDER
 
 SCHEDULER_DEVICES = {"gpu_only": ("dml", "dml"), "npu_only": ("npu", "npu")}

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from lemonade_inferos.engine.session import available_providers
 from lemonade_inferos.paths import inferos_home
-from lemonade_inferos.settings import Notifications
+from lemonade_inferos.config.settings import Notifications
 
 log = logging.getLogger(__name__)
 

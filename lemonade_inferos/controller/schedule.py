@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Callable
 
-from lemonade_inferos.settings import QualitySchedule
+from lemonade_inferos.config.settings import QualitySchedule
 
 
 def next_daily(at: str, after: float) -> float:

@@ -226,6 +226,11 @@ def _describe(model: onnx.ModelProto, model_ref: str | bytes, probe_names: tuple
                          kv_int8_reason, elem, INT8_ATTENTION in inputs, PROBE_SWITCH in inputs, PROBE_ROWS in inputs)
 
 
+def default_probe_layers(num_layers: int) -> tuple[int, ...]:
+    """Two probe layers, an eighth and half-way into the stack (3 and 15 of 30: measured as good as six)."""
+    return tuple(sorted({num_layers // 8, num_layers // 2}))
+
+
 def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: bool = False,
                   head_size: int | None = None) -> PreparedGraph:
     """Return the graph the engine should load, patched for true positions when possible (and for the INT8 live

@@ -70,7 +70,7 @@ def scales_from_lists(k_scales: list, v_scales: list, heads: int, head_size: int
 
 def graph_scales(onnx_path: Path, heads: int, head_size: int) -> StaticKVScales | None:
     """The scales of a graph that already reads an INT8 past (initializers at GroupQueryAttention inputs 12/13)."""
-    from lemonade_inferos.kvcache.rope import initializer_array
+    from lemonade_inferos.engine.model_folder import initializer_array
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}

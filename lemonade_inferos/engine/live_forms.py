@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from lemonade_inferos.corpus import calibration_passages
 from lemonade_inferos.engine import heap, kv_scales
-from lemonade_inferos.engine.graph import PreparedGraph, prepare_graph
+from lemonade_inferos.engine.graph import PreparedGraph, default_probe_layers, prepare_graph
 from lemonade_inferos.engine.kv import DenseKVCache, KVLayout
 
 if TYPE_CHECKING:
@@ -136,7 +136,6 @@ def prepare_live_int8(path: str | Path, devices: list[str], progress: Progress =
     graph = prepare_graph(folder.onnx_path, int8_kv=True, head_size=folder.head_size)
     if graph.kv_int8_reason is not None:
         return f"INT8 live KV is not possible: {graph.kv_int8_reason}"
-    from lemonade_inferos.engine.ort_engine import default_probe_layers
 
     with contextlib.suppress(ValueError):  # the server's graph too (probes rank blocks), where it can have them
         prepare_graph(folder.onnx_path, default_probe_layers(folder.num_layers), int8_kv=True,
@@ -366,7 +365,7 @@ class LiveForms:
 
     def _live_delta_nll(self, ids: list[int], chunk: int = 64) -> float:
         """Mean NLL of ``ids`` with the INT8 live form minus with the float form, in chunks (history is read)."""
-        from lemonade_inferos.eval.scoring import log_softmax
+        from lemonade_inferos.engine.sampling import log_softmax
 
         nll = {}
         for layout in (self.model_layout, self.int8_layout):

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
 from lemonade_inferos.errors import ModelFolderError
 
 CONFIG_NAME = "genai_config.json"
@@ -196,3 +200,27 @@ def load_model_folder(path: str | Path) -> ModelFolder:
         raise ModelFolderError(f"{folder / 'tokenizer.json'} not found: the tokenizer must ship with the model",
                                file=str(folder / "tokenizer.json"))
     return folder_spec
+
+
+def initializer_array(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
+    """An initializer's values, reading external data through symlinks.
+
+    onnx refuses external data behind a symbolic link, and the Hugging Face cache (where Lemonade keeps its
+    OGA models) is made of them; so the bytes are read here, from the location named in the tensor, which
+    must stay inside ``folder``.
+    """
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = Path(info["location"])
+    if location.is_absolute() or ".." in location.parts:
+        raise ValueError(f"initializer {tensor.name}: external data outside the model folder ({location})")
+    with (folder / location).open("rb") as fh:
+        fh.seek(int(info.get("offset", 0)))
+        raw = fh.read(int(info["length"])) if "length" in info else fh.read()
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = raw
+    return numpy_helper.to_array(inline)

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from lemonade_inferos.engine.binding import StepBinding
 from lemonade_inferos.engine.emit import TokenEmitter
 from lemonade_inferos.engine.guidance import Guidance, TokenConstraint, guidance_tokenizer
-from lemonade_inferos.engine.graph import prepare_graph
+from lemonade_inferos.engine.graph import default_probe_layers, prepare_graph
 from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout, common_prefix
 from lemonade_inferos.engine.live_forms import LiveForms, LoadedForm
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
@@ -398,11 +398,6 @@ class _Output:
 @functools.lru_cache(maxsize=32)
 def _log_once_per_reason(message: str) -> None:
     log.warning(message)
-
-
-def default_probe_layers(num_layers: int) -> tuple[int, ...]:
-    """Two probe layers, an eighth and half-way into the stack (3 and 15 of 30: measured as good as six)."""
-    return tuple(sorted({num_layers // 8, num_layers // 2}))
 
 
 def make_run_options(entries: "dict[str, str] | ort.RunOptions | None", always: bool = False

@@ -17,6 +17,11 @@ from lemonade_inferos.errors import GenerationError
 SEED_RANGE = 2**31
 
 
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` (or ``do_sample=False``) means greedy."""

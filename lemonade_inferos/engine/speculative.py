@@ -22,32 +22,14 @@ verify steps), drafting stops for the rest of that request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Protocol, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
-SpeculativeMode = Literal["off", "ngram", "draft", "auto"]
+from lemonade_inferos.config.policy import SpeculativeMode, SpeculativeSettings
+
 MIN_DRAFTED_BEFORE_JUDGING = 32  # drafted tokens before a low acceptance may switch drafting off (measured:
                                  # judging after 12 stopped drafting in prompts that went on to accept 60%)
-
-
-class SpeculativeSettings(BaseModel):
-    """What drafts and how much: the policy's ``speculative`` section (``controller/policy.py``) is this."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    mode: SpeculativeMode = "auto"
-    num_draft_tokens: int = Field(6, ge=1, le=16)
-    ngram_min: int = Field(2, ge=1, le=8)
-    ngram_max: int = Field(4, ge=1, le=8)
-    draft_model: str | None = Field(None, description="mode draft: a model folder or name with the same tokenizer")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "SpeculativeSettings":
-        if self.ngram_min > self.ngram_max:
-            raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
-        if self.mode == "draft" and not self.draft_model:
-            raise ValueError("speculative mode 'draft' needs draft_model (a smaller model with the same tokenizer)")
-        return self
 
 
 class SpeculationConfig(SpeculativeSettings):

@@ -6,10 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+from lemonade_inferos.engine.sampling import log_softmax  # noqa: F401 (scoring's callers use it from here)
 
 
 @dataclass

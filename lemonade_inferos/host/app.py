@@ -14,7 +14,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 
 from lemonade_inferos import __version__
-from lemonade_inferos.host.errors import install_error_handlers
+from lemonade_inferos.http.handlers import install_error_handlers
 from lemonade_inferos.host.generate import GenerateService
 from lemonade_inferos.host.models import ModelManager
 from lemonade_inferos.host.ollama import router as ollama_router

@@ -156,7 +156,7 @@ class GenerateService:
         finally:
             stats = self._report(context, plan, model, engine_name, run, start_unix, baseline, error, queue_s, trace)
             if fallback_error is not None:
-                stats.kv["fallback_from_error"] = repr(fallback_error)
+                stats.fallback_from_error = repr(fallback_error)
             if error is None:
                 yield stats
 
@@ -231,11 +231,10 @@ class GenerateService:
             gen_stats.finish_reason = {"cancelled": "cancelled", "shutdown": "cancelled",
                                        "timeout": "timeout"}.get(error_kind(error), "error")
         try:
-            measured = cache.kv_stats() if cache is not None else None
-            kv = measured.to_dict() if measured is not None else {}
+            kv = cache.kv_stats() if cache is not None else None
         except Exception:  # a damaged cache must not hide the request's own outcome
             log.exception("kv_stats of the request's cache failed")
-            kv = {}
+            kv = None
         stats = stats_from_generation(context.request_id, model.name, engine_name, gen_stats, start_unix, kv,
                                       baseline=baseline, error=None if error is None else repr(error),
                                       error_kind=None if error is None else error_kind(error), queue_s=queue_s)

@@ -30,7 +30,7 @@ from lemonade_inferos.engine.guidance import Guidance
 from lemonade_inferos.host import openai_format as fmt
 from lemonade_inferos.host import recipe_options, structured, tools
 from lemonade_inferos.host.chat_stream import ChatStream
-from lemonade_inferos.host.errors import inferos_error_body
+from lemonade_inferos.http.handlers import inferos_error_body
 from lemonade_inferos.host.generate import new_request_id
 from lemonade_inferos.host.telemetry import RequestTrace
 from lemonade_inferos.host.schemas import (ChatCompletionRequest, CompletionRequest, LoadRequest, ParamsRequest,

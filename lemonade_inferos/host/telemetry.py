@@ -254,7 +254,9 @@ class Telemetry:
             "prompt_ms": stats.prompt_ms, "decode_tokens_per_second": stats.predicted_per_second,
             "queue_wait_ms": _ms(stats.queue_wait_s), "drafted_tokens": stats.drafted_n,
             "accepted_tokens": stats.accepted_n, "error_kind": stats.error_kind}))
-        attrs.update(_scalars("inferos.kv", stats.kv))
+        attrs.update(_scalars("inferos.kv", stats.kv.to_dict() if stats.kv is not None else {}))
+        if stats.fallback_from_error is not None:
+            attrs["inferos.fallback_from_error"] = stats.fallback_from_error
         attrs.update(_scalars("inferos.plan", notes))
         return attrs
 

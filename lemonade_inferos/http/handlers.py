@@ -1,4 +1,5 @@
-"""Exception handlers of the host app: every error leaves in the shape of ``lemonade_inferos.http.errors``.
+"""Exception handlers of both servers (the host and the control API): every error leaves in the shape of
+``errors.py``.
 
 A caller's mistake is a 4xx; only the server's own faults are 5xx (and the fuzz test holds it to that).
 """

@@ -86,7 +86,7 @@ class MetricsRecorder:
         with self._lock:
             rows = [s for s in list(self._requests)[-50:] if s.prompt_per_second and s.error is None
                     and s.prompt_n - s.cache_n >= min_tokens
-                    and (live_form is None or (s.kv or {}).get("live_form") == live_form)]
+                    and (live_form is None or (s.kv is not None and s.kv.live_form == live_form))]
         if not rows:
             return None
         tokens = sum(s.prompt_n - s.cache_n for s in rows)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import psutil
 
 from lemonade_inferos.engine.types import GenerationStats
 from lemonade_inferos.hooktypes import InferenceStats
+from lemonade_inferos.kvcache.stats import KVStats
 
 
 def _peak_rss() -> int | None:
@@ -24,7 +24,7 @@ def _peak_rss() -> int | None:
 
 
 def stats_from_generation(request_id: str, model: str, engine: str, gen: GenerationStats, start_unix: float,
-                          kv: dict[str, Any] | None = None, baseline: bool = False,
+                          kv: KVStats | None = None, baseline: bool = False,
                           error: str | None = None, error_kind: str | None = None,
                           queue_s: float = 0.0) -> InferenceStats:
     """Turn the engine's timings into the record PostRun and /stats see."""
@@ -38,5 +38,5 @@ def stats_from_generation(request_id: str, model: str, engine: str, gen: Generat
         latency_s=queue_s + end - gen.start_time, finish_reason=gen.finish_reason,
         decode_token_times_s=[b - a for a, b in zip(times, times[1:])],
         rss_bytes=psutil.Process().memory_info().rss, peak_rss_bytes=_peak_rss(),
-        kv_bytes_by_tier=dict((kv or {}).get("bytes_by_tier", {})), kv=kv or {}, baseline=baseline, error=error,
+        kv_bytes_by_tier=dict(kv.bytes_by_tier) if kv is not None else {}, kv=kv, baseline=baseline, error=error,
         error_kind=error_kind, queue_wait_s=queue_s, drafted_n=gen.drafted_n, accepted_n=gen.accepted_n)

@@ -19,8 +19,8 @@ import httpx
 
 from lemonade_inferos.bench.report import summarize
 from lemonade_inferos.controller.auth import TOKEN_ENV, read_token_file, token_file
-from lemonade_inferos.controller.config import ConfigError, parse_document
-from lemonade_inferos.controller.policy import Policy, deep_merge
+from lemonade_inferos.config.files import ConfigError, parse_document
+from lemonade_inferos.config.policy import Policy, deep_merge
 from lemonade_inferos.errors import InferosError
 from lemonade_inferos.tuning.workload import Workload, replay
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from lemonade_inferos.controller.policy import deep_merge
+from lemonade_inferos.config.policy import deep_merge
 from lemonade_inferos.tuning.trials import OBJECTIVES, Candidate, ServerControl, run_trial, score
 from lemonade_inferos.tuning.workload import Workload
 

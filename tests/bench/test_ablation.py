@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lemonade_inferos.bench.ablation import CONFIGURATIONS, active_features, interpret, policy_update, synergy
-from lemonade_inferos.controller.policy import Policy
+from lemonade_inferos.config.policy import Policy
 
 
 def _tps(value: float) -> dict:

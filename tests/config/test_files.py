@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from lemonade_inferos.controller.config import PRESETS_DIR, ConfigError, load_config, parse_config
+from lemonade_inferos.config.files import PRESETS_DIR, ConfigError, load_config, parse_config
 from lemonade_inferos.controller.controller import Controller
 
 

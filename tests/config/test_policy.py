@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from lemonade_inferos.controller.policy import GIB, Policy
-from lemonade_inferos.controller.sizes import parse_size
+from lemonade_inferos.config.policy import GIB, Policy
+from lemonade_inferos.config.sizes import parse_size
 
 
 @pytest.mark.parametrize("text,expected", [

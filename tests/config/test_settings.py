@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lemonade_inferos.controller.config import ConfigError
-from lemonade_inferos.settings import InferosSettings, SettingsSources
+from lemonade_inferos.config.files import ConfigError
+from lemonade_inferos.config.settings import InferosSettings, SettingsSources
 
 
 def _sources(tmp_path, options=None, environ=None, shipped=None, user=None, config=None):

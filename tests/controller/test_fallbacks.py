@@ -57,7 +57,7 @@ def test_per_reason_backoff_follows_the_design_documents_strategies():
 
 def test_repeated_fallbacks_notify_with_severity_and_a_bounded_log(tmp_path):
     from lemonade_inferos.controller.fallbacks import NotificationLog
-    from lemonade_inferos.settings import Notifications
+    from lemonade_inferos.config.settings import Notifications
 
     log_path = tmp_path / "logs" / "fallback_notifications.log"
     notes = NotificationLog(Notifications(max_log_bytes=4096), log_path)

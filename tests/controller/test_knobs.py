@@ -9,12 +9,14 @@ import pytest
 from pydantic import BaseModel
 
 from lemonade_inferos.controller.controller import Controller
-from lemonade_inferos.controller.policy import Policy
+from lemonade_inferos.config.policy import Policy
 from lemonade_inferos.engine.session import build_session_options
+from lemonade_inferos.hooktypes import InferenceContext
 
 
 def _plan(controller):
-    request = controller.plan_request()
+    context = InferenceContext(request_id="r", model="m", model_path="/m", prompt_ids=list(range(64)), max_tokens=4)
+    request = controller.plan_request(context)
     return request, request.kv_plan, request.session
 
 
@@ -63,14 +65,14 @@ KNOBS = {
                                         lambda c, r, p, s: s.hybrid and s.for_phase("decode").allow_spinning is False),
     "quality.max_delta_ppl": ({"quality": {"max_delta_ppl": 0.2}}, lambda c, r, p, s: c.guard.limit() == 0.2),
     "quality.min_accept_rate": ({"quality": {"min_accept_rate": 0.8}},
-                                lambda c, r, p, s: c.speculation().min_accept_rate == 0.8),
-    "speculative.mode": ({"speculative": {"mode": "off"}}, lambda c, r, p, s: not c.speculation().drafts),
+                                lambda c, r, p, s: r.speculation.min_accept_rate == 0.8),
+    "speculative.mode": ({"speculative": {"mode": "off"}}, lambda c, r, p, s: not r.speculation.drafts),
     "speculative.num_draft_tokens": ({"speculative": {"num_draft_tokens": 3}},
-                                     lambda c, r, p, s: c.speculation().num_draft_tokens == 3),
-    "speculative.ngram_min": ({"speculative": {"ngram_min": 3}}, lambda c, r, p, s: c.speculation().ngram_min == 3),
-    "speculative.ngram_max": ({"speculative": {"ngram_max": 5}}, lambda c, r, p, s: c.speculation().ngram_max == 5),
+                                     lambda c, r, p, s: r.speculation.num_draft_tokens == 3),
+    "speculative.ngram_min": ({"speculative": {"ngram_min": 3}}, lambda c, r, p, s: r.speculation.ngram_min == 3),
+    "speculative.ngram_max": ({"speculative": {"ngram_max": 5}}, lambda c, r, p, s: r.speculation.ngram_max == 5),
     "speculative.draft_model": ({"speculative": {"mode": "draft", "draft_model": "smollm2-135m"}},
-                                lambda c, r, p, s: c.speculation().draft_model == "smollm2-135m"),
+                                lambda c, r, p, s: r.speculation.draft_model == "smollm2-135m"),
 }
 
 

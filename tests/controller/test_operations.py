@@ -13,8 +13,9 @@ from lemonade_inferos.cli.lemonade_server import plugin_options
 from lemonade_inferos.controller.controller import Controller
 from lemonade_inferos.controller.schedule import EvaluationSchedule, next_daily
 from lemonade_inferos.hooktypes import InferenceContext
+from lemonade_inferos.kvcache.stats import KVStats
 from lemonade_inferos.plugin import InferosPlugin
-from lemonade_inferos.settings import QualitySchedule
+from lemonade_inferos.config.settings import QualitySchedule
 
 
 def _plugin(tmp_path, **options):
@@ -50,7 +51,7 @@ def test_target_ttft_picks_the_model_dtype_when_int8_prefill_would_miss_it(tmp_p
 
     plugin = _plugin(tmp_path)
     slow = _stats()
-    slow.prompt_n, slow.cache_n, slow.prompt_per_second, slow.kv = 1000, 0, 500.0, {"live_form": "int8"}
+    slow.prompt_n, slow.cache_n, slow.prompt_per_second, slow.kv = 1000, 0, 500.0, KVStats(live_form="int8")
     plugin.controller.recorder.record(slow)
     plugin.pre_run(_context(target_ttft_ms=100.0))                      # 300 tokens at 500 tok/s: 600 ms
     assert list(plugin._records.values())[-1].kv_plan.live_kv == "model"
@@ -61,6 +62,20 @@ def test_target_ttft_picks_the_model_dtype_when_int8_prefill_would_miss_it(tmp_p
 def test_a_batch_size_above_one_is_reported_not_applied(tmp_path):
     plan = _plugin(tmp_path).pre_run(_context(batch_size=4))
     assert plan.notes["batch_size"].startswith("not applied")
+
+
+def test_the_policy_document_shows_the_last_requests_own_overrides_with_their_reasons(tmp_path):
+    from tests.controller.test_fallbacks import _stats
+
+    plugin = _plugin(tmp_path)
+    context = _context(batch_size=4, quality_budget=0.0)
+    plan = plugin.pre_run(context)
+    stats = _stats()
+    stats.request_id = context.request_id
+    plugin.post_run(context=context, plan=plan, stats=stats, cache=None)
+    shown = {o["field"]: o for o in plugin.controller.policy_document()["last_request_overrides"]}
+    assert set(shown) == {"batch_size", "kv.mode", "kv.live_format"}
+    assert shown["kv.mode"]["source"] == "request" and "no quantization" in shown["kv.mode"]["reason"]
 
 
 def test_the_quality_scheduler_plans_daily_full_and_periodic_light_evaluations():
@@ -77,10 +92,22 @@ def test_the_quality_scheduler_plans_daily_full_and_periodic_light_evaluations()
 
 def test_due_evaluations_run_through_the_runner_and_report_iso_times(tmp_path):
     ran = []
-    controller = Controller(history_path=tmp_path / "h.jsonl",
-                            evaluation_runner=lambda context: ran.append(context) or {
-                                "delta_ppl": 0.01, "ppl_fp": 10.0, "ppl": 10.01, "kld": 0.001, "top1": 0.99,
-                                "plan": "dynamic"})
+
+    class Owner:  # the plugin's side of the controller: only the evaluation is asked for here
+        def full_evaluation(self, context):
+            ran.append(context)
+            return {"delta_ppl": 0.01, "ppl_fp": 10.0, "ppl": 10.01, "kld": 0.001, "top1": 0.99, "plan": "dynamic"}
+
+        def busy(self):
+            return True
+
+        def prefix_stats(self):
+            return {}
+
+        def kv_memory(self):
+            return None
+
+    controller = Controller(history_path=tmp_path / "h.jsonl", owner=Owner())
     controller.schedule.next["light"] = time.time() - 1
     controller.run_due_evaluations()
     deadline = time.time() + 5

@@ -53,4 +53,4 @@ def test_an_engine_failure_before_the_first_token_is_served_by_the_baseline(brok
     failed, served = plugin.reports
     assert failed.engine == "inferos" and "restore failed" in failed.error
     assert served.engine == "og" and served.baseline and served.error is None
-    assert "restore failed" in served.kv["fallback_from_error"]
+    assert "restore failed" in served.fallback_from_error

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from lemonade_inferos.bench.servers import free_port, running_server
-from lemonade_inferos.controller.config import PRESETS_DIR, load_config
+from lemonade_inferos.config.files import PRESETS_DIR, load_config
 
 FORCED_HERE = {"device", "thread_policy"}   # what this CPU machine forces: no DirectML/NPU; a busy machine
 CHAT = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4, "temperature": 0}

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from lemonade_inferos.bench.servers import running_server
 from lemonade_inferos.cli.inferos import cli
-from lemonade_inferos.controller.policy import deep_merge
+from lemonade_inferos.config.policy import deep_merge
 from tests.conftest import control_url
 
 MODEL = "SmolLM2-135M-Instruct-CPU"
