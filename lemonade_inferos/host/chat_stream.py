@@ -2,7 +2,8 @@
 
 A reply that opens a tool call (``host/tools.py`` decides from its first characters) is held back and sent as one
 ``delta.tool_calls`` chunk per call as each call closes, the shape the ``openai`` client reassembles; the last
-chunk carries ``finish_reason`` (``tool_calls`` when calls were sent) and the usage.
+chunk carries ``finish_reason`` (``tool_calls`` when calls were sent) and the usage and timings, or, when the
+request asked for ``stream_options.include_usage``, a chunk without choices after it does (OpenAI's shape).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from lemonade_inferos.host import tools
 class ChatStream:
     """The chunks of one streamed chat reply, fed its text as it is generated and its stats at the end."""
 
-    def __init__(self, request_id: str, model: str, tool_setup: tools.ToolSetup | None) -> None:
-        self.request_id, self.model, self.setup = request_id, model, tool_setup
+    def __init__(self, request_id: str, model: str, tool_setup: tools.ToolSetup | None,
+                 usage_chunk: bool = False) -> None:
+        self.request_id, self.model, self.setup, self.usage_chunk = request_id, model, tool_setup, usage_chunk
         self.created = int(time.time())
         self.first, self.calls_mode, self.buffer, self.sent_calls = True, None, "", 0
 
@@ -56,4 +58,6 @@ class ChatStream:
         elif self.buffer or self.first:
             out.append(self._chunk({"content": self.buffer}))
         finish = "tool_calls" if self.sent_calls else stats.finish_reason
+        if self.usage_chunk:
+            return [*out, self._chunk({}, finish), fmt.usage_chunk(self.request_id, self.model, self.created, stats)]
         return [*out, self._chunk({}, finish, stats)]

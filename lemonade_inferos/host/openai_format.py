@@ -1,4 +1,4 @@
-"""Response bodies and SSE chunks in OpenAI's shapes, with Lemonade's usage extras."""
+"""Response bodies and SSE chunks in OpenAI's shapes, with Lemonade's usage extras and llama.cpp's ``timings``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,20 @@ def usage(stats: InferenceStats) -> dict[str, Any]:
     }
 
 
+def timings(stats: InferenceStats) -> dict[str, Any]:
+    """llama.cpp's ``timings`` (llama-server's replies carry it beside ``usage``; GAIA reads its prefill and decode
+    split from it): ``prompt_n`` counts the prompt tokens prefilled, ``cache_n`` those reused, and decode is timed
+    from the first token on (so ``predicted_per_token_ms`` is over the tokens after it). Unmeasured values are
+    None."""
+    prefilled, decoded = stats.prompt_n - stats.cache_n, stats.predicted_n - 1
+    return {"cache_n": stats.cache_n, "prompt_n": prefilled, "prompt_ms": stats.prompt_ms,
+            "prompt_per_token_ms": stats.prompt_ms / prefilled if stats.prompt_ms and prefilled > 0 else None,
+            "prompt_per_second": stats.prompt_per_second, "predicted_n": stats.predicted_n,
+            "predicted_ms": stats.predicted_ms,
+            "predicted_per_token_ms": stats.predicted_ms / decoded if stats.predicted_ms and decoded > 0 else None,
+            "predicted_per_second": stats.predicted_per_second}
+
+
 def sse(data: dict[str, Any] | str, event: str | None = None) -> str:
     body = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return (f"event: {event}\n" if event else "") + f"data: {body}\n\n"
@@ -31,8 +45,15 @@ def chat_chunk(request_id: str, model: str, created: int, delta: dict[str, Any],
     chunk = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
              "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
     if stats is not None:
-        chunk["usage"] = usage(stats)
+        chunk["usage"], chunk["timings"] = usage(stats), timings(stats)
     return chunk
+
+
+def usage_chunk(request_id: str, model: str, created: int, stats: InferenceStats) -> dict[str, Any]:
+    """The last chunk of a stream asked for ``stream_options.include_usage``: no choices, the usage and timings (the
+    shape OpenAI and llama-server send, and the one GAIA reads its timings from)."""
+    return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": usage(stats), "timings": timings(stats)}
 
 
 def chat_completion(request_id: str, model: str, text: str | None, stats: InferenceStats,
@@ -44,7 +65,7 @@ def chat_completion(request_id: str, model: str, text: str | None, stats: Infere
             "model": model, "choices": [{"index": 0, "message": message,
                                          "finish_reason": "tool_calls" if tool_calls else stats.finish_reason,
                                          "logprobs": None}],
-            "usage": usage(stats)}
+            "usage": usage(stats), "timings": timings(stats)}
 
 
 def completion_chunk(request_id: str, model: str, created: int, text: str, finish_reason: str | None = None,
@@ -52,7 +73,7 @@ def completion_chunk(request_id: str, model: str, created: int, text: str, finis
     chunk = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": model,
              "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
     if stats is not None:
-        chunk["usage"] = usage(stats)
+        chunk["usage"], chunk["timings"] = usage(stats), timings(stats)
     return chunk
 
 

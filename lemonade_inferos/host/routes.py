@@ -233,7 +233,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         text, stats = await _collect(run)
         content, calls = tools.parse(text, tool_setup) if tool_setup else (text, [])
         return fmt.chat_completion(request_id, model.name, content, stats, calls)
-    stream = ChatStream(request_id, model.name, tool_setup)
+    stream = ChatStream(request_id, model.name, tool_setup,
+                        usage_chunk=body.stream_options is not None and body.stream_options.include_usage)
 
     async def events():
         async for item in run:

@@ -60,6 +60,24 @@ def test_gaia_chats_streamed_and_not_and_reads_the_stats(gaia):
     assert gaia.responses(model=MODEL, input="Hi", max_output_tokens=3)["status"] == "completed"
 
 
+def test_gaia_reads_llama_cpp_timings_from_replies_streamed_and_not(gaia):
+    from gaia.llm.providers.lemonade import LemonadeProvider
+
+    provider = LemonadeProvider(model=MODEL, base_url=gaia.base_url)
+    messages = [{"role": "system", "content": "You are a helpful assistant. " * 20},
+                {"role": "user", "content": "Name a fruit."}]
+    assert provider.chat(messages, max_tokens=8)
+    first = provider.get_last_usage()
+    assert first["tokens_per_second"] > 0   # timings.predicted_per_second: GAIA has no other decode rate
+    assert "".join(provider.chat(messages, max_tokens=8, stream=True))
+    again = provider.get_last_usage()
+    assert again["tokens_per_second"] > 0 and again["cached_tokens"] > 0   # the same prompt: its prefix reused
+    raw = gaia.chat_completions(model=MODEL, messages=messages, max_tokens=8)
+    timings, usage = raw["timings"], raw["usage"]
+    assert timings["cache_n"] + timings["prompt_n"] == usage["prompt_tokens"]
+    assert timings["predicted_n"] == usage["completion_tokens"] and timings["prompt_ms"] > 0
+
+
 def test_gaia_gets_a_tool_call_and_continues_with_its_result(gaia):
     messages = [{"role": "user", "content": "What is 1+1? Use the calculator."}]
     first = gaia.chat_completions(model=MODEL, messages=messages, tools=[CALCULATOR], tool_choice="required",

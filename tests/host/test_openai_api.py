@@ -40,6 +40,18 @@ def test_streaming_chat_ends_with_usage_in_the_last_chunk(client):
     assert last.usage.prompt_tokens_details.cached_tokens >= 0
 
 
+def test_a_stream_asked_for_usage_ends_with_a_usage_chunk_without_choices_as_openai_sends_it(client):
+    chunks = list(client.chat.completions.create(
+        model=MODEL, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "What is the capital of France?"}]))
+    finish, last = chunks[-2], chunks[-1]
+    assert finish.choices[0].finish_reason in ("stop", "length") and finish.usage is None
+    assert last.choices == [] and 0 < last.usage.completion_tokens <= 8
+    timings = last.model_extra["timings"]   # llama.cpp's, beside the usage
+    assert timings["prompt_n"] + timings["cache_n"] == last.usage.prompt_tokens
+    assert timings["predicted_n"] == last.usage.completion_tokens and timings["predicted_per_second"] > 0
+
+
 def test_streaming_and_plain_greedy_replies_are_identical(client):
     messages = [{"role": "user", "content": "Name two planets."}]
     plain = client.chat.completions.create(model=MODEL, max_tokens=20, temperature=0, messages=messages)
