@@ -66,13 +66,23 @@ class ChatTokenizer:
                     if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v}
         return cls(tokenizer=tokenizer, chat_template=template, special_tokens=specials)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special-token strings in it map to their ids.
+    def encode(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``; special-token strings in it map to their ids (``parse_special=False``: they are
+        plain text); ``add_special``: the tokenizer's own special tokens added (a BOS, where it has one).
 
         Through ``encode_batch``, which releases the GIL while it runs (``encode`` holds it: an 8 MB text stalls
         every other thread of the process, the server's event loop included, for ~6 s; measured 2026-12-05).
         """
-        return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+        tokenizer = self.tokenizer if parse_special else self._plain_text_tokenizer
+        return tokenizer.encode_batch([text], add_special_tokens=add_special)[0].ids
+
+    @functools.cached_property
+    def _plain_text_tokenizer(self) -> Tokenizer:
+        """A copy that splits special-token strings as text (a flag of the tokenizer object, so never the shared
+        one's)."""
+        copy = Tokenizer.from_str(self.tokenizer.to_str())
+        copy.encode_special_tokens = True
+        return copy
 
     def encode_within(self, text: str, limit: int) -> list[int]:
         """Token ids of ``text``, which must have fewer than ``limit`` tokens.

@@ -161,3 +161,14 @@ class ParamsRequest(_Strict):
                                                                  "request with nothing")
     telemetry: dict[str, Any] | None = Field(None, description="Lemonade's telemetry block (host/telemetry.py), "
                                                                "merged onto the current one")
+
+
+class TokenizeRequest(_Lenient):
+    content: str
+    add_special: bool = Field(False, description="insert the tokenizer's special tokens (BOS, ...)")
+    parse_special: bool = Field(True, description="false: special-token strings in the text are plain text")
+    with_pieces: bool = Field(False, description="each token as {id, piece} instead of a bare id")
+
+
+class DetokenizeRequest(_Lenient):
+    tokens: list[int]
