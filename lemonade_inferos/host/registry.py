@@ -69,12 +69,13 @@ class ModelRegistry:
     @staticmethod
     def canonical(name: str) -> str:
         """Lemonade's name prefixes: ``builtin.NAME`` is the built-in NAME; ``extra.`` names Lemonade's
-        extra_models_dir GGUFs, which this host does not serve (400).
+        extra_models_dir GGUFs, which this host does not serve (400). A ``:latest`` tag is ignored, as Lemonade does.
 
         Raises:
             RequestError: an ``extra.`` name.
             ModelNotFoundError: ``builtin.`` before a name that is not built in.
         """
+        name = name.removesuffix(":latest")   # Ollama's default tag (Ollama clients send it): the model itself
         if name.startswith("extra."):
             raise RequestError(f"'{name}': extra. models are GGUF files of Lemonade's extra_models_dir, which this "
                                "host does not serve; register an onnxruntime-genai folder as user.NAME", model=name)

@@ -19,9 +19,34 @@ def client(plugin_server):
 
 def test_version_tags_and_ps(client, plugin_server):
     assert httpx.get(f"{plugin_server}/api/version").json()["version"]
-    assert MODEL in [m.model for m in client.list().models]
-    client.chat(model=MODEL, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 2})
-    assert MODEL in [m.model for m in client.ps().models]
+    assert f"{MODEL}:latest" in [m.model for m in client.list().models]   # Ollama's tag, as Lemonade lists them
+    client.chat(model=f"{MODEL}:latest", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 2})
+    assert f"{MODEL}:latest" in [m.model for m in client.ps().models]
+
+
+def test_show_describes_a_model_and_authoring_routes_are_not_supported(client, plugin_server):
+    shown = client.show(f"{MODEL}:latest")
+    assert "completion" in shown.capabilities and shown.details.family and shown.modelfile.startswith("#")
+    for call in (lambda: client.copy(MODEL, "copy-of-it"), lambda: client.push(MODEL),
+                 lambda: client.create(model="new", from_=MODEL)):
+        with pytest.raises(ollama.ResponseError) as raised:
+            call()
+        assert raised.value.status_code == 501
+    assert httpx.post(f"{plugin_server}/api/show", json={"model": "no-such-model"}).status_code == 404
+
+
+def test_a_chat_without_a_model_is_a_400(plugin_server):
+    reply = httpx.post(f"{plugin_server}/api/chat", json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert reply.status_code == 400 and reply.json()["error"]["code"]
+
+
+def test_keep_alive_zero_with_nothing_to_run_unloads_the_model(client):
+    client.generate(model=MODEL, prompt="Hi", options={"num_predict": 1})
+    assert f"{MODEL}:latest" in [m.model for m in client.ps().models]
+    reply = client.chat(model=MODEL, messages=[], keep_alive=0)
+    assert reply.done and reply.done_reason == "unload"
+    assert f"{MODEL}:latest" not in [m.model for m in client.ps().models]
+    assert client.generate(model=MODEL, prompt="", keep_alive="0s").done_reason == "unload"
 
 
 def test_chat_unstreamed_and_streamed_reports_ollamas_counts(client):
