@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -127,10 +126,13 @@ class LoadedModel:
         return self._engines["tokenizer"]
 
     def health_entry(self) -> dict[str, Any]:
+        """Lemonade's health entry of a loaded model. ``pid`` is a backend process in Lemonade's contract, one a
+        client may signal (its watchdog and pinning tests SIGKILL it): the model runs inside this server, so there
+        is none, and naming the server's own pid would let such a client take the whole API down."""
         return {"model_name": self.name, "checkpoint": self.info.get("checkpoint"), "last_use": self.last_use,
                 "type": "llm", "device": " ".join(d for d in self.devices if d != "cpu") or "cpu",
                 "recipe": self.info.get("recipe", "oga-cpu"), "pinned": self.pinned, "is_busy": self.gate.busy,
-                "is_streaming": self.streams > 0, "pid": os.getpid(), "backend_url": None,
+                "is_streaming": self.streams > 0, "pid": None, "backend_url": None,
                 "recipe_options": {"ctx_size": self.ctx_size}, "max_context_window": self.model_ctx,
                 "inferos": {"folder": str(self.folder), "fallback_reason": self.fallback_reason,
                             "live_kv": self._live_kv()}}
