@@ -6,6 +6,7 @@ host can swap one for the other (A/B in one process).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -16,6 +17,8 @@ from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.tokenizer import ChatTokenizer
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
 from lemonade_inferos.errors import GenerationError, MissingExtraError
+
+log = logging.getLogger(__name__)
 
 
 def _import_og():
@@ -54,6 +57,10 @@ class OgEngine:
                                   f"{self.context_length}; shorten it", param="messages")
         search = {"max_length": max_length, "do_sample": not params.greedy,
                   "repetition_penalty": params.repetition_penalty}
+        if params.frequency_penalty or params.presence_penalty or params.repeat_last_n is not None:
+            log.warning("not applied by og.Generator (it has no such search options): frequency_penalty %s, "
+                        "presence_penalty %s, repeat_last_n %s", params.frequency_penalty, params.presence_penalty,
+                        params.repeat_last_n)
         if not params.greedy:
             search.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
             if params.seed is not None:

@@ -246,7 +246,7 @@ class OrtEngine:
         and emits every token the model agrees with (``speculative.py``); the tokens committed and observed are
         exactly those plain decoding would have run, in the same order."""
         sampler = Sampler(params, self.folder.vocab_size)
-        if params.repetition_penalty != 1.0:
+        if params.penalizes:
             sampler.observe(prompt)
         emitter = TokenEmitter(self.tokenizer, self.folder.eos_token_ids, params)
         pick = _Picker(sampler, self.constraint(params.guidance))

@@ -17,10 +17,10 @@ from lemonade_inferos.errors import GenerationError
 SEED_RANGE = 2**31
 
 
-
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -31,6 +31,10 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0       # OpenAI's: minus this times a token's count in the window
+    presence_penalty: float = 0.0        # ... minus this once for a token in the window at all
+    repeat_last_n: int | None = None     # llama.cpp's window of the penalties: the last n tokens (prompt
+                                         # included); 0 turns them off, None or -1 is every token
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -52,12 +56,24 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}",
                                   param="repetition_penalty")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise GenerationError(f"{name} must be in [-2, 2], got {getattr(self, name)}", param=name)
+        if self.repeat_last_n is not None and self.repeat_last_n < -1:
+            raise GenerationError(f"repeat_last_n must be >= -1, got {self.repeat_last_n}", param="repeat_last_n")
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether any penalty acts on the tokens already seen."""
+        return self.repeat_last_n != 0 and (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                                             or self.presence_penalty != 0.0)
 
     def settings(self) -> dict[str, object]:
         """The sampling as plain values (what a recorded request keeps: everything but max_tokens and the grammar)."""
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": list(self.stop),
-                "ignore_eos": self.ignore_eos}
+                "repetition_penalty": self.repetition_penalty, "frequency_penalty": self.frequency_penalty,
+                "presence_penalty": self.presence_penalty, "repeat_last_n": self.repeat_last_n, "seed": self.seed,
+                "stop": list(self.stop), "ignore_eos": self.ignore_eos}
 
     @property
     def greedy(self) -> bool:
@@ -65,16 +81,17 @@ class SamplingParams:
 
 
 class Sampler:
-    """Stateful per request: owns the RNG and the set of tokens already seen."""
+    """Stateful per request: owns the RNG and the tokens already seen (for the penalties)."""
 
     def __init__(self, params: SamplingParams, vocab_size: int) -> None:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
-        self._seen = np.zeros(vocab_size, dtype=bool)
+        self._vocab_size = vocab_size
+        self._history: list[int] = []
 
     def observe(self, token_ids: list[int] | np.ndarray) -> None:
-        """Record prompt or generated tokens for the repetition penalty."""
-        self._seen[np.asarray(token_ids, dtype=np.int64)] = True
+        """Record prompt or generated tokens for the penalties."""
+        self._history.extend(int(t) for t in token_ids)
 
     def sample(self, logits: np.ndarray) -> int:
         """Pick the next token from one row of logits (shape ``[vocab]``)."""
@@ -84,7 +101,7 @@ class Sampler:
         else:
             candidate_ids, probs = self._distribution(logits)
             token = int(candidate_ids[self._rng.choice(len(probs), p=probs)])
-        self._seen[token] = True
+        self._history.append(token)
         return token
 
     def verify(self, logits: np.ndarray, draft: int) -> tuple[int, bool]:
@@ -108,18 +125,25 @@ class Sampler:
                 residual = probs.copy()
                 residual[where] = 0.0
                 token = int(candidate_ids[self._rng.choice(len(residual), p=residual / residual.sum())])
-        self._seen[token] = True
+        self._history.append(token)
         return token, token == draft
 
     def _penalized(self, logits: np.ndarray) -> np.ndarray:
+        """llama.cpp's order: the repetition penalty on the tokens in the window, then frequency and presence."""
         params = self.params
-        if params.repetition_penalty == 1.0:
+        if not params.penalizes:
             return logits
+        window = params.repeat_last_n
+        recent = self._history if window is None or window < 0 else self._history[-window:]
+        counts = np.bincount(np.asarray(recent, dtype=np.int64), minlength=self._vocab_size)[: logits.shape[0]]
+        seen = counts > 0
         logits = logits.astype(np.float32, copy=True)
-        seen = self._seen[: logits.shape[0]]
-        penalized = logits[seen]
-        logits[seen] = np.where(penalized > 0, penalized / params.repetition_penalty,
-                                penalized * params.repetition_penalty)
+        if params.repetition_penalty != 1.0:
+            penalized = logits[seen]
+            logits[seen] = np.where(penalized > 0, penalized / params.repetition_penalty,
+                                    penalized * params.repetition_penalty)
+        if params.frequency_penalty or params.presence_penalty:
+            logits -= params.frequency_penalty * counts + params.presence_penalty * seen
         return logits
 
     def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,9 @@ class OllamaOptions(BaseModel):
     seed: int | None = None
     stop: list[str] | None = None
     repeat_penalty: float | None = Field(None, ge=0.01, le=10.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repeat_last_n: int | None = Field(None, ge=-1)
 
 
 class _OllamaRequest(BaseModel):
@@ -52,7 +55,9 @@ class _OllamaRequest(BaseModel):
     def sampling(self) -> dict[str, Any]:
         o = self.options
         return {"model": self.model or None, "temperature": o.temperature, "top_p": o.top_p, "top_k": o.top_k,
-                "max_tokens": o.num_predict, "seed": o.seed, "stop": o.stop, "repeat_penalty": o.repeat_penalty}
+                "max_tokens": o.num_predict, "seed": o.seed, "stop": o.stop, "repeat_penalty": o.repeat_penalty,
+                "frequency_penalty": o.frequency_penalty, "presence_penalty": o.presence_penalty,
+                "repeat_last_n": o.repeat_last_n}
 
     def response_format(self) -> dict[str, Any] | None:
         if not self.format:

@@ -60,6 +60,8 @@ def _sampling(body: SamplingFields, host: Any, max_tokens: int | None = None) ->
         top_k=body.top_k if body.top_k is not None else defaults.get("top_k", 0),
         repetition_penalty=(body.repetition_penalty or body.repeat_penalty
                             or defaults.get("repeat_penalty", 1.0)),
+        frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
+        repeat_last_n=body.repeat_last_n,
         seed=body.seed, stop=tuple(body.stop or ()), ignore_eos=body.ignore_eos)
 
 

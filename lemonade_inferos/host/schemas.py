@@ -52,6 +52,9 @@ class SamplingFields(_Lenient):
     top_k: int | None = Field(None, ge=0)
     repeat_penalty: float | None = Field(None, ge=0.01, le=10.0)
     repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repeat_last_n: int | None = Field(None, ge=-1, description="llama.cpp's: the penalties' window, 0 off, -1 all")
     seed: int | None = Field(None, description="negative: a random seed (llama.cpp's -1)")
     n: int | None = Field(None, description="choices to return; only 1 is served (requests are not batched)")
     stop: str | list[str] | None = None

@@ -52,6 +52,18 @@ def test_a_stream_asked_for_usage_ends_with_a_usage_chunk_without_choices_as_ope
     assert timings["predicted_n"] == last.usage.completion_tokens and timings["predicted_per_second"] > 0
 
 
+def test_gaias_penalties_each_act_on_a_greedy_reply(client):
+    def reply(**extra):
+        return client.chat.completions.create(
+            model=MODEL, max_tokens=32, temperature=0, messages=[{"role": "user", "content": "Count from 1 to 20, separated by commas."}],
+            **extra).choices[0].message.content
+
+    plain = reply()
+    assert reply(frequency_penalty=1.5) != plain and reply(presence_penalty=1.5) != plain
+    assert reply(extra_body={"repeat_penalty": 1.8}) != plain
+    assert reply(extra_body={"repeat_penalty": 1.8, "presence_penalty": 1.5, "repeat_last_n": 0}) == plain   # off
+
+
 def test_streaming_and_plain_greedy_replies_are_identical(client):
     messages = [{"role": "user", "content": "Name two planets."}]
     plain = client.chat.completions.create(model=MODEL, max_tokens=20, temperature=0, messages=messages)
