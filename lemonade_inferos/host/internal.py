@@ -1,8 +1,9 @@
-"""Lemonade's ``/internal`` routes this host serves: runtime settings and the telemetry flush.
+"""Lemonade's ``/internal`` routes this host serves: runtime settings, pinning and the telemetry flush.
 
 ``POST /internal/set`` takes a partial settings object (Lemonade's ``config.json`` shape) and applies what this
-host can change while it runs: the ``telemetry`` block and the server-wide ``ctx_size`` used by later loads.
-Any other key is a 400 naming it, so a client never believes a setting took effect when it did not.
+host can change while it runs: the ``telemetry`` block, the server-wide ``ctx_size`` used by later loads and
+``max_loaded_models``. Any other key is a 400 naming it, so a client never believes a setting took effect when it
+did not; every key is validated before any is applied. ``POST /internal/pin`` pins or unpins a loaded model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
 
 router = APIRouter(prefix="/internal", route_class=OffLoopJSONRoute)
-SETTABLE = ("telemetry", "ctx_size")
+SETTABLE = ("telemetry", "ctx_size", "max_loaded_models")
+MAX_CTX = 2**31 - 1   # a context length an int32 holds: ONNX Runtime's and og.Generator's sequence lengths
 
 
 @router.get("/config")
@@ -37,14 +39,42 @@ async def set_config(request: Request):
         raise APIError(400, "invalid_request", f"settings this host cannot change at run time: {unknown}; "
                        f"settable: {list(SETTABLE)}", unknown=unknown)
     ctx = body.get("ctx_size", host.settings.ctx_size)
-    if "ctx_size" in body and not (isinstance(ctx, int) and not isinstance(ctx, bool) and (ctx == -1 or ctx >= 16)):
-        raise APIError(400, "invalid_request", "ctx_size is a context length of at least 16 tokens, or -1",
+    if "ctx_size" in body and not (_integer(ctx) and (ctx == -1 or 16 <= ctx <= MAX_CTX)):
+        raise APIError(400, "invalid_request", f"ctx_size is a context length of 16 to {MAX_CTX} tokens, or -1",
                        param="ctx_size")
+    most = body.get("max_loaded_models")
+    if "max_loaded_models" in body and not (_integer(most) and most >= 1):
+        raise APIError(400, "invalid_request", "max_loaded_models is a count of at least 1",
+                       param="max_loaded_models")
     if "telemetry" in body:
         host.telemetry.update(body["telemetry"])   # validated whole first: a 400 here changes nothing
     if "ctx_size" in body:
         host.settings.ctx_size = None if ctx == -1 else ctx
-    return {"status": "success", "applied": sorted(body)}
+    if "max_loaded_models" in body:
+        host.settings.max_loaded_models = most   # the next load makes room by it; loaded models stay
+    return {"status": "success", "updated": {key: body[key] for key in sorted(body)}, "applied": sorted(body)}
+
+
+@router.post("/pin")
+async def pin(request: Request):
+    """Pin or unpin a loaded model without reloading it (``model_name``, or ``model``)."""
+    host = request.app.state.host
+    body = await json_object(request, "pin")
+    name = body.get("model_name") or body.get("model")
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "invalid_request", "model_name is required", param="model_name")
+    if not isinstance(body.get("pinned"), bool):
+        raise APIError(400, "invalid_request", "pinned is required: true or false", param="pinned")
+    loaded = host.models.loaded.get(host.registry.canonical(name))
+    if loaded is None:
+        raise APIError(400, "model_not_loaded", f"model '{name}' is not loaded", param="model_name",
+                       loaded=list(host.models.loaded))
+    loaded.pinned = body["pinned"]
+    return {"model_name": name, "pinned": loaded.pinned, "status": "success"}
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @router.post("/telemetry/flush")
@@ -52,5 +82,5 @@ async def flush(request: Request):
     """Export the queued spans now (Lemonade batches them like this host does)."""
     host = request.app.state.host
     flushed = await asyncio.to_thread(host.telemetry.flush)
-    return {"status": "success" if flushed else "timeout", "spans_exported": host.telemetry.counts["exported"],
+    return {"status": "flushed" if flushed else "timeout", "spans_exported": host.telemetry.counts["exported"],
             "spans_failed": host.telemetry.counts["failed"]}

@@ -219,7 +219,7 @@ class ModelManager:
         while len(self.loaded) >= self.settings.max_loaded_models:
             unpinned = [m for m in self.loaded.values() if not m.pinned]
             if not unpinned:
-                raise APIError(409, "models_pinned", f"cannot load {name}: every loaded model is pinned and "
+                raise APIError(409, "slots_pinned_error", f"cannot load {name}: every loaded model is pinned and "
                                f"max_loaded_models is {self.settings.max_loaded_models}; unload one first",
                                pinned=sorted(self.loaded))
             oldest = min(unpinned, key=lambda m: m.last_use)

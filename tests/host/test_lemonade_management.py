@@ -184,10 +184,28 @@ def test_internal_set_changes_the_server_ctx_size_and_refuses_what_it_cannot_cha
     assert httpx.get(url, timeout=30).json()["resolved_ctx_size"] == 640
     assert httpx.get(f"{server}/api/v1/models/{MODEL}", timeout=30).json()["context_length"] != 640, \
         "the loaded model keeps the context it runs with"
-    for bad in ({"llamacpp_backend": "rocm"}, {"ctx_size": "640"}, {"ctx_size": 3}, {}):
+    for bad in ({"llamacpp_backend": "rocm"}, {"ctx_size": "640"}, {"ctx_size": 3}, {"ctx_size": 2**64 - 1}, {},
+                {"max_loaded_models": 0}, {"ctx_size": 640, "max_loaded_models": "2"}):
         assert httpx.post(f"{server}/internal/set", json=bad, timeout=30).status_code == 400, bad
     assert httpx.post(f"{server}/internal/set", json={"ctx_size": -1}, timeout=30).status_code == 200
     assert httpx.get(f"{server}/internal/config", timeout=30).json()["ctx_size"] == -1
+
+
+def test_internal_set_changes_max_loaded_models_and_pin_keeps_a_model_from_being_unloaded(server):
+    reply = httpx.post(f"{server}/internal/set", json={"max_loaded_models": 1}, timeout=30).json()
+    assert reply["updated"] == {"max_loaded_models": 1}
+    assert httpx.get(f"{server}/internal/config", timeout=30).json()["max_loaded_models"] == 1
+    httpx.post(f"{server}/api/v1/load", json={"model_name": MODEL}, timeout=300).raise_for_status()
+    pinned = httpx.post(f"{server}/internal/pin", json={"model_name": MODEL, "pinned": True}, timeout=30).json()
+    assert pinned == {"model_name": MODEL, "pinned": True, "status": "success"}
+    other = httpx.post(f"{server}/api/v1/load", json={"model_name": "SmolLM2-135M-Instruct-INT4-CPU"}, timeout=300)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "slots_pinned_error"
+    for bad in ({"model_name": MODEL}, {"model_name": MODEL, "pinned": "yes"}, {"pinned": True},
+                {"model_name": "SmolLM2-135M-Instruct-INT4-CPU", "pinned": True}):
+        assert httpx.post(f"{server}/internal/pin", json=bad, timeout=30).status_code == 400, bad
+    httpx.post(f"{server}/internal/pin", json={"model": MODEL, "pinned": False}, timeout=30).raise_for_status()
+    assert httpx.post(f"{server}/api/v1/load", json={"model_name": "SmolLM2-135M-Instruct-INT4-CPU"},
+                      timeout=300).status_code == 200
 
 
 def test_cache_prompt_false_prefills_from_scratch(server):

@@ -87,7 +87,7 @@ def test_each_request_exports_one_span_with_openinference_attributes(server, rec
             json={"model": MODEL, "messages": [system, {"role": "user", "content": question}], "max_tokens": 12})
         replies.append(reply.json()["choices"][0]["message"]["content"])
         stats.append(httpx.get(f"{server}/api/v1/stats", timeout=30).json())
-    assert httpx.post(f"{server}/internal/telemetry/flush", timeout=60).json()["status"] == "success"
+    assert httpx.post(f"{server}/internal/telemetry/flush", timeout=60).json()["status"] == "flushed"
 
     assert len(receiver.spans) == 2 and receiver.headers[-1]["x-project-name"] == "inferos"
     for span, reply, stat, question in zip(receiver.spans, replies, stats, ("lemon", "lime")):
