@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from lemonade_inferos import __version__
 from lemonade_inferos.http.handlers import install_error_handlers
+from lemonade_inferos.host.anthropic import router as anthropic_router
 from lemonade_inferos.host.generate import GenerateService
 from lemonade_inferos.host.models import ModelManager
 from lemonade_inferos.host.ollama import router as ollama_router
@@ -60,11 +61,12 @@ class Host:
 
 
 def api_key_rule(api_key: str | None) -> TokenRule | None:
-    """``LEMONADE_API_KEY``: every route but ``/live`` needs ``Authorization: Bearer <key>``."""
+    """``LEMONADE_API_KEY``: every route but ``/live`` needs ``Authorization: Bearer <key>`` (or, as Lemonade
+    takes from Anthropic's clients, ``X-Api-Key: <key>``)."""
     if not api_key:
         return None
     return TokenRule(api_key, "authorization", needs=lambda method, path: path != "/live", scheme="Bearer",
-                     message="missing or wrong API key: send 'Authorization: Bearer <key>'")
+                     message="missing or wrong API key: send 'Authorization: Bearer <key>'", also=("x-api-key",))
 
 
 def _loaded_models(models: ModelManager) -> tuple[list[dict[str, Any]], int]:
@@ -109,6 +111,8 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
     for prefix in API_PREFIXES:
         app.include_router(router, prefix=prefix)
         app.include_router(llamacpp_router, prefix=prefix)   # /tokenize, /detokenize
+        app.include_router(anthropic_router, prefix=prefix)  # /messages, /messages/count_tokens
+    app.include_router(anthropic_router, prefix="/api")      # Lemonade's /api/messages alias
     app.include_router(ollama_router)   # Ollama's /api/chat, /api/generate, /api/tags, /api/ps, /api/version
 
     @app.get("/live")

@@ -34,7 +34,8 @@ FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form
 class TokenRule:
     """Requests that need a token, and how it is sent.
 
-    ``header`` is the header's name; with ``scheme`` ("Bearer") the header is ``<scheme> <token>``.
+    ``header`` is the header's name; with ``scheme`` ("Bearer") the header is ``<scheme> <token>``; ``also``:
+    headers that carry the bare token instead (Anthropic's clients send ``X-Api-Key``).
     ``needs(method, path)`` says whether a request needs it.
     """
 
@@ -43,6 +44,14 @@ class TokenRule:
     needs: Callable[[str, str], bool]
     scheme: str | None = None
     message: str = "a valid token is required"
+    also: tuple[str, ...] = ()
+
+    def accepted(self, headers: Mapping[bytes, bytes]) -> bool:
+        """Whether a request's headers (lower-case names) carry the token in any of its accepted forms."""
+        if self.accepts(headers.get(self.header.lower().encode())):
+            return True
+        return any(secrets.compare_digest(headers.get(name.lower().encode(), b""), self.token.encode())
+                   for name in self.also)
 
     def accepts(self, value: bytes | None) -> bool:
         if value is None:
@@ -126,7 +135,7 @@ class RequestGuard:
                 return error_response(403, "cross_origin_forbidden",
                                       "requests that change state are not accepted from another site")
         if policy.token is not None and method != "OPTIONS" and policy.token.needs(method, path):
-            if not policy.token.accepts(headers.get(policy.token.header.lower().encode())):
+            if not policy.token.accepted(headers):
                 return error_response(401, "unauthorized", policy.token.message,
                                       headers={"WWW-Authenticate": policy.token.scheme} if policy.token.scheme
                                       else None)

@@ -57,6 +57,9 @@ def test_the_token_is_checked_before_the_body_is_read(plugin_server, model_dir):
         assert httpx.post(f"{base}/api/v1/chat/completions", **malformed).status_code == 401
         assert httpx.post(f"{base}/api/v1/chat/completions", content=b"{not json", headers={
             "Content-Type": "application/json", "Authorization": "Bearer s3cret-key"}).status_code == 400
+        for key, status in (("s3cret-key", 400), ("s3cret-kez", 401), ("", 401)):   # Anthropic's X-Api-Key
+            assert httpx.post(f"{base}/v1/messages", content=b"{not json", headers={
+                "Content-Type": "application/json", "X-Api-Key": key}).status_code == status, key
 
 
 def test_a_generated_token_never_reaches_the_log(isolated_home, tmp_path):
