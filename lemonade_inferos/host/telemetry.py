@@ -24,6 +24,7 @@ from lemonade_inferos.errors import RequestError, validation_problems
 from lemonade_inferos.hooktypes import InferenceStats
 
 log = logging.getLogger(__name__)
+REDACTED = "[REDACTED]"
 
 SESSION_HEADERS = ("x-opencode-session", "x-session-id", "x-client-session-id", "mcp-session-id")
 NOT_APPLIED = {
@@ -205,7 +206,7 @@ class Telemetry:
         try:
             parent = self._parent(trace.headers) if settings.trust_incoming_trace_context else None
             start = stats.end_unix - stats.latency_s
-            span = tracer.start_span(f"{trace.endpoint} {stats.model}", context=parent,
+            span = tracer.start_span(trace.endpoint.replace("/", "."), context=parent,   # Lemonade's chat.completions
                                      start_time=int(start * 1e9), attributes=self._attributes(stats, trace, notes))
             if stats.error:
                 from opentelemetry.trace import Status, StatusCode
@@ -230,10 +231,12 @@ class Telemetry:
                           OI.LLM_INVOCATION_PARAMETERS: json.dumps(trace.parameters)})
             if stats.finish_reason:
                 attrs[OI.LLM_FINISH_REASON] = stats.finish_reason
-            if trace.input_text is not None and not settings.hide_inputs:
-                attrs.update({OI.INPUT_VALUE: trace.input_text, OI.INPUT_MIME_TYPE: "text/plain"})
-            if not settings.hide_outputs:
-                attrs.update({OI.OUTPUT_VALUE: output, OI.OUTPUT_MIME_TYPE: "text/plain"})
+            # hidden, the attribute says so (Lemonade's "[REDACTED]"): a viewer can tell hidden from empty
+            if settings.hide_inputs or trace.input_text is not None:
+                attrs.update({OI.INPUT_VALUE: REDACTED if settings.hide_inputs else trace.input_text,
+                              OI.INPUT_MIME_TYPE: "text/plain"})
+            attrs.update({OI.OUTPUT_VALUE: REDACTED if settings.hide_outputs else output,
+                          OI.OUTPUT_MIME_TYPE: "text/plain"})
             if session:
                 attrs[OI.SESSION_ID] = session
         if "otel_genai" in semantics:
@@ -249,6 +252,8 @@ class Telemetry:
                     attrs[f"gen_ai.request.{key}"] = trace.parameters[key]
             if session:
                 attrs["gen_ai.conversation.id"] = session
+        attrs.update({"llm.usage.prompt_tokens": stats.prompt_n, "llm.usage.completion_tokens": stats.predicted_n,
+                      "llm.usage.total_tokens": stats.prompt_n + stats.predicted_n})   # Lemonade's, any semantics
         attrs.update(_scalars("inferos", {
             "engine": stats.engine, "baseline": stats.baseline, "ttft_ms": _ms(stats.ttft_s),
             "prompt_ms": stats.prompt_ms, "decode_tokens_per_second": stats.predicted_per_second,

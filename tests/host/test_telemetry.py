@@ -110,7 +110,9 @@ def test_each_request_exports_one_span_with_openinference_attributes(server, rec
                timeout=120)
     httpx.post(f"{server}/internal/telemetry/flush", timeout=60)
     last = _attributes(receiver.spans[-1])
-    assert "input.value" not in last and "output.value" not in last and last["llm.token_count.completion"] == 3
+    assert last["input.value"] == last["output.value"] == "[REDACTED]" and last["llm.token_count.completion"] == 3
+    assert receiver.spans[-1].name == "completions" and receiver.spans[0].name == "chat.completions"
+    assert last["llm.usage.completion_tokens"] == 3 and last["llm.usage.prompt_tokens"] > 0
     _telemetry(server, {"enabled": False, "hide_inputs": False, "hide_outputs": False})
 
 
