@@ -1,7 +1,11 @@
-"""llama.cpp's compatibility routes that Lemonade 11 serves: ``/tokenize`` and ``/detokenize``.
+"""llama.cpp's compatibility routes that Lemonade 11 serves: ``/tokenize``, ``/detokenize`` and ``/slots``.
 
-Like Lemonade's (its ``docs/api/llamacpp.md``), they name no model: the most recently used loaded model's tokenizer
-answers, and with no model loaded the answer is a 400. They use none of the model's context and never load one.
+Like Lemonade's (its ``docs/api/llamacpp.md``), they name no model: the most recently used loaded model answers,
+and with no model loaded the answer is a 400. They use none of the model's context and never load one.
+
+A loaded model here has one slot: it runs one generation at a time (the rest queue). Its prompt cache is the
+plugin's prefix store and warm cache, kept and found by content, not a slot file: the slot actions answer what
+llama.cpp answers without ``--slot-save-path``, a 501, saying so.
 """
 
 from __future__ import annotations
@@ -34,6 +38,25 @@ async def tokenize(body: TokenizeRequest, request: Request):
     if not body.with_pieces:
         return {"tokens": ids}
     return {"tokens": [{"id": i, "piece": tokenizer.decode([i], skip_special_tokens=False)} for i in ids]}
+
+
+@router.get("/slots")
+async def slots(request: Request):
+    model = _current_model(request)
+    return [{"id": 0, "id_task": -1 if not model.gate.busy else 0, "is_processing": model.gate.busy,
+             "n_ctx": model.ctx_size, "speculative": False}]
+
+
+@router.post("/slots/{slot_id}")
+async def slot_action(slot_id: int, request: Request, action: str = ""):
+    _current_model(request)
+    if action not in ("save", "restore", "erase"):
+        raise APIError(400, "invalid_request", "action is save, restore or erase", param="action")
+    if slot_id != 0:
+        raise APIError(400, "invalid_request", f"no slot {slot_id}: a model here has one slot, 0", param="id")
+    raise APIError(501, "not_supported", f"slot {action} is not available: this host keeps prompt caches in its "
+                   "prefix store (--inferos-prefix-spill-mb, the prefix_spill_dir setting), reused by content, not "
+                   "in slot files (llama.cpp's --slot-save-path)", action=action)
 
 
 @router.post("/detokenize")

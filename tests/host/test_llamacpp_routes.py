@@ -29,6 +29,17 @@ def test_pieces_spell_the_text_and_special_tokens_parse_unless_asked_not_to(isol
     assert _post(base, "/v1/detokenize", {"tokens": as_text}).json()["content"] == "<|im_end|>"
 
 
+def test_slots_list_the_one_slot_and_its_actions_answer_501_naming_the_prefix_store(isolated_plugin_server):
+    base = isolated_plugin_server
+    _post(base, "/v1/tokenize", {"content": "warm"})
+    assert httpx.get(f"{base}/v1/slots", timeout=30).json()[0]["id"] == 0
+    for action in ("save", "restore", "erase"):
+        reply = httpx.post(f"{base}/v1/slots/0?action={action}", json={"filename": "x.bin"}, timeout=30)
+        assert reply.status_code == 501 and "prefix" in reply.json()["error"]["message"], action
+    assert httpx.post(f"{base}/v1/slots/0?action=dance", timeout=30).status_code == 400
+    assert httpx.post(f"{base}/v1/slots/3?action=erase", timeout=30).status_code == 400
+
+
 def test_token_ids_outside_the_vocabulary_are_a_400_naming_tokens(isolated_plugin_server):
     reply = _post(isolated_plugin_server, "/v1/detokenize", {"tokens": [1, -5, 10**9]})
     assert reply.status_code == 400 and reply.json()["error"]["details"]["param"] == "tokens"
