@@ -181,6 +181,36 @@ async def show(request: Request):
                            "onnxruntime-genai.context_length": ctx}}
 
 
+@router.post("/pull")
+async def pull(request: Request):
+    """Ollama's pull of a registry model (built offline here): NDJSON ``status`` lines, ``success`` last; a model
+    the registry does not know is a 404 before anything starts."""
+    body = await json_object(request, "pull")
+    wanted = body.get("model") or body.get("name")
+    if not isinstance(wanted, str) or not wanted:
+        raise APIError(400, "invalid_request", "model is required", param="model")
+    host = routes._host(request)
+    name = host.registry.canonical(wanted)
+    host.registry.get(name)
+    if body.get("stream", True) is False:
+        async for kind, value in routes.pull_steps(host, name):
+            if kind == "error":
+                raise APIError(value[0], "pull_failed", value[1], model=name)
+        return {"status": "success"}
+
+    async def lines():
+        yield {"status": "pulling manifest"}
+        async for kind, value in routes.pull_steps(host, name):
+            yield {"status": value} if kind == "progress" else {"error": value[1]} if kind == "error" else \
+                {"status": "success"}
+
+    async def body_lines():
+        async for line in lines():
+            yield json.dumps(line) + "\n"
+
+    return StreamingResponse(body_lines(), media_type="application/x-ndjson")
+
+
 @router.post("/create")
 @router.post("/copy")
 @router.post("/push")

@@ -12,7 +12,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, AsyncIterator
 
 import jinja2
 import psutil
@@ -418,32 +418,43 @@ async def pull(body: PullRequest, request: Request):
     return StreamingResponse(_pull_events(host, name, body), media_type="text/event-stream")
 
 
-async def _pull_events(host: Any, name: str, body: PullRequest):
+async def pull_steps(host: Any, name: str, checkpoint: str | None = None, recipe: str | None = None
+                     ) -> AsyncIterator[tuple[str, Any]]:
+    """A pull in a worker thread, as it goes: ``("progress", message)`` per build step, then ``("done", folder)``
+    or ``("error", (status, message))`` (a stream has begun: a failure is its last item, not an exception)."""
     loop = asyncio.get_running_loop()
     steps: asyncio.Queue = asyncio.Queue()
     job = asyncio.ensure_future(asyncio.to_thread(
-        host.registry.pull, name, body.main_checkpoint, body.recipe,
+        host.registry.pull, name, checkpoint, recipe,
         progress=lambda msg: loop.call_soon_threadsafe(steps.put_nowait, msg)))
-    index = 0
     while not (job.done() and steps.empty()):
         getter = asyncio.ensure_future(steps.get())
         await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
         if not getter.done():
             getter.cancel()
             continue
-        index += 1
-        yield fmt.sse({"file": getter.result(), "file_index": index, "total_files": None, "bytes_downloaded": 0,
-                       "bytes_total": 0, "percent": None}, event="progress")
+        yield "progress", getter.result()
     try:
-        folder = job.result()
-    except Exception as exc:  # the stream has begun: the failure is its last event
+        yield "done", job.result()
+    except Exception as exc:
         status, payload = inferos_error_body(exc) if isinstance(exc, InferosError) else (500, None)
-        message = payload["error"]["message"] if payload else f"pull failed: {exc!r}"
-        yield fmt.sse({"error": message, "status": status}, event="error")
-        return
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    yield fmt.sse({"file_index": index, "total_files": index, "percent": 100, "bytes_total": size,
-                   "path": str(folder)}, event="complete")
+        yield "error", (status, payload["error"]["message"] if payload else f"pull failed: {exc!r}")
+
+
+async def _pull_events(host: Any, name: str, body: PullRequest):
+    """Lemonade's SSE: a ``progress`` event per build step, then ``complete`` or ``error``."""
+    index = 0
+    async for kind, value in pull_steps(host, name, body.main_checkpoint, body.recipe):
+        if kind == "progress":
+            index += 1
+            yield fmt.sse({"file": value, "file_index": index, "total_files": None, "bytes_downloaded": 0,
+                           "bytes_total": 0, "percent": None}, event="progress")
+        elif kind == "error":
+            yield fmt.sse({"error": value[1], "status": value[0]}, event="error")
+        else:
+            size = sum(f.stat().st_size for f in value.rglob("*") if f.is_file())
+            yield fmt.sse({"file_index": index, "total_files": index, "percent": 100, "bytes_total": size,
+                           "path": str(value)}, event="complete")
 
 
 @router.post("/models/register")

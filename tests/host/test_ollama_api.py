@@ -35,6 +35,15 @@ def test_show_describes_a_model_and_authoring_routes_are_not_supported(client, p
     assert httpx.post(f"{plugin_server}/api/show", json={"model": "no-such-model"}).status_code == 404
 
 
+def test_pull_streams_ollamas_status_lines_and_an_unknown_model_is_a_404(client, plugin_server):
+    statuses = [part.status for part in client.pull(f"{MODEL}:latest", stream=True)]
+    assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
+    assert client.pull(MODEL).status == "success"
+    with pytest.raises(ollama.ResponseError) as raised:
+        client.pull("no-such-model")
+    assert raised.value.status_code == 404
+
+
 def test_a_chat_without_a_model_is_a_400(plugin_server):
     reply = httpx.post(f"{plugin_server}/api/chat", json={"messages": [{"role": "user", "content": "Hi"}]})
     assert reply.status_code == 400 and reply.json()["error"]["code"]
