@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.host import openai_format as fmt
 from lemonade_inferos.host import routes, tools
-from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage
+from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage, translated
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute
 
@@ -107,9 +107,9 @@ def _chat_request(body: MessagesRequest) -> ChatCompletionRequest:
     functions, choice = openai_tools(body)
     sampling = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                 "stop": body.stop_sequences}
-    return ChatCompletionRequest(model=body.model, messages=chat_messages(body.system, body.messages),
-                                 max_tokens=body.max_tokens, tools=functions, tool_choice=choice,
-                                 **{k: v for k, v in sampling.items() if v is not None})
+    return translated(ChatCompletionRequest, model=body.model, messages=chat_messages(body.system, body.messages),
+                      max_tokens=body.max_tokens, tools=functions, tool_choice=choice,
+                      **{k: v for k, v in sampling.items() if v is not None})
 
 
 def _blocks(text: str | None, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -196,8 +196,8 @@ def _event(kind: str, **fields: Any) -> str:
 async def count_tokens(body: CountTokensRequest, request: Request):
     """The prompt's tokens as the model would see it (the same conversion and template), nothing generated."""
     functions, choice = openai_tools(body)
-    chat = ChatCompletionRequest(model=body.model, messages=chat_messages(body.system, body.messages),
-                                 tools=functions, tool_choice=choice)
+    chat = translated(ChatCompletionRequest, model=body.model, messages=chat_messages(body.system, body.messages),
+                      tools=functions, tool_choice=choice)
     _, _, prompt_ids, _, _ = await routes._prepare(request, chat, None,
                                                    [m.as_template_message() for m in chat.messages],
                                                    tool_request=chat)

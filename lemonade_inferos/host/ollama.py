@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lemonade_inferos import __version__
 from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.host import routes, tools
-from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, translated
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
 
@@ -226,9 +226,10 @@ async def chat(body: OllamaChatRequest, request: Request):
     started = time.perf_counter()
     if _unloads(body, not body.messages):
         return await _unload(request, body, message={"role": "assistant", "content": ""})
-    openai_body = ChatCompletionRequest(messages=body.messages or [ChatMessage(role="user", content="")],
-                                        tools=body.tools, response_format=body.response_format(),
-                                        **{k: v for k, v in body.sampling().items() if v is not None})
+    openai_body = translated(ChatCompletionRequest,
+                             messages=body.messages or [ChatMessage(role="user", content="")], tools=body.tools,
+                             response_format=body.response_format(),
+                             **{k: v for k, v in body.sampling().items() if v is not None})
     host, model, prompt_ids, params, tool_setup = await routes._prepare(
         request, openai_body, None, [m.as_template_message() for m in openai_body.messages],
         response_format=openai_body.response_format, tool_request=openai_body)
@@ -266,7 +267,8 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     started = time.perf_counter()
     if _unloads(body, not body.prompt):
         return await _unload(request, body, response="")
-    openai_body = CompletionRequest(prompt=body.prompt, **{k: v for k, v in body.sampling().items() if v is not None})
+    openai_body = translated(CompletionRequest, prompt=body.prompt,
+                             **{k: v for k, v in body.sampling().items() if v is not None})
     if body.raw:
         host, model, prompt_ids, params, _ = await routes._prepare(request, openai_body, body.prompt, None,
                                                                    response_format=body.response_format())

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lemonade_inferos.http.errors import APIError
 
 
 class _Lenient(BaseModel):
@@ -175,3 +177,14 @@ class TokenizeRequest(_Lenient):
 
 class DetokenizeRequest(_Lenient):
     tokens: list[int]
+
+
+def translated(shape: type[BaseModel], /, **fields: Any) -> Any:
+    """``shape(**fields)`` for the OpenAI request another API's body becomes (Ollama's, Anthropic's): a value the
+    OpenAI shape refuses (a fifth stop sequence) is the caller's 400 naming the field, never a server error."""
+    try:
+        return shape(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise APIError(400, "invalid_request", f"{field}: {first['msg']}", param=field) from exc

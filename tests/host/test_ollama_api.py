@@ -49,6 +49,14 @@ def test_a_chat_without_a_model_is_a_400(plugin_server):
     assert reply.status_code == 400 and reply.json()["error"]["code"]
 
 
+def test_options_the_openai_shape_refuses_are_a_400_naming_them_on_both_routes(plugin_server):
+    five = {"model": MODEL, "options": {"stop": ["a", "b", "c", "d", "e"]}}
+    for route, body in (("/api/generate", {**five, "prompt": "Hi"}),
+                        ("/api/chat", {**five, "messages": [{"role": "user", "content": "Hi"}]})):
+        reply = httpx.post(f"{plugin_server}{route}", json=body, timeout=60)
+        assert reply.status_code == 400 and reply.json()["error"]["details"]["param"] == "stop", route
+
+
 def test_keep_alive_zero_with_nothing_to_run_unloads_the_model(client):
     client.generate(model=MODEL, prompt="Hi", options={"num_predict": 1})
     assert f"{MODEL}:latest" in [m.model for m in client.ps().models]
