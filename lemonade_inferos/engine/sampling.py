@@ -86,12 +86,24 @@ class Sampler:
     def __init__(self, params: SamplingParams, vocab_size: int) -> None:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
-        self._vocab_size = vocab_size
         self._history: list[int] = []
+        self._counts = np.zeros(vocab_size, dtype=np.int32)   # of each token in the penalties' window, kept as
+                                                               # tokens come and go: O(1) a decode step
 
     def observe(self, token_ids: list[int] | np.ndarray) -> None:
-        """Record prompt or generated tokens for the penalties."""
+        """Record prompt or generated tokens for the penalties (counted again at once: a prompt is thousands)."""
         self._history.extend(int(t) for t in token_ids)
+        window = self.params.repeat_last_n
+        recent = self._history[-window:] if window is not None and window > 0 else self._history
+        size = len(self._counts)
+        self._counts[:] = np.bincount(np.asarray(recent, dtype=np.int64), minlength=size)[:size]
+
+    def _remember(self, token: int) -> None:
+        self._history.append(token)
+        self._counts[token] += 1
+        window = self.params.repeat_last_n
+        if window is not None and window > 0 and len(self._history) > window:
+            self._counts[self._history[-window - 1]] -= 1   # the token that left the window
 
     def sample(self, logits: np.ndarray) -> int:
         """Pick the next token from one row of logits (shape ``[vocab]``)."""
@@ -101,7 +113,7 @@ class Sampler:
         else:
             candidate_ids, probs = self._distribution(logits)
             token = int(candidate_ids[self._rng.choice(len(probs), p=probs)])
-        self._history.append(token)
+        self._remember(token)
         return token
 
     def verify(self, logits: np.ndarray, draft: int) -> tuple[int, bool]:
@@ -125,7 +137,7 @@ class Sampler:
                 residual = probs.copy()
                 residual[where] = 0.0
                 token = int(candidate_ids[self._rng.choice(len(residual), p=residual / residual.sum())])
-        self._history.append(token)
+        self._remember(token)
         return token, token == draft
 
     def _penalized(self, logits: np.ndarray) -> np.ndarray:
@@ -133,9 +145,7 @@ class Sampler:
         params = self.params
         if not params.penalizes:
             return logits
-        window = params.repeat_last_n
-        recent = self._history if window is None or window < 0 else self._history[-window:]
-        counts = np.bincount(np.asarray(recent, dtype=np.int64), minlength=self._vocab_size)[: logits.shape[0]]
+        counts = self._counts[: logits.shape[0]]
         seen = counts > 0
         logits = logits.astype(np.float32, copy=True)
         if params.repetition_penalty != 1.0:

@@ -160,15 +160,21 @@ async def ps(request: Request):
                         "context_length": m.ctx_size} for m in host.models.loaded.values()]}
 
 
-@router.post("/show")
-async def show(request: Request):
-    """One registered model in Ollama's shape (``name``, the older field, wins over ``model``)."""
-    body = await json_object(request, "show")
+async def _named_model(request: Request, what: str) -> tuple[dict[str, Any], Any, str]:
+    """The body of a request naming a registry model (``name``, Ollama's older field, wins over ``model``), the
+    host and the model's canonical name; a 400 without one."""
+    body = await json_object(request, what)
     wanted = body.get("name") or body.get("model")
     if not isinstance(wanted, str) or not wanted:
         raise APIError(400, "invalid_request", "model is required", param="model")
     host = routes._host(request)
-    name = host.registry.canonical(wanted)
+    return body, host, host.registry.canonical(wanted)
+
+
+@router.post("/show")
+async def show(request: Request):
+    """One registered model in Ollama's shape (``name``, the older field, wins over ``model``)."""
+    body, host, name = await _named_model(request, "show")
     info = host.registry.get(name)
     ctx = host.models.loaded[name].ctx_size if name in host.models.loaded else -1
     labels = set(info.get("labels") or [])
@@ -185,12 +191,7 @@ async def show(request: Request):
 async def pull(request: Request):
     """Ollama's pull of a registry model (built offline here): NDJSON ``status`` lines, ``success`` last; a model
     the registry does not know is a 404 before anything starts."""
-    body = await json_object(request, "pull")
-    wanted = body.get("model") or body.get("name")
-    if not isinstance(wanted, str) or not wanted:
-        raise APIError(400, "invalid_request", "model is required", param="model")
-    host = routes._host(request)
-    name = host.registry.canonical(wanted)
+    body, host, name = await _named_model(request, "pull")
     host.registry.get(name)
     if body.get("stream", True) is False:
         async for kind, value in routes.pull_steps(host, name):
