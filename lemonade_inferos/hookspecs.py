@@ -1,6 +1,7 @@
 """The hooks a Lemonade-compatible host calls on its plugins (pluggy).
 
-Each function's docstring is the contract; what they pass is in ``hooktypes.py``. The host calls them from
+Each function's docstring is the contract; what they pass is in ``hooktypes.py``, and what a plugin may use
+of the host, the engine and the run is in ``collaborators.py``. The host calls them from
 one place, ``host/generate.py``, in this order for every generate call::
 
     pre_run(context) -> RunPlan | None                   on the event loop; first plan wins
@@ -14,13 +15,14 @@ and, from ``host/models.py``, ``load_session(model_name)`` when a model is loade
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from lemonade_inferos.collaborators import CacheEngine, HostServices, RunHandle
     from lemonade_inferos.engine.kv import KVCache
     from lemonade_inferos.engine.session import SessionPolicy
     from lemonade_inferos.hooktypes import InferenceContext, InferenceStats, RunPlan
@@ -31,12 +33,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def host_startup(host: Any) -> None:
+def host_startup(host: HostServices) -> None:
     """The host has loaded its plugins and is about to serve. Start background services here."""
 
 
 @hookspec
-def host_shutdown(host: Any) -> None:
+def host_shutdown(host: HostServices) -> None:
     """The host is stopping. Stop background services and persist state."""
 
 
@@ -58,7 +60,7 @@ def pre_run(context: InferenceContext) -> RunPlan | None:
 
 
 @hookspec(firstresult=True)
-def make_cache(context: InferenceContext, plan: RunPlan, engine: Any) -> KVCache | None:
+def make_cache(context: InferenceContext, plan: RunPlan, engine: CacheEngine) -> KVCache | None:
     """The KV cache our engine runs this request in (e.g. one already holding a cached prefix of the prompt).
 
     Called in the worker thread, inside ``run_generation``; the first cache returned wins; with none the host
@@ -67,7 +69,7 @@ def make_cache(context: InferenceContext, plan: RunPlan, engine: Any) -> KVCache
 
 
 @hookspec
-def run_generation(context: InferenceContext, plan: RunPlan, run: Any) -> None:
+def run_generation(context: InferenceContext, plan: RunPlan, run: RunHandle) -> None:
     """The run itself, in a worker thread: the host's own implementation builds the cache and drives the engine.
 
     Plugins implement this only as a wrapper (``@hookimpl(wrapper=True)``, code before and after a ``yield``)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from lemonade_inferos.collaborators import CacheEngine, HostServices, RunHandle
 from lemonade_inferos.controller.activity import RequestActivity
 from lemonade_inferos.controller.controller import Controller
 from lemonade_inferos.controller.server import ControlServer
@@ -37,10 +38,12 @@ from lemonade_inferos.plugins import PluginDisabled
 from lemonade_inferos.config.settings import InferosSettings, SettingsSources
 from lemonade_inferos.kvcache.prefix_store import PrefixStore
 from lemonade_inferos.kvcache.reuse import PrefixReuse
+from lemonade_inferos.kvcache.reuse_stats import ReuseStats
 from lemonade_inferos.kvcache.rope import rope_tables
 from lemonade_inferos.kvcache.shared_tier import SharedTier
 from lemonade_inferos.kvcache.warm import WarmCaches
 from lemonade_inferos.metrics.prometheus import ControllerCollector
+from lemonade_inferos.metrics.snapshot import KVMemory
 from lemonade_inferos.paths import inferos_home
 from lemonade_inferos.tuning.recorder import WorkloadRecorder
 
@@ -127,25 +130,25 @@ class InferosPlugin:
 
     # -- hooks -----------------------------------------------------------------------------------
     @hookimpl
-    def host_startup(self, host: Any) -> None:
+    def host_startup(self, host: HostServices) -> None:
         self.controller.start()
         # one exposition: the controller's families join the host's /metrics (the host counts the totals)
-        host.prometheus_registry.register(ControllerCollector(self.controller.metrics, totals=False))
-        host.stat_sources["kv_memory"] = self.kv_memory
+        host.register_collector(ControllerCollector(self.controller.snapshot, totals=False))
+        host.add_stat_source("kv_memory", lambda: self.kv_memory().to_dict())
         if self.settings.control_api:
             self.control_server = ControlServer(self.controller, self.settings.control_port)
             if self.control_server.start():
                 base = f"http://127.0.0.1:{self.control_server.port}"
-                host.extras["control_api"] = {"url": f"{base}/v1", "dashboard": f"{base}/dashboard",
-                                              "running": True, "error": None}
+                host.set_health_extra("control_api", {"url": f"{base}/v1", "dashboard": f"{base}/dashboard",
+                                                      "running": True, "error": None})
             else:  # never another process's endpoints: none, and why
-                host.extras["control_api"] = None
-                host.extras["control_api_error"] = self.control_server.error
+                host.set_health_extra("control_api", None)
+                host.set_health_extra("control_api_error", self.control_server.error)
         log.info("inferos plugin active: kv mode %s, prefix cache %.0f MiB", self.controller.policy.kv.mode,
                  self.reuse.store.budget_bytes / 2**20)
 
     @hookimpl
-    def host_shutdown(self, host: Any) -> None:
+    def host_shutdown(self, host: HostServices) -> None:
         self.controller.stop()
         self.reuse.store.flush()
         if self.reuse.store.shared is not None:
@@ -187,7 +190,7 @@ class InferosPlugin:
                        notes={"guard_level": controller.guard.level, **request.notes()})
 
     @hookimpl(wrapper=True)
-    def run_generation(self, context: InferenceContext, plan: RunPlan, run: Any):
+    def run_generation(self, context: InferenceContext, plan: RunPlan, run: RunHandle):
         self.activity.begin(context.request_id)
         try:
             return (yield)
@@ -195,7 +198,7 @@ class InferosPlugin:
             self.activity.end(context.request_id)
 
     @hookimpl
-    def make_cache(self, context: InferenceContext, plan: RunPlan, engine: Any) -> TieredKVCache | None:
+    def make_cache(self, context: InferenceContext, plan: RunPlan, engine: CacheEngine) -> TieredKVCache | None:
         record = self._record(context.request_id)
         if record is None:
             return None
@@ -251,26 +254,24 @@ class InferosPlugin:
         self.warm.configure(new.warm_caches, self._prefix_budget(new))
 
     # -- the controller's owner (controller/owner.py) and what is measured on demand ----------------------
-    def prefix_stats(self) -> dict[str, Any]:
-        return self.reuse.stats()
+    def prefix_stats(self) -> ReuseStats:
+        return self.reuse.snapshot()
 
     def busy(self) -> bool:
         return self.activity.in_flight > 0
 
-    def kv_memory(self) -> dict[str, Any]:
+    def kv_memory(self) -> KVMemory:
         """KV bytes now: the live caches of running requests (working buffer + demoted blocks' codes) and what is
         kept at rest between requests (the prefix store in memory, the warm caches), measured from their arrays."""
         with self._records_lock:
             running = [r.cache for r in self._records.values() if r.cache is not None]
-        live = sum(cache.nbytes for cache in running)
-        reuse = self.reuse.stats()
-        at_rest = int(reuse.get("bytes") or 0) + int((reuse.get("warm") or {}).get("bytes") or 0)
+        reuse = self.reuse.snapshot()
         engine = self._last_engine()
-        return {"live_bytes": live, "live_working_buffer_bytes": sum(c.buffer.nbytes for c in running),
-                "running_requests": len(running), "at_rest_bytes": at_rest,
-                "prefix_store_bytes": reuse.get("bytes"), "warm_cache_bytes": (reuse.get("warm") or {}).get("bytes"),
-                "kv_cache_usage_bytes": live + at_rest,
-                "live_form": engine.live_kv_report() if engine is not None else None}
+        return KVMemory(live_bytes=sum(cache.nbytes for cache in running),
+                        live_working_buffer_bytes=sum(c.buffer.nbytes for c in running),
+                        running_requests=len(running), at_rest_bytes=reuse.at_rest_bytes,
+                        prefix_store_bytes=reuse.store.bytes, warm_cache_bytes=reuse.warm.bytes,
+                        live_form=engine.live_kv_report() if engine is not None else None)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _remember_acceptance(self, chat: bytes, rate: float) -> None:

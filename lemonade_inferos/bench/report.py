@@ -22,7 +22,7 @@ import numpy as np
 from lemonade_inferos.bench.multiturn import stream_turn
 from lemonade_inferos.bench.prompt_sets import GENERATION, SET_SIZES, SETS, PromptItem, prompt_items
 from lemonade_inferos.bench.rss import PeakRssSampler
-from lemonade_inferos.metrics.recorder import latency_summary_ms
+from lemonade_inferos.metrics.document import latency_summary_ms
 
 Progress = Callable[[int], None]  # called with the number of requests just finished
 

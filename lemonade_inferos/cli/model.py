@@ -39,7 +39,7 @@ def _calibrate(path) -> None:
     """The INT8 live KV scales, calibrated now with a progress bar (a server's first request then does not wait)."""
     from rich.progress import Progress
 
-    from lemonade_inferos.engine.live_forms import prepare_live_int8
+    from lemonade_inferos.engine.prepare import prepare_live_int8
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("calibrating INT8 live KV scales", total=None)

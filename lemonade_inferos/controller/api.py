@@ -83,7 +83,7 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
         return response
 
     registry = CollectorRegistry()
-    registry.register(ControllerCollector(controller.metrics))
+    registry.register(ControllerCollector(controller.snapshot))
     router = APIRouter(prefix="/v1", route_class=OffLoopJSONRoute)
 
     @router.get("/health")
@@ -169,7 +169,7 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
             raise _validation_error(exc, "invalid_stats") from exc
         controller.record(record)
         controller.note_server(str(body.get("server_id") or "unknown"))
-        return {"status": "recorded", "requests": controller.recorder.totals["requests"]}
+        return {"status": "recorded", "requests": controller.recorder.totals.requests}
 
     @router.get("/history")
     async def history(limit: int = 100, kind: str | None = None, events: bool = False) -> dict[str, Any]:

@@ -11,9 +11,7 @@ all of it through the control API (``api.py``).
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +27,23 @@ from lemonade_inferos.controller.loops import ControllerLoops
 from lemonade_inferos.controller.owner import ControllerOwner
 from lemonade_inferos.controller.planner import PlanState, RequestPlan
 from lemonade_inferos.config.policy import Policy
+from lemonade_inferos.controller.policy_store import FileWatcher, PolicyStore
 from lemonade_inferos.controller.schedule import EvaluationSchedule
+from lemonade_inferos.controller.evaluations import Evaluations
 from lemonade_inferos.controller.threads import ThreadPolicy
 from lemonade_inferos.engine.session import SessionPolicy, available_providers
 from lemonade_inferos.hooktypes import InferenceContext, InferenceStats
 from lemonade_inferos.kvcache.stats import KVStats
-from lemonade_inferos.kvcache.plan import TIER_INT4, TIER_INT8, TIER_L0, TIER_NAMES, KVPlan
+from lemonade_inferos.kvcache.plan import TIER_INT4, TIER_INT8, TIER_L0, KVPlan
+from lemonade_inferos.metrics.document import metrics_document, summary_document
 from lemonade_inferos.metrics.recorder import History, MetricsRecorder
+from lemonade_inferos.metrics.snapshot import ControllerSnapshot, QualitySnapshot
 from lemonade_inferos.paths import inferos_home
 from lemonade_inferos.config.settings import InferosSettings, SettingsSources
 
 log = logging.getLogger(__name__)
 
 CAP_NAMES = {TIER_INT4: "INT4", TIER_INT8: "INT8", TIER_L0: "FP16"}   # the guard's cap on block tiers
-
-
-def iso(timestamp: float | None) -> str | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc).isoformat(
-        timespec="seconds").replace("+00:00", "Z")
 
 
 class Controller:
@@ -64,19 +61,12 @@ class Controller:
                                                       ("guard", guard_options), ("importance", importance),
                                                       ("memory_limit", memory_limit_bytes)) if value is not None}
             sources = SettingsSources(options=options, environ={}, use_files=False)
-        self._lock = threading.RLock()
-        self.sources = sources
-        self.settings = settings or sources.load()   # ``settings``: already loaded from ``sources``
+        settings = settings or sources.load()   # ``settings``: already loaded from ``sources``
         if policy is not None:
-            self.settings = self.settings.model_copy(update={"policy": policy})
-        self._started = self.settings  # what the process started with (a changed start-only field needs a restart)
-        self.config = self.settings.infer_os()
-        self.config_error: dict[str, Any] | None = None
-        self.config_source = "settings"
-        self.restart_required: list[str] = []
-        self.policy_version = 1
+            settings = settings.model_copy(update={"policy": policy})
+        self.store = PolicyStore(sources, settings, self.notify)
         self.baseline = False
-        self.memory_limit_bytes = self.settings.memory_limit
+        self.memory_limit_bytes = settings.memory_limit
         self._process = psutil.Process()
         self.recorder = MetricsRecorder()
         self.history = History(self.settings.history_path or inferos_home() / "history.jsonl")
@@ -87,21 +77,52 @@ class Controller:
         self.threads = ThreadPolicy()
         self.last_kv_stats: KVStats | None = None
         self.last_ran: dict[str, Any] | None = None
-        self.full_evaluation: dict[str, Any] = {"status": "never_run"}
-        self.light_evaluation: dict[str, Any] = {"status": "never_run"}
-        self.schedule = EvaluationSchedule(self.settings.quality_schedule)
+        self.evaluations = Evaluations(EvaluationSchedule(self.settings.quality_schedule),
+                                       owner.full_evaluation if owner is not None else None,
+                                       lambda: self.policy.quality.max_delta_ppl, self.notify)
         self.agent = AgentLink(self.settings.agent_url, server_id) if self.settings.agent_url else None
         self.servers: dict[str, float] = {}   # as a sidecar agent: server id -> its last report
-        self._mtimes = self._file_mtimes()
-        self._pending_mtimes: dict[Path, int] | None = None
+        self.files = FileWatcher(self.sources.watched_paths)
         self._last_snapshot = time.monotonic()
         self.loops = ControllerLoops(self._loop_periods, owner.busy if owner is not None else (lambda: True))
         self._add_loop_tasks()
 
-    # -- settings, policy and config files -------------------------------------------------------------
+    # -- settings, policy and config files (policy_store.py holds the one versioned policy) ------------
+    @property
+    def settings(self) -> InferosSettings:
+        return self.store.settings
+
+    @property
+    def sources(self) -> SettingsSources:
+        return self.store.sources
+
+    @property
+    def config(self) -> InferOSConfig:
+        return self.store.config
+
     @property
     def policy(self) -> Policy:
-        return self.config.policy
+        return self.store.policy
+
+    @property
+    def policy_version(self) -> int:
+        return self.store.version
+
+    @property
+    def config_source(self) -> str:
+        return self.store.source
+
+    @property
+    def config_error(self) -> dict[str, Any] | None:
+        return self.store.error
+
+    @config_error.setter
+    def config_error(self, value: dict[str, Any] | None) -> None:
+        self.store.error = value
+
+    @property
+    def restart_required(self) -> list[str]:
+        return self.store.restart_required
 
     @property
     def importance(self) -> str:
@@ -113,47 +134,24 @@ class Controller:
 
     def update_policy(self, update: dict[str, Any], source: str = "POST /v1/policy") -> Policy:
         """Merge a partial policy; invalid updates raise and change nothing."""
-        with self._lock:
-            new = self.policy.merged(update)
-            self.config = InferOSConfig(policy=new, loops=self.config.loops)
-            self.policy_version += 1
-            self.config_source = source
-        self.notify({"kind": "policy", "version": self.policy_version, "update": update, "source": source})
-        return new
+        return self.store.update_policy(update, source)
 
     def apply_config(self, config: InferOSConfig, source: str) -> None:
         """A whole config document (``POST /v1/config``): policy and loops replaced."""
-        with self._lock:
-            self.config = config
-            self.policy_version += 1
-            self.config_error = None
-            self.config_source = source
-        self.notify({"kind": "config", "version": self.policy_version, "source": source})
+        self.store.apply_config(config, source)
 
     def reject_config(self, error: ConfigError) -> None:
-        self.config_error = {"message": str(error), **error.details(), "at": time.time()}
-        self.notify({"kind": "config_rejected", **self.config_error})
+        self.store.reject(error)
 
     def reload_config(self, source: str = "reload") -> InferOSConfig:
         """Read every settings layer again now; a bad one raises ConfigError and the settings in force stay."""
-        try:
-            settings = self.sources.load()
-        except ConfigError as exc:
-            self.reject_config(exc)
-            raise
-        self.apply_settings(settings, source)
+        self.apply_settings(self.store.load(), source)
         return self.config
 
     def apply_settings(self, settings: InferosSettings, source: str) -> None:
-        old = self.settings
-        with self._lock:
-            self.settings = settings
-            self.config = settings.infer_os()
-            self.memory_limit_bytes = settings.memory_limit
-            self.restart_required = settings.restart_fields(self._started)
-            self.policy_version += 1
-            self.config_error = None
-            self.config_source = source
+        """Reloaded settings in force, and applied to what the controller and its owner hold."""
+        old = self.store.apply_settings(settings, source)
+        self.memory_limit_bytes = settings.memory_limit
         self.fallbacks.notifications.settings = settings.notifications
         if settings.quality_schedule != old.quality_schedule:
             self.schedule.configure(settings.quality_schedule)
@@ -163,33 +161,16 @@ class Controller:
                      "restart_required": self.restart_required})
 
     def check_config_files(self) -> None:
-        """The slow loop's hot reload: any watched file (plugin.toml, the user's copy, --config) changed. A change is
-        read once the files' times have held for one more round, so a file caught half-written by a non-atomic save
-        is not what gets judged."""
-        mtimes = self._file_mtimes()
-        if mtimes == self._mtimes:
-            self._pending_mtimes = None
+        """The slow loop's hot reload: a watched file (plugin.toml, the user's copy, --config) changed."""
+        changed = self.files.changed()
+        if not changed:
             return
-        if mtimes != self._pending_mtimes:
-            self._pending_mtimes = mtimes   # seen once: read it at the next round if it still holds
-            return
-        changed = sorted(str(p) for p in set(mtimes) | set(self._mtimes) if mtimes.get(p) != self._mtimes.get(p))
-        self._mtimes, self._pending_mtimes = mtimes, None
         try:
             self.reload_config(source=", ".join(changed))
         except ConfigError as exc:
             log.error("config edit rejected, keeping the running settings: %s", exc)
         else:
             log.info("settings reloaded after an edit of %s", ", ".join(changed))
-
-    def _file_mtimes(self) -> dict[Path, int]:
-        out = {}
-        for path in self.sources.watched_paths():
-            try:
-                out[path] = path.stat().st_mtime_ns
-            except OSError:
-                continue
-        return out
 
     # -- loops ---------------------------------------------------------------------------------------------
     def _loop_periods(self) -> dict[str, float]:
@@ -341,55 +322,26 @@ class Controller:
     def add_shadow_sample(self, sample: ShadowSample) -> None:
         self.guard.add(sample)
 
-    # -- evaluations -------------------------------------------------------------------------------------------
+    # -- evaluations (evaluations.py) -------------------------------------------------------------------------
+    @property
+    def schedule(self) -> EvaluationSchedule:
+        return self.evaluations.schedule
+
+    @property
+    def full_evaluation(self) -> dict[str, Any]:
+        return self.evaluations.state("full")
+
+    @property
+    def light_evaluation(self) -> dict[str, Any]:
+        return self.evaluations.state("light")
+
     def run_due_evaluations(self) -> None:
         """The quality scheduler (slow loop): the evaluations due now, each in the background."""
-        for kind, context in self.schedule.due():
-            if self.owner is None:
-                return
-            self._start_evaluation(kind, context, 0.0)
+        self.evaluations.run_due()
 
     def schedule_full_evaluation(self, context: int = 512, delay_s: float = 0.0) -> dict[str, Any]:
         """Run ``inferos eval ppl`` for the active plan in the background (after ``delay_s``)."""
-        if self.owner is None:
-            raise RuntimeError("no evaluation runner: the inferos plugin is not loaded")
-        return self._start_evaluation("full", context, delay_s)
-
-    def _start_evaluation(self, kind: str, context: int, delay_s: float) -> dict[str, Any]:
-        current = self.full_evaluation if kind == "full" else self.light_evaluation
-        if current.get("status") in ("scheduled", "running"):
-            return current
-        self._set_evaluation(kind, {**current, "status": "scheduled", "context": context,
-                                    "started_for": iso(time.time() + delay_s)})
-
-        def run() -> None:
-            time.sleep(delay_s)
-            self._set_evaluation(kind, {**self._evaluation(kind), "status": "running"})
-            try:
-                result = self.owner.full_evaluation(context)
-            except Exception as exc:
-                self._set_evaluation(kind, {"status": "failed", "error": repr(exc), "last_run": iso(time.time())})
-                return
-            within = result["delta_ppl"] <= self.policy.quality.max_delta_ppl
-            self._set_evaluation(kind, {
-                "status": "within_threshold" if within else "over_threshold", "last_run": iso(time.time()),
-                "dataset": f"pydoc_data.topics, {context} tokens", "baseline_ppl": result["ppl_fp"],
-                "current_ppl": result["ppl"], "delta_ppl": result["delta_ppl"], "kld": result["kld"],
-                "top1": result["top1"], "plan": result["plan"]})
-            self.notify({"kind": f"{kind}_evaluation", **self._evaluation(kind)})
-
-        threading.Thread(target=run, name=f"inferos-{kind}-eval", daemon=True).start()
-        return self._evaluation(kind)
-
-    def _evaluation(self, kind: str) -> dict[str, Any]:
-        document = self.full_evaluation if kind == "full" else self.light_evaluation
-        return {**document, "next_scheduled": iso(self.schedule.next.get(kind))}
-
-    def _set_evaluation(self, kind: str, value: dict[str, Any]) -> None:
-        if kind == "full":
-            self.full_evaluation = value
-        else:
-            self.light_evaluation = value
+        return self.evaluations.start("full", context, delay_s)
 
     # -- the metrics documents --------------------------------------------------------------------------------
     def optimization_status(self) -> dict[str, Any]:
@@ -412,83 +364,26 @@ class Controller:
                        "prefix_reuse_active": bool(ran.get("prefix_reused")), "live_form": ran.get("live_form")})
         return status
 
+    def snapshot(self) -> ControllerSnapshot:
+        """Everything measured now, typed (``metrics/snapshot.py``); ``metrics()`` renders it to JSON."""
+        policy = self.policy
+        quality = QualitySnapshot(
+            estimate=self.guard.estimate(), guard=self.guard.status(), full_evaluation=self.evaluations.document("full"),
+            light_evaluation=self.evaluations.document("light"), max_delta_ppl=policy.quality.max_delta_ppl,
+            min_accept_rate=policy.quality.min_accept_rate, speculative_mode=policy.speculative.mode)
+        return ControllerSnapshot(
+            window=self.recorder.snapshot(), quality=quality, memory_pressure=self.memory_pressure(),
+            last_kv=self.last_kv_stats,
+            kv_memory=(self.owner.kv_memory() or None) if self.owner is not None else None,
+            reuse=(self.owner.prefix_stats() or None) if self.owner is not None else None,
+            optimization=self.optimization_status(), loops=self.loops.status(),
+            agent=self.agent.status() if self.agent is not None else None, servers=dict(self.servers),
+            providers=frozenset(available_providers()), system_memory_used_bytes=psutil.virtual_memory().used)
+
     def metrics(self) -> dict[str, Any]:
-        kv = self.last_kv_stats.to_dict() if self.last_kv_stats is not None else {}
-        prefix = self.owner.prefix_stats() if self.owner is not None else {}
-        memory = self.owner.kv_memory() if self.owner is not None else None
-        status = self.policy
-        extra = {
-            "quality": {"delta_ppl_est": self.guard.estimate(), "guard": self.guard.status(),
-                        "full_evaluation": self._evaluation("full"), "light_evaluation": self._evaluation("light"),
-                        "max_delta_ppl": status.quality.max_delta_ppl,
-                        "accept_rate": {**self.recorder.accept_rate(), "target": status.quality.min_accept_rate,
-                                        "mode": status.speculative.mode}},
-            "memory": {"kv_cache_usage_mb": memory["kv_cache_usage_bytes"] / 2**20 if memory else None,
-                       "kv_live_mb": memory["live_bytes"] / 2**20 if memory else None,
-                       "kv_at_rest_mb": memory["at_rest_bytes"] / 2**20 if memory else None,
-                       "kv_running_requests": memory.get("running_requests") if memory else None,
-                       "last_request_live_bytes": kv.get("live_bytes") if kv else None,
-                       "last_request_at_rest_bytes": kv.get("kv_bytes") if kv else None,
-                       "live_form": memory.get("live_form") if memory else None,
-                       "kv_cache_hit_rate": prefix.get("hit_rate"), "prefix_cache_bytes": prefix.get("bytes"),
-                       "warm_cache_bytes": (prefix.get("warm") or {}).get("bytes"),
-                       "kv_bytes_by_tier": kv.get("bytes_by_tier") if kv else None,
-                       "memory_pressure": self.memory_pressure()},
-            "optimization_status": self.optimization_status(),
-            "loops": self.loops.status(),
-            "agent": self.agent.status() if self.agent is not None else None,
-            "servers": {sid: iso(at) for sid, at in self.servers.items()},
-            "kv_stats": {key: kv.get(key) for key in ("tokens_by_tier", "bytes_by_tier", "blocks_sealed",
-                                                      "block_layers_quantized", "blocks_evicted",
-                                                      "compression_vs_fp16", "compression_vs_model_dtype",
-                                                      "quantize_seconds", "working_buffer_bytes",
-                                                      "working_buffer_used_bytes", "live_bytes", "live_form",
-                                                      "tokens_seen", "tokens_held")} if kv else {},
-            "prefix_cache": prefix,
-        }
-        document = self.recorder.snapshot(extra)
-        return {**document, **summary_keys(document, self._summary_kv(kv, prefix))}
+        """``GET /v1/metrics`` (and each history snapshot)."""
+        return metrics_document(self.snapshot())
 
     def summary(self) -> dict[str, Any]:
         """The design document's short metrics shape (``GET /v1/metrics?view=summary``)."""
-        document = self.metrics()
-        keys = ("timestamp", "tps", "ftl_ms", "mem", "util", "quality_summary", "kv_summary")
-        out = {key: document[key] for key in keys}
-        out["quality"], out["kv_stats"] = out.pop("quality_summary"), out.pop("kv_summary")
-        return out
-
-    def _summary_kv(self, kv: dict[str, Any], prefix: dict[str, Any]) -> dict[str, Any]:
-        tokens = (kv or {}).get("tokens_by_tier") or {}
-        levels = {name[:2]: round(float(tokens.get(name, 0) or 0), 1) for name in TIER_NAMES.values()}
-        ratio = (kv or {}).get("compression_vs_fp16")
-        return {"total_chunks": (kv or {}).get("blocks_sealed"), "level_distribution": levels if tokens else None,
-                "compression_ratio": ratio, "hit_rate": prefix.get("hit_rate")}
-
-
-def summary_keys(document: dict[str, Any], kv_summary: dict[str, Any]) -> dict[str, Any]:
-    """The short shape's keys, also at the top of the full document (none clashes with the long shape's keys).
-
-    ``vram_gb`` and ``util.npu``/``util.igpu`` are 0.0 where no session runs on a GPU or an NPU (nothing is used
-    there) and null where one does but this machine gives no counter for it.
-    """
-    providers = set(available_providers())
-    gpu_in_use = bool(providers & {"DmlExecutionProvider", "CUDAExecutionProvider"})
-    npu_in_use = "VitisAIExecutionProvider" in providers
-    estimate = document["quality"]["delta_ppl_est"]
-    utilization = document["device_utilization"]
-    memory = document["memory"]
-    return {
-        # no request ended in the window: no token was produced in it (0.0 is the measurement, not a stand-in)
-        "tps": document["throughput"]["tokens_per_second"] or 0.0,
-        "ftl_ms": document["first_token_latency"]["mean_ms"],
-        "mem": {"vram_gb": None if gpu_in_use else 0.0,
-                "system_gb": psutil.virtual_memory().used / 1e9,
-                "process_rss_gb": memory["rss_mb"] * 2**20 / 1e9,
-                "kv_cache_gb": (memory["kv_cache_usage_mb"] or 0.0) * 2**20 / 1e9
-                if memory.get("kv_cache_usage_mb") is not None else None},
-        "util": {"npu": None if npu_in_use else 0.0, "igpu": None if gpu_in_use else 0.0,
-                 "cpu": utilization["cpu_utilization"]},
-        "quality_summary": {"delta_ppl_est": estimate.get("current"),
-                            "accept_rate": document["quality"]["accept_rate"]["current"]},
-        "kv_summary": kv_summary,
-    }
+        return summary_document(self.snapshot())

@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from lemonade_inferos.config.settings import InferosSettings
+    from lemonade_inferos.kvcache.reuse_stats import ReuseStats
+    from lemonade_inferos.metrics.snapshot import KVMemory
 
 
 class ControllerOwner(Protocol):
-    def prefix_stats(self) -> dict[str, Any]:
+    def prefix_stats(self) -> ReuseStats | None:
         """The prefix store's and the warm caches' numbers."""
 
-    def kv_memory(self) -> dict[str, Any]:
+    def kv_memory(self) -> KVMemory | None:
         """KV bytes live and at rest, measured now."""
 
     def full_evaluation(self, context: int) -> dict[str, Any]:

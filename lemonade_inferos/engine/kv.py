@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -95,6 +95,18 @@ class KVLayout:
         return 2 * self.num_layers * self.num_kv_heads * self.head_size * self.dtype.itemsize
 
 
+class SegmentSplice(Protocol):
+    """KV to place when a prefill reaches prompt position ``at`` (``kvcache/segments.py``'s Splice)."""
+
+    at: int
+    token_ids: list[int]
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    old_positions: np.ndarray
+
+    def __len__(self) -> int: ...
+
+
 class KVCache(ABC):
     """What the engine needs from a cache: buffers to bind, room to reserve, tokens to commit."""
 
@@ -161,6 +173,16 @@ class KVCache(ABC):
     def kv_stats(self) -> Any:
         """Measured bytes and tokens by tier (``kvcache.stats.KVStats``), or None for a cache without tiers."""
         return None
+
+    def take_splices(self) -> list[SegmentSplice]:
+        """The segments this cache was given to place during its next prefill (segment reuse), handed over
+        once: the engine places each with :meth:`insert_segment` when its prefill reaches it."""
+        return []
+
+    def insert_segment(self, token_ids: list[int], keys: list[np.ndarray], values: list[np.ndarray],
+                       old_positions: np.ndarray) -> None:
+        """Append KV computed at other positions after the held tokens (only caches that hand out splices)."""
+        raise NotImplementedError(f"{type(self).__name__} places no segments: take_splices() gave none")
 
 
 def common_prefix(held: list[int], prompt: list[int]) -> int:

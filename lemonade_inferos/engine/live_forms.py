@@ -6,7 +6,7 @@ and the quality guard's full-precision step, scoring references and ``kv.mode: d
 Each form is an ONNX Runtime session loaded on first use. The calibration that makes the INT8 form (see
 ``kv_scales.py``) needs the float graph, so it runs in a child process of its own (:func:`calibrate_folder`): the
 serving process never holds both graphs for it (memory a process has held is not given back). It runs when a
-model is built or pulled (:func:`prepare_live_int8`, with progress), so a server finds the scales kept; a folder a
+model is built or pulled (``prepare.py``, with progress), so a server finds the scales kept; a folder a
 server meets first is calibrated in the background while the model's own form serves (``background``), and new
 caches get the INT8 form once its scales are ready.
 """
@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
@@ -27,8 +26,9 @@ import onnxruntime as ort
 
 from lemonade_inferos.corpus import calibration_passages
 from lemonade_inferos.engine import heap, kv_scales
-from lemonade_inferos.engine.graph import PreparedGraph, default_probe_layers, prepare_graph
+from lemonade_inferos.engine.graph import PreparedGraph, prepare_graph
 from lemonade_inferos.engine.kv import DenseKVCache, KVLayout
+from lemonade_inferos.engine.session import SessionPolicy
 
 if TYPE_CHECKING:
     from lemonade_inferos.engine.model_folder import ModelFolder
@@ -56,15 +56,12 @@ Progress = Callable[[int, int], None]   # (passages done, passages)
 _child_progress: Progress | None = None
 
 
-def _calibrate_child(folder: str, devices: list[str], queue: Any) -> None:
+def _calibrate_child(engine_class: type[OrtEngine], folder: str, devices: list[str], queue: Any) -> None:
     """The calibration process: load the model with the INT8 live form, which calibrates and keeps the scales."""
     global _child_progress
     _child_progress = lambda done, total: queue.put(("progress", done, total))
-    from lemonade_inferos.engine.ort_engine import OrtEngine
-    from lemonade_inferos.engine.session import SessionPolicy
-
     try:
-        engine = OrtEngine(folder, SessionPolicy(devices=devices, kv_cache="int8"))
+        engine = engine_class(folder, SessionPolicy(devices=devices, kv_cache="int8"))
         queue.put(("done", engine.live_kv_report()["int8_unavailable_reason"]))
     except Exception as exc:  # reported to the serving process, which keeps its float form
         queue.put(("done", f"{type(exc).__name__}: {exc}"))
@@ -89,9 +86,10 @@ def _answer(queue: Any, child: Any, timeout_s: float, progress: Progress) -> str
     raise ValueError(f"the calibration process gave no answer in {timeout_s:.0f} s")
 
 
-def calibrate_folder(folder: "ModelFolder", devices: list[str], progress: Progress = lambda done, total: None
-                     ) -> kv_scales.Calibration:
+def calibrate_folder(folder: ModelFolder, devices: list[str], engine_class: type[OrtEngine],
+                     progress: Progress = lambda done, total: None) -> kv_scales.Calibration:
     """Calibrate ``folder``'s INT8 live KV scales in a fresh process and return them (kept in INFEROS_HOME).
+    The process loads an ``engine_class`` (passed by name: this module sits below the engine it serves).
 
     A fresh process because it loads the float graph beside the INT8 one, and memory a process has held is not
     given back: a server never holds both (measured: 1214 against 736 MiB RSS for SmolLM2-135M fp32 after a
@@ -100,7 +98,7 @@ def calibrate_folder(folder: "ModelFolder", devices: list[str], progress: Progre
 
     spawn = multiprocessing.get_context("spawn")
     queue = spawn.Queue()
-    child = spawn.Process(target=_calibrate_child, args=(str(folder.path), list(devices), queue),
+    child = spawn.Process(target=_calibrate_child, args=(engine_class, str(folder.path), list(devices), queue),
                           name="inferos-calibrate")
     child.start()
     try:
@@ -123,28 +121,6 @@ def known_scales(folder: "ModelFolder") -> kv_scales.Calibration | None:
     if scales is not None:
         return kv_scales.Calibration(scales, None, None)
     return kv_scales.load_calibration(folder.fingerprint, folder.num_kv_heads, folder.head_size)
-
-
-def prepare_live_int8(path: str | Path, devices: list[str], progress: Progress = lambda done, total: None) -> str:
-    """Make a model folder ready to serve the INT8 live form at once (``inferos model build``, ``pull``): its graph
-    patched and its scales calibrated. Returns what was done, or why the form is not possible."""
-    from lemonade_inferos.engine.model_folder import load_model_folder
-
-    folder = load_model_folder(path)
-    if prepare_graph(folder.onnx_path).kv_elem_type == onnx.TensorProto.INT8:
-        return "its graph reads an INT8 past already"
-    graph = prepare_graph(folder.onnx_path, int8_kv=True, head_size=folder.head_size)
-    if graph.kv_int8_reason is not None:
-        return f"INT8 live KV is not possible: {graph.kv_int8_reason}"
-
-    with contextlib.suppress(ValueError):  # the server's graph too (probes rank blocks), where it can have them
-        prepare_graph(folder.onnx_path, default_probe_layers(folder.num_layers), int8_kv=True,
-                      head_size=folder.head_size)
-    if known_scales(folder) is not None:
-        return "INT8 live KV scales: already calibrated"
-    started = time.perf_counter()
-    calibrate_folder(folder, devices, progress)
-    return f"INT8 live KV scales calibrated in {time.perf_counter() - started:.1f} s"
 
 
 class LiveForms:
@@ -308,7 +284,8 @@ class LiveForms:
     def _background_calibration(self) -> None:
         folder, started = self.engine.folder, time.perf_counter()
         try:
-            calibration = calibrate_folder(folder, list(self.engine.policy.devices), self._background_progress)
+            calibration = calibrate_folder(folder, list(self.engine.policy.devices), type(self.engine),
+                                           self._background_progress)
         except Exception as exc:
             with self._lock:
                 self.calibrating = None
@@ -329,7 +306,7 @@ class LiveForms:
         """A calibration run: in a child process, or here when this is that process."""
         folder = self.engine.folder
         if _child_progress is None:
-            return calibrate_folder(folder, list(self.engine.policy.devices))
+            return calibrate_folder(folder, list(self.engine.policy.devices), type(self.engine))
         started = time.perf_counter()
         heads, head_size = folder.num_kv_heads, folder.head_size
         passages = self._passages(kv_scales.CALIBRATION_PASSAGES + 1)

@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -26,7 +26,8 @@ from lemonade_inferos.engine.binding import StepBinding
 from lemonade_inferos.engine.emit import TokenEmitter
 from lemonade_inferos.engine.guidance import Guidance, TokenConstraint, guidance_tokenizer
 from lemonade_inferos.engine.graph import default_probe_layers, prepare_graph
-from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout, common_prefix
+from lemonade_inferos.engine.kv import (CacheFullError, DenseKVCache, KVCache, KVLayout, SegmentSplice,
+                                        common_prefix)
 from lemonade_inferos.engine.live_forms import LiveForms, LoadedForm
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
 from lemonade_inferos.engine.sampling import Sampler, SamplingParams
@@ -214,7 +215,7 @@ class OrtEngine:
         fit = budget // (4 * self.folder.num_attention_heads * (cached + chunk))
         return min(chunk, max(MIN_PROBE_ROWS, fit))
 
-    def prefill(self, binding: StepBinding, ids: list[int], splices: Sequence[Any] = (), offset: int = 0
+    def prefill(self, binding: StepBinding, ids: list[int], splices: Sequence[SegmentSplice] = (), offset: int = 0
                 ) -> np.ndarray:
         """Run ``ids`` in chunks; where a splice begins (``offset`` is the position of ``ids[0]`` in the prompt),
         its KV goes into the cache instead of running its tokens (``kvcache/segments.py``)."""
@@ -414,18 +415,17 @@ def make_run_options(entries: "dict[str, str] | ort.RunOptions | None", always: 
     return options
 
 
-def take_splices(cache: KVCache, prompt: list[int], reused: int) -> list[Any]:
+def take_splices(cache: KVCache, prompt: list[int], reused: int) -> list[SegmentSplice]:
     """The splices a cache carries for this prompt (set by segment reuse), checked against it: each must lie
     after the reused prefix, in order, hold the prompt's own tokens and leave the last prompt token to run; a
     splice that does not is dropped (its tokens are prefilled)."""
-    splices, cursor = [], reused
-    for splice in getattr(cache, "splices", None) or ():
+    splices: list[SegmentSplice] = []
+    cursor = reused
+    for splice in cache.take_splices():
         end = splice.at + len(splice)
         if splice.at >= cursor and end < len(prompt) and prompt[splice.at:end] == splice.token_ids:
             splices.append(splice)
             cursor = end
-    if hasattr(cache, "splices"):
-        cache.splices = []
     return splices
 
 

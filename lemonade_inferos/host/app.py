@@ -54,6 +54,16 @@ class Host:
     # what plugins measure on demand for /stats under "inferos" (name -> a function returning a JSON object)
     stat_sources: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
+    # -- what plugins may use (collaborators.HostServices) ------------------------------------------------
+    def register_collector(self, collector: Any) -> None:
+        self.prometheus_registry.register(collector)
+
+    def add_stat_source(self, name: str, source: Callable[[], dict[str, Any]]) -> None:
+        self.stat_sources[name] = source
+
+    def set_health_extra(self, name: str, value: Any) -> None:
+        self.extras[name] = value
+
     @property
     def active_plugins(self) -> list[str]:
         """Registered plugins (a plugin that disabled itself has a manifest but no hooks)."""

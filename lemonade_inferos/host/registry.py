@@ -165,7 +165,7 @@ class ModelRegistry:
 def calibrate_after_pull(folder: Path, progress=lambda msg: None) -> None:
     """Calibrate a pulled model's INT8 live KV scales now, so its first request does not wait for them; a failure is
     reported and left to the server (it calibrates in the background at the first load)."""
-    from lemonade_inferos.engine.live_forms import prepare_live_int8  # onnxruntime: not for `list`
+    from lemonade_inferos.engine.prepare import prepare_live_int8  # onnxruntime: not for `list`
 
     def passages(done: int, total: int) -> None:
         progress(f"calibrating INT8 live KV scales: passage {done}/{total}")

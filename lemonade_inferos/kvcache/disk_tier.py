@@ -20,6 +20,7 @@ from lemonade_inferos.kvcache.block import KVBlock
 from lemonade_inferos.kvcache.block_bytes import decode_block, encode_block
 from lemonade_inferos.kvcache.plan import TIER_L0
 from lemonade_inferos.kvcache.pool import Tensor
+from lemonade_inferos.kvcache.reuse_stats import DiskTierStats
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,10 @@ class DiskTier:
             self._exact.discard(block_hash)
             self._path(block_hash).unlink(missing_ok=True)
 
+    def snapshot(self) -> DiskTierStats:
+        return DiskTierStats(dir=str(self.root), files=len(self._files), bytes=self.nbytes,
+                             budget_bytes=self.budget_bytes, writes=self.writes, reads=self.reads,
+                             corrupt_files=self.corrupt)
+
     def stats(self) -> dict[str, object]:
-        return {"dir": str(self.root), "files": len(self._files), "bytes": self.nbytes,
-                "budget_bytes": self.budget_bytes, "writes": self.writes, "reads": self.reads,
-                "corrupt_files": self.corrupt}
+        return self.snapshot().to_dict()

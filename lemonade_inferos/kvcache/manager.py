@@ -34,6 +34,7 @@ from lemonade_inferos.kvcache.importance import block_scores, per_layer_rank
 from lemonade_inferos.kvcache.plan import (TIER_EVICTED, TIER_INT4, TIER_INT8, TIER_L0, TIER_NAMES, KVPlan)
 from lemonade_inferos.kvcache.pool import BlockPool
 from lemonade_inferos.kvcache.rope import RopeTables
+from lemonade_inferos.kvcache.segments import Splice
 from lemonade_inferos.kvcache.stats import KVStats
 from lemonade_inferos.kvcache.working_buffer import WorkingBuffer
 
@@ -70,7 +71,7 @@ class TieredKVCache(KVCache):
         self._attn_sum = np.zeros(self.buffer.capacity, dtype=np.float64)
         self._attn_count = np.zeros(self.buffer.capacity, dtype=np.float64)
         self.stats = KVStats()
-        self.splices: list = []  # segment reuse: KV the next prefill places instead of running (segments.py)
+        self.splices: list[Splice] = []  # segment reuse: KV the next prefill places instead of running it
         self._codecs = {tier: codec_for_tier(tier, plan.group_size) for tier in (TIER_INT8, TIER_INT4)}
         # the tier every held token is at: L0 in the model's dtype, L1 in the INT8 live form
         self.floor_tier = TIER_INT8 if layout.live_int8 else TIER_L0
@@ -325,6 +326,10 @@ class TieredKVCache(KVCache):
                                               self.layout.scales.dequantize(half[rows], layer, slot))
         keys, values = ([np.concatenate(layer, axis=1).astype(np.float32) for layer in half] for half in parts)
         return keys, values
+
+    def take_splices(self) -> list[Splice]:
+        splices, self.splices = self.splices, []
+        return splices
 
     def insert_segment(self, token_ids: list[int], keys: list[np.ndarray], values: list[np.ndarray],
                        old_positions: np.ndarray) -> None:

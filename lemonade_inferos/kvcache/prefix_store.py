@@ -41,6 +41,7 @@ from lemonade_inferos.kvcache.manager import TieredKVCache
 from lemonade_inferos.kvcache.plan import TIER_INT4, TIER_INT8, TIER_L0
 from lemonade_inferos.kvcache.pool import BlockPool
 from lemonade_inferos.kvcache.shared_tier import SharedTier
+from lemonade_inferos.kvcache.reuse_stats import PrefixStoreStats
 
 
 def block_hashes(token_ids: list[int], block_size: int, salt: bytes) -> list[bytes]:
@@ -303,10 +304,14 @@ class PrefixStore:
     def hit_rate(self) -> float | None:
         return self.hits_tokens / self.lookup_tokens if self.lookup_tokens else None
 
+    def snapshot(self) -> PrefixStoreStats:
+        return PrefixStoreStats(
+            blocks=len(self.pool.cached_blocks()), bytes=self.pool.nbytes, budget_bytes=self.budget_bytes,
+            hit_tokens=self.hits_tokens, lookup_tokens=self.lookup_tokens, evicted_blocks=self.pool.evicted_blocks,
+            hit_blocks_by_tier=dict(self.hit_blocks_by_tier), segment_blocks=self.segment_blocks,
+            segment_index_entries=len(self._by_content),
+            spill=self.spill.snapshot() if self.spill is not None else None,
+            shared=self.shared.snapshot() if self.shared is not None else None)
+
     def stats(self) -> dict[str, object]:
-        return {"blocks": len(self.pool.cached_blocks()), "bytes": self.pool.nbytes, "budget_bytes": self.budget_bytes,
-                "hit_tokens": self.hits_tokens, "lookup_tokens": self.lookup_tokens, "hit_rate": self.hit_rate,
-                "evicted_blocks": self.pool.evicted_blocks, "hit_blocks_by_tier": dict(self.hit_blocks_by_tier),
-                "segment_blocks": self.segment_blocks, "segment_index_entries": len(self._by_content),
-                "spill": self.spill.stats() if self.spill is not None else None,
-                "shared": self.shared.stats() if self.shared is not None else None}
+        return self.snapshot().to_dict()

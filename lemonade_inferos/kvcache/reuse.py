@@ -30,6 +30,7 @@ from lemonade_inferos.kvcache.prefix_store import PrefixStore
 from lemonade_inferos.kvcache.segments import MIN_SPLICE, Splice, find_shifted_run, recompute_count, splice_from
 from lemonade_inferos.kvcache.stats import KVStats
 from lemonade_inferos.kvcache.warm import WarmCaches
+from lemonade_inferos.kvcache.reuse_stats import ReuseStats
 
 log = logging.getLogger(__name__)
 
@@ -145,5 +146,8 @@ class PrefixReuse:
         cache.max_tier = max_tier
         return cache
 
+    def snapshot(self) -> ReuseStats:
+        return ReuseStats(store=self.store.snapshot(), warm=self.warm.snapshot(), segment_tokens=self.segment_tokens)
+
     def stats(self) -> dict[str, object]:
-        return {**self.store.stats(), "warm": self.warm.stats(), "segment_tokens": self.segment_tokens}
+        return self.snapshot().to_dict()

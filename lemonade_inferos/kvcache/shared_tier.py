@@ -23,6 +23,7 @@ from urllib.parse import urlparse, urlunparse
 
 from lemonade_inferos.kvcache.block import KVBlock
 from lemonade_inferos.kvcache.block_bytes import Tensor, decode_block, encode_block
+from lemonade_inferos.kvcache.reuse_stats import SharedStoreStats
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +270,10 @@ class SharedTier:
             pass
         self._client.close()
 
-    def stats(self) -> dict[str, Any]:
-        latency = self.latency_s_sum / self.latency_count if self.latency_count else None
-        return {"url": self.url, "up": self.up, **self.counts, "latency_ms_mean": None if latency is None else
-                round(latency * 1000, 3), "latency_s_sum": self.latency_s_sum, "latency_count": self.latency_count,
-                "queued_writes": self._queue.qsize(), "last_error": self.last_error}
+    def snapshot(self) -> SharedStoreStats:
+        return SharedStoreStats(url=self.url, up=self.up, counts=dict(self.counts), latency_s_sum=self.latency_s_sum,
+                                latency_count=self.latency_count, queued_writes=self._queue.qsize(),
+                                last_error=self.last_error)
+
+    def stats(self) -> dict[str, object]:
+        return self.snapshot().to_dict()

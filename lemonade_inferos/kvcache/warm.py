@@ -16,6 +16,7 @@ import threading
 
 from lemonade_inferos.engine.kv import KVLayout, common_prefix
 from lemonade_inferos.kvcache.manager import TieredKVCache
+from lemonade_inferos.kvcache.reuse_stats import WarmStats
 
 
 class WarmCaches:
@@ -83,8 +84,11 @@ class WarmCaches:
         return (cache.layout == layout and cache.num_tokens == len(cache.token_ids)
                 and all(int(b.tiers.max(initial=0)) <= max_tier for b in cache.blocks))
 
-    def stats(self) -> dict[str, object]:
+    def snapshot(self) -> WarmStats:
         with self._lock:
             caches = [c for _, c in self._caches]
-            return {"caches": len(caches), "capacity": self.capacity, "tokens": sum(c.num_tokens for c in caches),
-                    "bytes": sum(c.nbytes for c in caches), "hits": self.hits, "hit_tokens": self.hit_tokens}
+            return WarmStats(caches=len(caches), capacity=self.capacity, tokens=sum(c.num_tokens for c in caches),
+                             bytes=sum(c.nbytes for c in caches), hits=self.hits, hit_tokens=self.hit_tokens)
+
+    def stats(self) -> dict[str, object]:
+        return self.snapshot().to_dict()
