@@ -58,7 +58,8 @@ def quality(model_dir: Path, records: list[dict[str, Any]], reply_tokens: int, s
     """Segment reuse against a cold prefill, per sliding turn, in process under the server's plan."""
     from lemonade_inferos.controller.controller import Controller
     from lemonade_inferos.engine.binding import StepBinding
-    from lemonade_inferos.engine.ort_engine import OrtEngine, take_splices
+    from lemonade_inferos.engine.ort_engine import OrtEngine
+    from lemonade_inferos.engine.prompt_cache import take_splices
     from lemonade_inferos.engine.sampling import SamplingParams
     from lemonade_inferos.eval.scoring import log_softmax
     from lemonade_inferos.kvcache.manager import TieredKVCache

@@ -107,17 +107,7 @@ class SpeculativePolicy(SpeculativeSettings):
     same way; ``off`` decodes plainly.
     """
 
-    @model_validator(mode="after")
-    def _draft_model_exists(self) -> "SpeculativePolicy":
-        if self.mode == "draft":
-            from lemonade_inferos.engine.build import resolve_model
-            from lemonade_inferos.errors import InferosError
-
-            try:
-                resolve_model(self.draft_model)
-            except InferosError as exc:
-                raise ValueError(f"draft_model: {exc.message}") from exc
-        return self
+    # that ``draft_model`` names a model that exists is checked where models are known (controller/policy_store.py)
 
 
 class Policy(_Strict):

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lemonade_inferos.config.files import ConfigError, InferOSConfig, LoopsConfig, line_of, load_document, read_text
 from lemonade_inferos.config.policy import Policy, deep_merge
 from lemonade_inferos.config.sizes import parse_size
+from lemonade_inferos.config.store_url import redis_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -120,7 +121,6 @@ class InferosSettings(BaseModel):
     def _store_url(cls, value: Any) -> Any:
         if value in (None, ""):
             return None
-        from lemonade_inferos.kvcache.shared_tier import redis_url
         redis_url(str(value))  # ValueError names the accepted forms
         return str(value)
 

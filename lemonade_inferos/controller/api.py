@@ -82,107 +82,136 @@ def create_control_app(controller: Controller, token: str) -> FastAPI:
         response.headers.update(SECURITY_HEADERS)
         return response
 
-    registry = CollectorRegistry()
-    registry.register(ControllerCollector(controller.snapshot))
-    router = APIRouter(prefix="/v1", route_class=OffLoopJSONRoute)
-
-    @router.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "healthy", "timestamp": datetime.now(timezone.utc).isoformat(), "version": __version__,
-                "policy_version": controller.policy_version, "baseline_mode": controller.use_baseline,
-                "guard_level": controller.guard.level}
-
-    @router.get("/metrics")
-    async def metrics(view: str = "full") -> dict[str, Any]:
-        """The design document's metrics document; ``?view=summary`` its short shape (``tps``, ``ftl_ms``,
-        ``mem``, ``util``, ``quality``, ``kv_stats``), whose first four keys the full document carries too."""
-        if view not in ("full", "summary"):
-            raise APIError(400, "invalid_request", "view must be 'full' or 'summary'")
-        return controller.summary() if view == "summary" else controller.metrics()
-
-    @router.get("/metrics/prometheus")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(registry).decode(),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @router.get("/policy")
-    async def get_policy() -> dict[str, Any]:
-        """The configured policy, the effective one requests run with, and every override between them."""
-        return controller.policy_document()
-
-    @router.post("/policy")
-    async def set_policy(update: dict[str, Any] = Body(...)) -> dict[str, Any]:
-        try:
-            policy = controller.update_policy(update)
-        except ValidationError as exc:
-            raise _validation_error(exc) from exc
-        return {"status": "applied", "policy": policy.model_dump(), "version": controller.policy_version}
-
-    @router.post("/baseline")
-    async def baseline(body: BaselineRequest) -> dict[str, Any]:
-        controller.set_baseline(body.enable)
-        return {"baseline_mode": controller.baseline}
-
-    @router.get("/config")
-    async def get_config() -> dict[str, Any]:
-        return {**controller.config.to_document(), "source": str(controller.config_path) if controller.config_path
-                else None, "layers": list(controller.sources.layer_sources),
-                "restart_required": controller.restart_required, "last_error": controller.config_error}
-
-    @router.post("/config")
-    async def set_config(request: Request) -> dict[str, Any]:
-        """Body: ``{"reload": true}`` re-reads the config file; a YAML/TOML/JSON document replaces the config."""
-        content_type = request.headers.get("content-type", "")
-        try:
-            if "json" in content_type:
-                data = await json_object(request, "config: {\"reload\": true} or a config document "
-                                         "({\"infer_os\": {...}})")
-                if data.get("reload") is True:
-                    config = controller.reload_config()
-                    return {"status": "reloaded", **config.to_document()}
-                config = parse_config(yaml.safe_dump(data), "request body")
-            else:
-                fmt = "toml" if "toml" in content_type else "yaml"
-                raw = await request.body()
-                config = await asyncio.to_thread(parse_config, _utf8(raw, fmt), "request body", fmt)
-        except ConfigSyntaxError as exc:
-            raise APIError(400, f"invalid_{exc.fmt}", str(exc), **exc.details()) from exc
-        except ConfigError as exc:
-            raise APIError(400, "invalid_config", str(exc), **exc.details()) from exc
-        controller.apply_config(config, "POST /v1/config")
-        return {"status": "applied", **config.to_document()}
-
-    @router.post("/evaluate")
-    async def evaluate(body: EvaluateRequest = Body(default_factory=EvaluateRequest)) -> dict[str, Any]:
-        """Schedule a full ``inferos eval ppl`` of the active plan: ``{"context": 512, "delay_s": 0}``."""
-        try:
-            return controller.schedule_full_evaluation(body.context, body.delay_s)
-        except RuntimeError as exc:
-            raise APIError(409, "not_ready", str(exc)) from exc
-
-    @router.post("/stats")
-    async def stats(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
-        """A server's InferenceStats (a server started with ``INFEROS_AGENT_URL`` sends each request's here)."""
-        try:
-            record = STATS_ADAPTER.validate_python({k: v for k, v in body.items() if k != "server_id"})
-        except ValidationError as exc:
-            raise _validation_error(exc, "invalid_stats") from exc
-        controller.record(record)
-        controller.note_server(str(body.get("server_id") or "unknown"))
-        return {"status": "recorded", "requests": controller.recorder.totals.requests}
-
-    @router.get("/history")
-    async def history(limit: int = 100, kind: str | None = None, events: bool = False) -> dict[str, Any]:
-        """The last ``limit`` entries: metric snapshots and events; ``kind`` one kind only, ``events=true`` every
-        kind but the snapshots (policy, config, guard, fallback, baseline, notification)."""
-        if limit < 1 or limit > 10_000:
-            raise APIError(400, "invalid_request", "limit must be in 1..10000")
-        return {"history": controller.history.entries(limit, kind, exclude_kind="snapshot" if events else None),
-                "max_entries": controller.history.max_entries}
-
+    app.state.controller = controller
+    app.state.registry = CollectorRegistry()
+    app.state.registry.register(ControllerCollector(controller.snapshot))
     app.include_router(router)
     mount_dashboard(app)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     # outermost: the host allow-list, cross-site refusal and the token come before CORS, routing and bodies
     app.add_middleware(RequestGuard, policy=guard_policy_from_env(os.environ, token_rule(token)))
     return app
+
+
+router = APIRouter(prefix="/v1", route_class=OffLoopJSONRoute)
+
+
+def _controller(request: Request) -> Controller:
+    return request.app.state.controller
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    controller = _controller(request)
+    return {"status": "healthy", "timestamp": datetime.now(timezone.utc).isoformat(), "version": __version__,
+            "policy_version": controller.policy_version, "baseline_mode": controller.use_baseline,
+            "guard_level": controller.guard.level}
+
+
+@router.get("/metrics")
+async def metrics(request: Request, view: str = "full") -> dict[str, Any]:
+    """The design document's metrics document; ``?view=summary`` its short shape (``tps``, ``ftl_ms``,
+    ``mem``, ``util``, ``quality``, ``kv_stats``), whose first four keys the full document carries too."""
+    controller = _controller(request)
+    if view not in ("full", "summary"):
+        raise APIError(400, "invalid_request", "view must be 'full' or 'summary'")
+    return controller.summary() if view == "summary" else controller.metrics()
+
+
+@router.get("/metrics/prometheus")
+async def prometheus(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(generate_latest(request.app.state.registry).decode(),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/policy")
+async def get_policy(request: Request) -> dict[str, Any]:
+    """The configured policy, the effective one requests run with, and every override between them."""
+    controller = _controller(request)
+    return controller.policy_document()
+
+
+@router.post("/policy")
+async def set_policy(request: Request, update: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    controller = _controller(request)
+    try:
+        policy = controller.update_policy(update)
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+    except ConfigError as exc:  # valid as a schema, not here (a draft model that does not exist)
+        raise APIError(400, "invalid_policy", str(exc), **exc.details()) from exc
+    return {"status": "applied", "policy": policy.model_dump(), "version": controller.policy_version}
+
+
+@router.post("/baseline")
+async def baseline(request: Request, body: BaselineRequest) -> dict[str, Any]:
+    controller = _controller(request)
+    controller.set_baseline(body.enable)
+    return {"baseline_mode": controller.baseline}
+
+
+@router.get("/config")
+async def get_config(request: Request) -> dict[str, Any]:
+    controller = _controller(request)
+    return {**controller.config.to_document(), "source": str(controller.config_path) if controller.config_path
+            else None, "layers": list(controller.sources.layer_sources),
+            "restart_required": controller.restart_required, "last_error": controller.config_error}
+
+
+@router.post("/config")
+async def set_config(request: Request) -> dict[str, Any]:
+    """Body: ``{"reload": true}`` re-reads the config file; a YAML/TOML/JSON document replaces the config."""
+    controller = _controller(request)
+    content_type = request.headers.get("content-type", "")
+    try:
+        if "json" in content_type:
+            data = await json_object(request, "config: {\"reload\": true} or a config document "
+                                     "({\"infer_os\": {...}})")
+            if data.get("reload") is True:
+                config = controller.reload_config()
+                return {"status": "reloaded", **config.to_document()}
+            config = parse_config(yaml.safe_dump(data), "request body")
+        else:
+            fmt = "toml" if "toml" in content_type else "yaml"
+            raw = await request.body()
+            config = await asyncio.to_thread(parse_config, _utf8(raw, fmt), "request body", fmt)
+        controller.apply_config(config, "POST /v1/config")
+    except ConfigSyntaxError as exc:
+        raise APIError(400, f"invalid_{exc.fmt}", str(exc), **exc.details()) from exc
+    except ConfigError as exc:
+        raise APIError(400, "invalid_config", str(exc), **exc.details()) from exc
+    return {"status": "applied", **config.to_document()}
+
+
+@router.post("/evaluate")
+async def evaluate(request: Request, body: EvaluateRequest = Body(default_factory=EvaluateRequest)) -> dict[str, Any]:
+    """Schedule a full ``inferos eval ppl`` of the active plan: ``{"context": 512, "delay_s": 0}``."""
+    controller = _controller(request)
+    try:
+        return controller.schedule_full_evaluation(body.context, body.delay_s)
+    except RuntimeError as exc:
+        raise APIError(409, "not_ready", str(exc)) from exc
+
+
+@router.post("/stats")
+async def stats(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    """A server's InferenceStats (a server started with ``INFEROS_AGENT_URL`` sends each request's here)."""
+    controller = _controller(request)
+    try:
+        record = STATS_ADAPTER.validate_python({k: v for k, v in body.items() if k != "server_id"})
+    except ValidationError as exc:
+        raise _validation_error(exc, "invalid_stats") from exc
+    controller.record(record)
+    controller.note_server(str(body.get("server_id") or "unknown"))
+    return {"status": "recorded", "requests": controller.recorder.totals.requests}
+
+
+@router.get("/history")
+async def history(request: Request, limit: int = 100, kind: str | None = None, events: bool = False) -> dict[str, Any]:
+    """The last ``limit`` entries: metric snapshots and events; ``kind`` one kind only, ``events=true`` every
+    kind but the snapshots (policy, config, guard, fallback, baseline, notification)."""
+    controller = _controller(request)
+    if limit < 1 or limit > 10_000:
+        raise APIError(400, "invalid_request", "limit must be in 1..10000")
+    return {"history": controller.history.entries(limit, kind, exclude_kind="snapshot" if events else None),
+            "max_entries": controller.history.max_entries}

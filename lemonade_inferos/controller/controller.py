@@ -6,6 +6,10 @@ the thread policy applied, each with its reason). After every run it gets the
 measured InferenceStats and what actually ran. It keeps metrics over time windows, a persistent history, the
 quality guard, the fallback manager and the quality scheduler, runs its three loops (``loops.py``), and serves
 all of it through the control API (``api.py``).
+
+This class is the composition root: the one versioned policy lives in ``policy_store.py``, the scheduled
+evaluations in ``evaluations.py``, the per-request decisions in ``planner.py``; what it measures is read as a
+typed snapshot (``metrics/snapshot.py``) that ``metrics/document.py`` and ``metrics/prometheus.py`` render.
 """
 
 from __future__ import annotations
@@ -227,7 +231,10 @@ class Controller:
             except Exception as exc:  # a newer agent's field: keep ours and say why
                 self.agent.error = f"the agent's policy is not valid here: {exc}"
                 return
-            self.update_policy(new.model_dump(), source=f"agent {self.agent.url}")
+            try:
+                self.update_policy(new.model_dump(), source=f"agent {self.agent.url}")
+            except ConfigError as exc:  # e.g. a draft model this machine does not have
+                self.agent.error = f"the agent's policy cannot run here: {exc}"
 
     # -- what PreRun applies -------------------------------------------------------------------------------
     def memory_pressure(self) -> float:

@@ -15,12 +15,28 @@ from typing import Any, Callable
 from lemonade_inferos.config.files import ConfigError, InferOSConfig
 from lemonade_inferos.config.policy import Policy
 from lemonade_inferos.config.settings import InferosSettings, SettingsSources
+from lemonade_inferos.engine.build import resolve_model
+from lemonade_inferos.errors import InferosError
 
 Notify = Callable[[dict[str, Any]], None]
 
 
+def check_models(policy: Policy, source: str) -> None:
+    """What the schema cannot know: a draft model named by the policy must exist (a folder, or a model built or
+    buildable here). Raises ConfigError naming the field."""
+    speculative = policy.speculative
+    if speculative.mode != "draft" or not speculative.draft_model:
+        return
+    try:
+        resolve_model(speculative.draft_model)
+    except InferosError as exc:
+        raise ConfigError(f"speculative.draft_model: {exc.message}", source, field="speculative.draft_model") \
+            from exc
+
+
 class PolicyStore:
     def __init__(self, sources: SettingsSources, settings: InferosSettings, notify: Notify) -> None:
+        check_models(settings.policy, "settings")
         self._lock = threading.RLock()
         self.sources = sources
         self.settings = settings
@@ -49,12 +65,14 @@ class PolicyStore:
         """Merge a partial policy; invalid updates raise and change nothing."""
         with self._lock:
             new = self.policy.merged(update)
+            check_models(new, source)
             self._replace(self.settings.model_copy(update={"policy": new}), source)
         self._notify({"kind": "policy", "version": self.version, "update": update, "source": source})
         return new
 
     def apply_config(self, config: InferOSConfig, source: str) -> None:
         """A whole config document (``POST /v1/config``): policy and loops replaced."""
+        check_models(config.policy, source)
         with self._lock:
             self._replace(self.settings.model_copy(update={"policy": config.policy, "loops": config.loops}), source)
             self.error = None
@@ -67,7 +85,9 @@ class PolicyStore:
     def load(self) -> InferosSettings:
         """Every settings layer read again now; a bad one is recorded, raises ConfigError and changes nothing."""
         try:
-            return self.sources.load()
+            settings = self.sources.load()
+            check_models(settings.policy, "settings")
+            return settings
         except ConfigError as exc:
             self.reject(exc)
             raise

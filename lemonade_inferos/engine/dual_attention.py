@@ -111,39 +111,8 @@ def _float_branch(graph: onnx.GraphProto, node: onnx.NodeProto, layer: int, head
     ins = list(node.input) + [""] * (14 - len(node.input))
     nodes: list[onnx.NodeProto] = []
     init = _Initializers(graph, heads, kv_heads, head_size, types[0])
-    query, key, value = ins[0], ins[1], ins[2]
-    if not key:  # packed QKV
-        query, key, value = p + "q", p + "k", p + "v"
-        nodes.append(helper.make_node("Split", [ins[0], init.split()], [query, key, value], axis=2))
-    if _attribute(node, "do_rotary", 0):
-        interleaved = _attribute(node, "rotary_interleaved", 0)
-        for name, count in ((query, heads), (key, kv_heads)):
-            nodes.append(helper.make_node("RotaryEmbedding", [name, ins[_POSITION_IDS], ins[7], ins[8]],
-                                          [name + "/rotated"], domain="com.microsoft", interleaved=interleaved,
-                                          num_heads=count, **_rotary_dim(graph, ins[7], head_size)))
-        query, key = query + "/rotated", key + "/rotated"
-    # the chunk's K/V as the INT8 path stores them (the present outputs), and the past's valid rows, both attended
-    # in code units: K's scales are folded into the query and V's into the output (per channel, each query head
-    # taking its KV head's), so no pass over the past multiplies by a scale
-    codes = {}
-    for kind, name, scale in (("k", key, ins[12]), ("v", value, ins[13])):
-        codes[kind] = p + kind + "_codes"
-        # x / scale, then QuantizeLinear's rounding and saturation at a unit scale: ONNX Runtime's per-channel
-        # QuantizeLinear runs element by element (measured 2.3 ms a call against 0.1 ms for this pair)
-        nodes += [helper.make_node("Div", [name, scale], [p + kind + "_scaled"]),
-                  helper.make_node("QuantizeLinear", [p + kind + "_scaled", init.unit_scale, init.zero_point],
-                                   [codes[kind]]),
-                  helper.make_node("Cast", [codes[kind]], [p + kind + "_units"], to=types[0])]
-    nodes += [helper.make_node("Shape", [ins[0]], [p + "chunk"], start=1, end=2),
-              helper.make_node("Cast", [ins[6]], [p + "total64"], to=TensorProto.INT64),
-              helper.make_node("Reshape", [p + "total64", init.one_dim], [p + "total1"]),
-              helper.make_node("Sub", [p + "total1", p + "chunk"], [p + "past_length"])]
-    for kind, past, scale in (("k", ins[3], ins[12]), ("v", ins[4], ins[13])):
-        nodes += [helper.make_node("Slice", [past, init.zero, p + "past_length", init.axis2], [p + kind + "_past8"]),
-                  helper.make_node("Cast", [p + kind + "_past8"], [p + kind + "_past"], to=types[0]),
-                  helper.make_node("Reshape", [scale, init.kv_groups], [p + kind + "_scale3"]),
-                  helper.make_node("Expand", [p + kind + "_scale3", init.head_groups], [p + kind + "_scale_heads"]),
-                  helper.make_node("Reshape", [p + kind + "_scale_heads", init.flat], [p + kind + "_scale_q"])]
+    query, key, value = _rotated_qkv(graph, node, ins, init, p, nodes, head_size)
+    codes = _in_code_units(ins, key, value, init, p, nodes, types[0])
     nodes.append(helper.make_node("Mul", [query, p + "k_scale_q"], [p + "query_units"]))
     attention_inputs = [p + "query_units", p + "k_units", p + "v_units", p + "k_past", p + "v_past", ins[5], ins[6],
                         "", "", "", ins[_ATTENTION_BIAS], ins[_HEAD_SINK]]
@@ -166,6 +135,51 @@ def _float_branch(graph: onnx.GraphProto, node: onnx.NodeProto, layer: int, head
     results = [p + "output_0", p + "k_new", p + "v_new", *outputs[3:]]
     return helper.make_graph(nodes, f"float_attention_{layer}", [],
                              [helper.make_tensor_value_info(name, dtype, None) for name, dtype in zip(results, types)])
+
+
+def _rotated_qkv(graph: onnx.GraphProto, node: onnx.NodeProto, ins: list[str], init: _Initializers, p: str,
+                 nodes: list[onnx.NodeProto], head_size: int) -> tuple[str, str, str]:
+    """The chunk's query, key and value (split when packed), query and key rotated where the node rotates."""
+    heads, kv_heads = _attribute(node, "num_heads", 0), _attribute(node, "kv_num_heads", 0)
+    query, key, value = ins[0], ins[1], ins[2]
+    if not key:  # packed QKV
+        query, key, value = p + "q", p + "k", p + "v"
+        nodes.append(helper.make_node("Split", [ins[0], init.split()], [query, key, value], axis=2))
+    if _attribute(node, "do_rotary", 0):
+        interleaved = _attribute(node, "rotary_interleaved", 0)
+        for name, count in ((query, heads), (key, kv_heads)):
+            nodes.append(helper.make_node("RotaryEmbedding", [name, ins[_POSITION_IDS], ins[7], ins[8]],
+                                          [name + "/rotated"], domain="com.microsoft", interleaved=interleaved,
+                                          num_heads=count, **_rotary_dim(graph, ins[7], head_size)))
+        query, key = query + "/rotated", key + "/rotated"
+    return query, key, value
+
+
+def _in_code_units(ins: list[str], key: str, value: str, init: _Initializers, p: str,
+                   nodes: list[onnx.NodeProto], dtype: int) -> dict[str, str]:
+    """The chunk's K/V as the INT8 path stores them (the present outputs: the codes returned), and the past's
+    valid rows, both in code units for the attention: K's scales are folded into the query and V's into the
+    output (per channel, each query head taking its KV head's), so no pass over the past multiplies by a scale."""
+    codes = {}
+    for kind, name, scale in (("k", key, ins[12]), ("v", value, ins[13])):
+        codes[kind] = p + kind + "_codes"
+        # x / scale, then QuantizeLinear's rounding and saturation at a unit scale: ONNX Runtime's per-channel
+        # QuantizeLinear runs element by element (measured 2.3 ms a call against 0.1 ms for this pair)
+        nodes += [helper.make_node("Div", [name, scale], [p + kind + "_scaled"]),
+                  helper.make_node("QuantizeLinear", [p + kind + "_scaled", init.unit_scale, init.zero_point],
+                                   [codes[kind]]),
+                  helper.make_node("Cast", [codes[kind]], [p + kind + "_units"], to=dtype)]
+    nodes += [helper.make_node("Shape", [ins[0]], [p + "chunk"], start=1, end=2),
+              helper.make_node("Cast", [ins[6]], [p + "total64"], to=TensorProto.INT64),
+              helper.make_node("Reshape", [p + "total64", init.one_dim], [p + "total1"]),
+              helper.make_node("Sub", [p + "total1", p + "chunk"], [p + "past_length"])]
+    for kind, past, scale in (("k", ins[3], ins[12]), ("v", ins[4], ins[13])):
+        nodes += [helper.make_node("Slice", [past, init.zero, p + "past_length", init.axis2], [p + kind + "_past8"]),
+                  helper.make_node("Cast", [p + kind + "_past8"], [p + kind + "_past"], to=dtype),
+                  helper.make_node("Reshape", [scale, init.kv_groups], [p + kind + "_scale3"]),
+                  helper.make_node("Expand", [p + kind + "_scale3", init.head_groups], [p + kind + "_scale_heads"]),
+                  helper.make_node("Reshape", [p + kind + "_scale_heads", init.flat], [p + kind + "_scale_q"])]
+    return codes
 
 
 class _Initializers:

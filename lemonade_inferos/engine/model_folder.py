@@ -138,9 +138,29 @@ def load_model_folder(path: str | Path) -> ModelFolder:
             the message names the file.
     """
     folder = Path(path).expanduser()
+    config_path = folder / CONFIG_NAME
+    raw = _read_config(folder, config_path)
+    folder_spec = _parse_config(folder, config_path, raw)
+    for key in ("input_ids", "attention_mask", "past_key_names", "past_value_names"):
+        _require(folder_spec.input_names, key, "model.decoder.inputs", config_path)
+    for key in ("logits", "present_key_names", "present_value_names"):
+        _require(folder_spec.output_names, key, "model.decoder.outputs", config_path)
+    if not folder_spec.onnx_path.is_file():
+        raise ModelFolderError(
+            f"{folder_spec.onnx_path} not found (named by model.decoder.filename in {config_path})",
+            file=str(folder_spec.onnx_path),
+        )
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelFolderError(f"{folder / 'tokenizer.json'} not found: the tokenizer must ship with the model",
+                               file=str(folder / "tokenizer.json"))
+    return folder_spec
+
+
+def _read_config(folder: Path, config_path: Path) -> dict:
+    """``genai_config.json`` as an object; a missing folder or file, or a file that is not a JSON object, is a
+    ModelFolderError naming it."""
     if not folder.is_dir():
         raise ModelFolderError(f"model folder not found: {folder}", file=str(folder))
-    config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise ModelFolderError(
             f"{config_path} not found: an onnxruntime-genai model folder needs a {CONFIG_NAME}",
@@ -152,12 +172,16 @@ def load_model_folder(path: str | Path) -> ModelFolder:
         raise ModelFolderError(f"{config_path} is not valid JSON: {exc}", file=str(config_path)) from exc
     if not isinstance(raw, dict):
         raise ModelFolderError(f"{config_path}: top level must be an object", file=str(config_path))
+    return raw
 
+
+def _parse_config(folder: Path, config_path: Path, raw: dict) -> ModelFolder:
+    """The fields a model folder needs out of its config; a missing or malformed one names the key."""
     model = _require(raw, "model", "", config_path)
     decoder = _require(model, "decoder", "model", config_path)
     search = raw.get("search", {})
     try:
-        folder_spec = ModelFolder(
+        return ModelFolder(
             path=folder,
             model_type=str(model.get("type", "unknown")),
             filename=str(_require(decoder, "filename", "model.decoder", config_path)),
@@ -186,20 +210,6 @@ def load_model_folder(path: str | Path) -> ModelFolder:
         )
     except (TypeError, ValueError) as exc:
         raise ModelFolderError(f"{config_path}: malformed value: {exc}", file=str(config_path)) from exc
-
-    for key in ("input_ids", "attention_mask", "past_key_names", "past_value_names"):
-        _require(folder_spec.input_names, key, "model.decoder.inputs", config_path)
-    for key in ("logits", "present_key_names", "present_value_names"):
-        _require(folder_spec.output_names, key, "model.decoder.outputs", config_path)
-    if not folder_spec.onnx_path.is_file():
-        raise ModelFolderError(
-            f"{folder_spec.onnx_path} not found (named by model.decoder.filename in {config_path})",
-            file=str(folder_spec.onnx_path),
-        )
-    if not (folder / "tokenizer.json").is_file():
-        raise ModelFolderError(f"{folder / 'tokenizer.json'} not found: the tokenizer must ship with the model",
-                               file=str(folder / "tokenizer.json"))
-    return folder_spec
 
 
 def initializer_array(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:

@@ -26,12 +26,14 @@ from lemonade_inferos.engine.binding import StepBinding
 from lemonade_inferos.engine.emit import TokenEmitter
 from lemonade_inferos.engine.guidance import Guidance, TokenConstraint, guidance_tokenizer
 from lemonade_inferos.engine.graph import default_probe_layers, prepare_graph
-from lemonade_inferos.engine.kv import (CacheFullError, DenseKVCache, KVCache, KVLayout, SegmentSplice,
-                                        common_prefix)
+from lemonade_inferos.engine.kv import CacheFullError, DenseKVCache, KVCache, KVLayout, SegmentSplice
 from lemonade_inferos.engine.live_forms import LiveForms, LoadedForm
 from lemonade_inferos.engine.model_folder import ModelFolder, load_model_folder
+from lemonade_inferos.engine.picker import TokenPicker
+from lemonade_inferos.engine.prompt_cache import cache_prefix_reuse, take_splices
 from lemonade_inferos.engine.sampling import Sampler, SamplingParams
-from lemonade_inferos.engine.session import AppliedSessionOptions, SessionPolicy, build_session_options
+from lemonade_inferos.engine.session import (AppliedSessionOptions, SessionPolicy, build_session_options,
+                                             make_run_options)
 from lemonade_inferos.engine.speculative import AcceptanceWatch, Drafter, SpeculationConfig, ngram_drafter
 from lemonade_inferos.engine.tokenizer import ChatTokenizer
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
@@ -250,7 +252,7 @@ class OrtEngine:
         if params.penalizes:
             sampler.observe(prompt)
         emitter = TokenEmitter(self.tokenizer, self.folder.eos_token_ids, params)
-        pick = _Picker(sampler, self.constraint(params.guidance))
+        pick = TokenPicker(sampler, self.constraint(params.guidance))
         drafter = self._drafter(speculation) if speculation is not None and speculation.drafts else None
         watch = AcceptanceWatch(speculation.stop_below, speculation.num_draft_tokens) \
             if drafter is not None else None
@@ -341,44 +343,6 @@ class OrtEngine:
         return TokenConstraint(guidance, self._guidance_tokenizer, self.folder.vocab_size)
 
 
-class _Picker:
-    """The sampler, behind the output's grammar when there is one: each row of logits is masked by the grammar's
-    state after the tokens before it, and every token picked is fed to the grammar."""
-
-    def __init__(self, sampler: Sampler, constraint: TokenConstraint | None) -> None:
-        self.sampler, self.constraint = sampler, constraint
-
-    def sample(self, logits: np.ndarray) -> int:
-        if self.constraint is None:
-            return self.sampler.sample(logits)
-        token = self.sampler.sample(self.constraint.apply(logits))
-        self.constraint.consume(token)
-        return token
-
-    def accepted(self, rows: np.ndarray, draft: list[int]) -> list[int]:
-        """The draft tokens the model keeps, then one more token: the correction of the first rejected one, or
-        (all kept) the token after the draft from the last row. A draft token the grammar forbids is rejected; a
-        token that completes the grammar is the last (the loop emits it and ends)."""
-        sampler, constraint = self.sampler, self.constraint
-        outs: list[int] = []
-        for index, proposed in enumerate(draft):
-            row = rows[index] if constraint is None else constraint.apply(rows[index])
-            token, kept = sampler.verify(row, proposed)
-            outs.append(token)
-            if constraint is not None:
-                constraint.consume(token)
-                if constraint.finished:
-                    return outs
-            if not kept:
-                return outs
-        outs.append(self.sample(rows[len(draft)]))
-        return outs
-
-    @property
-    def finished(self) -> bool:
-        return self.constraint is not None and self.constraint.finished
-
-
 class _Output:
     """The tokens a generation emits: counted, turned into chunks, and the word on when it is over."""
 
@@ -399,48 +363,3 @@ class _Output:
 @functools.lru_cache(maxsize=32)
 def _log_once_per_reason(message: str) -> None:
     log.warning(message)
-
-
-def make_run_options(entries: "dict[str, str] | ort.RunOptions | None", always: bool = False
-                     ) -> ort.RunOptions | None:
-    """``ort.RunOptions`` carrying config entries (given ones are used as they are), or None when there are none
-    and ``always`` is false."""
-    if isinstance(entries, ort.RunOptions):
-        return entries
-    if not entries and not always:
-        return None
-    options = ort.RunOptions()
-    for key, value in (entries or {}).items():
-        options.add_run_config_entry(key, str(value))
-    return options
-
-
-def take_splices(cache: KVCache, prompt: list[int], reused: int) -> list[SegmentSplice]:
-    """The splices a cache carries for this prompt (set by segment reuse), checked against it: each must lie
-    after the reused prefix, in order, hold the prompt's own tokens and leave the last prompt token to run; a
-    splice that does not is dropped (its tokens are prefilled)."""
-    splices: list[SegmentSplice] = []
-    cursor = reused
-    for splice in cache.take_splices():
-        end = splice.at + len(splice)
-        if splice.at >= cursor and end < len(prompt) and prompt[splice.at:end] == splice.token_ids:
-            splices.append(splice)
-            cursor = end
-    return splices
-
-
-def cache_prefix_reuse(cache: KVCache, prompt: list[int]) -> int:
-    """Keep the longest prefix of ``prompt`` the cache already holds (at least one token left to run).
-
-    A cache whose committed ids and held tokens differ (it has evicted) is reset:
-    its contents no longer line up with a prompt prefix.
-    """
-    held = cache.token_ids
-    if len(held) != cache.num_tokens:
-        cache.reset()
-        return 0
-    if len(held) < len(prompt) and held == prompt[:len(held)]:  # matched already (kvcache/reuse.py): confirm
-        return len(held)
-    common = common_prefix(held, prompt)
-    cache.truncate(common)
-    return common

@@ -166,3 +166,17 @@ def build_session_options(policy: SessionPolicy) -> tuple[ort.SessionOptions, Ap
     if policy.host_pool_bytes is not None:
         report.not_applied["host_pool_bytes"] = HOST_POOL_NOT_APPLIED
     return options, report
+
+
+def make_run_options(entries: "dict[str, str] | ort.RunOptions | None", always: bool = False
+                     ) -> ort.RunOptions | None:
+    """``ort.RunOptions`` carrying config entries (given ones are used as they are), or None when there are none
+    and ``always`` is false."""
+    if isinstance(entries, ort.RunOptions):
+        return entries
+    if not entries and not always:
+        return None
+    options = ort.RunOptions()
+    for key, value in (entries or {}).items():
+        options.add_run_config_entry(key, str(value))
+    return options

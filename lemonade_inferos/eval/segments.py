@@ -24,7 +24,7 @@ def eval_segment_reuse(engine: Any, plan_name: str, shares: list[float], samples
                        progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
     from lemonade_inferos.corpus import corpus_ids
     from lemonade_inferos.engine.binding import StepBinding
-    from lemonade_inferos.engine.ort_engine import take_splices
+    from lemonade_inferos.engine.prompt_cache import take_splices
     from lemonade_inferos.kvcache.manager import TieredKVCache
     from lemonade_inferos.kvcache.plan import TIER_INT4, named_plan
     from lemonade_inferos.kvcache.prefix_store import PrefixStore

@@ -1,7 +1,7 @@
 """Anthropic's Messages API over the same engine, as Lemonade serves it: ``POST /messages`` (plain and streamed,
 tools) and ``/messages/count_tokens``, under every API prefix and at ``/api/messages``.
 
-A request becomes the OpenAI chat request the other routes serve (``routes._prepare``: the model, the template,
+A request becomes the OpenAI chat request the other routes serve (``serving.prepare``: the model, the template,
 limits, the tool setup), so the plugin's hooks apply as to any other. What Anthropic's shape has that OpenAI's
 has not goes through: ``system`` (a string or text blocks), ``tool_use`` blocks in an assistant turn (its tool
 calls), ``tool_result`` blocks in a user turn (tool messages), ``stop_sequences``, ``tool_choice`` (``auto``,
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.host import openai_format as fmt
-from lemonade_inferos.host import routes, tools
+from lemonade_inferos.host import serving, tools
 from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage, translated
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute
@@ -130,12 +130,12 @@ def _stop_reason(stats: Any, calls: list[dict[str, Any]]) -> str:
 @router.post("/messages")
 async def messages(body: MessagesRequest, request: Request):
     chat = _chat_request(body)
-    host, model, prompt_ids, params, tool_setup = await routes._prepare(
+    host, model, prompt_ids, params, tool_setup = await serving.prepare(
         request, chat, None, [m.as_template_message() for m in chat.messages], tool_request=chat)
-    run = routes._open(request, host, model, prompt_ids, params, "messages", body.stream)
+    run = serving.open_run(request, host, model, prompt_ids, params, "messages", body.stream)
     message_id = f"msg_{run.request_id}"
     if not body.stream:
-        text, stats = await routes._collect(run)
+        text, stats = await serving.collect(run)
         content, calls = tools.parse(text, tool_setup) if tool_setup else (text, [])
         return {"id": message_id, "type": "message", "role": "assistant", "model": model.name,
                 "content": _blocks(content, calls), "stop_reason": _stop_reason(stats, calls),
@@ -198,7 +198,7 @@ async def count_tokens(body: CountTokensRequest, request: Request):
     functions, choice = openai_tools(body)
     chat = translated(ChatCompletionRequest, model=body.model, messages=chat_messages(body.system, body.messages),
                       tools=functions, tool_choice=choice)
-    _, _, prompt_ids, _, _ = await routes._prepare(request, chat, None,
+    _, _, prompt_ids, _, _ = await serving.prepare(request, chat, None,
                                                    [m.as_template_message() for m in chat.messages],
                                                    tool_request=chat)
     return {"input_tokens": len(prompt_ids)}

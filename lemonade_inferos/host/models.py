@@ -107,6 +107,7 @@ class LoadedModel:
                 heap.trim()  # before the new session allocates: what the old one held is reused or returned
                 self._engines[key] = OrtEngine(self.spec or self.folder, policy, context_length=self.ctx_size,
                                                background_calibration=True)
+                heap.trim()  # and after: building a session frees transients that would sit between live blocks
         self.last_use = time.time()
         return self._engines[key]
 

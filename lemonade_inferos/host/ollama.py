@@ -1,7 +1,7 @@
 """Ollama's API over the same engine: ``/api/version``, ``/api/tags``, ``/api/ps``, ``/api/show``, ``/api/chat``,
 ``/api/generate`` (and Lemonade's 501 for the authoring and registry routes).
 
-A request is translated into the OpenAI-shaped one the other routes serve (``routes._prepare``: the same model
+A request is translated into the OpenAI-shaped one the other routes serve (``serving.prepare``: the same model
 resolution, limits, constraints and tool setup) and runs through the same generate service, so the plugin's hooks
 apply to it as to any other. Streaming is Ollama's: one JSON object per line (``application/x-ndjson``), the last
 with ``done: true``, the durations in nanoseconds and the token counts. ``format`` (``"json"`` or a schema) is
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lemonade_inferos import __version__
 from lemonade_inferos.engine.types import GenerationChunk
-from lemonade_inferos.host import routes, tools
+from lemonade_inferos.host import model_routes, serving, tools
 from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, translated
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
@@ -100,7 +100,7 @@ def _unloads(body: _OllamaRequest, empty: bool) -> bool:
 
 async def _unload(request: Request, body: _OllamaRequest, **reply: Any) -> dict[str, Any]:
     """Unload the model (not loaded: nothing to do) and answer as Ollama does, ``reply`` the route's own fields."""
-    host = routes._host(request)
+    host = serving.host_of(request)
     name = host.registry.canonical(body.model)
     if name in host.models.loaded:
         await host.models.unload(name)
@@ -148,14 +148,14 @@ def _model_entry(name: str, info: dict[str, Any]) -> dict[str, Any]:
 
 @router.get("/tags")
 async def tags(request: Request):
-    host = routes._host(request)
+    host = serving.host_of(request)
     return {"models": [_model_entry(name, info) for name, info in host.registry.all().items()
                        if host.registry.is_downloaded(name)]}
 
 
 @router.get("/ps")
 async def ps(request: Request):
-    host = routes._host(request)
+    host = serving.host_of(request)
     return {"models": [{**_model_entry(m.name, m.info), "expires_at": None, "size_vram": 0,
                         "context_length": m.ctx_size} for m in host.models.loaded.values()]}
 
@@ -167,7 +167,7 @@ async def _named_model(request: Request, what: str) -> tuple[dict[str, Any], Any
     wanted = body.get("name") or body.get("model")
     if not isinstance(wanted, str) or not wanted:
         raise APIError(400, "invalid_request", "model is required", param="model")
-    host = routes._host(request)
+    host = serving.host_of(request)
     return body, host, host.registry.canonical(wanted)
 
 
@@ -194,14 +194,14 @@ async def pull(request: Request):
     body, host, name = await _named_model(request, "pull")
     host.registry.get(name)
     if body.get("stream", True) is False:
-        async for kind, value in routes.pull_steps(host, name):
+        async for kind, value in model_routes.pull_steps(host, name):
             if kind == "error":
                 raise APIError(value[0], "pull_failed", value[1], model=name)
         return {"status": "success"}
 
     async def lines():
         yield {"status": "pulling manifest"}
-        async for kind, value in routes.pull_steps(host, name):
+        async for kind, value in model_routes.pull_steps(host, name):
             yield {"status": value} if kind == "progress" else {"error": value[1]} if kind == "error" else \
                 {"status": "success"}
 
@@ -231,12 +231,12 @@ async def chat(body: OllamaChatRequest, request: Request):
                              messages=body.messages or [ChatMessage(role="user", content="")], tools=body.tools,
                              response_format=body.response_format(),
                              **{k: v for k, v in body.sampling().items() if v is not None})
-    host, model, prompt_ids, params, tool_setup = await routes._prepare(
+    host, model, prompt_ids, params, tool_setup = await serving.prepare(
         request, openai_body, None, [m.as_template_message() for m in openai_body.messages],
         response_format=openai_body.response_format, tool_request=openai_body)
-    run = routes._open(request, host, model, prompt_ids, params, "api/chat", body.stream)
+    run = serving.open_run(request, host, model, prompt_ids, params, "api/chat", body.stream)
     if not body.stream:
-        text, stats = await routes._collect(run)
+        text, stats = await serving.collect(run)
         content, calls = tools.parse(text, tool_setup) if tool_setup else (text, [])
         message = {"role": "assistant", "content": content or ""}
         if calls:
@@ -271,16 +271,16 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     openai_body = translated(CompletionRequest, prompt=body.prompt,
                              **{k: v for k, v in body.sampling().items() if v is not None})
     if body.raw:
-        host, model, prompt_ids, params, _ = await routes._prepare(request, openai_body, body.prompt, None,
+        host, model, prompt_ids, params, _ = await serving.prepare(request, openai_body, body.prompt, None,
                                                                    response_format=body.response_format())
     else:  # Ollama renders the prompt with the model's template unless raw
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
             [{"role": "user", "content": body.prompt}]
-        host, model, prompt_ids, params, _ = await routes._prepare(request, openai_body, None, messages,
+        host, model, prompt_ids, params, _ = await serving.prepare(request, openai_body, None, messages,
                                                                    response_format=body.response_format())
-    run = routes._open(request, host, model, prompt_ids, params, "api/generate", body.stream)
+    run = serving.open_run(request, host, model, prompt_ids, params, "api/generate", body.stream)
     if not body.stream:
-        text, stats = await routes._collect(run)
+        text, stats = await serving.collect(run)
         return {**_final(model.name, stats, started), "response": text}
 
     async def lines():

@@ -91,7 +91,7 @@ class GenerationRun:
 
     def __post_init__(self) -> None:
         if not self.baseline:  # one RunOptions for the whole run: terminate() reaches the step in flight
-            from lemonade_inferos.engine.ort_engine import make_run_options
+            from lemonade_inferos.engine.session import make_run_options
 
             self._ort_options = make_run_options(self.run_options, always=True)
 

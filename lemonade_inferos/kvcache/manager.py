@@ -23,19 +23,18 @@ re-indexed (see ``rope.py``).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
 
 from lemonade_inferos.engine.kv import CacheFullError, KVCache, KVLayout
 from lemonade_inferos.kvcache.block import KVBlock
 from lemonade_inferos.kvcache.codecs import codec_for_tier
-from lemonade_inferos.kvcache.importance import block_scores, per_layer_rank
-from lemonade_inferos.kvcache.plan import (TIER_EVICTED, TIER_INT4, TIER_INT8, TIER_L0, TIER_NAMES, KVPlan)
+from lemonade_inferos.kvcache.importance import AttentionAccumulator, block_scores, per_layer_rank
+from lemonade_inferos.kvcache.plan import TIER_EVICTED, TIER_INT4, TIER_INT8, TIER_L0, KVPlan
 from lemonade_inferos.kvcache.pool import BlockPool
 from lemonade_inferos.kvcache.rope import RopeTables
 from lemonade_inferos.kvcache.segments import Splice
-from lemonade_inferos.kvcache.stats import KVStats
+from lemonade_inferos.kvcache.stats import KVStats, measure
 from lemonade_inferos.kvcache.working_buffer import WorkingBuffer
 
 
@@ -58,7 +57,9 @@ class TieredKVCache(KVCache):
     def __init__(self, layout: KVLayout, plan: KVPlan, rope: RopeTables | None = None,
                  pool: BlockPool | None = None, initial_tokens: int = 256) -> None:
         self.layout = layout
-        self.buffer = WorkingBuffer(layout, initial_tokens, on_grow=self._grow_accumulators)
+        self.attention = AttentionAccumulator()   # used with importance="attention" only
+        self.buffer = WorkingBuffer(layout, initial_tokens, on_grow=self.attention.grow)
+        self.attention.grow(self.buffer.capacity)
         self.plan = plan
         self.rope = rope
         self.pool = pool or BlockPool(layout.num_layers)
@@ -67,9 +68,6 @@ class TieredKVCache(KVCache):
         self._sealed_end = 0
         self._next_block_index = 0
         self._evicted_scores: list[np.ndarray] = []
-        # attention probe accumulators per working-buffer token (only used with importance="attention")
-        self._attn_sum = np.zeros(self.buffer.capacity, dtype=np.float64)
-        self._attn_count = np.zeros(self.buffer.capacity, dtype=np.float64)
         self.stats = KVStats()
         self.splices: list[Splice] = []  # segment reuse: KV the next prefill places instead of running it
         self._codecs = {tier: codec_for_tier(tier, plan.group_size) for tier in (TIER_INT8, TIER_INT4)}
@@ -106,44 +104,16 @@ class TieredKVCache(KVCache):
     def new_positions(self, num_new: int) -> np.ndarray:
         return self.buffer.new_positions(num_new)
 
-    def _grow_accumulators(self, capacity: int) -> None:
-        for name in ("_attn_sum", "_attn_count"):
-            old = getattr(self, name)
-            grown = np.zeros(capacity, dtype=np.float64)
-            grown[:min(len(old), capacity)] = old[:capacity]
-            setattr(self, name, grown)
-
     @property
     def wants_attention(self) -> bool:
         return self.plan.importance == "attention"
 
     def observe_attention(self, probes: list[np.ndarray], num_new: int) -> None:
-        """Accumulate the probe layers' attention probabilities, averaged over heads (``[1, 1, S, T]``; per-head
-        ``[1, H, S, T]`` scores the same), per cached token.
-
-        Each token's score is its attention relative to uniform (probability x tokens the query could see),
-        averaged over the (layer, head, query) rows that could see it (ZipCache's normalization), so early
-        tokens are not favoured for having been seen by more queries. The rows may be the last few of the
-        ``num_new`` tokens only (a long prompt chunk's: ``row_probe.py``): each token counts the rows that saw it.
-        """
-        if self.plan.importance != "attention":
-            return
-        total, queries = probes[0].shape[-1], probes[0].shape[2]
-        assert queries <= num_new, "more probe rows than new tokens: this indicates a bug in the engine"
-        # weight each query row by how many tokens it could see: attention relative to uniform (1/visible),
-        # comparable across context lengths and over time (blocks evicted earlier keep comparable scores)
-        visible = np.arange(total - queries + 1, total + 1, dtype=np.float64)
-        mass = sum((p[0].sum(axis=0, dtype=np.float64) * visible[:, None]).sum(axis=0) for p in probes)
-        rows = len(probes) * probes[0].shape[1]
-        # causal: the token at i is seen by the probed queries at or after it (all of them for earlier tokens)
-        seen_by = np.minimum(float(queries), np.arange(total, 0, -1, dtype=np.float64))
-        self._attn_sum[:total] += mass
-        self._attn_count[:total] += seen_by * rows
+        if self.plan.importance == "attention":
+            self.attention.observe(probes, num_new)
 
     def _attention_score(self, block: KVBlock) -> np.ndarray:
-        counts = self._attn_count[block.start:block.end]
-        value = float((self._attn_sum[block.start:block.end] / np.maximum(counts, 1.0)).mean())
-        return np.full(self.layout.num_layers, value, dtype=np.float32)
+        return self.attention.block_score(block.start, block.end, self.layout.num_layers)
 
     def reserve(self, num_new: int) -> None:
         while self.num_tokens + num_new > self.layout.max_tokens and self.plan.evicts and self.blocks:
@@ -164,8 +134,7 @@ class TieredKVCache(KVCache):
             self.pool.free(block)
         self.blocks = keep
         self._sealed_end = min(self._sealed_end, keep[-1].end if keep else 0)
-        self._attn_sum[num_tokens:] = 0.0
-        self._attn_count[num_tokens:] = 0.0
+        self.attention.truncate(num_tokens)
         if num_tokens == 0:  # a new sequence: forget the old one's history and counters
             self._evicted_scores.clear()
             self._next_block_index = 0
@@ -232,7 +201,7 @@ class TieredKVCache(KVCache):
             if pressure > plan.int4_pressure:
                 target[rank < plan.int4_below] = TIER_INT4
             target = np.maximum(np.minimum(target, self.max_tier), self.floor_tier)
-            for tier in self._tiers_above_floor():
+            for tier in self.tiers_above_floor():
                 layers = np.nonzero((target == tier) & (block.tiers < tier))[0]  # one-way: never promote
                 if len(layers):
                     self._quantize(block, layers, tier)
@@ -244,7 +213,7 @@ class TieredKVCache(KVCache):
             for block in candidates[:max(0, budget)]:
                 self._evict(block)
 
-    def _tiers_above_floor(self) -> tuple[int, ...]:
+    def tiers_above_floor(self) -> tuple[int, ...]:
         return tuple(t for t in (TIER_INT8, TIER_INT4) if t > self.floor_tier)
 
     def _quantize(self, block: KVBlock, layers: np.ndarray, tier: int) -> None:
@@ -270,9 +239,7 @@ class TieredKVCache(KVCache):
         """Remove a block's tokens from the working buffer (compaction) and release its bytes."""
         start, end, n = block.start, block.end, self.num_tokens
         self.buffer.remove(start, end)
-        for accumulator in (self._attn_sum, self._attn_count):
-            accumulator[start:n - (end - start)] = accumulator[end:n]
-            accumulator[n - (end - start):n] = 0.0
+        self.attention.remove(start, end, n)
         index = self.blocks.index(block)
         for later in self.blocks[index + 1:]:
             later.start -= end - start
@@ -297,7 +264,7 @@ class TieredKVCache(KVCache):
                 self.buffer.write(layer, 0, 0, keys)
         positions[:n] = np.arange(n)
         for block in self.blocks:  # the at-rest codes must describe the re-rotated keys
-            for tier in self._tiers_above_floor():
+            for tier in self.tiers_above_floor():
                 layers = np.nonzero(block.tiers == tier)[0]
                 if len(layers):
                     block.tiers[layers] = TIER_L0
@@ -416,36 +383,5 @@ class TieredKVCache(KVCache):
 
     # -- reporting -----------------------------------------------------------------------------
     def kv_stats(self) -> KVStats:
-        """Bytes and tokens by tier, measured from the working buffer, the pool's arrays and the block table.
-
-        At rest: every held token at its tier (the floor tier's bytes are the working buffer's own, INT8 codes in
-        the INT8 live form; demoted layers at their KIVI bytes). Live: the working buffer as allocated and as used,
-        plus the pool's bytes.
-        """
-        layout, stats = self.layout, self.stats
-        per_token_layer = 2 * layout.num_kv_heads * layout.head_size
-        tier_tokens = {tier: 0 for tier in self._tiers_above_floor()}
-        for block in self.blocks:
-            for tier in tier_tokens:
-                tier_tokens[tier] += int((block.tiers == tier).sum()) * block.num_tokens
-        floor_token_layers = self.num_tokens * layout.num_layers - sum(tier_tokens.values())
-        by_bits = self.pool.nbytes_by_bits()
-        stats.tokens_seen = len(self.token_ids)
-        stats.tokens_held = self.num_tokens
-        tokens = {TIER_L0: 0.0, TIER_INT8: 0.0, TIER_INT4: 0.0}
-        tokens[self.floor_tier] = floor_token_layers / layout.num_layers
-        for tier, count in tier_tokens.items():
-            tokens[tier] += count / layout.num_layers
-        stats.tokens_by_tier = {TIER_NAMES[t]: v for t, v in tokens.items()}
-        stats.tokens_by_tier[TIER_NAMES[TIER_EVICTED]] = float(stats.tokens_seen - self.num_tokens)
-        floor_bytes = floor_token_layers * per_token_layer * layout.dtype.itemsize
-        stats.bytes_by_tier = {TIER_NAMES[TIER_L0]: 0, TIER_NAMES[TIER_INT8]: by_bits[8], TIER_NAMES[TIER_INT4]: by_bits[4]}
-        stats.bytes_by_tier[TIER_NAMES[self.floor_tier]] += floor_bytes
-        stats.kv_bytes = sum(stats.bytes_by_tier.values())
-        stats.live_form = "int8" if layout.live_int8 else str(layout.dtype)
-        stats.working_buffer_bytes = self.buffer.nbytes
-        stats.working_buffer_used_bytes = self.num_tokens * layout.bytes_per_token
-        stats.live_bytes = self.nbytes
-        stats.fp16_bytes = stats.tokens_seen * layout.num_layers * per_token_layer * 2
-        stats.model_dtype_bytes = stats.tokens_seen * layout.num_layers * per_token_layer * layout.dtype.itemsize
-        return replace(stats)
+        """Bytes and tokens by tier, measured now (``stats.measure``)."""
+        return measure(self)

@@ -19,8 +19,8 @@ import queue
 import threading
 import time
 from typing import Any, Iterable
-from urllib.parse import urlparse, urlunparse
 
+from lemonade_inferos.config.store_url import redis_url, shown
 from lemonade_inferos.kvcache.block import KVBlock
 from lemonade_inferos.kvcache.block_bytes import Tensor, decode_block, encode_block
 from lemonade_inferos.kvcache.reuse_stats import SharedStoreStats
@@ -29,31 +29,8 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "inferos:kv:v1:"
 SEGMENT_PREFIX = "inferos:seg:v1:"   # content key -> chained hash (16 bytes) + origin position (8, little endian)
-SCHEMES = {"valkey": "redis", "valkeys": "rediss", "redis": "redis", "rediss": "rediss", "unix": "unix"}
 READ_BATCH = 8
 MAX_BACKOFF_S = 30.0
-
-
-def redis_url(url: str) -> str:
-    """``valkey://`` / ``valkeys://`` as the ``redis://`` / ``rediss://`` URL redis-py connects to.
-
-    Raises:
-        ValueError: not a Valkey/Redis URL.
-    """
-    parsed = urlparse(url)
-    if parsed.scheme not in SCHEMES or (parsed.scheme != "unix" and not parsed.hostname):
-        raise ValueError(f"{url!r} is not a Valkey/Redis URL: valkey://HOST:PORT/DB (also redis://, rediss://, "
-                         "valkeys://, unix://)")
-    return urlunparse(parsed._replace(scheme=SCHEMES[parsed.scheme]))
-
-
-def shown(url: str) -> str:
-    """The URL without its password (for logs and metrics)."""
-    parsed = urlparse(url)
-    if parsed.password:
-        netloc = f"{parsed.username or ''}:***@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")
-        return urlunparse(parsed._replace(netloc=netloc))
-    return url
 
 
 class SharedTier:

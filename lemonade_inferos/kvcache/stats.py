@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from lemonade_inferos.kvcache.plan import TIER_EVICTED, TIER_INT4, TIER_INT8, TIER_L0, TIER_NAMES
+
+if TYPE_CHECKING:
+    from lemonade_inferos.kvcache.manager import TieredKVCache
 
 
 @dataclass
@@ -39,3 +45,39 @@ class KVStats:
         data["compression_vs_fp16"] = self.compression_vs_fp16
         data["compression_vs_model_dtype"] = self.compression_vs_model_dtype
         return data
+
+
+def measure(cache: TieredKVCache) -> KVStats:
+    """Bytes and tokens by tier, measured from the working buffer, the pool's arrays and the block table.
+
+    At rest: every held token at its tier (the floor tier's bytes are the working buffer's own, INT8 codes in
+    the INT8 live form; demoted layers at their KIVI bytes). Live: the working buffer as allocated and as used,
+    plus the pool's bytes.
+    """
+    layout, stats = cache.layout, cache.stats
+    per_token_layer = 2 * layout.num_kv_heads * layout.head_size
+    tier_tokens = {tier: 0 for tier in cache.tiers_above_floor()}
+    for block in cache.blocks:
+        for tier in tier_tokens:
+            tier_tokens[tier] += int((block.tiers == tier).sum()) * block.num_tokens
+    floor_token_layers = cache.num_tokens * layout.num_layers - sum(tier_tokens.values())
+    by_bits = cache.pool.nbytes_by_bits()
+    stats.tokens_seen = len(cache.token_ids)
+    stats.tokens_held = cache.num_tokens
+    tokens = {TIER_L0: 0.0, TIER_INT8: 0.0, TIER_INT4: 0.0}
+    tokens[cache.floor_tier] = floor_token_layers / layout.num_layers
+    for tier, count in tier_tokens.items():
+        tokens[tier] += count / layout.num_layers
+    stats.tokens_by_tier = {TIER_NAMES[t]: v for t, v in tokens.items()}
+    stats.tokens_by_tier[TIER_NAMES[TIER_EVICTED]] = float(stats.tokens_seen - cache.num_tokens)
+    floor_bytes = floor_token_layers * per_token_layer * layout.dtype.itemsize
+    stats.bytes_by_tier = {TIER_NAMES[TIER_L0]: 0, TIER_NAMES[TIER_INT8]: by_bits[8], TIER_NAMES[TIER_INT4]: by_bits[4]}
+    stats.bytes_by_tier[TIER_NAMES[cache.floor_tier]] += floor_bytes
+    stats.kv_bytes = sum(stats.bytes_by_tier.values())
+    stats.live_form = "int8" if layout.live_int8 else str(layout.dtype)
+    stats.working_buffer_bytes = cache.buffer.nbytes
+    stats.working_buffer_used_bytes = cache.num_tokens * layout.bytes_per_token
+    stats.live_bytes = cache.nbytes
+    stats.fp16_bytes = stats.tokens_seen * layout.num_layers * per_token_layer * 2
+    stats.model_dtype_bytes = stats.tokens_seen * layout.num_layers * per_token_layer * layout.dtype.itemsize
+    return replace(stats)

@@ -62,9 +62,9 @@ def test_a_probed_graph_scores_a_chunk_on_both_paths_alike(calibrated_model):
     float_path, int8_path = TieredKVCache(engine.layout, plan), TieredKVCache(engine.layout, plan)
     StepBinding(engine, float_path).run(np.asarray([PROMPT[:96]]), all_logits=False)
     engine.forward(PROMPT[:96], int8_path)
-    np.testing.assert_array_equal(float_path._attn_count[:96], int8_path._attn_count[:96])
-    assert int8_path._attn_sum[:96].min() > 0
-    np.testing.assert_allclose(float_path._attn_sum[:96], int8_path._attn_sum[:96], rtol=0.03)
+    np.testing.assert_array_equal(float_path.attention.rows[:96], int8_path.attention.rows[:96])
+    assert int8_path.attention.mass[:96].min() > 0
+    np.testing.assert_allclose(float_path.attention.mass[:96], int8_path.attention.mass[:96], rtol=0.03)
 
 
 def test_a_chunk_probed_on_its_last_rows_computes_the_same_and_scores_them_as_the_int8_path(calibrated_model):

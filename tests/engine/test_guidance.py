@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lemonade_inferos.engine.guidance import Guidance, TokenConstraint, guidance_tokenizer
-from lemonade_inferos.engine.ort_engine import _Picker
+from lemonade_inferos.engine.picker import TokenPicker
 from lemonade_inferos.engine.sampling import Sampler, SamplingParams
 from lemonade_inferos.engine.speculative import SpeculationConfig
 from lemonade_inferos.errors import GenerationError
@@ -61,7 +61,7 @@ def test_a_draft_the_grammar_forbids_is_rejected_for_an_allowed_token(ort_engine
     assert not allowed[forbidden]
     rows = np.zeros((2, vocab), dtype=np.float32)
     rows[:, forbidden] = 10.0          # the model "wants" the draft
-    picker = _Picker(Sampler(SamplingParams(), vocab), constraint)
+    picker = TokenPicker(Sampler(SamplingParams(), vocab), constraint)
     outs = picker.accepted(rows, [forbidden])
     assert outs[0] != forbidden and allowed[outs[0]] and len(outs) == 1
 

@@ -71,7 +71,7 @@ def test_a_long_prompt_probed_on_a_few_rows_per_chunk_decodes_as_in_one_chunk(mo
     # each 200-token chunk: its first rows unprobed, its last rows probed; then one row per decode step
     assert [shape[2] for shape in observed[:3]] == [24000 // 200, 24000 // 400, 24000 // 600]
     assert all(shape[2] == 1 for shape in observed[3:]) and len(observed) == 3 + 47
-    assert cache._attn_count[:600].min() > 0   # every prompt token was seen by some probed row
+    assert cache.attention.rows[:600].min() > 0   # every prompt token was seen by some probed row
 
 
 def test_chunked_prefill_gives_the_same_logits_as_one_pass(ort_engine, corpus_ids):

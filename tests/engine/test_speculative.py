@@ -111,9 +111,9 @@ def test_attention_probe_scores_count_accepted_tokens_only(model_dir, repeat_pro
     assert drafted == plain and stats.drafted_n > stats.accepted_n
     n = caches[0].num_tokens
     # exactly the (layer, head, query) rows plain decoding observed: no rejected query row was counted
-    np.testing.assert_array_equal(caches[1]._attn_count[:n], caches[0]._attn_count[:n])
+    np.testing.assert_array_equal(caches[1].attention.rows[:n], caches[0].attention.rows[:n])
     # the probabilities themselves come from multi-row forwards, which round differently
-    np.testing.assert_allclose(caches[1]._attn_sum[:n], caches[0]._attn_sum[:n], rtol=0.03)
+    np.testing.assert_allclose(caches[1].attention.mass[:n], caches[0].attention.mass[:n], rtol=0.03)
     np.testing.assert_allclose([b.scores for b in caches[1].blocks], [b.scores for b in caches[0].blocks], rtol=0.03)
 
 

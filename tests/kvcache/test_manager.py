@@ -179,6 +179,6 @@ def test_a_chunk_probed_on_its_last_rows_counts_for_each_token_the_rows_that_saw
     rows = np.zeros((1, 1, 2, 10), dtype=np.float32)
     rows[0, 0, 0, :9], rows[0, 0, 1, :] = 1 / 9, 1 / 10
     cache.observe_attention([rows, rows], num_new=6)
-    np.testing.assert_array_equal(cache._attn_count[:10], [4.0] * 9 + [2.0])   # 2 rows x 2 probe layers
+    np.testing.assert_array_equal(cache.attention.rows[:10], [4.0] * 9 + [2.0])   # 2 rows x 2 probe layers
     # attention relative to uniform: every row that saw a token gave it exactly its uniform share
-    np.testing.assert_allclose(cache._attn_sum[:10] / cache._attn_count[:10], 1.0)
+    np.testing.assert_allclose(cache.attention.mass[:10] / cache.attention.rows[:10], 1.0)

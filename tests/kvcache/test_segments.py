@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lemonade_inferos.engine.binding import StepBinding
-from lemonade_inferos.engine.ort_engine import take_splices
+from lemonade_inferos.engine.prompt_cache import take_splices
 from lemonade_inferos.eval.scoring import log_softmax
 from lemonade_inferos.kvcache.manager import TieredKVCache
 from lemonade_inferos.kvcache.plan import TIER_INT4, named_plan
