@@ -3,7 +3,8 @@
 ``POST /internal/set`` takes a partial settings object (Lemonade's ``config.json`` shape) and applies what this
 host can change while it runs: the ``telemetry`` block, the server-wide ``ctx_size`` used by later loads and
 ``max_loaded_models``. Any other key is a 400 naming it, so a client never believes a setting took effect when it
-did not; every key is validated before any is applied. ``POST /internal/pin`` pins or unpins a loaded model.
+did not; every key is validated before any is applied. ``POST /internal/pin`` pins or unpins a loaded model;
+``/internal/aliases`` lists, sets and removes model aliases (``aliases.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
+from lemonade_inferos.host.aliases import AliasConflict
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
 
@@ -71,6 +73,40 @@ async def pin(request: Request):
                        loaded=list(host.models.loaded))
     loaded.pinned = body["pinned"]
     return {"model_name": name, "pinned": loaded.pinned, "status": "success"}
+
+
+@router.get("/aliases")
+async def list_aliases(request: Request):
+    """Every model alias with the model it points to (Lemonade's ``recipe`` is llamacpp for an unknown target)."""
+    registry = request.app.state.host.registry
+    models = registry.all()
+    return {"aliases": [{"alias": alias, "target": target,
+                         "downloaded": target in models and registry.is_downloaded(target),
+                         "recipe": models[target].get("recipe", "oga-cpu") if target in models else "llamacpp"}
+                        for alias, target in sorted(registry.aliases.all().items())]}
+
+
+@router.post("/aliases")
+async def set_alias(request: Request):
+    """Point ``alias`` at ``target`` (or ``model``), creating or updating it."""
+    registry = request.app.state.host.registry
+    body = await json_object(request, "alias")
+    alias, target = body.get("alias"), body.get("target", body.get("model"))
+    if not isinstance(alias, str) or not isinstance(target, str):
+        raise APIError(400, "invalid_request", "alias and target are required strings",
+                       param="alias" if not isinstance(alias, str) else "target")
+    try:
+        registry.aliases.set(alias, target, set(registry.all()))
+    except AliasConflict as exc:
+        raise APIError(409, exc.code, exc.message, **exc.details) from exc
+    return {"alias": alias, "status": "ok", "target": target}
+
+
+@router.delete("/aliases/{alias}")
+async def delete_alias(alias: str, request: Request):
+    if not request.app.state.host.registry.aliases.remove(alias):
+        raise APIError(404, "alias_not_found", f"no alias '{alias}'", alias=alias)
+    return {"alias": alias, "status": "deleted"}
 
 
 def _integer(value: object) -> bool:

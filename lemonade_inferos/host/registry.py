@@ -19,6 +19,7 @@ from lemonade_inferos.engine.build import BuildSpec, build_model, is_built
 from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.durable import atomic_write, quarantine
 from lemonade_inferos.errors import InferosError, ModelNotFoundError, RequestError
+from lemonade_inferos.host.aliases import ModelAliases
 from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ BUILTIN_MODELS: dict[str, dict[str, Any]] = {
 
 
 class ModelRegistry:
-    def __init__(self, user_models_path: Path | None = None) -> None:
+    def __init__(self, user_models_path: Path | None = None, aliases: ModelAliases | None = None) -> None:
         self.user_models_path = user_models_path or inferos_home() / "user_models.json"
+        self.aliases = aliases or ModelAliases(self.user_models_path.parent / "aliases.json")
 
     def _user_models(self) -> dict[str, dict[str, Any]]:
         """``user.*`` registrations; a damaged file is quarantined (the registrations are lost, not the server)."""
@@ -66,16 +68,16 @@ class ModelRegistry:
         models.update({name: {"model_name": name, **info} for name, info in self._user_models().items()})
         return models
 
-    @staticmethod
-    def canonical(name: str) -> str:
+    def canonical(self, name: str) -> str:
         """Lemonade's name prefixes: ``builtin.NAME`` is the built-in NAME; ``extra.`` names Lemonade's
-        extra_models_dir GGUFs, which this host does not serve (400). A ``:latest`` tag is ignored, as Lemonade does.
+        extra_models_dir GGUFs, which this host does not serve (400). A ``:latest`` tag is ignored, as Lemonade does,
+        and an alias (``aliases.py``) stands for its target.
 
         Raises:
             RequestError: an ``extra.`` name.
             ModelNotFoundError: ``builtin.`` before a name that is not built in.
         """
-        name = name.removesuffix(":latest")   # Ollama's default tag (Ollama clients send it): the model itself
+        name = self.aliases.resolve(name.removesuffix(":latest"))   # Ollama's default tag: the model itself
         if name.startswith("extra."):
             raise RequestError(f"'{name}': extra. models are GGUF files of Lemonade's extra_models_dir, which this "
                                "host does not serve; register an onnxruntime-genai folder as user.NAME", model=name)

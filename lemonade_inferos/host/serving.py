@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -68,13 +69,25 @@ class Prompt:
 
 
 async def prepare(request: Request, body: SamplingFields, text: str | None, messages: list[dict] | None,
-                   max_tokens: int | None = None, response_format: dict[str, Any] | None = None,
-                   tool_request: ChatCompletionRequest | None = None, token_ids: list[int] | None = None):
+                  max_tokens: int | None = None, response_format: dict[str, Any] | None = None,
+                  tool_request: ChatCompletionRequest | None = None, token_ids: list[int] | None = None):
     """The model, prompt ids and sampling of a request; with ``tool_request``, also its tool setup (the tools
     rendered into the prompt, the call syntax constraining the output).
 
     The prompt is built in a worker thread (templating, tokenizing, compiling a schema can take seconds for a
-    large body), so health checks and other clients' streams go on meanwhile."""
+    large body), so health checks and other clients' streams go on meanwhile. A request refused here still
+    gets its telemetry span (:func:`refused`)."""
+    started = time.time()
+    try:
+        return await _prepare(request, body, text, messages, max_tokens, response_format, tool_request, token_ids)
+    except Exception as exc:
+        refused(request, body.model, exc, started)
+        raise
+
+
+async def _prepare(request: Request, body: SamplingFields, text: str | None, messages: list[dict] | None,
+                   max_tokens: int | None, response_format: dict[str, Any] | None,
+                   tool_request: ChatCompletionRequest | None, token_ids: list[int] | None):
     host = host_of(request)
     model = await host.models.resolve(body.model)
     prompt = await asyncio.to_thread(_prompt, model, text, messages, response_format, tool_request, token_ids)
@@ -138,10 +151,41 @@ def open_run(request: Request, host: Any, model: Any, prompt_ids: list[int], par
           endpoint: str, stream: bool, cache_prompt: bool = True):
     """Admit the run now (a full queue is a 503 before any response starts). A non-streaming run watches its
     client: one that hangs up stops the generation."""
-    return host.generator.open(model, prompt_ids, params, endpoint, new_request_id(),
-                               is_disconnected=None if stream else request.is_disconnected, stream=stream,
-                               trace=_trace(request, host, model, prompt_ids, params, endpoint),
-                               cache_prompt=cache_prompt)
+    started = time.time()
+    try:
+        return host.generator.open(model, prompt_ids, params, endpoint, new_request_id(),
+                                   is_disconnected=None if stream else request.is_disconnected, stream=stream,
+                                   trace=_trace(request, host, model, prompt_ids, params, endpoint),
+                                   cache_prompt=cache_prompt)
+    except Exception as exc:
+        refused(request, model.name, exc, started)
+        raise
+
+
+def refused(request: Request, model: str | None, exc: Exception, started: float) -> None:
+    """The telemetry span of a request refused before it ran (nothing is built while telemetry is off)."""
+    telemetry = host_of(request).telemetry
+    if not telemetry.enabled:
+        return
+    if isinstance(exc, APIError):
+        status, code, message = exc.status, exc.code, exc.message
+    elif isinstance(exc, InferosError):
+        status, body = inferos_error_body(exc)
+        code, message = body["error"]["code"], body["error"]["message"]
+    else:
+        status, code, message = 500, "internal_error", repr(exc)
+    telemetry.record_refused(RequestTrace(endpoint_of(request), dict(request.headers)), model, status, code,
+                             message, started)
+
+
+def endpoint_of(request: Request) -> str:
+    """The endpoint a span is named after: the path without its API prefix (``chat/completions``, ``messages``,
+    Ollama's ``api/chat``)."""
+    path = request.url.path.lstrip("/")
+    for prefix in ("api/v1/", "api/v0/", "v1/", "v0/"):
+        if path.startswith(prefix):
+            return path.removeprefix(prefix)
+    return path
 
 
 def _trace(request: Request, host: Any, model: Any, prompt_ids: list[int], params: SamplingParams,

@@ -215,6 +215,32 @@ class Telemetry:
         except Exception:
             log.exception("building the request's span failed; the request is unaffected")
 
+    def record_refused(self, trace: RequestTrace, model: str | None, status: int, code: str, message: str,
+                       start_unix: float) -> None:
+        """Export one span for a request refused before it ran (an unknown model, a prompt the context cannot
+        hold, a full queue): no tokens, the HTTP status and the error's code. Never raises."""
+        tracer = self._tracer
+        if tracer is None:
+            return
+        try:
+            from opentelemetry.trace import Status, StatusCode
+
+            parent = self._parent(trace.headers) if self.settings.trust_incoming_trace_context else None
+            attrs: dict[str, Any] = {"llm.usage.prompt_tokens": 0, "llm.usage.completion_tokens": 0,
+                                     "llm.usage.total_tokens": 0, "http.response.status_code": status,
+                                     "error.type": code, "inferos.error_kind": "request"}
+            if model:
+                attrs.update({"llm.model_name": model, "gen_ai.request.model": model})
+            session = self._session_id(trace.headers)
+            if session:
+                attrs["session.id"] = session
+            span = tracer.start_span(trace.endpoint.replace("/", "."), context=parent,
+                                     start_time=int(start_unix * 1e9), attributes=attrs)
+            span.set_status(Status(StatusCode.ERROR, message[:200]))
+            span.end()
+        except Exception:
+            log.exception("building a refused request's span failed; the answer is unaffected")
+
     def _attributes(self, stats: InferenceStats, trace: RequestTrace, notes: Mapping[str, Any]) -> dict[str, Any]:
         settings = self.settings
         semantics = set(settings.otlp.semantics)

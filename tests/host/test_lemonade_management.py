@@ -217,3 +217,36 @@ def test_cache_prompt_false_prefills_from_scratch(server):
     cold = httpx.post(f"{server}/api/v1/chat/completions", json={**body, "cache_prompt": False}, timeout=120).json()
     assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert cold["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"]
+
+
+def test_an_alias_stands_for_its_target_in_every_model_field_until_it_is_deleted(server):
+    made = httpx.post(f"{server}/internal/aliases", json={"alias": "my-chat", "target": MODEL}, timeout=30)
+    assert made.json() == {"alias": "my-chat", "status": "ok", "target": MODEL}
+    listed = httpx.get(f"{server}/internal/aliases", timeout=30).json()["aliases"]
+    assert {"alias": "my-chat", "target": MODEL, "downloaded": True, "recipe": "oga-cpu"} in listed
+    # a chain: an alias of the alias, used by the OpenAI route and by Ollama's with its :latest tag
+    httpx.post(f"{server}/internal/aliases", json={"alias": "chat2", "model": "my-chat"}, timeout=30)
+    body = {"model": "chat2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    reply = httpx.post(f"{server}/api/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    ollama = httpx.post(f"{server}/api/chat", json={**body, "model": "chat2:latest", "stream": False}, timeout=120)
+    assert ollama.status_code == 200, ollama.text
+    assert httpx.delete(f"{server}/internal/aliases/chat2", timeout=30).json() == {"alias": "chat2",
+                                                                                 "status": "deleted"}
+    gone = httpx.delete(f"{server}/internal/aliases/chat2", timeout=30)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "alias_not_found"
+    assert httpx.post(f"{server}/api/v1/chat/completions", json=body, timeout=120).status_code == 404
+    httpx.delete(f"{server}/internal/aliases/my-chat", timeout=30).raise_for_status()
+
+
+def test_an_alias_that_would_hide_a_model_loop_or_take_a_reserved_prefix_is_refused(server):
+    for bad in ({"alias": "x"}, {"target": MODEL}, {"alias": "x", "target": "x"},
+                {"alias": "user.mine", "target": MODEL}, {"alias": "builtin.x", "target": MODEL}, []):
+        assert httpx.post(f"{server}/internal/aliases", json=bad, timeout=30).status_code == 400, bad
+    hides = httpx.post(f"{server}/internal/aliases", json={"alias": MODEL, "target": "other"}, timeout=30)
+    assert hides.status_code == 409 and hides.json()["error"]["code"] == "alias_conflict"
+    httpx.post(f"{server}/internal/aliases", json={"alias": "a", "target": "b"}, timeout=30).raise_for_status()
+    loop = httpx.post(f"{server}/internal/aliases", json={"alias": "b", "target": "a"}, timeout=30)
+    assert loop.status_code == 409 and "loop" in loop.json()["error"]["message"]
+    assert [a["alias"] for a in httpx.get(f"{server}/internal/aliases", timeout=30).json()["aliases"]] == ["a"]
+    httpx.delete(f"{server}/internal/aliases/a", timeout=30).raise_for_status()

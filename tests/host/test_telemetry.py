@@ -116,6 +116,27 @@ def test_each_request_exports_one_span_with_openinference_attributes(server, rec
     _telemetry(server, {"enabled": False, "hide_inputs": False, "hide_outputs": False})
 
 
+def test_a_request_refused_before_it_runs_exports_an_error_span(server, receiver):
+    assert _telemetry(server, {"enabled": True, "otlp": {"endpoint": receiver.url, "batch_timeout_s": 0.2}}) \
+        .status_code == 200
+    before = len(receiver.spans)
+    missing = httpx.post(f"{server}/api/v1/chat/completions", headers={"x-session-id": "chat-9"}, timeout=60,
+                         json={"model": "no-such-model", "messages": [{"role": "user", "content": "Hi"}]})
+    assert missing.status_code == 404
+    too_long = httpx.post(f"{server}/api/v1/completions", timeout=60,
+                          json={"model": MODEL, "prompt": "lemon " * 9000, "max_tokens": 2})
+    assert too_long.status_code == 400
+    assert httpx.post(f"{server}/internal/telemetry/flush", timeout=60).json()["status"] == "flushed"
+    spans = receiver.spans[before:]
+    assert [s.name for s in spans] == ["chat.completions", "completions"]
+    first, second = (_attributes(s) for s in spans)
+    assert first["http.response.status_code"] == 404 and first["error.type"] == "model_not_found"
+    assert first["llm.model_name"] == "no-such-model" and first["session.id"] == "chat-9"
+    assert second["http.response.status_code"] == 400 and second["llm.usage.completion_tokens"] == 0
+    assert all(s.status.code == 2 for s in spans), "both spans carry the ERROR status"
+    _telemetry(server, {"enabled": False})
+
+
 def test_bad_telemetry_settings_are_400_and_change_nothing(server, receiver):
     _telemetry(server, {"enabled": False})
     for block in ({"enabled": "yes"}, {"otlp": {"endpoint": "ftp://collector"}}, {"verbose": True},
