@@ -34,6 +34,7 @@ from lemonade_inferos.host.schemas import ChatCompletionRequest, SamplingFields
 from lemonade_inferos.host.telemetry import RequestTrace
 from lemonade_inferos.http.errors import APIError, error_body
 from lemonade_inferos.http.handlers import inferos_error_body
+from lemonade_inferos.http.json_body import parsed_body
 
 log = logging.getLogger(__name__)
 SSE_PING_S = float(os.environ.get("LEMONADE_SSE_PING_S", "5"))
@@ -174,8 +175,21 @@ def refused(request: Request, model: str | None, exc: Exception, started: float)
         code, message = body["error"]["code"], body["error"]["message"]
     else:
         status, code, message = 500, "internal_error", repr(exc)
-    telemetry.record_refused(RequestTrace(endpoint_of(request), dict(request.headers)), model, status, code,
-                             message, started)
+    session, user = _body_identity(request)
+    telemetry.record_refused(RequestTrace(endpoint_of(request), dict(request.headers), session_id=session,
+                                          user_id=user), model, status, code, message, started)
+
+
+def _body_identity(request: Request) -> tuple[str | None, str | None]:
+    """The body's ``session_id`` (Lemonade: it wins over every session header) and its user (OpenAI's ``user``,
+    Anthropic's ``metadata.user_id``), from the body as the route parsed it."""
+    body = parsed_body(request)
+    if not isinstance(body, dict):
+        return None, None
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    session, user = body.get("session_id"), body.get("user") or metadata.get("user_id")
+    return (session if isinstance(session, str) and session else None,
+            user if isinstance(user, str) and user else None)
 
 
 def endpoint_of(request: Request) -> str:
@@ -198,7 +212,9 @@ def _trace(request: Request, host: Any, model: Any, prompt_ids: list[int], param
     parameters = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
                   "max_tokens": params.max_tokens, "seed": params.seed,
                   "guidance": params.guidance.kind if params.guidance else None}
-    return RequestTrace(endpoint, dict(request.headers), text, {k: v for k, v in parameters.items() if v is not None})
+    session, user = _body_identity(request)
+    return RequestTrace(endpoint, dict(request.headers), text, {k: v for k, v in parameters.items() if v is not None},
+                        session_id=session, user_id=user)
 
 
 async def collect(run) -> tuple[str, InferenceStats]:

@@ -26,7 +26,10 @@ from lemonade_inferos.hooktypes import InferenceStats
 log = logging.getLogger(__name__)
 REDACTED = "[REDACTED]"
 
-SESSION_HEADERS = ("x-opencode-session", "x-session-id", "x-client-session-id", "mcp-session-id")
+# Lemonade's well-known headers, in its order of precedence (docs/guide/telemetry.md, "Session Tracking")
+SESSION_HEADERS = ("x-opencode-session", "x-session-id", "x-client-session-id", "mcp-session-id",
+                   "x-conversation-id", "session-id")
+CLIENT_HEADERS = ("x-opencode-client", "x-client-id", "x-client-name")
 NOT_APPLIED = {
     "otlp.max_retries": "opentelemetry-sdk's OTLP exporter retries transient errors with its own backoff inside "
                         "its export timeout; the count is not settable",
@@ -111,6 +114,8 @@ class RequestTrace:
     input_text: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     output_parts: list[str] = field(default_factory=list)
+    session_id: str | None = None   # the body's ``session_id``: it wins over every header
+    user_id: str | None = None      # the body's user (OpenAI ``user``, Anthropic ``metadata.user_id``)
 
 
 class _CountingExporter:
@@ -231,9 +236,11 @@ class Telemetry:
                                      "error.type": code, "inferos.error_kind": "request"}
             if model:
                 attrs.update({"llm.model_name": model, "gen_ai.request.model": model})
-            session = self._session_id(trace.headers)
+            session = self._session_id(trace)
             if session:
                 attrs["session.id"] = session
+            if trace.user_id:
+                attrs["user.id"] = trace.user_id
             span = tracer.start_span(trace.endpoint.replace("/", "."), context=parent,
                                      start_time=int(start_unix * 1e9), attributes=attrs)
             span.set_status(Status(StatusCode.ERROR, message[:200]))
@@ -246,7 +253,7 @@ class Telemetry:
         semantics = set(settings.otlp.semantics)
         attrs: dict[str, Any] = {}
         output = "".join(trace.output_parts)
-        session = self._session_id(trace.headers)
+        session = self._session_id(trace)
         if "openinference" in semantics:
             from openinference.semconv.trace import OpenInferenceSpanKindValues, SpanAttributes as OI
             attrs.update({OI.OPENINFERENCE_SPAN_KIND: OpenInferenceSpanKindValues.LLM.value,
@@ -265,6 +272,8 @@ class Telemetry:
                           OI.OUTPUT_MIME_TYPE: "text/plain"})
             if session:
                 attrs[OI.SESSION_ID] = session
+            if trace.user_id:
+                attrs[OI.USER_ID] = trace.user_id
         if "otel_genai" in semantics:
             attrs.update({"gen_ai.system": "lemonade", "gen_ai.operation.name": trace.endpoint,
                           "gen_ai.request.model": stats.model, "gen_ai.response.model": stats.model,
@@ -278,6 +287,8 @@ class Telemetry:
                     attrs[f"gen_ai.request.{key}"] = trace.parameters[key]
             if session:
                 attrs["gen_ai.conversation.id"] = session
+            if trace.user_id:
+                attrs["enduser.id"] = trace.user_id
         attrs.update({"llm.usage.prompt_tokens": stats.prompt_n, "llm.usage.completion_tokens": stats.predicted_n,
                       "llm.usage.total_tokens": stats.prompt_n + stats.predicted_n})   # Lemonade's, any semantics
         attrs.update(_scalars("inferos", {
@@ -297,11 +308,13 @@ class Telemetry:
         carrier = {k.lower(): v for k, v in headers.items() if k.lower() in ("traceparent", "tracestate")}
         return TraceContextTextMapPropagator().extract(carrier) if "traceparent" in carrier else None
 
-    def _session_id(self, headers: Mapping[str, str]) -> str | None:
-        configured = self.settings.session.headers.id
-        names = ([configured] if isinstance(configured, str) else list(configured)) + list(SESSION_HEADERS)
-        lowered = {k.lower(): v for k, v in headers.items()}
-        return next((lowered[n.lower()] for n in names if n.lower() in lowered), None)
+    def _session_id(self, trace: RequestTrace) -> str | None:
+        """Lemonade's resolution: the body's ``session_id``, then the configured session headers, then the
+        well-known ones; prefixed ``<client>/`` when a configured or well-known client header names the client."""
+        lowered = {k.lower(): v for k, v in trace.headers.items()}
+        session = trace.session_id or _first(lowered, self.settings.session.headers.id, SESSION_HEADERS)
+        client = _first(lowered, self.settings.session.headers.client, CLIENT_HEADERS)
+        return f"{client}/{session}" if session and client else session
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         provider = self._provider
@@ -338,3 +351,9 @@ def _scalars(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, int, float)) for v in value):
             out[f"{prefix}.{key}"] = [str(v) for v in value] if len({type(v) for v in value}) > 1 else list(value)
     return out
+
+
+def _first(lowered: Mapping[str, str], configured: list[str] | str, known: Sequence[str]) -> str | None:
+    """The first of the configured headers, then of the well-known ones, that the request carries."""
+    names = ([configured] if isinstance(configured, str) else list(configured)) + list(known)
+    return next((lowered[n.lower()] for n in names if lowered.get(n.lower())), None)

@@ -137,6 +137,26 @@ def test_a_request_refused_before_it_runs_exports_an_error_span(server, receiver
     _telemetry(server, {"enabled": False})
 
 
+def test_sessions_resolve_as_lemonade_does_body_first_then_configured_then_known_headers_with_the_client(
+        server, receiver):
+    assert _telemetry(server, {"enabled": True, "session": {"headers": {"id": ["x-corp-session"]}},
+                               "otlp": {"endpoint": receiver.url, "batch_timeout_s": 0.2}}).status_code == 200
+    before = len(receiver.spans)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    for headers, extra in (({"x-session-id": "from-header", "x-client-name": "vscode"},
+                            {"session_id": "from-body", "user": "alice"}),
+                           ({"x-session-id": "known", "x-corp-session": "configured"}, {}),
+                           ({"session-id": "last-known"}, {})):
+        reply = httpx.post(f"{server}/api/v1/chat/completions", json={**chat, **extra}, headers=headers, timeout=120)
+        assert reply.status_code == 200, reply.text
+    httpx.post(f"{server}/internal/telemetry/flush", timeout=60)
+    spans = [_attributes(s) for s in receiver.spans[before:]]
+    assert [a["session.id"] for a in spans] == ["vscode/from-body", "configured", "last-known"]
+    assert spans[0]["gen_ai.conversation.id"] == "vscode/from-body" and spans[0]["user.id"] == "alice"
+    assert "user.id" not in spans[1]
+    _telemetry(server, {"enabled": False, "session": {"headers": {"id": []}}})
+
+
 def test_bad_telemetry_settings_are_400_and_change_nothing(server, receiver):
     _telemetry(server, {"enabled": False})
     for block in ({"enabled": "yes"}, {"otlp": {"endpoint": "ftp://collector"}}, {"verbose": True},
