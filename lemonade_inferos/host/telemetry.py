@@ -63,12 +63,9 @@ class OtlpSettings(_Strict):
 
     @field_validator("protocol")
     @classmethod
-    def _protobuf(cls, value: str) -> str:
-        if value == "http/json":
-            raise ValueError("http/json is not served by opentelemetry-sdk's Python exporter; use http/protobuf "
-                             "(every OTLP/HTTP receiver accepts it)")
-        if value != "http/protobuf":
-            raise ValueError("one of 'http/protobuf' (supported) or 'http/json'")
+    def _protocol(cls, value: str) -> str:
+        if value not in ("http/protobuf", "http/json"):
+            raise ValueError("one of 'http/protobuf' or 'http/json'")
         return value
 
 
@@ -191,8 +188,12 @@ class Telemetry:
                                                             "service.version": self.service_version}),
                                   span_limits=SpanLimits(max_attribute_length=settings.max_attribute_length),
                                   shutdown_on_exit=False)
-        exporter = OTLPSpanExporter(endpoint=settings.otlp.endpoint, headers=dict(settings.otlp.headers),
-                                    timeout=10)
+        if settings.otlp.protocol == "http/json":
+            from lemonade_inferos.host.otlp_json import OTLPJsonSpanExporter
+            exporter = OTLPJsonSpanExporter(settings.otlp.endpoint, settings.otlp.headers, timeout=10)
+        else:
+            exporter = OTLPSpanExporter(endpoint=settings.otlp.endpoint, headers=dict(settings.otlp.headers),
+                                        timeout=10)
         provider.add_span_processor(BatchSpanProcessor(
             _CountingExporter(exporter, self.counts), max_queue_size=settings.max_queue_capacity,
             schedule_delay_millis=settings.otlp.batch_timeout_s * 1000,

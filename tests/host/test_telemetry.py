@@ -4,12 +4,16 @@ an OpenTelemetry Collector take it); bad settings are 400s; a collector that is 
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
                                                                        ExportTraceServiceResponse)
 
@@ -28,7 +32,10 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 (http.server's name)
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                request = ExportTraceServiceRequest.FromString(body)
+                if self.headers["Content-Type"] == "application/json":   # OTLP/JSON: ids in hex
+                    request = json_format.ParseDict(_hex_ids_to_base64(json.loads(body)), ExportTraceServiceRequest())
+                else:
+                    request = ExportTraceServiceRequest.FromString(body)
                 receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
                 for resource_spans in request.resource_spans:
                     for scope_spans in resource_spans.scope_spans:
@@ -46,6 +53,14 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def _hex_ids_to_base64(value):
+    """OTLP/JSON writes trace and span ids in hex where protobuf's JSON mapping has base64."""
+    if isinstance(value, dict):
+        return {k: base64.b64encode(bytes.fromhex(v)).decode() if k in ("traceId", "spanId", "parentSpanId")
+                else _hex_ids_to_base64(v) for k, v in value.items()}
+    return [_hex_ids_to_base64(v) for v in value] if isinstance(value, list) else value
 
 
 def _attributes(span) -> dict:
@@ -157,10 +172,45 @@ def test_sessions_resolve_as_lemonade_does_body_first_then_configured_then_known
     _telemetry(server, {"enabled": False, "session": {"headers": {"id": []}}})
 
 
+def test_http_json_exports_the_same_spans_as_json_with_hex_ids_and_otel_genai_alone_exports_its_attributes(
+        server, receiver):
+    assert _telemetry(server, {"enabled": True, "trust_incoming_trace_context": True,
+                               "otlp": {"endpoint": receiver.url, "protocol": "http/json", "semantics": ["otel_genai"],
+                                        "batch_timeout_s": 0.2}}).status_code == 200
+    before = len(receiver.spans)
+    reply = httpx.post(f"{server}/api/v1/chat/completions", timeout=120,
+                       headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert reply.status_code == 200
+    assert httpx.post(f"{server}/internal/telemetry/flush", timeout=60).json()["status"] == "flushed"
+    assert receiver.headers[-1]["content-type"] == "application/json"
+    [span] = receiver.spans[before:]
+    a = _attributes(span)
+    assert span.name == "chat.completions" and span.trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert a["gen_ai.request.model"] == MODEL and a["gen_ai.usage.output_tokens"] == 2
+    assert "openinference.span.kind" not in a and "input.value" not in a, "otel_genai only"
+    _telemetry(server, {"enabled": False, "otlp": {"protocol": "http/protobuf",
+                                                   "semantics": ["openinference", "otel_genai"]}})
+
+
+def test_a_full_batch_is_exported_without_waiting_for_the_batch_timeout(server, receiver):
+    assert _telemetry(server, {"enabled": True, "otlp": {"endpoint": receiver.url, "send_batch_size": 3,
+                                                         "batch_timeout_s": 60}}).status_code == 200
+    before = len(receiver.spans)
+    for _ in range(3):
+        httpx.post(f"{server}/api/v1/completions", json={"model": MODEL, "prompt": "Lemons", "max_tokens": 1},
+                   timeout=120).raise_for_status()
+    deadline = time.time() + 5
+    while len(receiver.spans) < before + 3 and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(receiver.spans) == before + 3, "three spans fill a batch of three: sent at once, no flush asked"
+    _telemetry(server, {"enabled": False, "otlp": {"send_batch_size": 100, "batch_timeout_s": 1.0}})
+
+
 def test_bad_telemetry_settings_are_400_and_change_nothing(server, receiver):
     _telemetry(server, {"enabled": False})
     for block in ({"enabled": "yes"}, {"otlp": {"endpoint": "ftp://collector"}}, {"verbose": True},
-                  {"otlp": {"protocol": "http/json"}}, {"otlp": {"headers": {"x": 1}}}, {"max_queue_capacity": 0},
+                  {"otlp": {"protocol": "grpc"}}, {"otlp": {"headers": {"x": 1}}}, {"max_queue_capacity": 0},
                   "on"):
         response = _telemetry(server, block)
         assert response.status_code == 400, block
