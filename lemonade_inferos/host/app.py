@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from lemonade_inferos import __version__
 from lemonade_inferos.http.handlers import install_error_handlers
+from lemonade_inferos.host.serving import invalid_body
 from lemonade_inferos.host.anthropic import router as anthropic_router
 from lemonade_inferos.host.generate import GenerateService
 from lemonade_inferos.host.models import ModelManager
@@ -117,7 +118,7 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
 
     app = FastAPI(title="lemonade-server (inferos host)", version=LEMONADE_API_VERSION, lifespan=lifespan)
     app.state.host = host
-    install_error_handlers(app)
+    install_error_handlers(app, on_invalid_body=invalid_body)
     document_errors_as_400(app)
     for prefix in API_PREFIXES:
         app.include_router(router, prefix=prefix)

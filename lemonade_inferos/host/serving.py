@@ -37,6 +37,7 @@ from lemonade_inferos.http.handlers import inferos_error_body
 from lemonade_inferos.http.json_body import parsed_body
 
 log = logging.getLogger(__name__)
+GENERATING_ENDPOINTS = {"chat/completions", "completions", "responses", "messages", "api/chat", "api/generate"}
 SSE_PING_S = float(os.environ.get("LEMONADE_SSE_PING_S", "5"))
 
 
@@ -165,9 +166,6 @@ def open_run(request: Request, host: Any, model: Any, prompt_ids: list[int], par
 
 def refused(request: Request, model: str | None, exc: Exception, started: float) -> None:
     """The telemetry span of a request refused before it ran (nothing is built while telemetry is off)."""
-    telemetry = host_of(request).telemetry
-    if not telemetry.enabled:
-        return
     if isinstance(exc, APIError):
         status, code, message = exc.status, exc.code, exc.message
     elif isinstance(exc, InferosError):
@@ -175,6 +173,24 @@ def refused(request: Request, model: str | None, exc: Exception, started: float)
         code, message = body["error"]["code"], body["error"]["message"]
     else:
         status, code, message = 500, "internal_error", repr(exc)
+    _refused_span(request, model, status, code, message, started)
+
+
+def invalid_body(request: Request, status: int, code: str, message: str) -> None:
+    """A generate request whose body its schema refused, before the route ran: its span too
+    (``http/handlers.py`` calls this for every such body; other routes' bodies have no span)."""
+    if endpoint_of(request) not in GENERATING_ENDPOINTS:
+        return
+    body = parsed_body(request)
+    model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+    _refused_span(request, model, status, code, message, time.time())
+
+
+def _refused_span(request: Request, model: str | None, status: int, code: str, message: str,
+                  started: float) -> None:
+    telemetry = host_of(request).telemetry
+    if not telemetry.enabled:
+        return
     session, user = _body_identity(request)
     telemetry.record_refused(RequestTrace(endpoint_of(request), dict(request.headers), session_id=session,
                                           user_id=user), model, status, code, message, started)

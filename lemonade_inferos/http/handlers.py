@@ -7,7 +7,7 @@ A caller's mistake is a 4xx; only the server's own faults are 5xx (and the fuzz 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,7 +57,13 @@ async def _answer(request: Request, status: int, body: dict[str, Any]) -> Respon
     return JSONResponse(body, status_code=status)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+Refused = Callable[[Request, int, str, str], None]   # (request, status, code, message)
+
+
+def install_error_handlers(app: FastAPI, on_invalid_body: Refused | None = None) -> None:
+    """The error shape for every exception; ``on_invalid_body`` is told of each body refused by its schema
+    before a route ran (the host records a telemetry span for it)."""
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
         return await _answer(request, exc.status, exc.body())
@@ -68,13 +74,16 @@ def install_error_handlers(app: FastAPI) -> None:
         invalid = next((e for e in errors if e.get("type") == "json_invalid"), None)
         if invalid is not None:
             reason = (invalid.get("ctx") or {}).get("error")
-            return error_response(400, "invalid_json", "the request body is not valid JSON"
-                                  + (f": {reason}" if reason else ""), {"errors": _jsonable(errors)})
+            message = "the request body is not valid JSON" + (f": {reason}" if reason else "")
+            if on_invalid_body is not None:
+                on_invalid_body(request, 400, "invalid_json", message)
+            return error_response(400, "invalid_json", message, {"errors": _jsonable(errors)})
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        return await _answer(request, 400, error_body(400, "invalid_request",
-                                                      f"{where}: {first.get('msg', 'invalid value')}",
-                                                      {"errors": _jsonable(errors)}))
+        message = f"{where}: {first.get('msg', 'invalid value')}"
+        if on_invalid_body is not None:
+            on_invalid_body(request, 400, "invalid_request", message)
+        return await _answer(request, 400, error_body(400, "invalid_request", message, {"errors": _jsonable(errors)}))
 
     @app.exception_handler(InferosError)
     async def _inferos(request: Request, exc: InferosError) -> Response:

@@ -141,10 +141,15 @@ def test_a_request_refused_before_it_runs_exports_an_error_span(server, receiver
     too_long = httpx.post(f"{server}/api/v1/completions", timeout=60,
                           json={"model": MODEL, "prompt": "lemon " * 9000, "max_tokens": 2})
     assert too_long.status_code == 400
+    bad_body = httpx.post(f"{server}/api/v1/chat/completions", timeout=60, json={"model": MODEL, "messages": "Hi"})
+    assert bad_body.status_code == 400
+    assert httpx.post(f"{server}/api/v1/params", json={"temperature": "hot"}, timeout=30).status_code == 400
     assert httpx.post(f"{server}/internal/telemetry/flush", timeout=60).json()["status"] == "flushed"
     spans = receiver.spans[before:]
-    assert [s.name for s in spans] == ["chat.completions", "completions"]
-    first, second = (_attributes(s) for s in spans)
+    assert [s.name for s in spans] == ["chat.completions", "completions", "chat.completions"], \
+        "a generate body its schema refused has its span; /params is no generate request"
+    first, second, third = (_attributes(s) for s in spans)
+    assert third["error.type"] == "invalid_request" and third["llm.model_name"] == MODEL
     assert first["http.response.status_code"] == 404 and first["error.type"] == "model_not_found"
     assert first["llm.model_name"] == "no-such-model" and first["session.id"] == "chat-9"
     assert second["http.response.status_code"] == 400 and second["llm.usage.completion_tokens"] == 0
