@@ -25,6 +25,7 @@ from lemonade_inferos.host.internal import router as internal_router
 from lemonade_inferos.host.llamacpp import router as llamacpp_router
 from lemonade_inferos.host.model_routes import router as model_router
 from lemonade_inferos.host.routes import LEMONADE_API_VERSION, router
+from lemonade_inferos.host.routing import router as routing_router
 from lemonade_inferos.host.run import HostRunner
 from lemonade_inferos.host.settings import HostSettings
 from lemonade_inferos.host.telemetry import Telemetry
@@ -123,6 +124,7 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
     for prefix in API_PREFIXES:
         app.include_router(router, prefix=prefix)
         app.include_router(model_router, prefix=prefix)
+        app.include_router(routing_router, prefix=prefix)   # /routing/validate
         app.include_router(llamacpp_router, prefix=prefix)   # /tokenize, /detokenize
         app.include_router(anthropic_router, prefix=prefix)  # /messages, /messages/count_tokens
     app.include_router(anthropic_router, prefix="/api")      # Lemonade's /api/messages alias
