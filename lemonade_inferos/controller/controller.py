@@ -178,7 +178,7 @@ class Controller:
 
     # -- loops ---------------------------------------------------------------------------------------------
     def _loop_periods(self) -> dict[str, float]:
-        loops = self.config.loops
+        loops = self.settings.loops   # not self.config: that builds a document on every read
         return {"fast": loops.fast_ms / 1000, "mid": loops.mid_ms / 1000, "slow": loops.slow_ms / 1000}
 
     def _add_loop_tasks(self) -> None:

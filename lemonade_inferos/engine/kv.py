@@ -96,15 +96,16 @@ class KVLayout:
 
 
 class SegmentSplice(Protocol):
-    """KV to place when a prefill reaches prompt position ``at`` (``kvcache/segments.py``'s Splice)."""
+    """KV to place when a prefill reaches prompt position ``at`` (``kvcache/segments.py``'s Splice): the cache
+    that handed it out is the one it is placed into, and only such a cache (one with RoPE tables) can take it."""
 
     at: int
     token_ids: list[int]
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
-    old_positions: np.ndarray
 
     def __len__(self) -> int: ...
+
+    def place(self, cache: KVCache) -> None:
+        """Append this segment's KV after what ``cache`` holds, re-rotated to its new positions."""
 
 
 class KVCache(ABC):
@@ -176,13 +177,8 @@ class KVCache(ABC):
 
     def take_splices(self) -> list[SegmentSplice]:
         """The segments this cache was given to place during its next prefill (segment reuse), handed over
-        once: the engine places each with :meth:`insert_segment` when its prefill reaches it."""
+        once: the engine places each (``splice.place(cache)``) when its prefill reaches it."""
         return []
-
-    def insert_segment(self, token_ids: list[int], keys: list[np.ndarray], values: list[np.ndarray],
-                       old_positions: np.ndarray) -> None:
-        """Append KV computed at other positions after the held tokens (only caches that hand out splices)."""
-        raise NotImplementedError(f"{type(self).__name__} places no segments: take_splices() gave none")
 
 
 def common_prefix(held: list[int], prompt: list[int]) -> int:

@@ -227,7 +227,7 @@ class OrtEngine:
         while start < len(ids):
             if pending and pending[0].at == offset + start:
                 splice = pending.pop(0)
-                binding.cache.insert_segment(splice.token_ids, splice.keys, splice.values, splice.old_positions)
+                splice.place(binding.cache)
                 start += len(splice)
                 continue
             end = min(len(ids), start + self.prefill_chunk_tokens, pending[0].at - offset if pending else len(ids))

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from lemonade_inferos.kvcache.manager import TieredKVCache
 
 ANCHOR = 16          # tokens that must match to start a run (shorter matches are template noise)
 MAX_LEAD = 64        # new tokens allowed between the prefix and the run's start
@@ -56,6 +60,9 @@ class Splice:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def place(self, cache: TieredKVCache) -> None:
+        cache.insert_segment(self.token_ids, self.keys, self.values, self.old_positions)
 
 
 def find_shifted_run(source: list[int], prompt: list[int], start: int) -> ShiftedRun | None:
