@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.host import openai_format as fmt
 from lemonade_inferos.host import serving, tools
+from lemonade_inferos.host.generate import collect
 from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage, translated
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute
@@ -135,7 +136,7 @@ async def messages(body: MessagesRequest, request: Request):
     run = serving.open_run(request, host, model, prompt_ids, params, "messages", body.stream)
     message_id = f"msg_{run.request_id}"
     if not body.stream:
-        text, stats = await serving.collect(run)
+        text, stats = await collect(run)
         content, calls = tools.parse(text, tool_setup) if tool_setup else (text, [])
         return {"id": message_id, "type": "message", "role": "assistant", "model": model.name,
                 "content": _blocks(content, calls), "stop_reason": _stop_reason(stats, calls),

@@ -25,6 +25,7 @@ from lemonade_inferos.host.internal import router as internal_router
 from lemonade_inferos.host.llamacpp import router as llamacpp_router
 from lemonade_inferos.host.model_routes import router as model_router
 from lemonade_inferos.host.routes import LEMONADE_API_VERSION, router
+from lemonade_inferos.host.route_dispatch import RouteHeader
 from lemonade_inferos.host.routing import router as routing_router
 from lemonade_inferos.host.run import HostRunner
 from lemonade_inferos.host.settings import HostSettings
@@ -142,6 +143,7 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
     app.include_router(internal_router)  # /internal/set, /internal/config, /internal/telemetry/flush
 
     pm.hook.extra_routes(app=app)
+    app.add_middleware(RouteHeader)   # innermost: it reads the decision the route left in the request's scope
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, setting="--max-body-mb or LEMONADE_MAX_BODY_MB")
     app.add_middleware(RequestGuard, policy=guard_policy_from_env(os.environ, api_key_rule(settings.api_key),
                                                                   bind_host=settings.host))

@@ -245,3 +245,17 @@ class GenerateService:
             log.exception("post_run hook failed")
         self.telemetry.record(stats, trace, plan.notes if plan is not None else {})  # after PostRun: its notes
         return stats
+
+
+async def collect(run) -> tuple[str, InferenceStats]:
+    """A run's whole reply and its stats; its queue place is given back however it ends."""
+    parts, stats = [], None
+    try:
+        async for item in run:
+            if isinstance(item, GenerationChunk):
+                parts.append(item.text)
+            else:
+                stats = item
+    finally:
+        run.release()
+    return "".join(parts), stats

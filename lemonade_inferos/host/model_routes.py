@@ -14,7 +14,8 @@ from fastapi.responses import StreamingResponse
 
 from lemonade_inferos.errors import InferosError
 from lemonade_inferos.host import openai_format as fmt
-from lemonade_inferos.host import recipe_options
+from lemonade_inferos.host import recipe_options, route_dispatch
+from lemonade_inferos.host.registry import ROUTER_RECIPE
 from lemonade_inferos.host.schemas import LoadRequest, ParamsRequest, PullRequest, UnloadRequest
 from lemonade_inferos.host.serving import host_of
 from lemonade_inferos.http.errors import APIError
@@ -116,9 +117,13 @@ async def unload(request: Request, body: UnloadRequest | None = None):
 
 @router.post("/pull")
 async def pull(body: PullRequest, request: Request):
-    """Build a built-in model or register a local folder; ``stream`` sends Lemonade's SSE progress events (a
+    """Build a built-in model, register a local folder, or register a router policy (``collection.router``,
+    ``route_dispatch.py``); ``stream`` sends Lemonade's SSE progress events (a
     ``progress`` event per build step, then ``complete``, or ``error``)."""
     host = host_of(request)
+    if body.recipe == ROUTER_RECIPE:   # a router policy: registered, nothing to build
+        name = await asyncio.to_thread(route_dispatch.register, host, body.model_dump(exclude_unset=True))
+        return {"status": "success", "message": f"Installed model: {name}", "model_name": name}
     if not body.name:
         raise APIError(400, "invalid_request", "model_name is required")
     name = host.registry.canonical(body.name)

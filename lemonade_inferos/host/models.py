@@ -22,9 +22,10 @@ from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.engine.og_engine import OgEngine
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.session import SessionPolicy
+from lemonade_inferos.errors import RequestError
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.host.recipe_options import RecipeOptionsStore, resolve_ctx
-from lemonade_inferos.host.registry import ModelRegistry, devices_for_recipe
+from lemonade_inferos.host.registry import ROUTER_RECIPE, ModelRegistry, devices_for_recipe
 from lemonade_inferos.host.settings import HostSettings
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,10 @@ class ModelManager:
         name = self.registry.canonical(name)
         async with self._lock:
             info = self.registry.get(name)
+            if info.get("recipe") == ROUTER_RECIPE:
+                raise RequestError(f"'{name}' is a router collection: it is not loaded itself, its requests run on "
+                                   f"the candidate its policy picks; load those: {info.get('components')}",
+                                   model=name)
             if save_options and ctx_size is not None:
                 self.options.save(name, info.get("recipe", "oga-cpu"), {"ctx_size": ctx_size})
             loaded = self.loaded.get(name)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lemonade_inferos import __version__
 from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.host import model_routes, serving, tools
+from lemonade_inferos.host.generate import collect
 from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, translated
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
@@ -236,7 +237,7 @@ async def chat(body: OllamaChatRequest, request: Request):
         response_format=openai_body.response_format, tool_request=openai_body)
     run = serving.open_run(request, host, model, prompt_ids, params, "api/chat", body.stream)
     if not body.stream:
-        text, stats = await serving.collect(run)
+        text, stats = await collect(run)
         content, calls = tools.parse(text, tool_setup) if tool_setup else (text, [])
         message = {"role": "assistant", "content": content or ""}
         if calls:
@@ -280,7 +281,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
                                                                    response_format=body.response_format())
     run = serving.open_run(request, host, model, prompt_ids, params, "api/generate", body.stream)
     if not body.stream:
-        text, stats = await serving.collect(run)
+        text, stats = await collect(run)
         return {**_final(model.name, stats, started), "response": text}
 
     async def lines():

@@ -4,7 +4,9 @@ Built-in models build offline from a packaged GGUF (``pull`` builds them);
 ``user.NAME`` models point at a local onnxruntime-genai folder and are kept in
 ``INFEROS_HOME/user_models.json``. Lemonade's OGA recipes are accepted: here
 everything runs on ``oga-cpu``; ``oga-hybrid``/``oga-npu``/``oga-igpu`` fall
-back to CPU with a logged reason when their provider is missing.
+back to CPU with a logged reason when their provider is missing. A ``user.NAME``
+router collection (``collection.router``) is kept there too: it has no folder,
+its requests go to the candidate its policy picks (``route_dispatch.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RECIPE_PROVIDER = {"oga-cpu": "CPUExecutionProvider", "oga-igpu": "DmlExecutionProvider",
                    "oga-hybrid": "DmlExecutionProvider", "oga-npu": "VitisAIExecutionProvider"}
+ROUTER_RECIPE = "collection.router"
 RECIPE_DEVICES = {"oga-cpu": ["cpu"], "oga-igpu": ["dml", "cpu"], "oga-hybrid": ["npu", "dml", "cpu"],
                   "oga-npu": ["npu", "cpu"]}
 
@@ -97,14 +100,28 @@ class ModelRegistry:
                                      model=name)
         return models[name]
 
+    def router_policy(self, name: str) -> dict[str, Any] | None:
+        """The policy document of a registered router collection, None for any other name (built-in names and
+        unknown ones cost no file read)."""
+        if not name.startswith("user."):
+            return None
+        info = self._user_models().get(name)
+        return info.get("policy") if info and info.get("recipe") == ROUTER_RECIPE else None
+
     def is_downloaded(self, name: str) -> bool:
         info = self.get(name)
+        if info.get("recipe") == ROUTER_RECIPE:   # usable once every model it may use is
+            return all(c in self.all() and self.is_downloaded(c) for c in info.get("components", []))
         if "build" in info:
             return is_built(BuildSpec(**info["build"]))
         return Path(info["checkpoint"]).is_dir()
 
     def folder(self, name: str) -> Path:
         info = self.get(name)
+        if info.get("recipe") == ROUTER_RECIPE:
+            raise RequestError(f"'{name}' is a router collection: it has no model folder, and a request naming it "
+                               f"runs on the candidate its policy picks ({', '.join(info.get('components', []))})",
+                               model=name)
         if "build" in info:
             spec = BuildSpec(**info["build"])
             if not is_built(spec):
@@ -149,6 +166,17 @@ class ModelRegistry:
         self._save(models)
         calibrate_after_pull(folder, progress)
         return folder
+
+    def register_router(self, name: str, policy: dict[str, Any], components: list[str]) -> None:
+        """Keep a router collection (its policy checked by the caller) as ``user.NAME``; registering a name again
+        replaces its policy."""
+        models = self._user_models()
+        if name in models and models[name].get("recipe") != ROUTER_RECIPE:
+            raise RequestError(f"'{name}' is a registered model folder, not a router collection: delete it first",
+                               model=name)
+        models[name] = {"checkpoint": "", "recipe": ROUTER_RECIPE, "components": components, "policy": policy,
+                        "suggested": False, "size": 0, "labels": ["router"]}
+        self._save(models)
 
     def delete(self, name: str) -> None:
         name = self.canonical(name)

@@ -19,11 +19,15 @@ from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.host import openai_format as fmt
 from lemonade_inferos.host import tools
 from lemonade_inferos.host.chat_stream import ChatStream
+from lemonade_inferos.host.route_dispatch import route_field
 from lemonade_inferos.host.schemas import ChatCompletionRequest, CompletionRequest, ResponsesRequest
-from lemonade_inferos.host.serving import collect, event_stream, host_of, open_run, prepare
+from lemonade_inferos.host.generate import collect
+from lemonade_inferos.host.serving import event_stream, host_of, open_run, prepare
 from lemonade_inferos.http.json_body import OffLoopJSONRoute
 
-LEMONADE_API_VERSION = "10.2.0"  # the Lemonade API level this host implements (GAIA needs >= 10.2.0)
+# the Lemonade API level this host implements: 11.7 (router collections, slots, tokenize, Anthropic messages);
+# GAIA needs >= 10.2.0, and takes >= 11.8.0 for cloud offload, which this host does not serve
+LEMONADE_API_VERSION = "11.7.0"
 
 router = APIRouter(route_class=OffLoopJSONRoute)
 
@@ -39,14 +43,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if not body.stream:
         text, stats = await collect(run)
         content, calls = tools.parse(text, tool_setup) if tool_setup else (text, [])
-        return fmt.chat_completion(request_id, model.name, content, stats, calls)
+        return {**fmt.chat_completion(request_id, model.name, content, stats, calls), **route_field(request)}
     stream = ChatStream(request_id, model.name, tool_setup,
                         usage_chunk=body.stream_options is not None and body.stream_options.include_usage)
 
     async def events():
+        route = route_field(request)   # the decision rides on the first event
         async for item in run:
             for chunk in (stream.text(item.text) if isinstance(item, GenerationChunk) else stream.end(item)):
-                yield fmt.sse(chunk)
+                yield fmt.sse({**chunk, **route})
+                route = {}
         yield fmt.sse("[DONE]")
 
     return event_stream(run, events())
@@ -63,17 +69,20 @@ async def completions(body: CompletionRequest, request: Request):
     request_id = run.request_id
     if not body.stream:
         text, stats = await collect(run)
-        return fmt.completion_chunk(request_id, model.name, int(stats.start_unix),
-                                    (prompt if body.echo else "") + text, stats.finish_reason, stats)
+        return {**fmt.completion_chunk(request_id, model.name, int(stats.start_unix),
+                                       (prompt if body.echo else "") + text, stats.finish_reason, stats),
+                **route_field(request)}
 
     async def events():
-        created = int(time.time())
+        created, route = int(time.time()), route_field(request)
         async for item in run:
             if isinstance(item, GenerationChunk):
                 if item.text:
-                    yield fmt.sse(fmt.completion_chunk(request_id, model.name, created, item.text))
+                    yield fmt.sse({**fmt.completion_chunk(request_id, model.name, created, item.text), **route})
+                    route = {}
             else:
-                yield fmt.sse(fmt.completion_chunk(request_id, model.name, created, "", item.finish_reason, item))
+                yield fmt.sse({**fmt.completion_chunk(request_id, model.name, created, "", item.finish_reason, item),
+                               **route})
         yield fmt.sse("[DONE]")
 
     return event_stream(run, events())
@@ -93,13 +102,13 @@ async def responses(body: ResponsesRequest, request: Request):
     request_id = run.request_id
     if not body.stream:
         text, stats = await collect(run)
-        return fmt.response_object(request_id, model.name, text, stats)
+        return {**fmt.response_object(request_id, model.name, text, stats), **route_field(request)}
 
     async def events():
         parts = []
         yield fmt.sse({"type": "response.created", "response": fmt.response_object(request_id, model.name, "", None,
-                                                                                     "in_progress")},
-                      "response.created")
+                                                                                     "in_progress"),
+                       **route_field(request)}, "response.created")
         async for item in run:
             if isinstance(item, GenerationChunk):
                 if item.text:
@@ -152,6 +161,8 @@ async def stats(request: Request):
         "output_tokens_total": host_stats.output_tokens_total,
         "prompt_tokens_total": host_stats.prompt_tokens_total,
         "cache_tokens_total": host_stats.cache_tokens_total,
+        "routing_decisions_total": host_stats.routing_decisions_total,
+        "routing_switches_total": host_stats.routing_switches_total,
     }
     if last:
         body["inferos"] = {"engine": last.engine, "baseline": last.baseline, "kv_bytes_by_tier": last.kv_bytes_by_tier,

@@ -18,9 +18,8 @@ from pydantic import ValidationError
 
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.host import structured
-from lemonade_inferos.host.generate import new_request_id
-from lemonade_inferos.host.router_policy import Classifier, RouteInput, RouterPolicy, decide
-from lemonade_inferos.host.serving import collect, host_of
+from lemonade_inferos.host.generate import collect, new_request_id
+from lemonade_inferos.host.router_policy import Classifier, Decision, RouteInput, RouterPolicy, decide
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
 
@@ -32,16 +31,20 @@ LABEL_TOKENS = 32   # a label is a few tokens; the grammar ends the reply as soo
 async def validate(request: Request):
     body = await json_object(request, "routing validation: {\"policy\": {...}, \"prompt\": \"...\"}")
     policy = parse_policy(body.get("policy"))
-    route_input = _route_input(body)
-    loop = asyncio.get_running_loop()
-    host = host_of(request)
-
-    def scorer(classifier: Classifier, given: RouteInput) -> dict[str, float]:
-        return asyncio.run_coroutine_threadsafe(llm_scores(host, classifier, given), loop).result()
-
-    decision = await asyncio.to_thread(decide, policy, route_input, scorer)
+    decision = await evaluate(request.app.state.host, policy, _route_input(body))
     return {"decision": decision.to_dict(),
             "normalized_policy": policy.normalized().model_dump(exclude_unset=True)}
+
+
+async def evaluate(host: Any, policy: RouterPolicy, given: RouteInput) -> Decision:
+    """The policy's decision for ``given``, in a worker thread; a model-backed condition's generation is run from
+    there on the event loop, like any request's."""
+    loop = asyncio.get_running_loop()
+
+    def scorer(classifier: Classifier, route_input: RouteInput) -> dict[str, float]:
+        return asyncio.run_coroutine_threadsafe(llm_scores(host, classifier, route_input), loop).result()
+
+    return await asyncio.to_thread(decide, policy, given, scorer)
 
 
 def parse_policy(document: Any) -> RouterPolicy:

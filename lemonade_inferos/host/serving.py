@@ -24,12 +24,11 @@ from starlette.background import BackgroundTask
 from lemonade_inferos.engine.guidance import Guidance
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.tokenizer import PromptTooLong
-from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.errors import GenerationError, InferosError
-from lemonade_inferos.hooktypes import InferenceStats
 from lemonade_inferos.host import openai_format as fmt
 from lemonade_inferos.host import structured, tools
 from lemonade_inferos.host.generate import new_request_id
+from lemonade_inferos.host.route_dispatch import carries_images, routed_model
 from lemonade_inferos.host.schemas import ChatCompletionRequest, SamplingFields
 from lemonade_inferos.host.telemetry import RequestTrace
 from lemonade_inferos.http.errors import APIError, error_body
@@ -91,7 +90,11 @@ async def _prepare(request: Request, body: SamplingFields, text: str | None, mes
                    max_tokens: int | None, response_format: dict[str, Any] | None,
                    tool_request: ChatCompletionRequest | None, token_ids: list[int] | None):
     host = host_of(request)
-    model = await host.models.resolve(body.model)
+    raw = parsed_body(request)
+    if isinstance(raw, dict) and carries_images(raw):   # never dropped silently: the reply would ignore them
+        raise APIError(400, "image_input_unsupported", "this host serves text-only models (no vision model): "
+                       "send the request without images", model=body.model)
+    model = await host.models.resolve(await routed_model(request, host, body.model, messages, text))
     prompt = await asyncio.to_thread(_prompt, model, text, messages, response_format, tool_request, token_ids)
     params = sampling_params(body, host, max_tokens)
     # no more tokens than the context has room for: a huge max_tokens ends with finish_reason "length"
@@ -231,19 +234,6 @@ def _trace(request: Request, host: Any, model: Any, prompt_ids: list[int], param
     session, user = _body_identity(request)
     return RequestTrace(endpoint, dict(request.headers), text, {k: v for k, v in parameters.items() if v is not None},
                         session_id=session, user_id=user)
-
-
-async def collect(run) -> tuple[str, InferenceStats]:
-    parts, stats = [], None
-    try:
-        async for item in run:
-            if isinstance(item, GenerationChunk):
-                parts.append(item.text)
-            else:
-                stats = item
-    finally:
-        run.release()
-    return "".join(parts), stats
 
 
 def event_stream(run, events, ping_s: float | None = None) -> StreamingResponse:

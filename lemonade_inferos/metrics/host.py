@@ -7,6 +7,7 @@ totals the host already counts).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -31,6 +32,10 @@ class HostStats:
     accepted_tokens_total: int = 0
     last_cache_by_model: dict[str, int] = field(default_factory=dict)    # the last request's cached tokens
     cache_tokens_by_model: dict[str, int] = field(default_factory=dict)  # since start
+    routing_decisions_total: int = 0
+    routing_switches_total: int = 0
+    # a conversation's last routed candidate, for the switch count (the most recent ROUTED_CONVERSATIONS only)
+    last_route: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
     def record(self, stats: InferenceStats) -> None:
         self.last = stats
@@ -45,6 +50,20 @@ class HostStats:
         self.cancelled_total += stats.error_kind in ("cancelled", "shutdown")
         self.drafted_tokens_total += stats.drafted_n
         self.accepted_tokens_total += stats.accepted_n
+
+
+    def record_route(self, conversation: str, route_to: str) -> None:
+        """A router collection's decision. A switch is a conversation's turn routed to another candidate than its
+        turn before, Lemonade's route-stability count (a switch re-reads the whole history on a cold model)."""
+        self.routing_decisions_total += 1
+        before = self.last_route.pop(conversation, None)
+        self.routing_switches_total += before is not None and before != route_to
+        self.last_route[conversation] = route_to
+        if len(self.last_route) > ROUTED_CONVERSATIONS:
+            self.last_route.popitem(last=False)
+
+
+ROUTED_CONVERSATIONS = 4096
 
 
 class HostCollector:
@@ -119,9 +138,14 @@ class HostCollector:
             total.add_metric([name], value)
         yield last
         yield total
-        cache = CounterMetricFamily("lemonade_cache_tokens", "Prompt tokens served from the KV cache since start.")
-        cache.add_metric([], stats.cache_tokens_total)
-        yield cache
+        for name, value, doc in (
+                ("cache_tokens", stats.cache_tokens_total, "Prompt tokens served from the KV cache since start."),
+                ("routing_decisions", stats.routing_decisions_total, "Requests a router collection dispatched."),
+                ("routing_switches", stats.routing_switches_total,
+                 "Routed turns of a conversation sent to another candidate than its turn before.")):
+            counter = CounterMetricFamily(f"lemonade_{name}", doc)
+            counter.add_metric([], value)
+            yield counter
         for key, doc in (("exported", "Request spans sent to the OTLP endpoint."),
                          ("failed", "Request spans the OTLP endpoint did not take (down, slow, refusing).")):
             spans = CounterMetricFamily(f"inferos_telemetry_spans_{key}", doc)

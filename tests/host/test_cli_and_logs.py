@@ -26,7 +26,7 @@ def _cli(*args, env=None):
 
 def test_version_is_printed():
     result = _cli("--version")
-    assert result.returncode == 0 and result.stdout.startswith("lemonade-server version 10.2.0 (lemonade-inferos ")
+    assert result.returncode == 0 and result.stdout.startswith("lemonade-server version 11.7.0 (lemonade-inferos ")
 
 
 def test_every_serve_option_is_described_and_the_environment_twins_are_listed():

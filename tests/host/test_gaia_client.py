@@ -36,9 +36,9 @@ def monkeypatch_module():
 
 def test_gaia_sees_a_lemonade_server_with_the_model(gaia):
     assert gaia.health_check()["status"] == "ok"
-    assert gaia.get_lemonade_version() == "10.2.0"
+    assert gaia.get_lemonade_version() == "11.7.0"
     status = gaia.get_status(include_catalog=False)
-    assert status.running and status.version == "10.2.0"
+    assert status.running and status.version == "11.7.0"
     assert MODEL in [m["id"] for m in gaia.list_models()["data"]]
     assert gaia.check_model_available(MODEL)
     assert gaia.get_model_max_context_window(MODEL) == 8192
