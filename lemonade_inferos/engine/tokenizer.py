@@ -122,8 +122,10 @@ class ChatTokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None) -> str:
-        """Render OpenAI-style messages into the prompt text the model was trained on.
+                            tools: list[dict[str, Any]] | None = None,
+                            variables: dict[str, Any] | None = None) -> str:
+        """Render OpenAI-style messages into the prompt text the model was trained on; ``variables``: a request's
+        ``chat_template_kwargs`` (``enable_thinking``, ...), which never replace the messages, tools or tokens.
 
         Raises:
             ValueError: the model folder ships no chat template.
@@ -134,8 +136,9 @@ class ChatTokenizer:
         env.globals["raise_exception"] = _raise_exception
         template = env.from_string(self.chat_template)
         extra = {"tools": tools} if tools else {}
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               **self.special_tokens, **extra)
+        fixed = {"messages": messages, "add_generation_prompt": add_generation_prompt, **self.special_tokens, **extra}
+        own = {k: v for k, v in (variables or {}).items() if k not in ("messages", "tools", "add_generation_prompt")}
+        return template.render({**own, **fixed})
 
     def token_text(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(token_id)

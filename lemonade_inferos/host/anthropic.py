@@ -24,6 +24,7 @@ from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.host import openai_format as fmt
 from lemonade_inferos.host import serving, tools
 from lemonade_inferos.host.generate import collect
+from lemonade_inferos.host.reasoning import CONTENT, REASONING, ReasoningSplitter, reply_pieces
 from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage, translated
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute
@@ -45,6 +46,7 @@ class MessagesRequest(BaseModel):
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None   # {"type": "disabled"}: a reasoning model's template told not to think
 
 
 class CountTokensRequest(BaseModel):
@@ -108,13 +110,17 @@ def _chat_request(body: MessagesRequest) -> ChatCompletionRequest:
     functions, choice = openai_tools(body)
     sampling = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                 "stop": body.stop_sequences}
+    if (body.thinking or {}).get("type") == "disabled":
+        sampling["chat_template_kwargs"] = {"enable_thinking": False}
     return translated(ChatCompletionRequest, model=body.model, messages=chat_messages(body.system, body.messages),
                       max_tokens=body.max_tokens, tools=functions, tool_choice=choice,
                       **{k: v for k, v in sampling.items() if v is not None})
 
 
-def _blocks(text: str | None, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    blocks = [{"type": "text", "text": text}] if text else []
+def _blocks(text: str | None, calls: list[dict[str, Any]], thinking: str | None = None) -> list[dict[str, Any]]:
+    """A reply's content blocks: a reasoning model's thinking first, then its text and tool calls."""
+    blocks = [{"type": "thinking", "thinking": thinking, "signature": ""}] if thinking is not None else []
+    blocks += [{"type": "text", "text": text}] if text else []
     return blocks + [{"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
                       "input": json.loads(c["function"]["arguments"] or "{}")} for c in calls]
 
@@ -131,51 +137,82 @@ def _stop_reason(stats: Any, calls: list[dict[str, Any]]) -> str:
 @router.post("/messages")
 async def messages(body: MessagesRequest, request: Request):
     chat = _chat_request(body)
-    host, model, prompt_ids, params, tool_setup = await serving.prepare(
-        request, chat, None, [m.as_template_message() for m in chat.messages], tool_request=chat)
-    run = serving.open_run(request, host, model, prompt_ids, params, "messages", body.stream)
+    prepared = await serving.prepare(request, chat, None, [m.as_template_message() for m in chat.messages],
+                                     tool_request=chat)
+    model, tool_setup = prepared.model, prepared.tool_setup
+    run = serving.open_run(request, prepared, "messages", body.stream)
     message_id = f"msg_{run.request_id}"
     if not body.stream:
         text, stats = await collect(run)
+        thinking, text = prepared.reasoning.split(text) if prepared.reasoning else (None, text)
         content, calls = tools.parse(text, tool_setup) if tool_setup else (text, [])
         return {"id": message_id, "type": "message", "role": "assistant", "model": model.name,
-                "content": _blocks(content, calls), "stop_reason": _stop_reason(stats, calls),
+                "content": _blocks(content, calls, thinking), "stop_reason": _stop_reason(stats, calls),
                 "stop_sequence": None, "usage": _usage(stats)}
-    return StreamingResponse(_events(run, message_id, model.name, len(prompt_ids), tool_setup),
+    return StreamingResponse(_events(run, message_id, model.name, len(prepared.ids), tool_setup,
+                                     prepared.reasoning.splitter() if prepared.reasoning else None),
                              media_type="text/event-stream")
 
 
-async def _events(run: Any, message_id: str, model: str, prompt_tokens: int,
-                  tool_setup: tools.ToolSetup | None) -> AsyncIterator[str]:
-    """Anthropic's stream: text blocks as they come (held, with tools, until the reply is whole)."""
+async def _events(run: Any, message_id: str, model: str, prompt_tokens: int, tool_setup: tools.ToolSetup | None,
+                  splitter: ReasoningSplitter | None) -> AsyncIterator[str]:
+    """Anthropic's stream: thinking and text blocks as they come (text held, with tools, until the reply is
+    whole)."""
     try:
         yield fmt.sse({"type": "message_start", "message": {
             "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}}, "message_start")
         parts: list[str] = []
-        open_text = False
+        blocks = _OpenBlock()
         async for item in run:
-            if isinstance(item, GenerationChunk):
-                parts.append(item.text)
-                if item.text and tool_setup is None:
-                    if not open_text:
-                        open_text = True
-                        yield _event("content_block_start", index=0, content_block={"type": "text", "text": ""})
-                    yield _event("content_block_delta", index=0, delta={"type": "text_delta", "text": item.text})
+            done = not isinstance(item, GenerationChunk)
+            for kind, piece in reply_pieces(splitter, None if done else item.text):
+                parts += [piece] if kind == CONTENT else []
+                if kind == REASONING or tool_setup is None:
+                    yield "".join(blocks.delta(kind, piece))
+            if not done:
                 continue
+            yield "".join(blocks.close())
             calls: list[dict[str, Any]] = []
             if tool_setup is not None:
                 content, calls = tools.parse("".join(parts), tool_setup)
-                for index, block in enumerate(_blocks(content, calls)):
-                    yield _whole_block(index, block)
-            elif open_text:
-                yield _event("content_block_stop", index=0)
+                for block in _blocks(content, calls):
+                    yield _whole_block(blocks.next_index(), block)
             yield _event("message_delta", delta={"stop_reason": _stop_reason(item, calls), "stop_sequence": None},
                          usage=_usage(item))
             yield _event("message_stop")
     finally:
         run.release()
+
+
+class _OpenBlock:
+    """The streamed block now open: a new kind of text (thinking, then answer) closes it and opens the next."""
+
+    def __init__(self) -> None:
+        self.index, self.kind = -1, None
+
+    def delta(self, kind: str, text: str) -> list[str]:
+        out = []
+        if kind != self.kind:
+            out = self.close()
+            self.index, self.kind = self.index + 1, kind
+            start = {"type": "thinking", "thinking": "", "signature": ""} if kind == REASONING else \
+                {"type": "text", "text": ""}
+            out.append(_event("content_block_start", index=self.index, content_block=start))
+        delta = {"type": "thinking_delta", "thinking": text} if kind == REASONING else \
+            {"type": "text_delta", "text": text}
+        return out + [_event("content_block_delta", index=self.index, delta=delta)]
+
+    def close(self) -> list[str]:
+        if self.kind is None:
+            return []
+        self.kind = None
+        return [_event("content_block_stop", index=self.index)]
+
+    def next_index(self) -> int:
+        self.index += 1
+        return self.index
 
 
 def _whole_block(index: int, block: dict[str, Any]) -> str:
@@ -199,7 +236,6 @@ async def count_tokens(body: CountTokensRequest, request: Request):
     functions, choice = openai_tools(body)
     chat = translated(ChatCompletionRequest, model=body.model, messages=chat_messages(body.system, body.messages),
                       tools=functions, tool_choice=choice)
-    _, _, prompt_ids, _, _ = await serving.prepare(request, chat, None,
-                                                   [m.as_template_message() for m in chat.messages],
-                                                   tool_request=chat)
-    return {"input_tokens": len(prompt_ids)}
+    prepared = await serving.prepare(request, chat, None, [m.as_template_message() for m in chat.messages],
+                                     tool_request=chat)
+    return {"input_tokens": len(prepared.ids)}

@@ -23,6 +23,7 @@ from lemonade_inferos import __version__
 from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.host import model_routes, serving, tools
 from lemonade_inferos.host.generate import collect
+from lemonade_inferos.host.reasoning import CONTENT, REASONING, reply_pieces
 from lemonade_inferos.host.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, translated
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
@@ -73,6 +74,7 @@ class _OllamaRequest(BaseModel):
 class OllamaChatRequest(_OllamaRequest):
     messages: list[ChatMessage] = Field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
+    think: bool | None = None   # false: a reasoning model's template told not to think
 
 
 class OllamaGenerateRequest(_OllamaRequest):
@@ -231,28 +233,35 @@ async def chat(body: OllamaChatRequest, request: Request):
     openai_body = translated(ChatCompletionRequest,
                              messages=body.messages or [ChatMessage(role="user", content="")], tools=body.tools,
                              response_format=body.response_format(),
+                             chat_template_kwargs={"enable_thinking": False} if body.think is False else None,
                              **{k: v for k, v in body.sampling().items() if v is not None})
-    host, model, prompt_ids, params, tool_setup = await serving.prepare(
-        request, openai_body, None, [m.as_template_message() for m in openai_body.messages],
-        response_format=openai_body.response_format, tool_request=openai_body)
-    run = serving.open_run(request, host, model, prompt_ids, params, "api/chat", body.stream)
+    prepared = await serving.prepare(request, openai_body, None, [m.as_template_message() for m in openai_body.messages],
+                                     response_format=openai_body.response_format, tool_request=openai_body)
+    model, tool_setup = prepared.model, prepared.tool_setup
+    run = serving.open_run(request, prepared, "api/chat", body.stream)
     if not body.stream:
         text, stats = await collect(run)
+        thinking, text = prepared.reasoning.split(text) if prepared.reasoning else (None, text)
         content, calls = tools.parse(text, tool_setup) if tool_setup else (text, [])
         message = {"role": "assistant", "content": content or ""}
+        if thinking is not None:
+            message["thinking"] = thinking
         if calls:
             message["tool_calls"] = _ollama_calls(calls)
         return {**_final(model.name, stats, started), "message": message}
 
     async def lines():
         parts: list[str] = []
+        splitter = prepared.reasoning.splitter() if prepared.reasoning else None
         async for item in run:
-            if isinstance(item, GenerationChunk):
-                parts.append(item.text)
-                if item.text and tool_setup is None:
+            done = not isinstance(item, GenerationChunk)
+            for kind, piece in reply_pieces(splitter, None if done else item.text):
+                parts += [piece] if kind == CONTENT else []
+                if kind == REASONING or tool_setup is None:
+                    field = {"thinking": piece, "content": ""} if kind == REASONING else {"content": piece}
                     yield {"model": model.name, "created_at": _now(), "done": False,
-                           "message": {"role": "assistant", "content": item.text}}
-            else:
+                           "message": {"role": "assistant", **field}}
+            if done:
                 message: dict[str, Any] = {"role": "assistant", "content": ""}
                 if tool_setup is not None:  # held: a call is only known whole
                     content, calls = tools.parse("".join(parts), tool_setup)
@@ -272,14 +281,14 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     openai_body = translated(CompletionRequest, prompt=body.prompt,
                              **{k: v for k, v in body.sampling().items() if v is not None})
     if body.raw:
-        host, model, prompt_ids, params, _ = await serving.prepare(request, openai_body, body.prompt, None,
-                                                                   response_format=body.response_format())
+        prepared = await serving.prepare(request, openai_body, body.prompt, None,
+                                         response_format=body.response_format())
     else:  # Ollama renders the prompt with the model's template unless raw
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
             [{"role": "user", "content": body.prompt}]
-        host, model, prompt_ids, params, _ = await serving.prepare(request, openai_body, None, messages,
-                                                                   response_format=body.response_format())
-    run = serving.open_run(request, host, model, prompt_ids, params, "api/generate", body.stream)
+        prepared = await serving.prepare(request, openai_body, None, messages, response_format=body.response_format())
+    model = prepared.model
+    run = serving.open_run(request, prepared, "api/generate", body.stream)
     if not body.stream:
         text, stats = await collect(run)
         return {**_final(model.name, stats, started), "response": text}

@@ -57,8 +57,11 @@ def usage_chunk(request_id: str, model: str, created: int, stats: InferenceStats
 
 
 def chat_completion(request_id: str, model: str, text: str | None, stats: InferenceStats,
-                    tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                    tool_calls: list[dict[str, Any]] | None = None, thinking: str | None = None) -> dict[str, Any]:
+    """``thinking``: a reasoning model's, as ``message.reasoning_content`` (llama.cpp's and Lemonade's field)."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
+    if thinking is not None:
+        message["reasoning_content"] = thinking
     if tool_calls:
         message["tool_calls"] = tool_calls
     return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(stats.start_unix),
@@ -78,9 +81,13 @@ def completion_chunk(request_id: str, model: str, created: int, text: str, finis
 
 
 def response_object(request_id: str, model: str, text: str, stats: InferenceStats | None,
-                    status: str = "completed") -> dict[str, Any]:
+                    status: str = "completed", thinking: str | None = None) -> dict[str, Any]:
+    """``thinking``: a reasoning model's, as a ``reasoning`` output item before the message."""
     output = [{"type": "message", "id": f"msg_{request_id}", "status": status, "role": "assistant",
                "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+    if thinking is not None:
+        output.insert(0, {"type": "reasoning", "id": f"rs_{request_id}", "summary": [],
+                          "content": [{"type": "reasoning_text", "text": thinking}]})
     body: dict[str, Any] = {"id": f"resp_{request_id}", "object": "response", "created_at": int(time.time()),
                             "status": status, "model": model, "output": output if text or stats else []}
     if stats is not None:

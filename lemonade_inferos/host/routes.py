@@ -19,6 +19,7 @@ from lemonade_inferos.engine.types import GenerationChunk
 from lemonade_inferos.host import openai_format as fmt
 from lemonade_inferos.host import tools
 from lemonade_inferos.host.chat_stream import ChatStream
+from lemonade_inferos.host.reasoning import CONTENT, REASONING, reply_pieces
 from lemonade_inferos.host.route_dispatch import route_field
 from lemonade_inferos.host.schemas import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from lemonade_inferos.host.generate import collect
@@ -35,16 +36,16 @@ router = APIRouter(route_class=OffLoopJSONRoute)
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     messages = [m.as_template_message() for m in body.messages]
-    host, model, prompt_ids, params, tool_setup = await prepare(request, body, None, messages,
-                                                                 response_format=body.response_format,
-                                                                 tool_request=body)
-    run = open_run(request, host, model, prompt_ids, params, "chat/completions", body.stream, body.cache_prompt)
+    prepared = await prepare(request, body, None, messages, response_format=body.response_format, tool_request=body)
+    model, tool_setup = prepared.model, prepared.tool_setup
+    run = open_run(request, prepared, "chat/completions", body.stream, body.cache_prompt)
     request_id = run.request_id
     if not body.stream:
         text, stats = await collect(run)
+        thinking, text = prepared.reasoning.split(text) if prepared.reasoning else (None, text)
         content, calls = tools.parse(text, tool_setup) if tool_setup else (text, [])
-        return {**fmt.chat_completion(request_id, model.name, content, stats, calls), **route_field(request)}
-    stream = ChatStream(request_id, model.name, tool_setup,
+        return {**fmt.chat_completion(request_id, model.name, content, stats, calls, thinking), **route_field(request)}
+    stream = ChatStream(request_id, model.name, tool_setup, prepared.reasoning,
                         usage_chunk=body.stream_options is not None and body.stream_options.include_usage)
 
     async def events():
@@ -62,10 +63,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def completions(body: CompletionRequest, request: Request):
     token_ids = body.prompt if body.prompt and isinstance(body.prompt[0], int) else None
     prompt = None if token_ids else body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-    host, model, prompt_ids, params, _ = await prepare(request, body, prompt, None, token_ids=token_ids)
+    prepared = await prepare(request, body, prompt, None, token_ids=token_ids)
+    model = prepared.model
     if token_ids is not None and body.echo:
         prompt = model.tokenizer.decode(token_ids, skip_special_tokens=False)
-    run = open_run(request, host, model, prompt_ids, params, "completions", body.stream, body.cache_prompt)
+    run = open_run(request, prepared, "completions", body.stream, body.cache_prompt)
     request_id = run.request_id
     if not body.stream:
         text, stats = await collect(run)
@@ -96,29 +98,31 @@ async def responses(body: ResponsesRequest, request: Request):
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.input]
     if body.instructions:
         messages.insert(0, {"role": "system", "content": body.instructions})
-    host, model, prompt_ids, params, _ = await prepare(request, body, None, messages, body.max_output_tokens,
-                                                        (body.text or {}).get("format"))
-    run = open_run(request, host, model, prompt_ids, params, "responses", body.stream, body.cache_prompt)
+    prepared = await prepare(request, body, None, messages, body.max_output_tokens, (body.text or {}).get("format"))
+    model = prepared.model
+    run = open_run(request, prepared, "responses", body.stream, body.cache_prompt)
     request_id = run.request_id
     if not body.stream:
         text, stats = await collect(run)
-        return {**fmt.response_object(request_id, model.name, text, stats), **route_field(request)}
+        thinking, text = prepared.reasoning.split(text) if prepared.reasoning else (None, text)
+        return {**fmt.response_object(request_id, model.name, text, stats, thinking=thinking),
+                **route_field(request)}
 
     async def events():
-        parts = []
+        parts: dict[str, list[str]] = {REASONING: [], CONTENT: []}
+        splitter = prepared.reasoning.splitter() if prepared.reasoning else None
         yield fmt.sse({"type": "response.created", "response": fmt.response_object(request_id, model.name, "", None,
                                                                                      "in_progress"),
                        **route_field(request)}, "response.created")
         async for item in run:
-            if isinstance(item, GenerationChunk):
-                if item.text:
-                    parts.append(item.text)
-                    yield fmt.sse({"type": "response.output_text.delta", "delta": item.text},
-                                  "response.output_text.delta")
-            else:
-                yield fmt.sse({"type": "response.completed",
-                               "response": fmt.response_object(request_id, model.name, "".join(parts), item)},
-                              "response.completed")
+            for kind, piece in reply_pieces(splitter, item.text if isinstance(item, GenerationChunk) else None):
+                parts[kind].append(piece)
+                event = "response.output_text.delta" if kind == CONTENT else "response.reasoning_text.delta"
+                yield fmt.sse({"type": event, "delta": piece}, event)
+            if not isinstance(item, GenerationChunk):
+                thinking = "".join(parts[REASONING]) if splitter and splitter.thought else None
+                yield fmt.sse({"type": "response.completed", "response": fmt.response_object(
+                    request_id, model.name, "".join(parts[CONTENT]), item, thinking=thinking)}, "response.completed")
 
     return event_stream(run, events())
 

@@ -65,6 +65,10 @@ class SamplingFields(_Lenient):
     stream_options: StreamOptions | None = None
     cache_prompt: bool = Field(True, description="llama.cpp's: false prefills the prompt from scratch, reusing "
                                                  "no cached KV")
+    reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"] | None = Field(
+        None, description="llama.cpp's: 'none' keeps a reasoning model's <think> block in the text")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="variables for the chat template, e.g. {\"enable_thinking\": false}")
 
     @field_validator("stop")
     @classmethod

@@ -28,6 +28,7 @@ from lemonade_inferos.errors import GenerationError, InferosError
 from lemonade_inferos.host import openai_format as fmt
 from lemonade_inferos.host import structured, tools
 from lemonade_inferos.host.generate import new_request_id
+from lemonade_inferos.host.reasoning import ReasoningFormat
 from lemonade_inferos.host.route_dispatch import carries_images, routed_model
 from lemonade_inferos.host.schemas import ChatCompletionRequest, SamplingFields
 from lemonade_inferos.host.telemetry import RequestTrace
@@ -62,16 +63,32 @@ def sampling_params(body: SamplingFields, host: Any, max_tokens: int | None = No
 
 @dataclass(frozen=True)
 class Prompt:
-    """What a request's body becomes before it is admitted: prompt ids, the constraint on the reply, tool setup."""
+    """What a request's body becomes before it is admitted: prompt ids, the constraint on the reply, tool setup,
+    and, for a reasoning model, where its thinking is."""
 
     ids: list[int]
     guidance: Guidance | None = None
     tool_setup: tools.ToolSetup | None = None
+    reasoning: ReasoningFormat | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to run: the host and model it runs on, its prompt ids and sampling, and how to read the
+    reply (tool calls, thinking)."""
+
+    host: Any
+    model: Any
+    ids: list[int]
+    params: SamplingParams
+    tool_setup: tools.ToolSetup | None = None
+    reasoning: ReasoningFormat | None = None
 
 
 async def prepare(request: Request, body: SamplingFields, text: str | None, messages: list[dict] | None,
                   max_tokens: int | None = None, response_format: dict[str, Any] | None = None,
-                  tool_request: ChatCompletionRequest | None = None, token_ids: list[int] | None = None):
+                  tool_request: ChatCompletionRequest | None = None, token_ids: list[int] | None = None
+                  ) -> Prepared:
     """The model, prompt ids and sampling of a request; with ``tool_request``, also its tool setup (the tools
     rendered into the prompt, the call syntax constraining the output).
 
@@ -88,48 +105,35 @@ async def prepare(request: Request, body: SamplingFields, text: str | None, mess
 
 async def _prepare(request: Request, body: SamplingFields, text: str | None, messages: list[dict] | None,
                    max_tokens: int | None, response_format: dict[str, Any] | None,
-                   tool_request: ChatCompletionRequest | None, token_ids: list[int] | None):
+                   tool_request: ChatCompletionRequest | None, token_ids: list[int] | None) -> Prepared:
     host = host_of(request)
     raw = parsed_body(request)
     if isinstance(raw, dict) and carries_images(raw):   # never dropped silently: the reply would ignore them
         raise APIError(400, "image_input_unsupported", "this host serves text-only models (no vision model): "
                        "send the request without images", model=body.model)
     model = await host.models.resolve(await routed_model(request, host, body.model, messages, text))
-    prompt = await asyncio.to_thread(_prompt, model, text, messages, response_format, tool_request, token_ids)
+    prompt = await asyncio.to_thread(_prompt, model, body, text, messages, response_format, tool_request, token_ids)
     params = sampling_params(body, host, max_tokens)
     # no more tokens than the context has room for: a huge max_tokens ends with finish_reason "length"
     params = replace(params, max_tokens=min(params.max_tokens, model.ctx_size - len(prompt.ids)),
                      guidance=prompt.guidance)
-    return host, model, prompt.ids, params, prompt.tool_setup
+    return Prepared(host, model, prompt.ids, params, prompt.tool_setup, prompt.reasoning)
 
 
-def _prompt(model: Any, text: str | None, messages: list[dict] | None, response_format: dict[str, Any] | None,
-            tool_request: ChatCompletionRequest | None, token_ids: list[int] | None) -> Prompt:
+def _prompt(model: Any, body: SamplingFields, text: str | None, messages: list[dict] | None,
+            response_format: dict[str, Any] | None, tool_request: ChatCompletionRequest | None,
+            token_ids: list[int] | None) -> Prompt:
     """:func:`prepare`'s work off the event loop (see there)."""
     guidance = structured.guidance_for(response_format)
-    tool_setup = None
+    tool_setup = reasoning = None
     if messages is not None:
-        template_tools = None
-        template = model.tokenizer.chat_template
-        if tool_request is not None:
-            tool_setup = tools.setup(tool_request.tools, tool_request.tool_choice, template,
-                                     tool_request.parallel_tool_calls)
-        if tool_setup is not None:
-            native = tools.native_tools(template)
-            messages = tools.render_messages(messages, tool_request.tools, native)
-            template_tools = tool_request.tools if native else None
-            if tool_setup.guidance is not None:
-                if guidance is not None:
-                    raise APIError(400, "invalid_request", "response_format and tools cannot both constrain a reply",
-                                   param="response_format")
-                guidance = tool_setup.guidance
-        try:
-            text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=template_tools)
-        except ValueError as exc:
-            raise APIError(400, "no_chat_template", str(exc)) from exc
-        except jinja2.TemplateError as exc:  # the model's template refuses these messages (e.g. role order)
-            raise APIError(400, "invalid_messages", f"the model's chat template refused the messages: {exc}") \
-                from exc
+        text, tool_setup = _chat_text(model, body, messages, tool_request)
+        if tool_setup is not None and tool_setup.guidance is not None:
+            if guidance is not None:
+                raise APIError(400, "invalid_request", "response_format and tools cannot both constrain a reply",
+                               param="response_format")
+            guidance = tool_setup.guidance
+        reasoning = ReasoningFormat.of(model.tokenizer.chat_template, text, body.reasoning_format)
     try:
         ids = _checked_ids(token_ids, model) if token_ids is not None else \
             model.tokenizer.encode_within(text or "", model.ctx_size)
@@ -138,7 +142,28 @@ def _prompt(model: Any, text: str | None, messages: list[dict] | None, response_
                               prompt_tokens=exc.num_tokens, context_length=model.ctx_size) from exc
     if not ids:
         raise APIError(400, "empty_prompt", "the prompt is empty")
-    return Prompt(ids, guidance, tool_setup)
+    return Prompt(ids, guidance, tool_setup, reasoning)
+
+
+def _chat_text(model: Any, body: SamplingFields, messages: list[dict],
+               tool_request: ChatCompletionRequest | None) -> tuple[str, tools.ToolSetup | None]:
+    """The messages (and tools) rendered by the model's chat template, with the request's template variables."""
+    template_tools = tool_setup = None
+    template = model.tokenizer.chat_template
+    if tool_request is not None:
+        tool_setup = tools.setup(tool_request.tools, tool_request.tool_choice, template,
+                                 tool_request.parallel_tool_calls)
+    if tool_setup is not None:
+        native = tools.native_tools(template)
+        messages = tools.render_messages(messages, tool_request.tools, native)
+        template_tools = tool_request.tools if native else None
+    try:
+        return model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=template_tools,
+                                                   variables=body.chat_template_kwargs), tool_setup
+    except ValueError as exc:
+        raise APIError(400, "no_chat_template", str(exc)) from exc
+    except jinja2.TemplateError as exc:  # the model's template refuses these messages (e.g. role order)
+        raise APIError(400, "invalid_messages", f"the model's chat template refused the messages: {exc}") from exc
 
 
 def _checked_ids(token_ids: list[int], model: Any) -> list[int]:
@@ -152,15 +177,15 @@ def _checked_ids(token_ids: list[int], model: Any) -> list[int]:
     return list(token_ids)
 
 
-def open_run(request: Request, host: Any, model: Any, prompt_ids: list[int], params: SamplingParams,
-          endpoint: str, stream: bool, cache_prompt: bool = True):
+def open_run(request: Request, prepared: Prepared, endpoint: str, stream: bool, cache_prompt: bool = True):
     """Admit the run now (a full queue is a 503 before any response starts). A non-streaming run watches its
     client: one that hangs up stops the generation."""
     started = time.time()
+    host, model = prepared.host, prepared.model
     try:
-        return host.generator.open(model, prompt_ids, params, endpoint, new_request_id(),
+        return host.generator.open(model, prepared.ids, prepared.params, endpoint, new_request_id(),
                                    is_disconnected=None if stream else request.is_disconnected, stream=stream,
-                                   trace=_trace(request, host, model, prompt_ids, params, endpoint),
+                                   trace=_trace(request, prepared, endpoint),
                                    cache_prompt=cache_prompt)
     except Exception as exc:
         refused(request, model.name, exc, started)
@@ -221,19 +246,19 @@ def endpoint_of(request: Request) -> str:
     return path
 
 
-def _trace(request: Request, host: Any, model: Any, prompt_ids: list[int], params: SamplingParams,
-           endpoint: str) -> RequestTrace | None:
+def _trace(request: Request, prepared: Prepared, endpoint: str) -> RequestTrace | None:
     """What the request's telemetry span needs (None while telemetry is off: nothing is decoded for it)."""
-    telemetry = host.telemetry
+    telemetry, params = prepared.host.telemetry, prepared.params
     if not telemetry.enabled:
         return None
-    text = None if telemetry.settings.hide_inputs else model.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    text = None if telemetry.settings.hide_inputs else \
+        prepared.model.tokenizer.decode(prepared.ids, skip_special_tokens=False)
     parameters = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
                   "max_tokens": params.max_tokens, "seed": params.seed,
                   "guidance": params.guidance.kind if params.guidance else None}
     session, user = _body_identity(request)
     return RequestTrace(endpoint, dict(request.headers), text, {k: v for k, v in parameters.items() if v is not None},
-                        session_id=session, user_id=user)
+                        session_id=session, user_id=user, reasoning=prepared.reasoning)
 
 
 def event_stream(run, events, ping_s: float | None = None) -> StreamingResponse:

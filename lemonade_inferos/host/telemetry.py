@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lemonade_inferos.errors import RequestError, validation_problems
 from lemonade_inferos.hooktypes import InferenceStats
+from lemonade_inferos.host.reasoning import CLOSE, OPEN, ReasoningFormat
 
 log = logging.getLogger(__name__)
 REDACTED = "[REDACTED]"
@@ -113,6 +114,15 @@ class RequestTrace:
     output_parts: list[str] = field(default_factory=list)
     session_id: str | None = None   # the body's ``session_id``: it wins over every header
     user_id: str | None = None      # the body's user (OpenAI ``user``, Anthropic ``metadata.user_id``)
+    reasoning: ReasoningFormat | None = None   # a reasoning model's: where the reply's thinking is
+
+    def output_text(self, hide_thinking: bool) -> str:
+        """The reply as generated; ``hide_thinking``: a reasoning model's thinking replaced by ``[REDACTED]``."""
+        output = "".join(self.output_parts)
+        if not hide_thinking or self.reasoning is None:
+            return output
+        thinking, answer = self.reasoning.split(output)
+        return output if thinking is None else f"{OPEN}{REDACTED}{CLOSE}{answer}"
 
 
 class _CountingExporter:
@@ -253,7 +263,7 @@ class Telemetry:
         settings = self.settings
         semantics = set(settings.otlp.semantics)
         attrs: dict[str, Any] = {}
-        output = "".join(trace.output_parts)
+        output = trace.output_text(settings.hide_thinking)
         session = self._session_id(trace)
         if "openinference" in semantics:
             from openinference.semconv.trace import OpenInferenceSpanKindValues, SpanAttributes as OI
