@@ -125,28 +125,61 @@ def sliding_window(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
 
 def concurrent_4(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
     """Four clients at once, each a 3-turn chat of its own: mean TTFT and the wall time for all of them."""
-    results: list[list[dict[str, Any]]] = [[] for _ in range(4)]
+    records, wall = _clients(chat, prompts, 4, 3, 48, labelled=False)
+    tokens = sum(r["completion_tokens"] or 0 for r in records)
+    return {"mean_ttft_s": statistics.mean(r["ttft_s"] for r in records), "wall_s": wall,
+            "total_tps": tokens / wall}
+
+
+def _clients(chat: Chat, prompts: PeerPrompts, count: int, turns: int, reply_tokens: int, labelled: bool = True
+             ) -> tuple[list[dict[str, Any]], float]:
+    """``count`` clients at once, each a chat of its own (``turns`` turns) under the same system prompt; every
+    request's record, and the wall time for all of them. ``labelled``: each client's first turn names the client,
+    so no two conversations are the same where the turns repeat."""
+    results: list[list[dict[str, Any]]] = [[] for _ in range(count)]
     errors: list[BaseException] = []
 
     def client(index: int) -> None:
+        asks = [prompts.turns[(index * turns + k) % len(prompts.turns)] for k in range(turns)]
+        if labelled:
+            asks[0] = f"(client {index + 1}) {asks[0]}"
         try:
-            results[index] = _play(chat, CHAT_SYSTEM, prompts.turns[index * 3:index * 3 + 3], 48)
+            results[index] = _play(chat, CHAT_SYSTEM, asks, reply_tokens)
         except BaseException as exc:  # reported by the caller's thread
             errors.append(exc)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    wall = time.perf_counter() - started
-    records = [r for chat_records in results for r in chat_records]
-    tokens = sum(r["completion_tokens"] or 0 for r in records)
-    return {"mean_ttft_s": statistics.mean(r["ttft_s"] for r in records), "wall_s": wall,
-            "total_tps": tokens / wall}
+    return [r for chat_records in results for r in chat_records], time.perf_counter() - started
+
+
+def _percentile(values: list[float], share: float) -> float:
+    """The ``share`` quantile, interpolated between the nearest ranks (a few requests per run)."""
+    ordered = sorted(values)
+    rank = share * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def clients(count: int) -> "Workload":
+    def workload(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
+        records, wall = _clients(chat, prompts, count, 4, 96)
+        ttfts, latencies = [r["ttft_s"] for r in records], [r["latency_s"] for r in records]
+        tokens = sum(r["completion_tokens"] or 0 for r in records)
+        return {"ttft_p50_s": _percentile(ttfts, 0.5), "ttft_p95_s": _percentile(ttfts, 0.95),
+                "latency_p50_s": _percentile(latencies, 0.5), "latency_p95_s": _percentile(latencies, 0.95),
+                "total_tps": tokens / wall, "wall_s": wall, "requests": len(records)}
+
+    workload.__doc__ = (f"{count} client(s) at once, each a 4-turn chat of ~180-token turns and 96-token replies "
+                        "under one system prompt: TTFT and request latency p50/p95, aggregate tok/s")
+    return workload
 
 
 def code_edit(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
@@ -159,10 +192,13 @@ def code_edit(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
 
 
 Workload = Callable[[Chat, PeerPrompts], dict[str, Any]]
+CLIENT_COUNTS = (1, 2, 4, 8)   # the clients_N workloads (``inferos bench concurrency``)
 WORKLOADS: dict[str, Workload] = {
     "decode": decode, "decode_spec": decode, "cold_2k": cold_prefill, "chat_10": chat_10,
     "sliding": sliding_window, "concurrent_4": concurrent_4, "code_edit": code_edit, "long_7k": long_prompt,
+    **{f"clients_{n}": clients(n) for n in CLIENT_COUNTS},
 }
+PEER_WORKLOADS = tuple(w for w in WORKLOADS if not w.startswith("clients_"))   # bench peers' default
 # workloads that need a longer context than --ctx-size gives (both servers get it)
 CONTEXT: dict[str, int] = {"long_7k": 8192}
 # the metric each workload is compared on, and whether lower is better
@@ -170,4 +206,5 @@ HEADLINE: dict[str, tuple[str, bool]] = {
     "decode": ("decode_tps", False), "decode_spec": ("decode_tps", False), "cold_2k": ("ttft_s", True),
     "chat_10": ("last_ttft_s", True), "sliding": ("mean_sliding_ttft_s", True), "concurrent_4": ("mean_ttft_s", True),
     "code_edit": ("latency_s", True), "long_7k": ("ttft_s", True),
+    **{f"clients_{n}": ("ttft_p95_s", True) for n in CLIENT_COUNTS},
 }

@@ -13,7 +13,8 @@ are reported, and for each workload our headline metric and peak RSS as ratios t
 
 Variants a workload is also run under: ``decode_spec`` with speculative decoding on (ours: its default n-gram
 drafting; llama-server: ``--spec-type ngram-simple``; plain ``decode`` has it off on both), ``sliding`` also
-against llama-server with ``--cache-reuse 256`` (its KV shifting for a history whose prefix broke).
+against llama-server with ``--cache-reuse 256`` (its KV shifting for a history whose prefix broke), the
+``clients_N`` workloads (``inferos bench concurrency``) also against our own server with ``--parallel 1``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from lemonade_inferos.bench.servers import free_port, http_process
 from lemonade_inferos.reports import plot_grouped_bars, write_json
 
 OURS, LLAMA, LLAMA_REUSE = "inferos", "llama-server", "llama-server --cache-reuse 256"
+OURS_SERIAL = "inferos --parallel 1"   # one request after another: the clients_N workloads' own baseline
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Peer:
         server finds nothing an earlier run left."""
         extra = list(self.extra_args.get(workload, ()))
         ctx_size = max(setup.ctx_size, CONTEXT.get(workload, 0))
-        if self.name == OURS:
+        if self.name in (OURS, OURS_SERIAL):
             import sys
             return ([sys.executable, "-m", "lemonade_inferos.cli.lemonade_server", "serve", "--port", str(port),
                      "--plugin", "inferos", "--ctx-size", str(ctx_size),
@@ -65,7 +67,7 @@ class Peer:
 
 @dataclass(frozen=True)
 class PeerSetup:
-    llama_server: Path
+    llama_server: Path | None        # None: our server alone (bench concurrency without a peer)
     gguf: Path
     model: str                       # our registry name
     ctx_size: int = 4096             # per request (Lemonade's default ctx_size)
@@ -84,11 +86,13 @@ def peers_for(setup: PeerSetup, workloads: list[str]) -> list[Peer]:
                     ("--plugin-option", f"inferos.scheduler.{phase}.intra_op_num_threads={setup.threads}"))
     if setup.threads:
         ours = Peer(OURS, setup.model, ours.workloads, {w: ours.extra_args.get(w, ()) + threads for w in workloads})
-    llama = Peer(LLAMA, "gguf", tuple(workloads),
+    llama = Peer(LLAMA, "gguf", tuple(workloads) if setup.llama_server else (),
                  {"decode_spec": ("--spec-type", "ngram-simple"), "code_edit": ("--spec-type", "ngram-simple")})
-    reuse = Peer(LLAMA_REUSE, "gguf", tuple(w for w in workloads if w == "sliding"),
+    reuse = Peer(LLAMA_REUSE, "gguf", tuple(w for w in llama.workloads if w == "sliding"),
                  {"sliding": ("--cache-reuse", "256")})
-    return [p for p in (ours, llama, reuse) if p.workloads]
+    many = tuple(w for w in workloads if w.startswith("clients_"))
+    serial = Peer(OURS_SERIAL, setup.model, many, {w: ours.extra_args.get(w, ()) + ("--parallel", "1") for w in many})
+    return [p for p in (ours, serial, llama, reuse) if p.workloads]
 
 
 @contextlib.contextmanager
@@ -131,7 +135,7 @@ def run_peers(setup: PeerSetup, workloads: list[str], runs: int, prompts: PeerPr
             order = [p for p in peers if workload in p.workloads]
             for peer in (order if run % 2 == 0 else order[::-1]):  # alternating: neither always goes first
                 progress(f"run {run + 1}/{runs}: {workload} on {peer.name}")
-                log_path = log_dir / f"{workload}-{peer.name.split()[0]}-{run + 1}.log"
+                log_path = log_dir / f"{workload}-{peer.name.replace(' ', '').replace('--', '-')}-{run + 1}.log"
                 raw[workload][peer.name].append(run_once(peer, workload, setup, prompts, log_path))
     return summarize(setup, raw, runs)
 
@@ -161,9 +165,10 @@ def summarize(setup: PeerSetup, raw: dict[str, dict[str, list[dict[str, Any]]]],
         if ours and llama and ours.get(metric) and llama.get(metric):
             entry["ratio_vs_llama"] = ours[metric]["median"] / llama[metric]["median"]
             entry["rss_ratio_vs_llama"] = ours["peak_rss_mb"]["median"] / llama["peak_rss_mb"]["median"]
-        reuse = entry["peers"].get(LLAMA_REUSE)
-        if ours and reuse and reuse.get(metric):
-            entry["ratio_vs_llama_cache_reuse"] = ours[metric]["median"] / reuse[metric]["median"]
+        for name, key in ((LLAMA_REUSE, "ratio_vs_llama_cache_reuse"), (OURS_SERIAL, "ratio_vs_serial")):
+            other = entry["peers"].get(name)
+            if ours and other and other.get(metric):
+                entry[key] = ours[metric]["median"] / other[metric]["median"]
         results["workloads"][workload] = entry
     return results
 

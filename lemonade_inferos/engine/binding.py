@@ -148,7 +148,8 @@ class StepBinding:
                        logits.ctypes.data)
         chunk = self._bind_chunk_codes(io, num_new) if phase.float_attention else None
         probes = self._bind_probes(io, num_new, cache.num_tokens + num_new, probe)  # last: see below
-        phase.form.session.run_with_iobinding(io, self.run_options)
+        with engine.turns.turn():   # the model's other sequences run their steps between this one's
+            phase.form.session.run_with_iobinding(io, self.run_options)
         if chunk is not None:
             start = cache.num_tokens
             for (key, value), (key_codes, value_codes) in zip(cache.arrays(), chunk):
@@ -177,7 +178,8 @@ class StepBinding:
         presents = [name for layer in range(folder.num_layers)
                     for name in (folder.present_key_name(layer), folder.present_value_name(layer))]
         names = [folder.output_names["logits"], *presents, *engine.probe_outputs]
-        outputs = phase.form.session.run_with_ort_values(names, feeds, self.run_options)
+        with engine.turns.turn():
+            outputs = phase.form.session.run_with_ort_values(names, feeds, self.run_options)
         start = cache.num_tokens if phase.float_attention else 0  # the float path's present: the chunk's rows
         for (key, value), present_key, present_value in zip(cache.arrays(), outputs[1::2], outputs[2::2]):
             _copy_present(key, present_key.numpy(), start)

@@ -35,6 +35,7 @@ from lemonade_inferos.engine.sampling import Sampler, SamplingParams
 from lemonade_inferos.engine.session import (AppliedSessionOptions, SessionPolicy, build_session_options,
                                              make_run_options)
 from lemonade_inferos.engine.speculative import AcceptanceWatch, Drafter, SpeculationConfig, ngram_drafter
+from lemonade_inferos.engine.step_turns import StepTurns
 from lemonade_inferos.engine.tokenizer import ChatTokenizer
 from lemonade_inferos.engine.types import GenerationChunk, GenerationStats
 from lemonade_inferos.errors import GenerationError, InferosError
@@ -67,8 +68,10 @@ class OrtEngine:
 
     def __init__(self, model: str | Path | ModelFolder, policy: SessionPolicy | None = None,
                  prefill_chunk_tokens: int = 512, context_length: int | None = None,
-                 attention_probe_layers: tuple[int, ...] = (), background_calibration: bool = False) -> None:
+                 attention_probe_layers: tuple[int, ...] = (), background_calibration: bool = False,
+                 turns: StepTurns | None = None) -> None:
         self.folder = model if isinstance(model, ModelFolder) else load_model_folder(model)
+        self.turns = turns or StepTurns()   # the model's running sequences take their steps in turn
         self.folder.fingerprint  # read now (~18 MiB of the model): never inside a request's watched run
         self.policy = policy or SessionPolicy()
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -183,6 +186,12 @@ class OrtEngine:
         Raises:
             GenerationError: empty prompt, or a prompt longer than the cache can hold.
         """
+        with self.turns.sequence():
+            yield from self._generate(prompt_ids, params, stats, cache, run_options, speculation)
+
+    def _generate(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None,
+                  cache: KVCache | None, run_options: "dict[str, str] | ort.RunOptions | None",
+                  speculation: SpeculationConfig | None) -> Iterator[GenerationChunk]:
         stats = stats if stats is not None else GenerationStats()
         cache = cache if cache is not None else self.new_cache()
         prompt = [int(t) for t in prompt_ids]
@@ -230,7 +239,8 @@ class OrtEngine:
                 splice.place(binding.cache)
                 start += len(splice)
                 continue
-            end = min(len(ids), start + self.prefill_chunk_tokens, pending[0].at - offset if pending else len(ids))
+            chunk = self.turns.chunk_tokens(self.prefill_chunk_tokens)   # shorter while other sequences run
+            end = min(len(ids), start + chunk, pending[0].at - offset if pending else len(ids))
             budget = PROBE_SCRATCH_BYTES if binding.row_probe else SPLIT_PROBE_BYTES
             probed = self.probe_rows(binding.cache.num_tokens, end - start, budget) if binding.probing else end - start
             if probed < end - start and not binding.row_probe:  # the probed rows run on their own

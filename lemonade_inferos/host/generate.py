@@ -1,7 +1,7 @@
 """The one place the hooks are called: every generate call goes through :meth:`GenerateService.open`.
 
     ticket = gate.admit()            (in the route, before any response starts: a full queue is a plain 503)
-      ticket.slot()                  (queue: one generation per model at a time)
+      ticket.slot()                  (queue: up to ``parallel`` generations per model, their steps in turn)
         plan = pre_run(context)      (first plugin to answer wins; None -> baseline og.Generator)
         run_generation(context, plan, run)   in a worker thread (host/run.py): make_cache, then the engine;
                                      chunks stream back; between chunks the loop ends the run early for a
@@ -85,7 +85,7 @@ class GenerateService:
         """
         if self.stopping.is_set():
             raise ServerStopping("the server is shutting down; retry on its next start")
-        ticket = model.gate.admit()
+        ticket = model.gate.admit(len(prompt_ids))
         limits = RunLimits(self.timeout_s, self.stopping, is_disconnected)
         request_id = request_id or new_request_id()
         return Run(request_id, ticket, self._run(ticket, model, prompt_ids, params, endpoint, request_id, limits,

@@ -42,18 +42,21 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 @router.get("/slots")
 async def slots(request: Request):
+    """One slot per place of the model (``--parallel``), the first ``running`` of them processing."""
     model = _current_model(request)
-    return [{"id": 0, "id_task": -1 if not model.gate.busy else 0, "is_processing": model.gate.busy,
-             "n_ctx": model.ctx_size, "speculative": False}]
+    gate = model.gate
+    return [{"id": i, "id_task": i if i < gate.running else -1, "is_processing": i < gate.running,
+             "n_ctx": model.ctx_size, "speculative": False} for i in range(gate.parallel)]
 
 
 @router.post("/slots/{slot_id}")
 async def slot_action(slot_id: int, request: Request, action: str = ""):
-    _current_model(request)
     if action not in ("save", "restore", "erase"):
         raise APIError(400, "invalid_request", "action is save, restore or erase", param="action")
-    if slot_id != 0:
-        raise APIError(400, "invalid_request", f"no slot {slot_id}: a model here has one slot, 0", param="id")
+    places = _current_model(request).gate.parallel
+    if not 0 <= slot_id < places:
+        raise APIError(400, "invalid_request", f"no slot {slot_id}: the model has slots 0..{places - 1} "
+                       "(--parallel)", param="id")
     raise APIError(501, "not_supported", f"slot {action} is not available: this host keeps prompt caches in its "
                    "prefix store (--inferos-prefix-spill-mb, the prefix_spill_dir setting), reused by content, not "
                    "in slot files (llama.cpp's --slot-save-path)", action=action)

@@ -1,15 +1,18 @@
 """Loaded models: which are in memory, their engines, and the queue in front of each.
 
-Each loaded model serves one generation at a time (on a 2-core CPU, two
-concurrent decodes only slow each other down) behind a bounded queue: at most
-``max_queue`` requests wait; the next gets HTTP 503 ``server_busy``. Engines are
-created lazily: ours (``inferos``) when a plugin's plan asks for it, og.Generator
-(``og``) for baseline runs.
+Each loaded model serves up to ``parallel`` generations at once (llama-server's
+slots), their steps taking turns at ONNX Runtime (``engine/step_turns.py``: on a
+2-core CPU two steps at once only slow each other down), behind a bounded queue:
+at most ``max_queue`` requests wait; the next gets HTTP 503 ``server_busy``.
+Engines are created lazily: ours (``inferos``) when a plugin's plan asks for it,
+og.Generator (``og``) for baseline runs; both take the model's turns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -22,6 +25,7 @@ from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.engine.og_engine import OgEngine
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.session import SessionPolicy
+from lemonade_inferos.engine.step_turns import StepTurns
 from lemonade_inferos.errors import RequestError
 from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.host.recipe_options import RecipeOptionsStore, resolve_ctx
@@ -32,31 +36,60 @@ log = logging.getLogger(__name__)
 
 
 class RequestGate:
-    """One generation at a time, at most ``max_queue`` waiting.
+    """At most ``parallel`` generations of a model at a time (their steps take turns at ONNX Runtime:
+    ``engine/step_turns.py``), at most ``max_queue`` waiting for a place, admitted first come first served or, with
+    ``order="shortest_first"``, shortest prompt first.
 
     A request takes its place in the queue with :meth:`admit` while its route still runs, so a full queue
     is a plain HTTP 503 even for a streamed request (whose response would otherwise have begun).
     """
 
-    def __init__(self, max_queue: int) -> None:
-        self.max_queue = max_queue
-        self.waiting = 0
-        self.busy = False
-        self._semaphore = asyncio.Semaphore(1)
+    def __init__(self, max_queue: int, parallel: int = 1, order: str = "fcfs") -> None:
+        self.max_queue, self.parallel, self.order = max_queue, parallel, order
+        self.waiting = 0       # admitted, not yet running
+        self.running = 0
+        self._queue: list[tuple[int, int, asyncio.Future]] = []   # (priority, arrival, wake-up) heap
+        self._arrivals = itertools.count()
 
-    def admit(self) -> "Ticket":
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
+
+    def admit(self, prompt_tokens: int = 0) -> "Ticket":
         if self.waiting >= self.max_queue:
             raise APIError(503, "server_busy", f"{self.waiting} requests are already waiting for this model; "
                            "retry later", queue=self.waiting)
         self.waiting += 1
-        return Ticket(self)
+        return Ticket(self, prompt_tokens if self.order == "shortest_first" else 0)
+
+    async def _enter(self, priority: int) -> None:
+        if self.running < self.parallel and not self._queue:
+            self.running += 1
+            return
+        woken = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._queue, (priority, next(self._arrivals), woken))
+        try:
+            await woken
+        except asyncio.CancelledError:
+            if woken.done() and not woken.cancelled():   # woken, then cancelled before it ran: the place goes on
+                self._leave()
+            raise
+
+    def _leave(self) -> None:
+        self.running -= 1
+        while self._queue and self.running < self.parallel:
+            _, _, woken = heapq.heappop(self._queue)
+            if not woken.done():   # a waiter that gave up has a cancelled future
+                self.running += 1
+                woken.set_result(None)
 
 
 class Ticket:
-    """A place in a gate's queue: :meth:`slot` waits for the engine; :meth:`release` gives an unused place back."""
+    """A place in a gate's queue: :meth:`slot` waits for a running place; :meth:`release` gives an unused queue
+    place back."""
 
-    def __init__(self, gate: RequestGate) -> None:
-        self.gate = gate
+    def __init__(self, gate: RequestGate, priority: int = 0) -> None:
+        self.gate, self.priority = gate, priority
         self._waiting = True
 
     def release(self) -> None:
@@ -68,15 +101,13 @@ class Ticket:
     async def slot(self) -> AsyncIterator[None]:
         gate = self.gate
         try:
-            await gate._semaphore.acquire()
+            await gate._enter(self.priority)
         finally:
             self.release()
-        gate.busy = True
         try:
             yield
         finally:
-            gate.busy = False
-            gate._semaphore.release()
+            gate._leave()
 
 
 @dataclass
@@ -93,6 +124,7 @@ class LoadedModel:
     last_use: float = field(default_factory=time.time)
     streams: int = 0                  # streamed replies that have sent their first chunk and not ended
     spec: Any = None                  # the parsed folder (engines share it: its fingerprint is read once)
+    turns: StepTurns = field(default_factory=StepTurns)   # its running sequences' steps, one at a time
     _engines: dict[str, Any] = field(default_factory=dict)
 
     def engine(self, kind: str, session: SessionPolicy | None = None) -> Any:
@@ -101,13 +133,14 @@ class LoadedModel:
         key = kind if kind == "og" else f"inferos:{policy.model_dump_json()}"
         if key not in self._engines:
             if kind == "og":
-                self._engines[key] = OgEngine(self.spec or self.folder, context_length=self.ctx_size)
+                self._engines[key] = OgEngine(self.spec or self.folder, context_length=self.ctx_size,
+                                              turns=self.turns)
             else:
                 for old in [k for k in self._engines if k.startswith("inferos:")]:
                     del self._engines[old]  # one ORT session per model: a new policy replaces the old one
                 heap.trim()  # before the new session allocates: what the old one held is reused or returned
                 self._engines[key] = OrtEngine(self.spec or self.folder, policy, context_length=self.ctx_size,
-                                               background_calibration=True)
+                                               background_calibration=True, turns=self.turns)
                 heap.trim()  # and after: building a session frees transients that would sit between live blocks
         self.last_use = time.time()
         return self._engines[key]
@@ -137,7 +170,13 @@ class LoadedModel:
                 "is_streaming": self.streams > 0, "pid": None, "backend_url": None,
                 "recipe_options": {"ctx_size": self.ctx_size}, "max_context_window": self.model_ctx,
                 "inferos": {"folder": str(self.folder), "fallback_reason": self.fallback_reason,
-                            "live_kv": self._live_kv()}}
+                            "live_kv": self._live_kv(), "scheduler": self.scheduler_report()}}
+
+    def scheduler_report(self) -> dict[str, Any]:
+        """The effective scheduling knobs and what they did: places, who runs and waits, the steps' turns."""
+        gate = self.gate
+        return {"parallel": gate.parallel, "order": gate.order, "running": gate.running, "waiting": gate.waiting,
+                **self.turns.report()}
 
     def _live_kv(self) -> dict[str, Any] | None:
         """The live KV form of our engine for this model (INT8 or the model's dtype, and why), once it is loaded."""
@@ -203,8 +242,11 @@ class ModelManager:
         devices, reason = devices_for_recipe(info.get("recipe", "oga-cpu"))
         self.loaded.pop(name, None)
         self._make_room(name)
-        model = LoadedModel(name, info, folder, ctx, devices, reason, RequestGate(self.settings.max_queue),
-                            model_ctx=spec.context_length, pinned=bool(pinned), spec=spec)
+        settings = self.settings
+        model = LoadedModel(name, info, folder, ctx, devices, reason,
+                            RequestGate(settings.max_queue, settings.parallel, settings.schedule),
+                            model_ctx=spec.context_length, pinned=bool(pinned), spec=spec,
+                            turns=StepTurns(settings.prefill_chunk_budget))
         if self.session_for is not None:
             await asyncio.to_thread(self._build_engine, model)
         return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -17,6 +18,12 @@ class HostSettings(BaseModel):
     plugins: list[str] = Field(default_factory=list)
     default_model: str = "SmolLM2-135M-Instruct-CPU"
     max_queue: int = Field(16, ge=1, description="requests waiting for the engine before 503")
+    parallel: int = Field(4, ge=1, description="generations a model serves at once, their steps taking turns "
+                          "(llama-server's --parallel slots); 1 serves one request after another")
+    schedule: Literal["fcfs", "shortest_first"] = Field("fcfs", description="who runs next when a place frees: "
+                                                         "first come first served, or the shortest prompt")
+    prefill_chunk_budget: int = Field(128, ge=16, description="most prompt tokens one step runs while other "
+                                      "sequences of the model are running (their next token waits for it)")
     request_timeout_s: float = Field(600.0, gt=0)
     max_body_mb: float = Field(8.0, gt=0, description="largest request body, MiB: a full 128K-token context of "
                                "JSON-escaped text fits (413 request_too_large above it, refused before parsing)")

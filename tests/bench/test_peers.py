@@ -7,7 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from lemonade_inferos.bench.peer_workloads import PeerPrompts
-from lemonade_inferos.bench.peers import LLAMA, LLAMA_REUSE, OURS, PeerSetup, peers_for, run_once, summarize
+from lemonade_inferos.bench.concurrency import ratios
+from lemonade_inferos.bench.peers import (LLAMA, LLAMA_REUSE, OURS, OURS_SERIAL, PeerSetup, peers_for, run_once,
+                                       summarize)
 from lemonade_inferos.engine.tokenizer import ChatTokenizer
 
 SETUP = PeerSetup(Path("/opt/llama-server"), Path("/models/m.gguf"), "SmolLM2-135M-Instruct-CPU", ctx_size=4096)
@@ -44,3 +46,18 @@ def test_a_workload_runs_against_a_fresh_server_and_its_peak_rss_is_measured(cal
     entry = results["workloads"]["decode"]
     assert entry["headline"] == "decode_tps" and entry["peers"][OURS]["decode_tps"]["median"] == metrics["decode_tps"]
     assert "ratio_vs_llama" not in entry   # no llama-server in this run: no ratio is made up
+
+
+def test_many_clients_run_on_ours_on_ours_one_at_a_time_and_on_llama_server_where_given(calibrated_model, tmp_path):
+    peers = {p.name: p for p in peers_for(SETUP, ["clients_4", "decode"])}
+    serial, _ = peers[OURS_SERIAL].command(1234, "clients_4", SETUP, Path("/tmp/state"))
+    assert peers[OURS_SERIAL].workloads == ("clients_4",) and serial[-2:] == ["--parallel", "1"]
+    assert "inferos.speculative.mode=off" in serial and serial[1:3] == ["-m", "lemonade_inferos.cli.lemonade_server"]
+    alone = peers_for(replace(SETUP, llama_server=None), ["clients_2"])
+    assert [p.name for p in alone] == [OURS, OURS_SERIAL], "without llama-server: ours against itself"
+    prompts = PeerPrompts.build(ChatTokenizer.from_folder(calibrated_model))
+    metrics = run_once(alone[0], "clients_2", SETUP, prompts, tmp_path / "server.log")
+    assert metrics["requests"] == 8 and 0 < metrics["ttft_p50_s"] <= metrics["ttft_p95_s"] <= metrics["latency_p95_s"]
+    assert metrics["total_tps"] > 0
+    peer = {m: {"median": metrics[m]} for m in ("ttft_p95_s", "total_tps")}
+    assert ratios({OURS: peer, OURS_SERIAL: peer})[OURS_SERIAL] == {"ttft_p95_s": 1.0, "total_tps": 1.0}

@@ -104,8 +104,10 @@ def _wait_busy(base: str, timeout_s: float = 30) -> None:
 
 
 def test_a_client_that_hangs_up_ends_its_generation_and_is_not_an_error(model_dir):
-    """Non-streaming, max_tokens far past what the client waits for: the next request must not wait for it."""
-    with running_server("--plugin", "inferos", "--max-queue", "2", "--inferos-prefix-spill-mb", "0") as base:
+    """Non-streaming, max_tokens far past what the client waits for: the next request must not wait for it (one
+    place: it would wait if the abandoned run went on)."""
+    with running_server("--plugin", "inferos", "--parallel", "1", "--max-queue", "2", "--inferos-prefix-spill-mb",
+                        "0") as base:
         assert _chat(base, max_tokens=4).status_code == 200  # engine loaded
         with pytest.raises(httpx.ReadTimeout):
             _chat(base, timeout=1.5, max_tokens=100_000, ignore_eos=True)
@@ -117,7 +119,8 @@ def test_a_client_that_hangs_up_ends_its_generation_and_is_not_an_error(model_di
 
 
 def test_a_streamed_request_over_a_full_queue_gets_503_and_queue_wait_counts_in_latency(model_dir):
-    with running_server("--plugin", "inferos", "--max-queue", "1", "--inferos-prefix-spill-mb", "0") as base:
+    with running_server("--plugin", "inferos", "--parallel", "1", "--max-queue", "1", "--inferos-prefix-spill-mb",
+                        "0") as base:
         assert _chat(base, max_tokens=4).status_code == 200
         results = {}
         running = threading.Thread(target=lambda: results.update(first=_chat(base, max_tokens=150, ignore_eos=True)))

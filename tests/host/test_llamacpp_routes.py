@@ -29,15 +29,16 @@ def test_pieces_spell_the_text_and_special_tokens_parse_unless_asked_not_to(isol
     assert _post(base, "/v1/detokenize", {"tokens": as_text}).json()["content"] == "<|im_end|>"
 
 
-def test_slots_list_the_one_slot_and_its_actions_answer_501_naming_the_prefix_store(isolated_plugin_server):
+def test_slots_list_one_slot_per_place_and_their_actions_answer_501_naming_the_prefix_store(isolated_plugin_server):
     base = isolated_plugin_server
     _post(base, "/v1/tokenize", {"content": "warm"})
-    assert httpx.get(f"{base}/v1/slots", timeout=30).json()[0]["id"] == 0
+    slots = httpx.get(f"{base}/v1/slots", timeout=30).json()
+    assert [s["id"] for s in slots] == [0, 1, 2, 3] and not any(s["is_processing"] for s in slots), "--parallel 4"
     for action in ("save", "restore", "erase"):
         reply = httpx.post(f"{base}/v1/slots/0?action={action}", json={"filename": "x.bin"}, timeout=30)
         assert reply.status_code == 501 and "prefix" in reply.json()["error"]["message"], action
     assert httpx.post(f"{base}/v1/slots/0?action=dance", timeout=30).status_code == 400
-    assert httpx.post(f"{base}/v1/slots/3?action=erase", timeout=30).status_code == 400
+    assert httpx.post(f"{base}/v1/slots/4?action=erase", timeout=30).status_code == 400
 
 
 def test_token_ids_outside_the_vocabulary_are_a_400_naming_tokens(isolated_plugin_server):
