@@ -14,6 +14,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -126,11 +127,17 @@ class LoadedModel:
     spec: Any = None                  # the parsed folder (engines share it: its fingerprint is read once)
     turns: StepTurns = field(default_factory=StepTurns)   # its running sequences' steps, one at a time
     _engines: dict[str, Any] = field(default_factory=dict)
+    _building: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def engine(self, kind: str, session: SessionPolicy | None = None) -> Any:
-        """The ``inferos`` or ``og`` engine, created on first use (or when the session policy changes)."""
+        """The ``inferos`` or ``og`` engine, created on first use (or when the session policy changes). The
+        model's sequences ask for it from their own threads: one builds it, the others wait for that one."""
         policy = session or SessionPolicy(devices=self.devices)
         key = kind if kind == "og" else f"inferos:{policy.model_dump_json()}"
+        with self._building:
+            return self._engine(kind, key, policy)
+
+    def _engine(self, kind: str, key: str, policy: SessionPolicy) -> Any:
         if key not in self._engines:
             if kind == "og":
                 self._engines[key] = OgEngine(self.spec or self.folder, context_length=self.ctx_size,
@@ -148,8 +155,9 @@ class LoadedModel:
     def discard_engine(self, kind: str) -> None:
         """Drop the ``inferos`` or ``og`` engine (a stalled one): the next request that needs it builds it anew."""
         prefix = "inferos:" if kind == "inferos" else "og"
-        for key in [k for k in self._engines if k.startswith(prefix)]:
-            del self._engines[key]
+        with self._building:
+            for key in [k for k in self._engines if k.startswith(prefix)]:
+                del self._engines[key]
         heap.trim()
         log.warning("%s: the %s engine was discarded after a stalled generation", self.name, kind)
 

@@ -132,3 +132,23 @@ def test_a_freed_place_goes_to_the_shortest_prompt_or_the_first_come():
 
     assert asyncio.run(order_of("shortest_first")) == [100, 200, 300]
     assert asyncio.run(order_of("fcfs")) == [300, 100, 200]
+
+
+def test_sequences_that_ask_for_the_engine_at_once_get_the_one_engine_built_once(calibrated_model, monkeypatch):
+    from lemonade_inferos.engine.model_folder import load_model_folder
+    from lemonade_inferos.host import models
+    from lemonade_inferos.host.models import LoadedModel, RequestGate
+
+    built = []
+    real = models.OrtEngine
+
+    def counting(*args, **kwargs):
+        built.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "OrtEngine", counting)
+    model = LoadedModel("m", {}, calibrated_model, 512, ["cpu"], None, RequestGate(4, 4),
+                        spec=load_model_folder(calibrated_model))
+    engines = at_once([lambda: model.engine("inferos")] * 4)
+    assert len(built) == 1 and all(e is engines[0] for e in engines)
+    assert engines[0].turns is model.turns, "the engine's steps take the model's turns"
