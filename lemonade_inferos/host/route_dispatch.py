@@ -6,8 +6,8 @@ carries tools or images, and its ``metadata``; the first-match engine (``router_
 on our own models via ``routing.evaluate``) decides. The decision is kept in the request's scope: every API's reply
 carries it in the ``x-lemonade-route`` header (:class:`RouteHeader`: the matched rule id, or ``default``), and a body
 asking ``route_trace: true`` gets the decision as ``x_lemonade_route`` in an OpenAI reply or a stream's first event.
-Each decision counts in ``/stats`` and ``/metrics``, with a switch when a conversation's turn goes to another
-candidate than its turn before.
+Each decision of a request that runs counts in ``/stats`` and ``/metrics`` (:func:`count`), with a switch when a
+conversation's turn goes to another candidate than its turn before.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from lemonade_inferos.http.json_body import parsed_body
 
 ROUTE_HEADER = b"x-lemonade-route"
 SCOPE_KEY = "inferos.route_decision"
+CONVERSATION_KEY = "inferos.route_conversation"
 PULL_ONLY = ("stream",)   # a pull body's own fields, not the policy's
 IMAGE_PARTS = ("image_url", "image", "input_image")
 
@@ -80,9 +81,16 @@ async def routed_model(request: Request, host: Any, name: str | None, messages: 
     body = parsed_body(request)
     body = body if isinstance(body, dict) else {}
     decision = await evaluate(host, RouterPolicy.model_validate(document), route_input(body, messages, text))
-    host.host_stats.record_route(conversation_key(collection, messages, text), decision.route_to)
     request.scope[SCOPE_KEY] = decision
+    request.scope[CONVERSATION_KEY] = conversation_key(collection, messages, text)
     return decision.route_to
+
+
+def count(request: Request, host: Any) -> None:
+    """Count a routed request's decision once it is admitted to run (counting its tokens is no decision)."""
+    decision = decision_of(request)
+    if decision is not None:
+        host.host_stats.record_route(request.scope[CONVERSATION_KEY], decision.route_to)
 
 
 def route_input(body: dict[str, Any], messages: list[dict] | None, text: str | None) -> RouteInput:

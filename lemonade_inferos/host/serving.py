@@ -26,7 +26,7 @@ from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.tokenizer import PromptTooLong
 from lemonade_inferos.errors import GenerationError, InferosError
 from lemonade_inferos.host import openai_format as fmt
-from lemonade_inferos.host import structured, tools
+from lemonade_inferos.host import route_dispatch, structured, tools
 from lemonade_inferos.host.generate import new_request_id
 from lemonade_inferos.host.reasoning import ReasoningFormat
 from lemonade_inferos.host.route_dispatch import carries_images, routed_model
@@ -183,13 +183,15 @@ def open_run(request: Request, prepared: Prepared, endpoint: str, stream: bool, 
     started = time.time()
     host, model = prepared.host, prepared.model
     try:
-        return host.generator.open(model, prepared.ids, prepared.params, endpoint, new_request_id(),
+        run = host.generator.open(model, prepared.ids, prepared.params, endpoint, new_request_id(),
                                    is_disconnected=None if stream else request.is_disconnected, stream=stream,
                                    trace=_trace(request, prepared, endpoint),
                                    cache_prompt=cache_prompt)
     except Exception as exc:
         refused(request, model.name, exc, started)
         raise
+    route_dispatch.count(request, host)
+    return run
 
 
 def refused(request: Request, model: str | None, exc: Exception, started: float) -> None:

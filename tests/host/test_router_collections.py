@@ -94,8 +94,12 @@ def test_decisions_and_a_conversations_switches_are_counted(server):
         reply = httpx.post(f"{server}/api/v1/chat/completions", timeout=300,
                            json={"model": ROUTER, "messages": messages, "max_tokens": 2})
         assert reply.status_code == 200, reply.text
+    counted = httpx.post(f"{server}/v1/messages/count_tokens", timeout=60,
+                         json={"model": ROUTER, "messages": [{"role": "user", "content": "write a function"}]})
+    assert counted.status_code == 200 and counted.json()["input_tokens"] > 0
     after = counters()
-    assert (after[0] - before[0], after[1] - before[1]) == (3, 1), "default -> copy is one switch, copy -> copy none"
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 1), \
+        "default -> copy is one switch, copy -> copy none; counting tokens is no decision"
     metrics = httpx.get(f"{server}/metrics", timeout=30).text
     assert f"lemonade_routing_decisions_total {float(after[0])}" in metrics
     assert f"lemonade_routing_switches_total {float(after[1])}" in metrics
