@@ -82,7 +82,7 @@ def peer_setup(llama_server: Path, model_name: str, gguf: Path | None, ctx_size:
     """The servers' common setup (our model built, llama-server's GGUF found) and the prompts every server gets."""
     from lemonade_inferos.bench.peer_workloads import PeerPrompts
     from lemonade_inferos.bench.peers import PeerSetup
-    from lemonade_inferos.engine.build import BUILTIN_MODELS, BuildSpec, build_model, locate_gguf
+    from lemonade_inferos.engine.build import BuildSpec, build_model, source_gguf
     from lemonade_inferos.engine.model_folder import load_model_folder
     from lemonade_inferos.engine.tokenizer import ChatTokenizer
     from lemonade_inferos.host.registry import BUILTIN_MODELS as REGISTRY
@@ -91,7 +91,7 @@ def peer_setup(llama_server: Path, model_name: str, gguf: Path | None, ctx_size:
         raise click.UsageError(f"{model_name} is not a built-in model; choose from {', '.join(REGISTRY)}")
     spec = BuildSpec(**REGISTRY[model_name]["build"])
     folder = build_model(spec, progress=console.log)
-    gguf = gguf or locate_gguf(BUILTIN_MODELS[spec.model])
+    gguf = gguf or source_gguf(spec)
     shape = load_model_folder(folder)
     setup = PeerSetup(llama_server.resolve(), gguf, model_name, ctx_size=ctx_size, threads=threads,
                       our_args=tuple(a for option in our_options for a in ("--plugin-option", option)),

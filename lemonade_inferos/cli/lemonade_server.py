@@ -205,11 +205,13 @@ def run(ctx: click.Context, model: str, host: str, port: int, log_level: str, ct
 
 @cli.command()
 @click.argument("model")
-@click.option("--checkpoint", default=None, help="For user.* models: the onnxruntime-genai folder to register.")
-@click.option("--recipe", default=None, help="oga-cpu (default), oga-igpu, oga-hybrid or oga-npu.")
+@click.option("--checkpoint", default=None,
+              help="For user.* models: the onnxruntime-genai folder to register, or a GGUF file to convert once.")
+@click.option("--recipe", default=None,
+              help="oga-cpu (a folder's default), oga-igpu, oga-hybrid, oga-npu; llamacpp (a GGUF's default).")
 @handle_errors
 def pull(model: str, checkpoint: str | None, recipe: str | None) -> None:
-    """Install MODEL: build a built-in model offline, or register a local folder as user.NAME."""
+    """Install MODEL: build a built-in model offline, or register a local folder or GGUF file as user.NAME."""
     from lemonade_inferos.host.registry import ModelRegistry
 
     with console.status(f"pulling {model}") as status:

@@ -28,11 +28,11 @@ def gguf_for_llamacpp(wanted: bool | None, gguf: Path | None, model_name: str) -
         raise click.UsageError("--llamacpp needs llama-cpp-python: pip install llama-cpp-python (compiles llama.cpp)")
     if gguf is not None:
         return gguf
-    from lemonade_inferos.engine.build import BUILTIN_MODELS, locate_gguf
+    from lemonade_inferos.engine.build import BUILTIN_MODELS
 
     builtin = next((m for name, m in BUILTIN_MODELS.items() if model_name.startswith(name)), None)
     if builtin is None:
         if wanted:
             raise click.UsageError(f"{model_name} is not a built-in model: give its GGUF with --gguf")
         return None
-    return locate_gguf(builtin)
+    return builtin.locate()

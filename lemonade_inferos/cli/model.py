@@ -18,17 +18,22 @@ def model() -> None:
 
 @model.command("build")
 @click.argument("name")
-@click.option("--weights", type=click.Choice(["fp32", "int4"]), default="fp32", show_default=True,
-              help="Weight precision of the ONNX model.")
+@click.option("--gguf", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="A GGUF file of your own (Llama, Qwen2/3, Mistral, Phi-3, Gemma 2/3), built under NAME.")
+@click.option("--weights", type=click.Choice(["fp32", "int4"]), default=None,
+              help="Weight precision of the ONNX model [default: fp32 for a built-in model, int4 for --gguf].")
 @click.option("--kv", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="KV format: int8 builds ORT's native static per-channel INT8 KV variant.")
 @click.option("--force", is_flag=True, help="Rebuild even when a verified build exists.")
 @handle_errors
-def model_build(name: str, weights: str, kv: str, force: bool) -> None:
-    """Build NAME (e.g. smollm2-135m) offline from its packaged GGUF into the model cache."""
+def model_build(name: str, gguf: str | None, weights: str | None, kv: str, force: bool) -> None:
+    """Build NAME offline into the model cache: a built-in model (smollm2-135m, gemma3-270m) from its packaged GGUF,
+    or your own GGUF file (--gguf) under the name NAME."""
+    from pathlib import Path
+
     from lemonade_inferos.engine.build import BuildSpec, build_model
 
-    spec = BuildSpec(name, weights, kv)
+    spec = BuildSpec(name, weights or ("int4" if gguf else "fp32"), kv, gguf=str(Path(gguf).resolve()) if gguf else None)
     with console.status(f"building {spec.variant}") as status:
         path = build_model(spec, progress=lambda msg: (status.update(msg), console.log(msg)), force=force)
     _calibrate(path)

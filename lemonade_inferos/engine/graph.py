@@ -219,16 +219,22 @@ def _describe(model: onnx.ModelProto, model_ref: str | bytes, probe_names: tuple
     inputs = {i.name for i in model.graph.input}
     gqa = sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) + \
         sum(n.op_type == "If" and n.name.startswith(ATTENTION_IF_PREFIX) for n in model.graph.node)
-    scales = tuple(kv_scale_names(layer) for layer in range(gqa)) if kv_scale_names(0)[0] in inputs else ()
+    # counted by the inputs themselves: a probe switch's If hides its layer's GroupQueryAttention from ``gqa``
+    scale_layers = sum(name.startswith(KV_SCALE_PREFIX) and name.endswith(".key") for name in inputs)
+    scales = tuple(kv_scale_names(layer) for layer in range(scale_layers))
     past = next((i for i in model.graph.input if i.name.startswith("past_key_values")), None)
     elem = past.type.tensor_type.elem_type if past is not None else onnx.TensorProto.FLOAT
     return PreparedGraph(model_ref, POSITION_IDS in inputs, gqa, probe_names, LOGITS_POSITIONS in inputs, scales,
                          kv_int8_reason, elem, INT8_ATTENTION in inputs, PROBE_SWITCH in inputs, PROBE_ROWS in inputs)
 
 
-def default_probe_layers(num_layers: int) -> tuple[int, ...]:
-    """Two probe layers, an eighth and half-way into the stack (3 and 15 of 30: measured as good as six)."""
-    return tuple(sorted({num_layers // 8, num_layers // 2}))
+def default_probe_layers(num_layers: int, local_layers: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Two probe layers, an eighth and half-way into the stack (3 and 15 of 30: measured as good as six), or the
+    global layers nearest them where others attend to a sliding window (``local_layers``): GroupQueryAttention
+    returns no probabilities over a window, and a global layer's rank every cached token (Gemma 3: 5 and 11)."""
+    candidates = [layer for layer in range(num_layers) if layer not in set(local_layers)] or list(range(num_layers))
+    return tuple(sorted({min(candidates, key=lambda layer: abs(layer - target))
+                         for target in (num_layers // 8, num_layers // 2)}))
 
 
 def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: bool = False,
@@ -243,7 +249,8 @@ def prepare_graph(onnx_path: Path, probe_layers: tuple[int, ...] = (), int8_kv: 
         model = onnx.load(str(patched_path), load_external_data=False)
         inputs = {i.name for i in model.graph.input}
         outputs = {o.name for o in model.graph.output}
-        if LOGITS_POSITIONS in inputs and (not int8_kv or INT8_ATTENTION in inputs) \
+        dual = not int8_kv or INT8_ATTENTION in inputs or dual_attention_obstacle(model, head_size) is not None
+        if LOGITS_POSITIONS in inputs and dual \
                 and (not probe_layers or inputs & {PROBE_SWITCH, PROBE_ROWS}) and outputs.issuperset(probe_names):
             # else: an older version's
             return _describe(model, str(patched_path), probe_names)

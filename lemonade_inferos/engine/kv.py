@@ -84,6 +84,7 @@ class KVLayout:
     max_tokens: int
     dtype: np.dtype = np.dtype(np.float32)
     scales: StaticKVScales | None = None
+    min_tokens: int = 0   # the fewest a buffer may hold: GroupQueryAttention refuses one shorter than its window
 
     @property
     def live_int8(self) -> bool:
@@ -209,7 +210,7 @@ class DenseKVCache(KVCache):
         self._positions = np.zeros(0, dtype=np.int64)
         self._num_tokens = 0
         self._on_grow: Callable[[int], None] | None = None
-        self._grow_to(min(initial_tokens, layout.max_tokens))
+        self._grow_to(min(max(initial_tokens, layout.min_tokens), layout.max_tokens))
         self._on_grow = on_grow  # told of every later reallocation (a cache built on this one grows its own arrays)
 
     # -- KVCache -------------------------------------------------------------------------

@@ -138,6 +138,7 @@ class LiveForms:
         folder = engine.folder
         self.model_layout = KVLayout(num_layers=folder.num_layers, num_kv_heads=folder.num_kv_heads,
                                      head_size=folder.head_size, max_tokens=self._max_tokens(),
+                                     min_tokens=folder.sliding_window,
                                      dtype=KV_DTYPES.get(graph.kv_elem_type, np.dtype(np.float32)))
         self.int8_layout: KVLayout | None = None
         self._int8_tried = False

@@ -61,6 +61,8 @@ class ModelFolder:
     search: SearchDefaults
     session_options: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    sliding_window: int = 0   # tokens its local layers attend to (Gemma 2/3, Mistral); 0: every layer is global
+    local_layers: tuple[int, ...] = ()   # the layers that attend to that window
 
     @property
     def onnx_path(self) -> Path:
@@ -207,6 +209,8 @@ def _parse_config(folder: Path, config_path: Path, raw: dict) -> ModelFolder:
             ),
             session_options=dict(decoder.get("session_options", {})),
             raw=raw,
+            sliding_window=int((decoder.get("sliding_window") or {}).get("window_size", 0) or 0),
+            local_layers=_as_int_tuple((decoder.get("sliding_window") or {}).get("layers")),
         )
     except (TypeError, ValueError) as exc:
         raise ModelFolderError(f"{config_path}: malformed value: {exc}", file=str(config_path)) from exc

@@ -95,7 +95,9 @@ class OgEngine:
 
     def _search_options(self, prompt_tokens: int, params: SamplingParams) -> dict[str, object]:
         """og.Generator's search options for ``params`` (a penalty it has no option for is logged, not applied)."""
-        max_length = min(prompt_tokens + max(params.max_tokens, 1), self.context_length)
+        wanted = min(prompt_tokens + max(params.max_tokens, 1), self.context_length)
+        # the loop stops at max_tokens; a sliding-window model's KV must still hold its window (GQA refuses less)
+        max_length = min(max(wanted, self.folder.sliding_window), self.context_length)
         search: dict[str, object] = {"max_length": max_length, "do_sample": not params.greedy,
                                      "repetition_penalty": params.repetition_penalty}
         if params.frequency_penalty or params.presence_penalty or params.repeat_last_n is not None:
@@ -109,5 +111,5 @@ class OgEngine:
         if params.ignore_eos:
             # og.Generator is done once it samples EOS, so it cannot run on past one as our engine does;
             # min_length keeps EOS from being sampled at all (llama.cpp's ignore_eos) to honour max_tokens.
-            search["min_length"] = max_length
+            search["min_length"] = wanted
         return search

@@ -80,7 +80,7 @@ class OrtEngine:
         self._options, self.applied_options = build_session_options(self.policy.for_phase("prefill"))
         self._decode_options = build_session_options(self.policy.for_phase("decode")) if self.policy.hybrid else None
         if self.policy.attention_probe and not attention_probe_layers:
-            attention_probe_layers = default_probe_layers(self.folder.num_layers)
+            attention_probe_layers = default_probe_layers(self.folder.num_layers, self.folder.local_layers)
             # probabilities are [heads, chunk, context] per probe layer: smaller chunks bound that memory
             self.prefill_chunk_tokens = min(self.prefill_chunk_tokens, 256)
         self._probe_layers = tuple(attention_probe_layers)

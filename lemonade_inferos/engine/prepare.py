@@ -29,7 +29,7 @@ def prepare_live_int8(path: str | Path, devices: list[str], progress: Progress =
         return f"INT8 live KV is not possible: {graph.kv_int8_reason}"
 
     with contextlib.suppress(ValueError):  # the server's graph too (probes rank blocks), where it can have them
-        prepare_graph(folder.onnx_path, default_probe_layers(folder.num_layers), int8_kv=True,
+        prepare_graph(folder.onnx_path, default_probe_layers(folder.num_layers, folder.local_layers), int8_kv=True,
                       head_size=folder.head_size)
     if known_scales(folder) is not None:
         return "INT8 live KV scales: already calibrated"

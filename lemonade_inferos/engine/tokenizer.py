@@ -84,8 +84,8 @@ class ChatTokenizer:
         copy.encode_special_tokens = True
         return copy
 
-    def encode_within(self, text: str, limit: int) -> list[int]:
-        """Token ids of ``text``, which must have fewer than ``limit`` tokens.
+    def encode_within(self, text: str, limit: int, add_special: bool = False) -> list[int]:
+        """Token ids of ``text``, which must have fewer than ``limit`` tokens (``add_special``: as :meth:`encode`).
 
         A text of at least ``limit * max_token_bytes`` characters is refused untokenized. One longer than
         ``limit * CHARS_PER_TOKEN_BOUND`` characters is first measured by its prefix up to a
@@ -106,7 +106,7 @@ class ChatTokenizer:
                 counted = len(self.encode(text[:space]))
                 if counted >= limit + PREFIX_SLACK_TOKENS:
                     raise PromptTooLong(counted, limit, f"counted in its first {space:,} characters")
-        ids = self.encode(text)
+        ids = self.encode(text, add_special)
         if len(ids) >= limit:
             raise PromptTooLong(len(ids), limit)
         return ids

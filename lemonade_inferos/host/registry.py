@@ -1,7 +1,8 @@
 """The model registry, in Lemonade's ``server_models.json`` shape.
 
 Built-in models build offline from a packaged GGUF (``pull`` builds them);
-``user.NAME`` models point at a local onnxruntime-genai folder and are kept in
+``user.NAME`` models point at a local onnxruntime-genai folder, or at a folder built once from a local GGUF file
+(``pull user.NAME --checkpoint FILE.gguf``, Lemonade's ``llamacpp`` recipe), and are kept in
 ``INFEROS_HOME/user_models.json``. Lemonade's OGA recipes are accepted: here
 everything runs on ``oga-cpu``; ``oga-hybrid``/``oga-npu``/``oga-igpu`` fall
 back to CPU with a logged reason when their provider is missing. A ``user.NAME``
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,12 @@ BUILTIN_MODELS: dict[str, dict[str, Any]] = {
         "checkpoint": "smollm2-135m-int4", "build": {"model": "smollm2-135m", "weights": "int4", "kv": "fp32"},
         "recipe": "oga-cpu", "suggested": True, "size": 0.2, "labels": ["llm"],
     },
+    "Gemma-3-270M-CPU": {   # the base model (its GGUF has no chat template): completions, perplexity, benchmarks
+        "checkpoint": "gemma3-270m-int4", "build": {"model": "gemma3-270m", "weights": "int4", "kv": "fp32"},
+        "recipe": "oga-cpu", "suggested": False, "size": 0.27, "labels": ["llm"],
+    },
 }
+GGUF_RECIPE = "llamacpp"   # Lemonade's recipe for a GGUF: here the file is converted and runs on our engine
 
 
 class ModelRegistry:
@@ -151,21 +158,33 @@ class ModelRegistry:
         if not checkpoint and name in self._user_models():  # pulling a registered model: nothing to fetch
             return self.folder(name)
         if not checkpoint:
-            raise RequestError(f"pulling {name} needs a checkpoint: the path of an onnxruntime-genai model folder",
-                               model=name)
-        folder = Path(checkpoint).expanduser().resolve()
+            raise RequestError(f"pulling {name} needs a checkpoint: the path of an onnxruntime-genai model folder "
+                               "or of a GGUF file", model=name)
+        source = Path(checkpoint).expanduser().resolve()
+        gguf = source if source.is_file() else None
+        recipe = recipe or (GGUF_RECIPE if gguf else "oga-cpu")
+        if recipe not in RECIPE_PROVIDER and not (gguf and recipe == GGUF_RECIPE):
+            raise RequestError(f"recipe '{recipe}' is not served here; use one of {sorted(RECIPE_PROVIDER)}"
+                               f"{' or ' + GGUF_RECIPE if gguf else ''}", recipe=recipe)
+        folder = self._built_from(name, gguf, progress) if gguf else source
         load_model_folder(folder)  # validate before registering
-        recipe = recipe or "oga-cpu"
-        if recipe not in RECIPE_PROVIDER:
-            raise RequestError(f"recipe '{recipe}' is not served here; use one of {sorted(RECIPE_PROVIDER)}",
-                               recipe=recipe)
         models = self._user_models()
         models[name] = {"checkpoint": str(folder), "recipe": recipe, "suggested": False,
                         "size": round(sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e9, 3),
-                        "labels": ["llm", "custom"]}
+                        "labels": ["llm", "custom"], **({"source": str(gguf)} if gguf else {})}
         self._save(models)
         calibrate_after_pull(folder, progress)
         return folder
+
+    @staticmethod
+    def _built_from(name: str, gguf: Path, progress) -> Path:
+        """``user.NAME``'s GGUF converted once into an int4 folder of the model cache (``user-name-int4``)."""
+        slug = "user-" + re.sub(r"[^a-z0-9._]+", "-", name[len("user."):].lower()).strip("-._")
+        try:
+            spec = BuildSpec(slug, "int4", gguf=str(gguf))
+        except ValueError as exc:
+            raise RequestError(str(exc), model=name) from exc
+        return build_model(spec, progress)
 
     def register_router(self, name: str, policy: dict[str, Any], components: list[str]) -> None:
         """Keep a router collection (its policy checked by the caller) as ``user.NAME``; registering a name again
@@ -185,8 +204,10 @@ class ModelRegistry:
             shutil.rmtree(BuildSpec(**info["build"]).output_dir, ignore_errors=True)
             return
         models = self._user_models()
-        models.pop(name, None)
+        removed = models.pop(name, None) or {}
         self._save(models)
+        if removed.get("source"):   # a GGUF's folder is ours to remove; a registered folder is the user's
+            shutil.rmtree(removed["checkpoint"], ignore_errors=True)
 
     def _save(self, models: dict[str, dict[str, Any]]) -> None:
         atomic_write(self.user_models_path, json.dumps(models, indent=2))

@@ -123,7 +123,8 @@ async def _prepare(request: Request, body: SamplingFields, text: str | None, mes
 def _prompt(model: Any, body: SamplingFields, text: str | None, messages: list[dict] | None,
             response_format: dict[str, Any] | None, tool_request: ChatCompletionRequest | None,
             token_ids: list[int] | None) -> Prompt:
-    """:func:`prepare`'s work off the event loop (see there)."""
+    """:func:`prepare`'s work off the event loop (see there). A raw prompt gets the tokenizer's own special tokens
+    (Gemma's BOS, as llama.cpp adds it); a chat template writes its own."""
     guidance = structured.guidance_for(response_format)
     tool_setup = reasoning = None
     if messages is not None:
@@ -136,7 +137,7 @@ def _prompt(model: Any, body: SamplingFields, text: str | None, messages: list[d
         reasoning = ReasoningFormat.of(model.tokenizer.chat_template, text, body.reasoning_format)
     try:
         ids = _checked_ids(token_ids, model) if token_ids is not None else \
-            model.tokenizer.encode_within(text or "", model.ctx_size)
+            model.tokenizer.encode_within(text or "", model.ctx_size, add_special=messages is None)
     except PromptTooLong as exc:
         raise GenerationError(f"the prompt has {exc.counted} but the context holds {model.ctx_size}; shorten it",
                               prompt_tokens=exc.num_tokens, context_length=model.ctx_size) from exc

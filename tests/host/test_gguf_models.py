@@ -1,0 +1,84 @@
+"""The GGUF files Lemonade users have: one pull turns a file into a served model, and Gemma 3 270M (a second real
+model, from its chunk packages) builds and decodes as og.Generator does on the same folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+
+from lemonade_inferos.bench.servers import running_server
+from lemonade_inferos.engine.build import BUILTIN_MODELS, BuildSpec, build_model
+from lemonade_inferos.engine.og_engine import OgEngine
+from lemonade_inferos.engine.ort_engine import OrtEngine
+from lemonade_inferos.engine.sampling import SamplingParams
+from lemonade_inferos.engine.session import SessionPolicy
+
+NAME = "user.Smol-From-GGUF"
+
+
+def _greedy(engine, prompt: list[int], n: int = 16) -> list[int]:
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return [t for chunk in engine.generate(prompt, params) for t in chunk.token_ids]
+
+
+def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "INFEROS_HOME": str(home), "COLUMNS": "250"}
+    return subprocess.run(["lemonade-server", *args], env=env, capture_output=True, text=True, timeout=1200)
+
+
+def test_one_pull_turns_a_gguf_file_into_a_served_model(isolated_home, tmp_path):
+    gguf = BUILTIN_MODELS["smollm2-135m"].locate()
+    pulled = _cli("pull", NAME, "--checkpoint", str(gguf), home=isolated_home)
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    info = json.loads((isolated_home / "user_models.json").read_text())[NAME]
+    assert info["source"] == str(gguf) and info["recipe"] == "llamacpp"
+    folder = Path(info["checkpoint"])
+    assert folder.parent == isolated_home / "models"
+    manifest = json.loads((folder / "inferos_build.json").read_text())
+    assert manifest["spec"] == {"model": "user-smol-from-gguf", "weights": "int4", "kv": "fp32", "gguf": str(gguf)}
+    assert NAME in _cli("list", home=isolated_home).stdout
+
+    prompt = OrtEngine(folder).tokenizer.encode("The three primary colors are")
+    ours = _greedy(OrtEngine(folder, SessionPolicy(devices=["cpu"])), prompt)
+    assert ours == _greedy(OgEngine(folder), prompt)   # greedy output of the built folder matches og.Generator
+
+    with running_server("--plugin", "inferos", env={"INFEROS_HOME": str(isolated_home)},
+                        log_path=tmp_path / "server.log") as base:
+        reply = httpx.post(f"{base}/api/v1/chat/completions", timeout=300, json={
+            "model": NAME, "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 8})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"]
+        models = httpx.get(f"{base}/api/v1/models", timeout=30).json()["data"]
+        assert NAME in [m["id"] for m in models]
+
+    again = _cli("pull", NAME, "--checkpoint", str(gguf), home=isolated_home)   # built and verified: not redone
+    assert again.returncode == 0 and "already built and verified" in again.stdout + again.stderr
+
+
+def test_gemma3_270m_builds_from_its_chunk_packages_and_decodes_as_og_generator_does():
+    folder = build_model(BuildSpec("gemma3-270m", "int4"))   # the shared cache: built once
+    ours = OrtEngine(folder, SessionPolicy(devices=["cpu"]))
+    assert ours.folder.model_type == "gemma3_text" and ours.folder.sliding_window == 512
+    prompt = ours.tokenizer.encode("The capital of France is", add_special=True)
+    assert prompt[0] == ours.folder.bos_token_id   # Gemma's BOS, as llama.cpp adds it
+    assert _greedy(ours, prompt) == _greedy(OgEngine(folder), prompt)
+
+    live = OrtEngine(folder, SessionPolicy(devices=["cpu"], kv_cache="int8"))   # its INT8 live KV form runs too
+    assert live.live_kv_report()["live_kv"] == "int8"
+    assert len(_greedy(live, prompt)) == 16
+
+
+def test_gemma3_ranks_blocks_by_attention_from_its_global_layers_in_either_live_form():
+    """GroupQueryAttention returns no probabilities over a sliding window: the probes sit on global layers, and
+    every layer's INT8 scales are bound though the probe switch hides two layers' attention."""
+    from lemonade_inferos.eval.ppl import eval_ppl
+
+    folder = build_model(BuildSpec("gemma3-270m", "int4"))
+    probed = OrtEngine(folder, SessionPolicy(devices=["cpu"], kv_cache="int8", attention_probe=True))
+    assert probed.probe_outputs and all(name.endswith((".5", ".11")) for name in probed.probe_outputs)
+    rows = eval_ppl(probed, ["fp", "live8:dynamic"], context=256, recent_window=64)
+    assert [row["plan"] for row in rows] == ["fp", "live8:dynamic"] and all(row["ppl"] > 1 for row in rows)
