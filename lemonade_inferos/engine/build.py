@@ -37,7 +37,7 @@ from lemonade_inferos.errors import InferosError, MissingExtraError, ModelNotFou
 from lemonade_inferos.paths import inferos_home, models_dir
 
 MANIFEST = "inferos_build.json"
-WEIGHTS = ("fp32", "int4")
+WEIGHTS = ("fp32", "int4", "int8")   # int8: MatMulNBits 8-bit (a GGUF's weights nearly as they are)
 KV_FORMATS = ("fp32", "int8")
 BUILD_EXTRA_MODULES = ("torch", "transformers", "gguf", "accelerate", "onnx", "onnx_ir")
 

@@ -20,7 +20,8 @@ def export(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32",
+                                                  config=_config(gguf))
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -41,6 +42,21 @@ def export(gguf: Path, out_dir: Path) -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out_dir)
+
+
+def _config(gguf: Path):
+    """The model's config as transformers reads it from the GGUF, with the head size the file states: transformers
+    does not map Qwen3's ``attention.key_length`` and falls back to 128 (right for Qwen3's own sizes only)."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    fields = GGUFReader(str(gguf)).fields
+    architecture = fields["general.architecture"].contents()
+    key_length = fields.get(f"{architecture}.attention.key_length")
+    if key_length is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(key_length.contents())
+    return config
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 
 from lemonade_inferos.bench.servers import running_server
 from lemonade_inferos.engine.build import BUILTIN_MODELS, BuildSpec, build_model
@@ -16,6 +17,7 @@ from lemonade_inferos.engine.og_engine import OgEngine
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.sampling import SamplingParams
 from lemonade_inferos.engine.session import SessionPolicy
+from tests.gguf_files import tiny_gguf
 
 NAME = "user.Smol-From-GGUF"
 
@@ -82,3 +84,17 @@ def test_gemma3_ranks_blocks_by_attention_from_its_global_layers_in_either_live_
     assert probed.probe_outputs and all(name.endswith((".5", ".11")) for name in probed.probe_outputs)
     rows = eval_ppl(probed, ["fp", "live8:dynamic"], context=256, recent_window=64)
     assert [row["plan"] for row in rows] == ["fp", "live8:dynamic"] and all(row["ppl"] > 1 for row in rows)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_a_gguf_of_each_architecture_builds_and_decodes_as_og_generator_does(arch, tmp_path):
+    """Tiny random-weight GGUFs written as llama.cpp's converter writes them (``tests/gguf_files.py``): one
+    command from file to a folder, and the folder's greedy output is og.Generator's."""
+    from lemonade_inferos.paths import inferos_home
+
+    gguf = tiny_gguf(arch, BUILTIN_MODELS["smollm2-135m"].locate(), inferos_home() / "test-gguf")
+    folder = build_model(BuildSpec(f"tiny-{arch}", "int4", gguf=str(gguf)))
+    ours = OrtEngine(folder, SessionPolicy(devices=["cpu"]))
+    assert ours.folder.num_layers == 2 and ours.folder.model_type == arch
+    prompt = ours.tokenizer.encode(ours.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}]))
+    assert _greedy(ours, prompt) == _greedy(OgEngine(folder), prompt)

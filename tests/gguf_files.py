@@ -1,0 +1,93 @@
+"""GGUF files of tiny random-weight models, written the way llama.cpp's converter writes them (its tensor names,
+metadata keys and, for Llama, its Q/K row order), with SmolLM2's tokenizer copied from the GGUF it ships: what a
+user's file of another architecture looks like, in seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+ARCH_CONFIGS = {   # transformers config class, GGUF architecture
+    "llama": ("LlamaConfig", "llama"),
+    "qwen2": ("Qwen2Config", "qwen2"),
+    "qwen3": ("Qwen3Config", "qwen3"),
+}
+
+
+def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path) -> Path:
+    """A 2-layer random-weight model of ``arch`` as ``root/ARCH.gguf`` (written once)."""
+    import gguf
+    import torch
+    import transformers
+
+    out = root / f"{arch}.gguf"
+    if out.is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    config_class, gguf_arch = ARCH_CONFIGS[arch]
+    extra = {"head_dim": 16} if arch == "qwen3" else {}
+    config = getattr(transformers, config_class)(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    partial = out.with_suffix(".partial")
+    writer = gguf.GGUFWriter(str(partial), gguf_arch)
+    _metadata(writer, config)
+    _copy_tokenizer(writer, tokenizer_gguf)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[gguf_arch.upper()], config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":   # tied to the token embedding
+            continue
+        data = tensor.detach().float().numpy()
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            data = _llama_cpp_rows(data, heads)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.replace(out)
+    return out
+
+
+def _metadata(writer, config) -> None:
+    writer.add_name("tiny-random")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_file_type(0)   # all F32
+
+
+def _copy_tokenizer(writer, source: Path) -> None:
+    import gguf
+
+    for key, field in gguf.GGUFReader(str(source)).fields.items():
+        if key.startswith("tokenizer."):
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+
+
+def _llama_cpp_rows(weights: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter reorders Llama's Q/K rows (rotary halves interleaved); transformers undoes it."""
+    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def read_metadata(path: Path) -> dict:
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    return json.loads(json.dumps({k: str(f.contents()) for k, f in fields.items() if not k.startswith("tokenizer.")}))
