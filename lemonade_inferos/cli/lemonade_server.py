@@ -68,6 +68,9 @@ def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="An option for a loaded plugin (repeatable), e.g. --plugin-option inferos.kv.mode=dynamic; "
                           "--NAME-KEY VALUE is the same (--inferos-prefix-cache-mb 64). The plugin validates them; "
                           "`inferos config show` lists the inferos plugin's."),
+        click.option("--extra-models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     envvar="LEMONADE_EXTRA_MODELS_DIR", show_envvar=True,
+                     help="A folder of GGUF files served as extra.NAME (converted once, at their first load)."),
         click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
                      help="A config file passed to every loaded plugin (inferos: the policy YAML/TOML, watched "
                           "for edits)."),
@@ -83,7 +86,7 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
            plugins: tuple[str, ...], max_queue: int, request_timeout: float, max_body_mb: float,
            plugin_options: dict[str, dict[str, Any]], config_path: Path | None, scheduling: dict[str, Any]) -> None:
-    """``scheduling``: --parallel, --schedule and --prefill-budget as given."""
+    """``scheduling``: --parallel, --schedule, --prefill-budget and --extra-models-dir as given."""
     from lemonade_inferos.engine import heap
     from lemonade_inferos.host.app import create_app
     from lemonade_inferos.host.registry import ModelRegistry
@@ -100,15 +103,16 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
                             plugins=list(plugins), max_queue=max_queue, request_timeout_s=request_timeout,
                             max_body_mb=max_body_mb, plugin_options=plugin_options, config_path=config_path,
                             parallel=scheduling["parallel"], schedule=scheduling["schedule"],
-                            prefill_chunk_budget=scheduling["prefill_budget"])
+                            prefill_chunk_budget=scheduling["prefill_budget"],
+                            extra_models_dir=scheduling.get("extra_models_dir"))
     if model:
         settings.default_model = model
     sock = bind_socket(host, port)  # first: a busy port fails now, before a build or a plugin starts
     not_limited = heap.limit_arenas()  # before any thread starts (engine/heap.py)
     if not_limited:
         logging.getLogger(__name__).info("malloc arenas not limited: %s", not_limited)
-    registry = ModelRegistry()
-    if not registry.is_downloaded(settings.default_model):
+    registry = ModelRegistry(extra_models_dir=settings.extra_models_dir)
+    if not registry.is_ready(settings.default_model):
         with console.status(f"building {settings.default_model} (first use, offline)") as status:
             registry.pull(settings.default_model, progress=lambda msg: (status.update(msg), console.log(msg)))
     pm, manifests = load_plugins(list(plugins), plugin_options)

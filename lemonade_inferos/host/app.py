@@ -93,7 +93,7 @@ def create_app(settings: HostSettings, pm: pluggy.PluginManager | None = None,
                manifests: dict[str, PluginManifest] | None = None, preload: bool = True) -> FastAPI:
     """Build the host app. Plugins must already be registered on ``pm`` (see ``plugins.load_plugins``)."""
     pm = pm or new_plugin_manager()
-    registry = ModelRegistry()
+    registry = ModelRegistry(extra_models_dir=settings.extra_models_dir)
     models = ModelManager(registry, settings, session_for=lambda name: pm.hook.load_session(model_name=name))
     host_stats = HostStats()
     telemetry = Telemetry(__version__)

@@ -1,8 +1,8 @@
 """Lemonade's ``/internal`` routes this host serves: runtime settings, pinning and the telemetry flush.
 
 ``POST /internal/set`` takes a partial settings object (Lemonade's ``config.json`` shape) and applies what this
-host can change while it runs: the ``telemetry`` block, the server-wide ``ctx_size`` used by later loads and
-``max_loaded_models``. Any other key is a 400 naming it, so a client never believes a setting took effect when it
+host can change while it runs: the ``telemetry`` block, the server-wide ``ctx_size`` used by later loads,
+``max_loaded_models`` and ``extra_models_dir``. Any other key is a 400 naming it, so a client never believes a setting took effect when it
 did not; every key is validated before any is applied. ``POST /internal/pin`` pins or unpins a loaded model;
 ``/internal/aliases`` lists, sets and removes model aliases (``aliases.py``).
 """
@@ -10,6 +10,8 @@ did not; every key is validated before any is applied. ``POST /internal/pin`` pi
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 
@@ -18,7 +20,7 @@ from lemonade_inferos.http.errors import APIError
 from lemonade_inferos.http.json_body import OffLoopJSONRoute, json_object
 
 router = APIRouter(prefix="/internal", route_class=OffLoopJSONRoute)
-SETTABLE = ("telemetry", "ctx_size", "max_loaded_models")
+SETTABLE = ("telemetry", "ctx_size", "max_loaded_models", "extra_models_dir")
 MAX_CTX = 2**31 - 1   # a context length an int32 holds: ONNX Runtime's and og.Generator's sequence lengths
 
 
@@ -27,6 +29,7 @@ async def config(request: Request):
     host = request.app.state.host
     return {"ctx_size": host.settings.ctx_size if host.settings.ctx_size is not None else -1,
             "max_loaded_models": host.settings.max_loaded_models,
+            "extra_models_dir": str(host.settings.extra_models_dir or ""),
             "telemetry": host.telemetry.settings.model_dump(exclude={"otlp": {"headers"}})}
 
 
@@ -48,13 +51,32 @@ async def set_config(request: Request):
     if "max_loaded_models" in body and not (_integer(most) and most >= 1):
         raise APIError(400, "invalid_request", "max_loaded_models is a count of at least 1",
                        param="max_loaded_models")
+    extra = _extra_models_dir(body) if "extra_models_dir" in body else None
     if "telemetry" in body:
         host.telemetry.update(body["telemetry"])   # validated whole first: a 400 here changes nothing
     if "ctx_size" in body:
         host.settings.ctx_size = None if ctx == -1 else ctx
     if "max_loaded_models" in body:
         host.settings.max_loaded_models = most   # the next load makes room by it; loaded models stay
+    if "extra_models_dir" in body:   # "" turns it off
+        host.settings.extra_models_dir = host.registry.extra_models_dir = extra
     return {"status": "success", "updated": {key: body[key] for key in sorted(body)}, "applied": sorted(body)}
+
+
+def _extra_models_dir(body: dict) -> Path | None:
+    """The ``extra_models_dir`` asked for; an existing but unreadable folder, or not a folder, is a 400 (as
+    Lemonade 11.7 answers), a missing one is kept (its files are listed once it exists)."""
+    value = body["extra_models_dir"]
+    if not isinstance(value, str):
+        raise APIError(400, "invalid_request", "extra_models_dir is a folder path, or \"\" for none",
+                       param="extra_models_dir")
+    if not value:
+        return None
+    folder = Path(value).expanduser()
+    if folder.exists() and (not folder.is_dir() or not os.access(folder, os.R_OK | os.X_OK)):
+        raise APIError(400, "invalid_request", f"extra_models_dir {value!r} exists but is not a readable folder",
+                       param="extra_models_dir")
+    return folder
 
 
 @router.post("/pin")

@@ -241,7 +241,7 @@ class ModelManager:
         """Build the folder if it is missing, make room, and build the engine the model's requests will run on
         before it counts as loaded: Lemonade's load returns once its backend answers, and the first request does
         not pay for sessions and prepacking. Meanwhile ``/api/v1/health`` lists the model as loading."""
-        if build_missing and not self.registry.is_downloaded(name):
+        if build_missing and not self.registry.is_ready(name):
             log.info("building %s on first use", name)
             await asyncio.to_thread(self.registry.pull, name, progress=lambda msg: log.info("%s", msg))
         folder = self.registry.folder(name)

@@ -24,6 +24,7 @@ from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.durable import atomic_write, quarantine
 from lemonade_inferos.errors import InferosError, ModelNotFoundError, RequestError
 from lemonade_inferos.host.aliases import ModelAliases
+from lemonade_inferos.host.extra_models import EXTRA_PREFIX, configured_folder, extra_models
 from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,11 @@ GGUF_RECIPE = "llamacpp"   # Lemonade's recipe for a GGUF: here the file is conv
 
 
 class ModelRegistry:
-    def __init__(self, user_models_path: Path | None = None, aliases: ModelAliases | None = None) -> None:
+    def __init__(self, user_models_path: Path | None = None, aliases: ModelAliases | None = None,
+                 extra_models_dir: Path | None = None) -> None:
         self.user_models_path = user_models_path or inferos_home() / "user_models.json"
         self.aliases = aliases or ModelAliases(self.user_models_path.parent / "aliases.json")
+        self.extra_models_dir = extra_models_dir or configured_folder()   # extra.NAME GGUFs (extra_models.py)
 
     def _user_models(self) -> dict[str, dict[str, Any]]:
         """``user.*`` registrations; a damaged file is quarantined (the registrations are lost, not the server)."""
@@ -73,24 +76,21 @@ class ModelRegistry:
         return {}
 
     def all(self) -> dict[str, dict[str, Any]]:
-        """Every model by name: built-in, then ``user.*``."""
+        """Every model by name: built-in, ``extra.*``, then ``user.*``."""
         models = {name: {"model_name": name, **info} for name, info in BUILTIN_MODELS.items()}
+        models.update({name: {"model_name": name, **info}
+                       for name, info in extra_models(self.extra_models_dir).items()})
         models.update({name: {"model_name": name, **info} for name, info in self._user_models().items()})
         return models
 
     def canonical(self, name: str) -> str:
-        """Lemonade's name prefixes: ``builtin.NAME`` is the built-in NAME; ``extra.`` names Lemonade's
-        extra_models_dir GGUFs, which this host does not serve (400). A ``:latest`` tag is ignored, as Lemonade does,
-        and an alias (``aliases.py``) stands for its target.
+        """Lemonade's name prefixes: ``builtin.NAME`` is the built-in NAME. A ``:latest`` tag is ignored, as
+        Lemonade does, and an alias (``aliases.py``) stands for its target.
 
         Raises:
-            RequestError: an ``extra.`` name.
             ModelNotFoundError: ``builtin.`` before a name that is not built in.
         """
         name = self.aliases.resolve(name.removesuffix(":latest"))   # Ollama's default tag: the model itself
-        if name.startswith("extra."):
-            raise RequestError(f"'{name}': extra. models are GGUF files of Lemonade's extra_models_dir, which this "
-                               "host does not serve; register an onnxruntime-genai folder as user.NAME", model=name)
         if name.startswith("builtin."):
             base = name.removeprefix("builtin.")
             if base not in BUILTIN_MODELS:
@@ -119,9 +119,16 @@ class ModelRegistry:
         info = self.get(name)
         if info.get("recipe") == ROUTER_RECIPE:   # usable once every model it may use is
             return all(c in self.all() and self.is_downloaded(c) for c in info.get("components", []))
+        if name.startswith(EXTRA_PREFIX):   # a local file: usable (converted at its first load)
+            return Path(info["source"]).is_file()
         if "build" in info:
             return is_built(BuildSpec(**info["build"]))
         return Path(info["checkpoint"]).is_dir()
+
+    def is_ready(self, name: str) -> bool:
+        """Downloaded and, where it is built from a GGUF, built: a load needs no pull first."""
+        info = self.get(name)
+        return self.is_downloaded(name) and ("build" not in info or is_built(BuildSpec(**info["build"])))
 
     def folder(self, name: str) -> Path:
         info = self.get(name)
@@ -148,8 +155,9 @@ class ModelRegistry:
              progress=lambda msg: None) -> Path:
         """Build a built-in model offline, or register a local OGA folder as ``user.NAME``."""
         name = self.canonical(name)
-        if name in BUILTIN_MODELS:
-            folder = build_model(BuildSpec(**BUILTIN_MODELS[name]["build"]), progress)
+        built = BUILTIN_MODELS.get(name) or extra_models(self.extra_models_dir).get(name)
+        if built is not None:   # a built-in model, or an extra.NAME GGUF: converted here
+            folder = build_model(BuildSpec(**built["build"]), progress)
             calibrate_after_pull(folder, progress)
             return folder
         if not name.startswith("user."):

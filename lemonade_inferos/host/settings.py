@@ -30,6 +30,8 @@ class HostSettings(BaseModel):
     plugin_options: dict[str, dict[str, object]] = Field(default_factory=dict, description="per plugin, the "
                                                          "options passed through to it as given")
     config_path: Path | None = None
+    extra_models_dir: Path | None = Field(None, description="a folder of GGUF files served as extra.NAME "
+                                          "(Lemonade's extra_models_dir), converted at their first load")
 
     @property
     def max_body_bytes(self) -> int:

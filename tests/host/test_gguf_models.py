@@ -27,8 +27,8 @@ def _greedy(engine, prompt: list[int], n: int = 16) -> list[int]:
     return [t for chunk in engine.generate(prompt, params) for t in chunk.token_ids]
 
 
-def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "INFEROS_HOME": str(home), "COLUMNS": "250"}
+def _cli(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "INFEROS_HOME": str(home), "COLUMNS": "250", **(env or {})}
     return subprocess.run(["lemonade-server", *args], env=env, capture_output=True, text=True, timeout=1200)
 
 
@@ -98,3 +98,32 @@ def test_a_gguf_of_each_architecture_builds_and_decodes_as_og_generator_does(arc
     assert ours.folder.num_layers == 2 and ours.folder.model_type == arch
     prompt = ours.tokenizer.encode(ours.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}]))
     assert _greedy(ours, prompt) == _greedy(OgEngine(folder), prompt)
+
+
+def test_gguf_files_of_an_extra_models_dir_are_served_as_extra_models(isolated_home, tmp_path):
+    """Lemonade's extra_models_dir: each GGUF there is extra.NAME, listed as downloaded and converted at its first
+    load; /internal/set moves or clears the folder, and refuses a file."""
+    from lemonade_inferos.paths import inferos_home
+
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    tiny = tiny_gguf("qwen3", BUILTIN_MODELS["smollm2-135m"].locate(), inferos_home() / "test-gguf")
+    (shelf / "Tiny-Qwen3-F32.gguf").symlink_to(tiny)
+    (shelf / "mmproj-Tiny-F16.gguf").write_bytes(b"GGUF")   # a vision projector: not a model
+    listed = _cli("list", home=isolated_home, env={"LEMONADE_EXTRA_MODELS_DIR": str(shelf)}).stdout
+    assert "extra.Tiny-Qwen3-F32" in listed and "mmproj" not in listed
+    with running_server("--plugin", "inferos", "--extra-models-dir", str(shelf),
+                        env={"INFEROS_HOME": str(isolated_home)}, log_path=tmp_path / "server.log") as base:
+        models = {m["id"]: m for m in httpx.get(f"{base}/api/v1/models", timeout=30).json()["data"]}
+        assert models["extra.Tiny-Qwen3-F32"]["recipe"] == "llamacpp"
+        reply = httpx.post(f"{base}/api/v1/completions", timeout=600, json={
+            "model": "extra.Tiny-Qwen3-F32", "prompt": "Hello", "max_tokens": 4})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 4
+        assert (isolated_home / "models" / "extra-tiny-qwen3-f32-int4" / "inferos_build.json").is_file()
+        refused = httpx.post(f"{base}/internal/set", json={"extra_models_dir": str(tiny)}, timeout=30)
+        assert refused.status_code == 400 and "not a readable folder" in refused.text
+        assert httpx.post(f"{base}/internal/set", json={"extra_models_dir": ""}, timeout=30).status_code == 200
+        assert httpx.get(f"{base}/internal/config", timeout=30).json()["extra_models_dir"] == ""
+        ids = [m["id"] for m in httpx.get(f"{base}/api/v1/models", timeout=30).json()["data"]]
+        assert "extra.Tiny-Qwen3-F32" not in ids
