@@ -82,16 +82,10 @@ def peer_setup(llama_server: Path, model_name: str, gguf: Path | None, ctx_size:
     """The servers' common setup (our model built, llama-server's GGUF found) and the prompts every server gets."""
     from lemonade_inferos.bench.peer_workloads import PeerPrompts
     from lemonade_inferos.bench.peers import PeerSetup
-    from lemonade_inferos.engine.build import BuildSpec, build_model, source_gguf
     from lemonade_inferos.engine.model_folder import load_model_folder
     from lemonade_inferos.engine.tokenizer import ChatTokenizer
-    from lemonade_inferos.host.registry import BUILTIN_MODELS as REGISTRY
 
-    if model_name not in REGISTRY:
-        raise click.UsageError(f"{model_name} is not a built-in model; choose from {', '.join(REGISTRY)}")
-    spec = BuildSpec(**REGISTRY[model_name]["build"])
-    folder = build_model(spec, progress=console.log)
-    gguf = gguf or source_gguf(spec)
+    folder, gguf = _model_and_gguf(model_name, gguf)
     shape = load_model_folder(folder)
     setup = PeerSetup(llama_server.resolve(), gguf, model_name, ctx_size=ctx_size, threads=threads,
                       our_args=tuple(a for option in our_options for a in ("--plugin-option", option)),
@@ -122,7 +116,7 @@ def bench_multiturn_cmd(model_name: str, turns: int | None, reply_tokens: int, s
     from lemonade_inferos.host.registry import ModelRegistry
 
     registry = ModelRegistry()
-    folder = registry.pull(model_name, progress=console.log) if not registry.is_downloaded(model_name) \
+    folder = registry.pull(model_name, progress=console.log) if not registry.is_ready(model_name) \
         else registry.folder(model_name)
     if sliding_window is not None:
         _sliding(model_name, folder, turns or 12, sliding_window, reply_tokens, shares or (0.05,),
@@ -182,7 +176,7 @@ def bench_shared_store_cmd(model_name: str, store_url: str | None, prompt_chars:
     from lemonade_inferos.reports import write_json
 
     registry = ModelRegistry()
-    folder = registry.pull(model_name, progress=console.log) if not registry.is_downloaded(model_name) \
+    folder = registry.pull(model_name, progress=console.log) if not registry.is_ready(model_name) \
         else registry.folder(model_name)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     results = run_shared_store_bench(model_name, folder, json_path.parent, store_url, prompt_chars)
@@ -243,7 +237,7 @@ def bench_report_cmd(model_name: str, quick: bool, runs: int | None, warmup: int
     config = replace(config, sets=chosen, ablation=ablation,
                      ablation_sets=tuple(s for s in config.ablation_sets if s in chosen) or chosen, **changes)
     registry = ModelRegistry()
-    folder = registry.pull(model_name, progress=console.log) if not registry.is_downloaded(model_name) \
+    folder = registry.pull(model_name, progress=console.log) if not registry.is_ready(model_name) \
         else registry.folder(model_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -277,3 +271,22 @@ def _print_report(report: dict) -> None:
         for name, a in report["ablation"]["analysis"]["synergy_analysis"].items():
             Console().print(f"{name}: actual {a['actual']:+.1f} %, expected {a['expected']:+.1f} %, synergy "
                             f"{a['synergy']:+.1f} points ({a['interpretation']})")
+
+
+def _model_and_gguf(model_name: str, gguf: Path | None) -> tuple[Path, Path]:
+    """Our folder of ``model_name`` (a built-in model built if missing, or a registered one: a ``user.NAME`` or
+    ``extra.NAME`` GGUF converted) and the GGUF llama-server runs: ``gguf``, else the one ours was built from."""
+    from lemonade_inferos.engine.build import BuildSpec, build_model, source_gguf
+    from lemonade_inferos.host.registry import BUILTIN_MODELS, ModelRegistry
+
+    if model_name in BUILTIN_MODELS:
+        spec = BuildSpec(**BUILTIN_MODELS[model_name]["build"])
+        return build_model(spec, progress=console.log), gguf or source_gguf(spec)
+    registry = ModelRegistry()
+    info = registry.get(model_name)
+    if not registry.is_ready(model_name):
+        registry.pull(model_name, progress=console.log)
+    source = gguf or (Path(info["source"]) if info.get("source") else None)
+    if source is None:
+        raise click.UsageError(f"{model_name} was not built from a GGUF: give llama-server's with --gguf")
+    return registry.folder(model_name), source

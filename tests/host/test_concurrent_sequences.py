@@ -20,7 +20,9 @@ QUESTIONS = ["What is a lemon?", "Why do cats purr?", "How does rain form?", "Wh
 
 @pytest.fixture(scope="module")
 def server(isolated_home_module, tmp_path_factory):
-    with running_server("--plugin", "inferos", "--parallel", "4", "--request-timeout", "6",
+    # a time limit four 32-token replies at once stay well within on a loaded 2-core machine (6 s was not, with a
+    # compiler on both cores), and one 6,000-token reply does not (at 200 tok/s it would take 30 s)
+    with running_server("--plugin", "inferos", "--parallel", "4", "--request-timeout", "15",
                         env={"INFEROS_HOME": str(isolated_home_module)},
                         log_path=tmp_path_factory.mktemp("logs") / "server.log") as base:
         yield base
@@ -101,7 +103,7 @@ def test_a_request_that_fails_fails_alone(server):
     def long_one():
         return httpx.post(f"{server}/api/v1/chat/completions", timeout=300, json={
             "model": MODEL, "messages": [{"role": "user", "content": "Count to ten thousand."}],
-            "max_tokens": 4000, "ignore_eos": True})
+            "max_tokens": 6000, "ignore_eos": True})
 
     alone = streamed(server, QUESTIONS[0], 24)
     failed, beside = at_once([long_one, lambda: streamed(server, QUESTIONS[0], 24)])
