@@ -62,6 +62,12 @@ BUILTIN_MODELS = {
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._]*(-[a-z0-9._]+)*$")
 
 
+def gguf_build_name(prefix: str, name: str) -> str:
+    """The build name (folder ``NAME-int4``) of a model called ``name`` (``user.NAME``'s or an ``extra.NAME``'s
+    NAME): ``prefix-`` and ``name`` lower-cased, every run of other characters one ``-``; it matches ``NAME_RE``."""
+    return f"{prefix}-" + re.sub(r"[^a-z0-9._]+", "-", name.lower()).strip("-._")
+
+
 @dataclass(frozen=True)
 class BuildSpec:
     """One folder to build: a built-in model, or ``gguf`` (a user's file, its path absolute) under the name

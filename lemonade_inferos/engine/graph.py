@@ -232,7 +232,8 @@ def default_probe_layers(num_layers: int, local_layers: tuple[int, ...] = ()) ->
     """Two probe layers, an eighth and half-way into the stack (3 and 15 of 30: measured as good as six), or the
     global layers nearest them where others attend to a sliding window (``local_layers``): GroupQueryAttention
     returns no probabilities over a window, and a global layer's rank every cached token (Gemma 3: 5 and 11)."""
-    candidates = [layer for layer in range(num_layers) if layer not in set(local_layers)] or list(range(num_layers))
+    local = set(local_layers)
+    candidates = [layer for layer in range(num_layers) if layer not in local] or list(range(num_layers))
     return tuple(sorted({min(candidates, key=lambda layer: abs(layer - target))
                          for target in (num_layers // 8, num_layers // 2)}))
 

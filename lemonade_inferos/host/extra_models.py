@@ -6,12 +6,14 @@ is asked for: a file dropped in is there at the next request."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from lemonade_inferos.engine.build import gguf_build_name
+
 EXTRA_PREFIX = "extra."
 ENV = "LEMONADE_EXTRA_MODELS_DIR"
+GGUF_RECIPE = "llamacpp"   # Lemonade's recipe for a GGUF: here the file is converted and runs on our engine
 
 
 def extra_models(folder: Path | None) -> dict[str, dict[str, Any]]:
@@ -24,11 +26,11 @@ def extra_models(folder: Path | None) -> dict[str, dict[str, Any]]:
         if path.name.lower().startswith("mmproj") or not path.is_file():
             continue
         source = str(path.resolve())
-        slug = "extra-" + re.sub(r"[^a-z0-9._]+", "-", path.stem.lower()).strip("-._")
         found.setdefault(EXTRA_PREFIX + path.stem, {
-            "checkpoint": source, "source": source, "recipe": "llamacpp", "suggested": False,
+            "checkpoint": source, "source": source, "recipe": GGUF_RECIPE, "suggested": False,
             "size": round(path.stat().st_size / 1e9, 3), "labels": ["llm", "custom"],
-            "build": {"model": slug, "weights": "int4", "kv": "fp32", "gguf": source}})
+            "build": {"model": gguf_build_name("extra", path.stem), "weights": "int4", "kv": "fp32",
+                      "gguf": source}})
     return found
 
 

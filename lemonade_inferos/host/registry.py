@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from lemonade_inferos.engine.build import BuildSpec, build_model, is_built
+from lemonade_inferos.engine.build import BuildSpec, build_model, gguf_build_name, is_built
 from lemonade_inferos.engine.model_folder import load_model_folder
 from lemonade_inferos.durable import atomic_write, quarantine
 from lemonade_inferos.errors import InferosError, ModelNotFoundError, RequestError
 from lemonade_inferos.host.aliases import ModelAliases
-from lemonade_inferos.host.extra_models import EXTRA_PREFIX, configured_folder, extra_models
+from lemonade_inferos.host.extra_models import EXTRA_PREFIX, GGUF_RECIPE, configured_folder, extra_models
 from lemonade_inferos.paths import inferos_home
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,6 @@ BUILTIN_MODELS: dict[str, dict[str, Any]] = {
         "recipe": "oga-cpu", "suggested": False, "size": 0.27, "labels": ["llm"],
     },
 }
-GGUF_RECIPE = "llamacpp"   # Lemonade's recipe for a GGUF: here the file is converted and runs on our engine
 
 
 class ModelRegistry:
@@ -128,7 +126,7 @@ class ModelRegistry:
     def is_ready(self, name: str) -> bool:
         """Downloaded and, where it is built from a GGUF, built: a load needs no pull first."""
         info = self.get(name)
-        return self.is_downloaded(name) and ("build" not in info or is_built(BuildSpec(**info["build"])))
+        return is_built(BuildSpec(**info["build"])) if "build" in info else self.is_downloaded(name)
 
     def folder(self, name: str) -> Path:
         info = self.get(name)
@@ -187,9 +185,8 @@ class ModelRegistry:
     @staticmethod
     def _built_from(name: str, gguf: Path, progress) -> Path:
         """``user.NAME``'s GGUF converted once into an int4 folder of the model cache (``user-name-int4``)."""
-        slug = "user-" + re.sub(r"[^a-z0-9._]+", "-", name[len("user."):].lower()).strip("-._")
         try:
-            spec = BuildSpec(slug, "int4", gguf=str(gguf))
+            spec = BuildSpec(gguf_build_name("user", name[len("user."):]), "int4", gguf=str(gguf))
         except ValueError as exc:
             raise RequestError(str(exc), model=name) from exc
         return build_model(spec, progress)
