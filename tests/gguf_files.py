@@ -16,13 +16,14 @@ ARCH_CONFIGS = {   # transformers config class, GGUF architecture
 }
 
 
-def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path) -> Path:
-    """A 2-layer random-weight model of ``arch`` as ``root/ARCH.gguf`` (written once)."""
+def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32") -> Path:
+    """A 2-layer random-weight model of ``arch`` as ``root/ARCH.gguf`` (written once); ``qtype`` (``Q4_0``,
+    ``Q8_0``, ...: what ``gguf`` quantizes) stores its matrices as llama-quantize would (``root/ARCH-Q4_0.gguf``)."""
     import gguf
     import torch
     import transformers
 
-    out = root / f"{arch}.gguf"
+    out = root / (f"{arch}.gguf" if qtype == "F32" else f"{arch}-{qtype}.gguf")
     if out.is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
@@ -36,7 +37,7 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path) -> Path:
     model = transformers.AutoModelForCausalLM.from_config(config)
     partial = out.with_suffix(".partial")
     writer = gguf.GGUFWriter(str(partial), gguf_arch)
-    _metadata(writer, config)
+    _metadata(writer, config, qtype)
     _copy_tokenizer(writer, tokenizer_gguf)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[gguf_arch.upper()], config.num_hidden_layers)
     for name, tensor in model.state_dict().items():
@@ -46,7 +47,12 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path) -> Path:
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             data = _llama_cpp_rows(data, heads)
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(data))
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if qtype != "F32" and data.ndim == 2:
+            kind = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(data))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -55,7 +61,9 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path) -> Path:
     return out
 
 
-def _metadata(writer, config) -> None:
+def _metadata(writer, config, qtype: str) -> None:
+    import gguf
+
     writer.add_name("tiny-random")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -68,7 +76,7 @@ def _metadata(writer, config) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_file_type(0)   # all F32
+    writer.add_file_type(0 if qtype == "F32" else int(gguf.LlamaFileType[f"MOSTLY_{qtype}"]))
 
 
 def _copy_tokenizer(writer, source: Path) -> None:

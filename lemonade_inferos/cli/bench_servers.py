@@ -285,8 +285,7 @@ def _model_and_gguf(model_name: str, gguf: Path | None) -> tuple[Path, Path]:
         return build_model(spec, progress=console.log), gguf or source_gguf(spec)
     registry = ModelRegistry()
     info = registry.get(model_name)
-    if not registry.is_ready(model_name):
-        registry.pull(model_name, progress=console.log)
+    registry.pull(model_name, progress=console.log)   # a GGUF's build verified, or converted
     source = gguf or (Path(info["source"]) if info.get("source") else None)
     if source is None:
         raise click.UsageError(f"{model_name} was not built from a GGUF: give llama-server's with --gguf")

