@@ -16,14 +16,15 @@ ARCH_CONFIGS = {   # transformers config class, GGUF architecture
 }
 
 
-def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32") -> Path:
+def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32", tied: bool = True) -> Path:
     """A 2-layer random-weight model of ``arch`` as ``root/ARCH.gguf`` (written once); ``qtype`` (``Q4_0``,
-    ``Q8_0``, ...: what ``gguf`` quantizes) stores its matrices as llama-quantize would (``root/ARCH-Q4_0.gguf``)."""
+    ``Q8_0``, ...: what ``gguf`` quantizes) stores its matrices as llama-quantize would (``root/ARCH-Q4_0.gguf``);
+    ``tied=False`` gives it an output matrix of its own (``root/ARCH-Q4_0-untied.gguf``)."""
     import gguf
     import torch
     import transformers
 
-    out = root / (f"{arch}.gguf" if qtype == "F32" else f"{arch}-{qtype}.gguf")
+    out = root / (arch + ("" if qtype == "F32" else f"-{qtype}") + ("" if tied else "-untied") + ".gguf")
     if out.is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
@@ -32,7 +33,7 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32") -
     config = getattr(transformers, config_class)(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, **extra)
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied, **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     partial = out.with_suffix(".partial")
@@ -41,7 +42,7 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32") -
     _copy_tokenizer(writer, tokenizer_gguf)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[gguf_arch.upper()], config.num_hidden_layers)
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":   # tied to the token embedding
+        if name == "lm_head.weight" and tied:   # the token embedding
             continue
         data = tensor.detach().float().numpy()
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):

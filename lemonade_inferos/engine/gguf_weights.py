@@ -4,8 +4,11 @@ The builder reads weights from a transformers model, or from a GGUF through its 
 unquantized files. Both hold every weight as floats: converting a 1B model that way peaked at 10.5 GB. This loader
 gives the builder the builder's own GGUF module classes, filled from the memory-mapped file one tensor at a time:
 each linear layer carries ``qweight``/``scales``/``qzeros`` (gguf_grid.py), which the builder emits as a
-``MatMulNBits`` node as it stands, the way it emits a pre-quantized AWQ/GPTQ layer. Only the token embedding (a
-float ``Gather`` table, as in every build) and the norms are floats.
+``MatMulNBits`` node as it stands, the way it emits a pre-quantized AWQ/GPTQ layer. The token embedding is blocks
+too: the builder gathers a tied one from the output matrix's blocks, and an untied one is handed over as a
+placeholder table on the meta device (never materialized) with its blocks beside it (``embedding.blocks``), which
+og_builder.py puts under a ``GatherBlockQuantized`` in place of the builder's float ``Gather``. Only the norms (and
+everything in an fp32 build) are floats.
 
 What llama.cpp's converter changed is undone here: Q/K rows of Llama-family models are permuted for its RoPE
 (reordering rows keeps the blocks, which run along a row), Phi-3's fused QKV and gate/up matrices are split by rows,
@@ -63,9 +66,8 @@ def load_for_builder(path: str | Path, bits: int, dims: Dims, report: Counter) -
             continue
         _, layer, role, kind = tensor.name.split(".", 3)
         layers.setdefault(int(layer), {})[f"{role}.{kind}"] = tensor
-    if model.lm_head.weight is None and not hasattr(model.lm_head, "qweight"):
-        token_embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-        model.lm_head = _linear_module(_rows(_linear(token_embd, bits, report), slice(0, dims.vocab_size)), None)
+    if getattr(model.lm_head, "weight", None) is None and not hasattr(model.lm_head, "qweight"):   # tied
+        model.lm_head = _linear_module(model.embedding.blocks, None)   # the embedding's blocks
     permuted = architecture in PERMUTED_ARCHITECTURES
     model.layers = [_layer(i, layers[i], bits, dims, norms, permuted, report) for i in sorted(layers)]
     return model
@@ -75,9 +77,12 @@ def _top_level(model: Any, tensor: Any, bits: int, dims: Dims, report: Counter) 
     import torch
 
     if tensor.name == "token_embd.weight":
-        shape = (int(tensor.shape[1]), int(tensor.shape[0]))
-        model.embedding.weight = torch.from_numpy(dequantized(tensor.data, tensor.tensor_type.name, shape)[:dims.vocab_size])
-        report[f"{tensor.tensor_type.name} float (embedding)"] += 1
+        blocks = _rows(_linear(tensor, bits, report), slice(0, dims.vocab_size))
+        if isinstance(blocks, np.ndarray):   # an fp32 build
+            model.embedding.weight, model.embedding.blocks = torch.from_numpy(blocks), blocks
+        else:
+            model.embedding.weight = torch.empty((blocks.out_features, blocks.in_features), device="meta")
+            model.embedding.blocks = blocks
     elif tensor.name == "output.weight":
         model.lm_head = _linear_module(_rows(_linear(tensor, bits, report), slice(0, dims.vocab_size)), None)
     elif tensor.name in ("output_norm.weight", "output_norm.bias", "output.bias"):

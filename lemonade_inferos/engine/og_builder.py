@@ -23,6 +23,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+EMBEDDING_TABLE = "model.embed_tokens.weight"   # the builder's name for a float embedding table
 PRECISION_BITS = {"int4": 4, "int8": 8, "fp32": 32, "fp16": 32, "bf16": 32}
 WEIGHTS_REPORT = "inferos_weights.json"
 
@@ -72,15 +75,19 @@ def _load_gguf_blocks(gguf: str, bits: int, report: Counter) -> None:
 
     from lemonade_inferos.engine.gguf_weights import Dims, load_for_builder, qkv_layouts_agree
 
+    embedding: dict[str, Any] = {}
+
     def from_pretrained(model_type: str, input_path: str, *sizes: int) -> Any:
-        return load_for_builder(input_path, bits, Dims(*sizes), report)
+        model = load_for_builder(input_path, bits, Dims(*sizes), report)
+        embedding["blocks"] = model.embedding.blocks
+        return model
 
     # the builder imports its modules as top-level ``loaders.gguf``, ``builders.base`` (its folder is on sys.path),
     # module objects apart from ``onnxruntime_genai.models.loaders.gguf``...: both get the patches
     for prefix in ("", "onnxruntime_genai.models."):
         importlib.import_module(f"{prefix}loaders.gguf").GGUFModel.from_pretrained = staticmethod(from_pretrained)
         model_class = importlib.import_module(f"{prefix}builders.base").Model
-        model_class.to_nbits = _unless_all_quantized(model_class.to_nbits)
+        model_class.to_nbits = _unless_all_quantized(model_class.to_nbits, embedding)
     if not qkv_layouts_agree(gguf, bits):
         if "--extra_options" in sys.argv:
             sys.argv.insert(sys.argv.index("--extra_options") + 1, "fuse_qkv=false")
@@ -88,11 +95,38 @@ def _load_gguf_blocks(gguf: str, bits: int, report: Counter) -> None:
             sys.argv += ["--extra_options", "fuse_qkv=false"]
 
 
-def _unless_all_quantized(to_nbits: Any) -> Any:
-    """The builder's ``to_nbits``, skipped when no MatMul or Gather multiplies by a float constant any more."""
+def _unless_all_quantized(to_nbits: Any, embedding: dict[str, Any]) -> Any:
+    """The builder's ``to_nbits`` after the embedding's float ``Gather`` became blocks, skipped when no MatMul or
+    Gather multiplies by a float constant any more."""
     def guarded(self: Any) -> Any:
+        if embedding.get("blocks") is not None and not isinstance(embedding["blocks"], np.ndarray):
+            _embedding_as_blocks(self.model.graph, embedding["blocks"])
         return to_nbits(self) if _float_weights_left(self.model) else self.model
     return guarded
+
+
+def _embedding_as_blocks(graph: Any, blocks: Any) -> None:
+    """The builder's float ``Gather`` over the embedding placeholder -> ``GatherBlockQuantized`` over the file's
+    blocks (the layout the builder itself gives a tied embedding); nothing when the builder made no such Gather."""
+    import onnx_ir as ir
+
+    from lemonade_inferos.engine.gguf_grid import pack_zero_points
+
+    gather = next((n for n in graph if n.op_type == "Gather" and n.inputs[0] is not None
+                   and n.inputs[0].name == EMBEDDING_TABLE), None)
+    if gather is None:
+        return
+    values = {}
+    for part, array in (("qweight", blocks.qweight.reshape(blocks.out_features, -1)), ("scales", blocks.scales),
+                        ("qzeros", pack_zero_points(blocks.zero_points, blocks.bits))):
+        name = f"model.embed_tokens.{part}"
+        values[part] = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+        graph.register_initializer(values[part])
+    node = ir.node("GatherBlockQuantized", [values["qweight"], gather.inputs[1], values["scales"], values["qzeros"]],
+                   {"bits": blocks.bits, "block_size": blocks.block, "gather_axis": 0, "quantize_axis": 1},
+                   domain="com.microsoft", name="/model/embed_tokens/GatherBlockQuantized")
+    ir.convenience.replace_nodes_and_values(graph, gather, [gather], [node], [gather.outputs[0]], [node.outputs[0]])
+    graph.initializers.pop(EMBEDDING_TABLE)
 
 
 def _float_weights_left(model: Any) -> bool:

@@ -100,49 +100,82 @@ def test_a_gguf_of_each_architecture_builds_and_decodes_as_og_generator_does(arc
     assert _greedy(ours, prompt) == _greedy(OgEngine(folder), prompt)
 
 
-def test_a_q4_0_files_blocks_are_the_built_models_weights_code_for_code():
-    """llama-quantize's Q4_0 blocks are MatMulNBits blocks: every matrix of the built folder dequantizes to exactly
-    the file's weights (Llama's Q/K rows back in transformers' order, Q/K/V packed into one matrix, the tied output
-    matrix shared with the embedding), and the manifest says so."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_q4_0_files_blocks_are_the_built_models_weights_code_for_code(tied):
+    """llama-quantize's Q4_0 blocks are MatMulNBits blocks: every matrix of the built folder, and its embedding
+    table, dequantizes to exactly the file's weights (Llama's Q/K rows back in transformers' order, Q/K/V packed into
+    one matrix; a tied output matrix is the embedding's blocks, an untied one's embedding is gathered from its own),
+    and the manifest says so."""
     import numpy as np
     import onnx
     from gguf import GGUFReader
     from onnx.numpy_helper import to_array
 
-    from lemonade_inferos.engine.gguf_grid import dequantized, unpack_codes
+    from lemonade_inferos.engine.gguf_grid import dequantized
     from lemonade_inferos.engine.gguf_weights import unpermuted_rows
     from lemonade_inferos.paths import inferos_home
 
-    gguf = tiny_gguf("llama", BUILTIN_MODELS["smollm2-135m"].locate(), inferos_home() / "test-gguf", "Q4_0")
-    folder = build_model(BuildSpec("tiny-llama-q4_0", "int4", gguf=str(gguf)))
+    gguf = tiny_gguf("llama", BUILTIN_MODELS["smollm2-135m"].locate(), inferos_home() / "test-gguf", "Q4_0", tied)
+    folder = build_model(BuildSpec(f"tiny-llama-q4_0{'' if tied else '-untied'}", "int4", gguf=str(gguf)))
     manifest = json.loads((folder / "inferos_build.json").read_text())
     assert manifest["converter"] == "gguf-blocks"
-    assert manifest["tensors"] == {"Q4_0 exact": 15, "Q4_0 float (embedding)": 1}
+    assert manifest["tensors"] == {"Q4_0 exact": 15 if tied else 16}
 
     source = {t.name: dequantized(t.data, t.tensor_type.name, (int(t.shape[1]), int(t.shape[0])))
               for t in GGUFReader(str(gguf)).tensors if len(t.shape) == 2}
+    expected = {"/lm_head/MatMulNBits": source["token_embd.weight" if tied else "output.weight"]}
     for layer in range(2):
         q, k = (source[f"blk.{layer}.attn_{n}.weight"] for n in "qk")
-        source[f"blk.{layer}.attn_qkv"] = np.concatenate([q[unpermuted_rows(64, 4)], k[unpermuted_rows(32, 2)],
-                                                          source[f"blk.{layer}.attn_v.weight"]])
-    expected = {"/lm_head/MatMulNBits": source["token_embd.weight"]}
-    for layer in range(2):
-        expected[f"/model/layers.{layer}/attn/qkv_proj/MatMulNBits"] = source[f"blk.{layer}.attn_qkv"]
+        expected[f"/model/layers.{layer}/attn/qkv_proj/MatMulNBits"] = np.concatenate(
+            [q[unpermuted_rows(64, 4)], k[unpermuted_rows(32, 2)], source[f"blk.{layer}.attn_v.weight"]])
         for onnx_name, gguf_name in (("attn/o_proj", "attn_output"), ("mlp/gate_proj", "ffn_gate"),
                                      ("mlp/up_proj", "ffn_up"), ("mlp/down_proj", "ffn_down")):
             expected[f"/model/layers.{layer}/{onnx_name}/MatMulNBits"] = source[f"blk.{layer}.{gguf_name}.weight"]
 
     model = onnx.load(str(folder / "model.onnx"))
     initializers = {i.name: to_array(i) for i in model.graph.initializer}
+    assert "model.embed_tokens.weight" not in initializers   # no float table
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert sorted(n.name for n in nodes) == sorted(expected)
     for node in nodes:
-        packed, scales, zero_points = (initializers[name] for name in node.input[1:4])
-        rows = packed.shape[0]
-        codes = unpack_codes(packed, 4).astype(np.float32)
-        zero_points = unpack_codes(zero_points.reshape(rows, -1)[..., None], 4).reshape(rows, -1)[:, :codes.shape[1]]
-        weights = (codes - zero_points[..., None]) * scales.reshape(rows, -1, 1)
-        assert np.array_equal(weights.reshape(rows, -1), expected[node.name]), node.name
+        assert np.array_equal(_blocks_dequantized(*(initializers[name] for name in node.input[1:4])),
+                              expected[node.name]), node.name
+    if not tied:
+        gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+        table, scales, zero_points = (initializers[gather.input[i]] for i in (0, 2, 3))
+        assert np.array_equal(_blocks_dequantized(table.reshape(len(table), -1, 16), scales, zero_points),
+                              source["token_embd.weight"])
+    ours = OrtEngine(folder, SessionPolicy(devices=["cpu"]))
+    prompt = ours.tokenizer.encode("Blocks as they are")
+    assert _greedy(ours, prompt) == _greedy(OgEngine(folder), prompt)
+
+
+def _blocks_dequantized(packed, scales, zero_points):
+    """4-bit MatMulNBits/GatherBlockQuantized blocks [N, blocks, 16] -> float32 [N, K]."""
+    import numpy as np
+
+    from lemonade_inferos.engine.gguf_grid import unpack_codes
+
+    rows = packed.shape[0]
+    codes = unpack_codes(packed, 4).astype(np.float32)
+    zero_points = unpack_codes(zero_points.reshape(rows, -1)[..., None], 4).reshape(rows, -1)[:, :codes.shape[1]]
+    return ((codes - zero_points[..., None]) * scales.reshape(rows, -1, 1)).reshape(rows, -1)
+
+
+def test_pulling_a_registered_gguf_again_rebuilds_what_an_older_converter_made(isolated_home):
+    from lemonade_inferos.paths import inferos_home
+
+    tiny = tiny_gguf("qwen2", BUILTIN_MODELS["smollm2-135m"].locate(), inferos_home() / "test-gguf", "Q8_0")
+    first = _cli("pull", "user.Tiny-Again", "--checkpoint", str(tiny), home=isolated_home)
+    assert first.returncode == 0, first.stderr[-2000:]
+    manifest_path = isolated_home / "models" / "user-tiny-again-int4" / "inferos_build.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["tensors"]["Q8_0 exact"] == 15
+    manifest_path.write_text(json.dumps({**manifest, "converter": "transformers-fp32"}))   # as an older release left it
+    again = _cli("pull", "user.Tiny-Again", home=isolated_home)   # no checkpoint: the registered file
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "built user-tiny-again-int4" in again.stdout + again.stderr
+    assert json.loads(manifest_path.read_text())["converter"] == "gguf-blocks"
 
 
 def test_gguf_files_of_an_extra_models_dir_are_served_as_extra_models(isolated_home, tmp_path):
