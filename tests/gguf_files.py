@@ -13,6 +13,7 @@ ARCH_CONFIGS = {   # transformers config class, GGUF architecture
     "llama": ("LlamaConfig", "llama"),
     "qwen2": ("Qwen2Config", "qwen2"),
     "qwen3": ("Qwen3Config", "qwen3"),
+    "phi3": ("Phi3Config", "phi3"),   # fused QKV and gate/up matrices
 }
 
 
@@ -29,11 +30,12 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32", t
         return out
     root.mkdir(parents=True, exist_ok=True)
     config_class, gguf_arch = ARCH_CONFIGS[arch]
-    extra = {"head_dim": 16} if arch == "qwen3" else {}
-    config = getattr(transformers, config_class)(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied, **extra)
+    shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
+    shape.update({"qwen3": {"head_dim": 16},   # Phi-3 mini 4K's context is its original one (no LongRoPE)
+                  "phi3": {"max_position_embeddings": 4096, "original_max_position_embeddings": 4096}}.get(arch, {}))
+    config = getattr(transformers, config_class)(**shape)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     partial = out.with_suffix(".partial")
@@ -75,6 +77,7 @@ def _metadata(writer, config, qtype: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(10000.0)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_file_type(0 if qtype == "F32" else int(gguf.LlamaFileType[f"MOSTLY_{qtype}"]))

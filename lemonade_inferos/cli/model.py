@@ -21,8 +21,9 @@ def model() -> None:
 @click.option("--gguf", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="A GGUF file of your own (Llama, Qwen2/3, Mistral, Phi-3, Gemma 2/3), built under NAME.")
 @click.option("--weights", type=click.Choice(["fp32", "int4", "int8"]), default=None,
-              help="Weight precision of the ONNX model [default: fp32 for a built-in model, int4 for --gguf]; "
-                   "int8 keeps a GGUF's weights nearly as they are (see docs/models.md).")
+              help="Weight precision of the ONNX model [default: fp32 for a built-in model, int4 for --gguf]: "
+                   "the GGUF's Q4_0/Q5_0/Q8_0/Q6_K tensors keep their own blocks, others are requantized to "
+                   "these bits (see docs/models.md).")
 @click.option("--kv", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="KV format: int8 builds ORT's native static per-channel INT8 KV variant.")
 @click.option("--force", is_flag=True, help="Rebuild even when a verified build exists.")
