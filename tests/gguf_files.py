@@ -14,6 +14,7 @@ ARCH_CONFIGS = {   # transformers config class, GGUF architecture
     "qwen2": ("Qwen2Config", "qwen2"),
     "qwen3": ("Qwen3Config", "qwen3"),
     "phi3": ("Phi3Config", "phi3"),   # fused QKV and gate/up matrices
+    "gemma2": ("Gemma2Config", "gemma2"),   # four norms a layer, stored +1 as llama.cpp's converter does
 }
 
 
@@ -34,7 +35,8 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32", t
                  num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
     shape.update({"qwen3": {"head_dim": 16},   # Phi-3 mini 4K's context is its original one (no LongRoPE)
-                  "phi3": {"max_position_embeddings": 4096, "original_max_position_embeddings": 4096}}.get(arch, {}))
+                  "phi3": {"max_position_embeddings": 4096, "original_max_position_embeddings": 4096},
+                  "gemma2": {"head_dim": 16, "sliding_window": 512}}.get(arch, {}))
     config = getattr(transformers, config_class)(**shape)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -47,6 +49,8 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32", t
         if name == "lm_head.weight" and tied:   # the token embedding
             continue
         data = tensor.detach().float().numpy()
+        if arch == "gemma2" and name.endswith("norm.weight"):
+            data = data + 1.0
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             data = _llama_cpp_rows(data, heads)
@@ -78,6 +82,8 @@ def _metadata(writer, config, qtype: str) -> None:
     writer.add_rope_freq_base(10000.0)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_rope_dimension_count(head_dim)
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_file_type(0 if qtype == "F32" else int(gguf.LlamaFileType[f"MOSTLY_{qtype}"]))

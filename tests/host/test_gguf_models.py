@@ -87,11 +87,11 @@ def test_gemma3_ranks_blocks_by_attention_from_its_global_layers_in_either_live_
 
 
 @pytest.mark.parametrize("arch, qtype", [("llama", "F32"), ("qwen2", "F32"), ("qwen3", "F32"), ("qwen2", "Q8_0"),
-                                         ("phi3", "Q4_0")])
+                                         ("phi3", "Q4_0"), ("gemma2", "Q8_0")])
 def test_a_gguf_of_each_architecture_builds_and_decodes_as_og_generator_does(arch, qtype, tmp_path):
     """Tiny random-weight GGUFs written as llama.cpp's converter writes them (``tests/gguf_files.py``; Phi-3's with
-    fused QKV and gate/up matrices and an output matrix of its own): one command from file to a folder, and the
-    folder's greedy output is og.Generator's."""
+    fused QKV and gate/up matrices and an output matrix of its own, Gemma 2's with four norms a layer and a sliding
+    window): one command from file to a folder, and the folder's greedy output is og.Generator's."""
     from lemonade_inferos.paths import inferos_home
 
     gguf = tiny_gguf(arch, BUILTIN_MODELS["smollm2-135m"].locate(), inferos_home() / "test-gguf", qtype,
