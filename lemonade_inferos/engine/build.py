@@ -40,7 +40,7 @@ from lemonade_inferos.paths import inferos_home, models_dir
 
 MANIFEST = "inferos_build.json"
 CONVERTER = "gguf-blocks"   # folders built through transformers' fp32 load (before) are rebuilt
-WEIGHTS = ("fp32", "int4", "int8")   # int8: MatMulNBits 8-bit (a GGUF's weights nearly as they are)
+WEIGHTS = ("fp32", "int4", "int8")   # the bits of tensors whose GGUF type has no exact block form
 KV_FORMATS = ("fp32", "int8")
 BUILD_EXTRA_MODULES = ("torch", "transformers", "gguf", "accelerate", "onnx", "onnx_ir")
 
@@ -199,6 +199,7 @@ def _export_hf(name: str, gguf: Path, progress: Progress) -> Path:
     """GGUF -> a Hugging Face folder of config, tokenizer and chat template, kept as ``hf/NAME`` for the other
     variants of the same file."""
     hf_dir = inferos_home() / "hf" / name
+    (hf_dir / "model.safetensors").unlink(missing_ok=True)   # the older converter's fp32 weights: unused now
     if (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer_config.json").is_file():
         return hf_dir
     progress(f"reading {gguf.name}'s config and tokenizer with transformers")

@@ -19,6 +19,7 @@ pre-quantized (AWQ/GPTQ-style) linear layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -88,14 +89,12 @@ class QuantizedLinear:
         """An object with the attributes onnxruntime-genai's builder reads from a pre-quantized linear layer."""
         import torch
 
-        layer = type("GGUFQuantizedLinear", (), {})()
-        layer.qweight = torch.from_numpy(np.ascontiguousarray(self.qweight))
-        layer.scales = torch.from_numpy(np.ascontiguousarray(self.scales))   # [N, blocks]: GatherBlockQuantized
-        layer.qzeros = torch.from_numpy(pack_zero_points(self.zero_points, self.bits))   # reads them with N first
-        layer.bits, layer.group_size = self.bits, self.block
-        layer.in_features, layer.out_features = self.in_features, self.out_features
-        layer.g_idx, layer.bias = None, bias
-        return layer
+        return SimpleNamespace(
+            qweight=torch.from_numpy(np.ascontiguousarray(self.qweight)),
+            scales=torch.from_numpy(np.ascontiguousarray(self.scales)),   # [N, blocks]: GatherBlockQuantized
+            qzeros=torch.from_numpy(pack_zero_points(self.zero_points, self.bits)),   # reads them with N first
+            bits=self.bits, group_size=self.block, in_features=self.in_features, out_features=self.out_features,
+            g_idx=None, bias=bias)
 
 
 def unpack_codes(qweight: np.ndarray, bits: int) -> np.ndarray:

@@ -18,6 +18,7 @@ and Gemma's norms already carry their +1 (the builder adds none for a GGUF).
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,21 @@ GEMMA_NORM_TENSORS = {**NORM_TENSORS, "ffn_norm": "pre_feedforward_layernorm",
 SKIPPED = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")
 
 
-class Dims:
-    """The sizes the builder read from the config, which the file's tensors are cut and checked by."""
+class UnknownTensorError(ValueError):
+    """A tensor this loader does not know where to put: converting without it would build a wrong model."""
 
-    def __init__(self, head_size: int, hidden_size: int, intermediate_size: int, num_attn_heads: int,
-                 num_kv_heads: int, vocab_size: int) -> None:
-        self.head_size, self.hidden_size, self.intermediate_size = head_size, hidden_size, intermediate_size
-        self.num_attn_heads, self.num_kv_heads, self.vocab_size = num_attn_heads, num_kv_heads, vocab_size
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes the builder read from the config (in the order its loader is given them), which the file's
+    tensors are cut by."""
+
+    head_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_attn_heads: int
+    num_kv_heads: int
+    vocab_size: int
 
 
 def load_for_builder(path: str | Path, bits: int, dims: Dims, report: Counter) -> Any:
@@ -89,7 +98,8 @@ def _top_level(model: Any, tensor: Any, bits: int, dims: Dims, report: Counter) 
         module = model.final_norm if tensor.name.startswith("output_norm") else model.lm_head
         setattr(module, tensor.name.rsplit(".", 1)[1], torch.from_numpy(_float(tensor)))
     else:
-        raise NotImplementedError(f"{tensor.name} in this GGUF is not a tensor this loader knows")
+        raise UnknownTensorError(f"{tensor.name}: a tensor the GGUF converter does not know; the file is not "
+                                 "converted (a model without it would be wrong)")
 
 
 def _layer(layer_id: int, tensors: dict[str, Any], bits: int, dims: Dims, norms: dict[str, str], permuted: bool,
@@ -108,7 +118,8 @@ def _layer(layer_id: int, tensors: dict[str, Any], bits: int, dims: Dims, norms:
         elif role in norms:
             _set(layer, norms[role], kind, torch.from_numpy(_float(tensor)))
         elif not (role in LINEAR_TENSORS and kind == "bias"):
-            raise NotImplementedError(f"blk.{layer_id}.{key} in this GGUF is not a tensor this loader knows")
+            raise UnknownTensorError(f"blk.{layer_id}.{key}: a tensor the GGUF converter does not know; the file "
+                                     "is not converted (a model without it would be wrong)")
     for name, (weight, bias) in _split_fused(linears, dims).items():
         if permuted and name in ("self_attn.q_proj", "self_attn.k_proj"):
             heads = dims.num_attn_heads if name == "self_attn.q_proj" else dims.num_kv_heads

@@ -110,17 +110,15 @@ def _embedding_as_blocks(graph: Any, blocks: Any) -> None:
     blocks (the layout the builder itself gives a tied embedding); nothing when the builder made no such Gather."""
     import onnx_ir as ir
 
-    from lemonade_inferos.engine.gguf_grid import pack_zero_points
-
     gather = next((n for n in graph if n.op_type == "Gather" and n.inputs[0] is not None
                    and n.inputs[0].name == EMBEDDING_TABLE), None)
     if gather is None:
         return
-    values = {}
-    for part, array in (("qweight", blocks.qweight.reshape(blocks.out_features, -1)), ("scales", blocks.scales),
-                        ("qzeros", pack_zero_points(blocks.zero_points, blocks.bits))):
+    layer, values = blocks.module(), {}   # the tensors a MatMulNBits over the same blocks takes
+    for part, tensor in (("qweight", layer.qweight.reshape(layer.out_features, -1)), ("scales", layer.scales),
+                         ("qzeros", layer.qzeros)):
         name = f"model.embed_tokens.{part}"
-        values[part] = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+        values[part] = ir.Value(name=name, const_value=ir.tensor(tensor.numpy(), name=name))
         graph.register_initializer(values[part])
     node = ir.node("GatherBlockQuantized", [values["qweight"], gather.inputs[1], values["scales"], values["qzeros"]],
                    {"bits": blocks.bits, "block_size": blocks.block, "gather_axis": 0, "quantize_axis": 1},

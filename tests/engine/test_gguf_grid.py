@@ -72,3 +72,22 @@ def test_four_bit_zero_points_pack_two_to_a_byte_and_unpack_back():
     packed = pack_zero_points(zero_points, 4)
     assert packed.shape == (5, 4)
     assert np.array_equal(unpack_codes(packed[..., None], 4).reshape(5, -1)[:, :7], zero_points)
+
+
+def test_a_tensor_the_converter_does_not_know_stops_the_conversion_naming_it(tmp_path):
+    from collections import Counter
+
+    from gguf import GGUFWriter
+
+    from lemonade_inferos.engine.gguf_weights import Dims, UnknownTensorError, load_for_builder
+
+    path = tmp_path / "odd.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    writer.add_tensor("blk.0.attn_mystery.weight", np.zeros((32, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnknownTensorError, match="blk.0.attn_mystery.weight"):
+        load_for_builder(path, 4, Dims(8, 32, 64, 4, 2, 8), Counter())
