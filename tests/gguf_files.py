@@ -15,7 +15,10 @@ ARCH_CONFIGS = {   # transformers config class, GGUF architecture
     "qwen3": ("Qwen3Config", "qwen3"),
     "phi3": ("Phi3Config", "phi3"),   # fused QKV and gate/up matrices
     "gemma2": ("Gemma2Config", "gemma2"),   # four norms a layer, stored +1 as llama.cpp's converter does
+    "granite": ("GraniteConfig", "granite"),   # Llama's layout with four multipliers
 }
+GRANITE_MULTIPLIERS = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+                           logits_scaling=8.0)   # Granite 3's own values
 
 
 def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32", tied: bool = True) -> Path:
@@ -23,23 +26,14 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32", t
     ``Q8_0``, ...: what ``gguf`` quantizes) stores its matrices as llama-quantize would (``root/ARCH-Q4_0.gguf``);
     ``tied=False`` gives it an output matrix of its own (``root/ARCH-Q4_0-untied.gguf``)."""
     import gguf
-    import torch
-    import transformers
 
     out = root / (arch + ("" if qtype == "F32" else f"-{qtype}") + ("" if tied else "-untied") + ".gguf")
     if out.is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    config_class, gguf_arch = ARCH_CONFIGS[arch]
-    shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
-                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
-    shape.update({"qwen3": {"head_dim": 16},   # Phi-3 mini 4K's context is its original one (no LongRoPE)
-                  "phi3": {"max_position_embeddings": 4096, "original_max_position_embeddings": 4096},
-                  "gemma2": {"head_dim": 16, "sliding_window": 512}}.get(arch, {}))
-    config = getattr(transformers, config_class)(**shape)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    gguf_arch = ARCH_CONFIGS[arch][1]
+    model = tiny_model(arch, tied)
+    config = model.config
     partial = out.with_suffix(".partial")
     writer = gguf.GGUFWriter(str(partial), gguf_arch)
     _metadata(writer, config, qtype)
@@ -51,7 +45,7 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32", t
         data = tensor.detach().float().numpy()
         if arch == "gemma2" and name.endswith("norm.weight"):
             data = data + 1.0
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch in ("llama", "granite") and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             data = _llama_cpp_rows(data, heads)
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -66,6 +60,23 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32", t
     writer.close()
     partial.replace(out)
     return out
+
+
+def tiny_model(arch: str, tied: bool = True):
+    """The transformers model a tiny GGUF of ``arch`` is written from (the same weights every time)."""
+    import torch
+    import transformers
+
+    shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
+    shape.update({"qwen3": {"head_dim": 16},   # Phi-3 mini 4K's context is its original one (no LongRoPE)
+                  "phi3": {"max_position_embeddings": 4096, "original_max_position_embeddings": 4096},
+                  "gemma2": {"head_dim": 16, "sliding_window": 512},
+                  "granite": GRANITE_MULTIPLIERS}.get(arch, {}))
+    config = getattr(transformers, ARCH_CONFIGS[arch][0])(**shape)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 def _metadata(writer, config, qtype: str) -> None:
@@ -87,6 +98,11 @@ def _metadata(writer, config, qtype: str) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_file_type(0 if qtype == "F32" else int(gguf.LlamaFileType[f"MOSTLY_{qtype}"]))
+    if config.model_type == "granite":   # as llama.cpp's converter names them
+        writer.add_embedding_scale(config.embedding_multiplier)
+        writer.add_residual_scale(config.residual_multiplier)
+        writer.add_attention_scale(config.attention_multiplier)
+        writer.add_logit_scale(config.logits_scaling)
 
 
 def _copy_tokenizer(writer, source: Path) -> None:

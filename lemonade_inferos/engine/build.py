@@ -39,7 +39,7 @@ from lemonade_inferos.errors import InferosError, MissingExtraError, ModelNotFou
 from lemonade_inferos.paths import inferos_home, models_dir
 
 MANIFEST = "inferos_build.json"
-CONVERTER = "gguf-blocks"   # folders built through transformers' fp32 load (before) are rebuilt
+CONVERTER = "gguf-blocks-2"   # rebuilt: folders of transformers' fp32 load, and blocks with default zero points
 WEIGHTS = ("fp32", "int4", "int8")   # the bits of tensors whose GGUF type has no exact block form
 KV_FORMATS = ("fp32", "int8")
 BUILD_EXTRA_MODULES = ("torch", "transformers", "gguf", "accelerate", "onnx", "onnx_ir")

@@ -20,6 +20,7 @@ def export(gguf: Path, out_dir: Path) -> None:
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    read_granite()
     config = _config(gguf)
     config_dict = config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -50,6 +51,23 @@ def _config(gguf: Path):
     if key_length is not None and hasattr(config, "head_dim"):
         config.head_dim = int(key_length.contents())
     return config
+
+
+GRANITE_KEYS = {"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+                "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"}
+
+
+def read_granite() -> None:
+    """Teach transformers' GGUF reader (5.x reads no Granite file) Granite 3's keys: Llama's, and the four
+    multipliers llama.cpp's converter writes, without which the model computes something else. The tokenizer is
+    then read as for any other architecture."""
+    from transformers import modeling_gguf_pytorch_utils
+    from transformers.integrations import ggml
+
+    if "granite" not in ggml.GGUF_CONFIG_MAPPING:
+        ggml.GGUF_CONFIG_MAPPING["granite"] = {**ggml.GGUF_CONFIG_MAPPING["llama"], **GRANITE_KEYS}
+    if "granite" not in modeling_gguf_pytorch_utils.GGUF_SUPPORTED_ARCHITECTURES:
+        modeling_gguf_pytorch_utils.GGUF_SUPPORTED_ARCHITECTURES.append("granite")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from lemonade_inferos.errors import InferosError, MissingExtraError, RequestErro
 from lemonade_inferos.paths import inferos_home
 
 # GGUF architectures that both transformers (GGUF -> PyTorch) and onnxruntime-genai's builder (-> ONNX) take
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "granite", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 
 
 class UnsupportedGGUFError(RequestError):

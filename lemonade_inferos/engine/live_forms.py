@@ -91,9 +91,9 @@ def calibrate_folder(folder: ModelFolder, devices: list[str], engine_class: type
     """Calibrate ``folder``'s INT8 live KV scales in a fresh process and return them (kept in INFEROS_HOME).
     The process loads an ``engine_class`` (passed by name: this module sits below the engine it serves).
 
-    A fresh process because it loads the float graph beside the INT8 one, and memory a process has held is not
-    given back: a server never holds both (measured: 1214 against 736 MiB RSS for SmolLM2-135M fp32 after a
-    calibrating load in process)."""
+    A fresh process because it loads the float graph and then the INT8 one (the float form is dropped first: one
+    copy of the weights at a time), and memory a process has held is not all given back: a server never holds
+    both (measured: 1214 against 736 MiB RSS for SmolLM2-135M fp32 after a calibrating load in process)."""
     import multiprocessing
 
     spawn = multiprocessing.get_context("spawn")
@@ -312,8 +312,14 @@ class LiveForms:
         heads, head_size = folder.num_kv_heads, folder.head_size
         passages = self._passages(kv_scales.CALIBRATION_PASSAGES + 1)
         scales, saturated = kv_scales.calibrate(self._float_kv, passages[:-1], heads, head_size, _child_progress)
+        float_nll = self._mean_nll(self.model_layout, passages[-1])
+        with self._lock:   # one copy of the weights at a time: the float form is not needed here again
+            for key in [k for k in self._loaded if not k[0]]:
+                del self._loaded[key]
+        heap.trim()
         self.int8_layout = replace(self.model_layout, dtype=np.dtype(np.int8), scales=scales)
-        calibration = kv_scales.Calibration(scales, self._live_delta_nll(passages[-1]), saturated)
+        delta_nll = self._mean_nll(self.int8_layout, passages[-1]) - float_nll
+        calibration = kv_scales.Calibration(scales, delta_nll, saturated)
         path = kv_scales.save_calibration(folder.fingerprint, calibration)
         log.info("calibrated INT8 live KV scales for %s in %.1f s (kept in %s)", folder.path,
                  time.perf_counter() - started, path)
@@ -341,18 +347,16 @@ class LiveForms:
         self.engine.forward(ids, cache)
         return [cache.layer(layer) for layer in range(self.model_layout.num_layers)]
 
-    def _live_delta_nll(self, ids: list[int], chunk: int = 64) -> float:
-        """Mean NLL of ``ids`` with the INT8 live form minus with the float form, in chunks (history is read)."""
+    def _mean_nll(self, layout: KVLayout, ids: list[int], chunk: int = 64) -> float:
+        """Mean NLL of ``ids`` with a cache of ``layout``, in chunks (history is read): the INT8 live form's minus
+        the float form's is what the INT8 form costs."""
         from lemonade_inferos.engine.sampling import log_softmax
 
-        nll = {}
-        for layout in (self.model_layout, self.int8_layout):
-            cache, total = DenseKVCache(self._full_length(layout), len(ids)), []
-            for start in range(0, len(ids) - 1, chunk):
-                piece = ids[start:start + chunk]
-                targets = np.asarray(ids[start + 1:start + 1 + len(piece)])
-                logprobs = log_softmax(self.engine.forward(piece, cache))[: len(targets)]
-                total.extend((-logprobs[np.arange(len(targets)), targets]).tolist())
-            nll[layout.live_int8] = float(np.mean(total))
-        return nll[True] - nll[False]
+        cache, total = DenseKVCache(self._full_length(layout), len(ids)), []
+        for start in range(0, len(ids) - 1, chunk):
+            piece = ids[start:start + chunk]
+            targets = np.asarray(ids[start + 1:start + 1 + len(piece)])
+            logprobs = log_softmax(self.engine.forward(piece, cache))[: len(targets)]
+            total.extend((-logprobs[np.arange(len(targets)), targets]).tolist())
+        return float(np.mean(total))
 

