@@ -109,10 +109,16 @@ def _play(chat: Chat, system: str, turns: list[str], reply_tokens: int, window: 
 
 
 def chat_10(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:
-    """A 10-turn chat (64-token replies): the last turn's TTFT is what the history costs."""
+    """A 10-turn chat (64-token replies): the last turn's TTFT is what the history costs. Each server's history
+    holds its own replies, so where two servers' greedy replies part (random weights: flat distributions), their last
+    turns carry different numbers of new tokens: ``last_new_tokens`` (the prompt less what the server reused) says
+    how many each prefilled."""
     records = _play(chat, CHAT_SYSTEM, prompts.turns[:10], 64)
-    return {"last_ttft_s": records[-1]["ttft_s"], "mean_ttft_s": statistics.mean(r["ttft_s"] for r in records),
-            "last_prompt_tokens": records[-1]["prompt_tokens"]}
+    last = records[-1]
+    new = (last["prompt_tokens"] - last["cached_tokens"]
+           if last["cached_tokens"] is not None and last["prompt_tokens"] is not None else None)
+    return {"last_ttft_s": last["ttft_s"], "mean_ttft_s": statistics.mean(r["ttft_s"] for r in records),
+            "last_prompt_tokens": last["prompt_tokens"], "last_new_tokens": new}
 
 
 def sliding_window(chat: Chat, prompts: PeerPrompts) -> dict[str, Any]:

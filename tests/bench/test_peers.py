@@ -61,3 +61,12 @@ def test_many_clients_run_on_ours_on_ours_one_at_a_time_and_on_llama_server_wher
     assert metrics["total_tps"] > 0
     peer = {m: {"median": metrics[m]} for m in ("ttft_p95_s", "total_tps")}
     assert ratios({OURS: peer, OURS_SERIAL: peer})[OURS_SERIAL] == {"ttft_p95_s": 1.0, "total_tps": 1.0}
+
+
+def test_the_chat_says_how_many_new_tokens_its_last_turn_prefilled(calibrated_model, tmp_path):
+    """Each server's history holds its own replies: the last turn's TTFT is read with the tokens it prefilled."""
+    prompts = PeerPrompts.build(ChatTokenizer.from_folder(calibrated_model))
+    ours = peers_for(SETUP, ["chat_10"])[0]
+    metrics = run_once(ours, "chat_10", SETUP, prompts, tmp_path / "server.log")
+    assert 0 < metrics["last_new_tokens"] < metrics["last_prompt_tokens"]   # the history before it was reused
+    assert metrics["last_ttft_s"] > 0
