@@ -16,7 +16,11 @@ ARCH_CONFIGS = {   # transformers config class, GGUF architecture
     "phi3": ("Phi3Config", "phi3"),   # fused QKV and gate/up matrices
     "gemma2": ("Gemma2Config", "gemma2"),   # four norms a layer, stored +1 as llama.cpp's converter does
     "granite": ("GraniteConfig", "granite"),   # Llama's layout with four multipliers
+    "llama3": ("LlamaConfig", "llama"),   # Llama 3.1/3.2's RoPE scaling: the file's rope_freqs
+    "phi3-128k": ("Phi3Config", "phi3"),   # LongRoPE: the file's short and long factors
 }
+LONG_ROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.25 * i for i in range(8)],
+             "long_factor": [2.0 + 0.5 * i for i in range(8)]}
 GRANITE_MULTIPLIERS = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
                            logits_scaling=8.0)   # Granite 3's own values
 
@@ -45,7 +49,7 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32", t
         data = tensor.detach().float().numpy()
         if arch == "gemma2" and name.endswith("norm.weight"):
             data = data + 1.0
-        if arch in ("llama", "granite") and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch in ("llama", "llama3", "granite") and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             data = _llama_cpp_rows(data, heads)
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -54,6 +58,8 @@ def tiny_gguf(arch: str, tokenizer_gguf: Path, root: Path, qtype: str = "F32", t
             writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(data))
+    for name, values in _rope_tensors(config).items():   # as llama.cpp's converter adds them
+        writer.add_tensor(name, values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -73,13 +79,22 @@ def tiny_model(arch: str, tied: bool = True):
     shape.update({"qwen3": {"head_dim": 16},   # Phi-3 mini 4K's context is its original one (no LongRoPE)
                   "phi3": {"max_position_embeddings": 4096, "original_max_position_embeddings": 4096},
                   "gemma2": {"head_dim": 16, "sliding_window": 512},
-                  "granite": GRANITE_MULTIPLIERS}.get(arch, {}))
+                  "granite": GRANITE_MULTIPLIERS,
+                  "llama3": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 32.0,
+                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 8192}},
+                  "phi3-128k": {"max_position_embeddings": 8192, "original_max_position_embeddings": 4096,
+                                "rope_parameters": LONG_ROPE}}.get(arch, {}))
+    if "rope_parameters" in shape:
+        del shape["rope_theta"]
     config = getattr(transformers, ARCH_CONFIGS[arch][0])(**shape)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 def _metadata(writer, config, qtype: str) -> None:
+    import math
+
     import gguf
 
     writer.add_name("tiny-random")
@@ -98,11 +113,45 @@ def _metadata(writer, config, qtype: str) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_file_type(0 if qtype == "F32" else int(gguf.LlamaFileType[f"MOSTLY_{qtype}"]))
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "longrope":   # Phi-3's LongRoPE, as llama.cpp's converter writes it
+        scale = config.max_position_embeddings / config.original_max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(
+            config.original_max_position_embeddings)))
     if config.model_type == "granite":   # as llama.cpp's converter names them
         writer.add_embedding_scale(config.embedding_multiplier)
         writer.add_residual_scale(config.residual_multiplier)
         writer.add_attention_scale(config.attention_multiplier)
         writer.add_logit_scale(config.logits_scaling)
+
+
+def _rope_tensors(config) -> dict[str, np.ndarray]:
+    """llama.cpp's converter's RoPE tensors: Llama 3's ``rope_freqs`` (per-frequency divisors), Phi-3's LongRoPE
+    ``rope_factors_short``/``_long``."""
+    import math
+
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "longrope":
+        return {"rope_factors_long.weight": np.asarray(rope["long_factor"], np.float32),
+                "rope_factors_short.weight": np.asarray(rope["short_factor"], np.float32)}
+    if rope.get("rope_type") != "llama3":
+        return {}
+    dim = config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    old, low, high, factor = (rope["original_max_position_embeddings"], rope["low_freq_factor"],
+                              rope["high_freq_factor"], rope["factor"])
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return {"rope_freqs.weight": np.asarray(factors, np.float32)}
 
 
 def _copy_tokenizer(writer, source: Path) -> None:

@@ -15,6 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def export(gguf: Path, out_dir: Path) -> None:
     from transformers import AutoTokenizer, GenerationConfig
@@ -50,7 +52,27 @@ def _config(gguf: Path):
     key_length = fields.get(f"{architecture}.attention.key_length")
     if key_length is not None and hasattr(config, "head_dim"):
         config.head_dim = int(key_length.contents())
+    if architecture == "phi3":
+        _long_rope(config, GGUFReader(str(gguf)))
     return config
+
+
+def _long_rope(config, reader) -> None:
+    """Phi-3's LongRoPE (128K files: Phi-3-mini-128k, Phi-3.5-mini), which transformers' GGUF reader drops: the
+    file's short and long factor tensors and its original context become the config's ``longrope`` parameters (the
+    short factors rotate every position below the original context, so a build without them is another model)."""
+    factors = {t.name: [float(x) for x in np.asarray(t.data).reshape(-1)] for t in reader.tensors
+               if t.name in ("rope_factors_short.weight", "rope_factors_long.weight")}
+    if len(factors) != 2:
+        return
+    original = reader.fields.get("phi3.rope.scaling.original_context_length")
+    if original is None:
+        raise ValueError("a Phi-3 GGUF with LongRoPE factors but no phi3.rope.scaling.original_context_length")
+    config.original_max_position_embeddings = int(original.contents())
+    config.rope_parameters = {**(config.rope_parameters or {}), "rope_type": "longrope", "type": "longrope",
+                              "short_factor": factors["rope_factors_short.weight"],
+                              "long_factor": factors["rope_factors_long.weight"],
+                              "original_max_position_embeddings": config.original_max_position_embeddings}
 
 
 GRANITE_KEYS = {"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",

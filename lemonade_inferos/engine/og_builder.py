@@ -12,6 +12,9 @@ after two fix-ups:
   packed into one MatMul only when their blocks agree; what each tensor type became is written to
   ``OUT/inferos_weights.json``. The builder's final quantization pass, which copies the whole graph into one
   protobuf, is skipped when it has no float matrix left to quantize.
+- A file's RoPE frequency factors (``rope_freqs.weight``: Llama 3.1/3.2's "llama3" scaling, computed by llama.cpp's
+  converter; transformers' GGUF reader drops them) divide the builder's RoPE frequencies as llama.cpp divides them,
+  so the cos/sin tables are the ones llama-server rotates with.
 - A zero point that is the operator's default everywhere (8 for 4 bits, 128 for 8: every exact grid's) is left
   out of ``MatMulNBits`` and ``GatherBlockQuantized``: ONNX Runtime's kernels then take their path without zero
   points, measured ~10% faster in 4-bit GEMV over weights beyond the cache (~3% of a Q4_0 1B's bytes saved too).
@@ -91,11 +94,35 @@ def _load_gguf_blocks(gguf: str, bits: int, report: Counter) -> None:
         importlib.import_module(f"{prefix}loaders.gguf").GGUFModel.from_pretrained = staticmethod(from_pretrained)
         model_class = importlib.import_module(f"{prefix}builders.base").Model
         model_class.to_nbits = _unless_all_quantized(model_class.to_nbits, embedding)
+        factors = rope_frequency_factors(gguf)
+        if factors is not None:   # where every architecture's cos/sin tables are made (make_rope_init is overridden)
+            model_class.make_rotary_embedding_caches_from_scratch = _with_rope_factors(
+                model_class.make_rotary_embedding_caches_from_scratch, factors)
     if not qkv_layouts_agree(gguf, bits):
         if "--extra_options" in sys.argv:
             sys.argv.insert(sys.argv.index("--extra_options") + 1, "fuse_qkv=false")
         else:
             sys.argv += ["--extra_options", "fuse_qkv=false"]
+
+
+def rope_frequency_factors(gguf: str) -> np.ndarray | None:
+    """The file's per-frequency RoPE divisors ``rope_freqs.weight`` (``[head_size / 2]``), or None."""
+    from gguf import GGUFReader
+
+    tensor = next((t for t in GGUFReader(gguf).tensors if t.name == "rope_freqs.weight"), None)
+    return None if tensor is None else np.array(tensor.data, dtype=np.float32).reshape(-1)
+
+
+def _with_rope_factors(make_caches: Any, factors: np.ndarray) -> Any:
+    """The builder's cos/sin tables with the file's factors as its ``rescale_factors`` (inv_freq = 1 / (factor *
+    theta ** (2i / d)): llama.cpp's ``freq_factors``), in place of any scaling it derived from the config."""
+    def patched(self: Any) -> Any:
+        import torch
+
+        self.rope_attrs["rescale_factors"] = torch.from_numpy(factors.copy())
+        self.rope_attrs.pop("rescale_inv_freq", None)
+        return make_caches(self)
+    return patched
 
 
 def _unless_all_quantized(to_nbits: Any, embedding: dict[str, Any]) -> Any:
