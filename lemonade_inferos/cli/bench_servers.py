@@ -276,13 +276,17 @@ def _print_report(report: dict) -> None:
 
 def _model_and_gguf(model_name: str, gguf: Path | None) -> tuple[Path, Path]:
     """Our folder of ``model_name`` (a built-in model built if missing, or a registered one: a ``user.NAME`` or
-    ``extra.NAME`` GGUF converted) and the GGUF llama-server runs: ``gguf``, else the one ours was built from."""
+    ``extra.NAME`` GGUF converted) and the GGUF llama-server runs: ``gguf``, else the one ours was built from. Its
+    INT8 live KV scales are calibrated here, as ``pull`` does, so no run measures a server calibrating them in the
+    background (a freshly built SmolLM2's first decode run: 31 tok/s against 76 for the second)."""
     from lemonade_inferos.engine.build import BuildSpec, build_model, source_gguf
-    from lemonade_inferos.host.registry import BUILTIN_MODELS, ModelRegistry
+    from lemonade_inferos.host.registry import BUILTIN_MODELS, ModelRegistry, calibrate_after_pull
 
     if model_name in BUILTIN_MODELS:
         spec = BuildSpec(**BUILTIN_MODELS[model_name]["build"])
-        return build_model(spec, progress=console.log), gguf or source_gguf(spec)
+        folder = build_model(spec, progress=console.log)
+        calibrate_after_pull(folder, console.log)
+        return folder, gguf or source_gguf(spec)
     registry = ModelRegistry()
     info = registry.get(model_name)
     registry.pull(model_name, progress=console.log)   # a GGUF's build verified, or converted

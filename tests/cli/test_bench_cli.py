@@ -84,3 +84,21 @@ def test_bench_guidance_measures_each_grammar_against_unconstrained_decoding(mod
     assert set(rows) == {"unconstrained", "all tokens allowed", "tool_choice auto", "JSON schema (array of strings)"}
     assert rows["unconstrained"]["vs_unconstrained"] == 1.0 and all(r["decode_tps"] > 0 for r in rows.values())
     assert out.with_suffix(".png").stat().st_size > 5_000
+
+
+def test_a_benchmarks_model_is_calibrated_before_any_server_starts(calibrated_model, tmp_path, monkeypatch):
+    """A server that calibrates its INT8 scales in the background decodes at half speed meanwhile: the benchmark
+    calibrates first, as ``pull`` does."""
+    import os
+    import shutil
+
+    from lemonade_inferos.cli.bench_servers import _model_and_gguf
+    from lemonade_inferos.engine.live_forms import known_scales
+    from lemonade_inferos.engine.model_folder import load_model_folder
+
+    home = tmp_path / "home"   # the built model, without its calibration
+    shutil.copytree(calibrated_model, home / "models" / calibrated_model.name, copy_function=os.symlink)
+    monkeypatch.setenv("INFEROS_HOME", str(home))
+    assert known_scales(load_model_folder(calibrated_model)) is None
+    folder, gguf = _model_and_gguf("SmolLM2-135M-Instruct-INT4-CPU", None)
+    assert known_scales(load_model_folder(folder)) is not None and gguf.suffix == ".gguf"
