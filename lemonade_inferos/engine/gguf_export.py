@@ -47,13 +47,14 @@ def _config(gguf: Path):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    fields = GGUFReader(str(gguf)).fields
+    reader = GGUFReader(str(gguf))
+    fields = reader.fields
     architecture = fields["general.architecture"].contents()
     key_length = fields.get(f"{architecture}.attention.key_length")
     if key_length is not None and hasattr(config, "head_dim"):
         config.head_dim = int(key_length.contents())
     if architecture == "phi3":
-        _long_rope(config, GGUFReader(str(gguf)))
+        _long_rope(config, reader)
     return config
 
 

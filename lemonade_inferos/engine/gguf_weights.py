@@ -35,7 +35,7 @@ NORM_TENSORS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
 GEMMA_NORM_TENSORS = {**NORM_TENSORS, "ffn_norm": "pre_feedforward_layernorm",
                       "post_attention_norm": "post_attention_layernorm",
                       "post_ffw_norm": "post_feedforward_layernorm"}
-SKIPPED = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")
+SKIPPED = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")   # RoPE, read by og_builder.py and gguf_export.py
 
 
 class UnknownTensorError(ValueError):

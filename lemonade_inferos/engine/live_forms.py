@@ -253,9 +253,14 @@ class LiveForms:
             return
         finally:
             if not had_model_form:  # the float form was only needed to calibrate
-                for key in [k for k in self._loaded if not k[0]]:
-                    del self._loaded[key]
+                self._drop_forms(int8=False)
         self._adopt(calibration)
+
+    def _drop_forms(self, int8: bool) -> None:
+        """Unload the sessions of one form (INT8 or the model's own)."""
+        with self._lock:
+            for key in [k for k in self._loaded if k[0] == int8]:
+                del self._loaded[key]
 
     def _adopt(self, calibration: kv_scales.Calibration) -> None:
         self.calibration = calibration
@@ -269,8 +274,7 @@ class LiveForms:
         log.warning("%s: INT8 live KV off (%s)", self.engine.folder.path, self.int8_reason,
                     exc_info=not isinstance(exc, (ValueError, OSError)))
         self.int8_layout = None
-        for key in [k for k in self._loaded if k[0]]:
-            del self._loaded[key]
+        self._drop_forms(int8=True)
 
     def _calibrate_in_background(self) -> None:
         """Calibrate in a child process while the model's own form serves; new caches get the INT8 form after."""
@@ -313,9 +317,7 @@ class LiveForms:
         passages = self._passages(kv_scales.CALIBRATION_PASSAGES + 1)
         scales, saturated = kv_scales.calibrate(self._float_kv, passages[:-1], heads, head_size, _child_progress)
         float_nll = self._mean_nll(self.model_layout, passages[-1])
-        with self._lock:   # one copy of the weights at a time: the float form is not needed here again
-            for key in [k for k in self._loaded if not k[0]]:
-                del self._loaded[key]
+        self._drop_forms(int8=False)   # one copy of the weights at a time: the float form is not needed again
         heap.trim()
         self.int8_layout = replace(self.model_layout, dtype=np.dtype(np.int8), scales=scales)
         delta_nll = self._mean_nll(self.int8_layout, passages[-1]) - float_nll

@@ -90,11 +90,11 @@ def _load_gguf_blocks(gguf: str, bits: int, report: Counter) -> None:
 
     # the builder imports its modules as top-level ``loaders.gguf``, ``builders.base`` (its folder is on sys.path),
     # module objects apart from ``onnxruntime_genai.models.loaders.gguf``...: both get the patches
+    factors = rope_frequency_factors(gguf)
     for prefix in ("", "onnxruntime_genai.models."):
         importlib.import_module(f"{prefix}loaders.gguf").GGUFModel.from_pretrained = staticmethod(from_pretrained)
         model_class = importlib.import_module(f"{prefix}builders.base").Model
         model_class.to_nbits = _unless_all_quantized(model_class.to_nbits, embedding)
-        factors = rope_frequency_factors(gguf)
         if factors is not None:   # where every architecture's cos/sin tables are made (make_rope_init is overridden)
             model_class.make_rotary_embedding_caches_from_scratch = _with_rope_factors(
                 model_class.make_rotary_embedding_caches_from_scratch, factors)
@@ -159,7 +159,8 @@ def _embedding_as_blocks(graph: Any, blocks: Any) -> None:
     graph.initializers.pop(EMBEDDING_TABLE)
 
 
-ZERO_POINT_INPUT = {"MatMulNBits": 3, "GatherBlockQuantized": 3}
+BLOCK_OPS = ("MatMulNBits", "GatherBlockQuantized")   # data, indices or input, scales, zero points
+ZERO_POINT_INDEX = 3
 
 
 def drop_default_zero_points(graph: Any) -> int:
@@ -167,14 +168,14 @@ def drop_default_zero_points(graph: Any) -> int:
     an initializer no node reads any more is removed. Returns how many nodes lost theirs."""
     dropped = 0
     for node in list(graph):
-        index = ZERO_POINT_INPUT.get(node.op_type)
-        value = node.inputs[index] if index is not None and len(node.inputs) > index else None
+        value = node.inputs[ZERO_POINT_INDEX] if node.op_type in BLOCK_OPS and len(node.inputs) > ZERO_POINT_INDEX \
+            else None
         if value is None or value.const_value is None or not _all_default(node, value.const_value.numpy()):
             continue
-        if len(node.inputs) == index + 1:
-            node.resize_inputs(index)
+        if len(node.inputs) == ZERO_POINT_INDEX + 1:
+            node.resize_inputs(ZERO_POINT_INDEX)
         else:
-            node.replace_input_with(index, None)
+            node.replace_input_with(ZERO_POINT_INDEX, None)
         dropped += 1
         if not value.uses() and value.name in graph.initializers:
             graph.initializers.pop(value.name)
@@ -183,20 +184,15 @@ def drop_default_zero_points(graph: Any) -> int:
 
 def _all_default(node: Any, zero_points: np.ndarray) -> bool:
     """Whether every block's zero point is the default (4-bit ones two to a byte, each row's last byte padded)."""
+    from lemonade_inferos.engine.gguf_grid import unpack_codes
+
     bits = node.attributes["bits"].as_int() if "bits" in node.attributes else 4
-    default = 1 << (bits - 1)
-    if bits == 8:
-        return bool(np.all(zero_points == default))
-    if bits != 4:
-        return False
-    scales = node.inputs[2].const_value if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    if scales is None:
+    scales = node.inputs[2].const_value
+    if bits not in (4, 8) or scales is None:
         return False
     rows = node.attributes["N"].as_int() if node.op_type == "MatMulNBits" else scales.shape[0]
-    blocks = scales.size // rows
-    packed = zero_points.reshape(rows, -1)
-    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)[:, :blocks]
-    return bool(np.all(nibbles == default))
+    codes = unpack_codes(zero_points.reshape(rows, -1)[..., None], bits).reshape(rows, -1)
+    return bool(np.all(codes[:, :scales.size // rows] == 1 << (bits - 1)))
 
 
 def _float_weights_left(model: Any) -> bool:
