@@ -56,6 +56,9 @@ def server_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Who gets a place that frees: first come first served, or the shortest prompt."),
         click.option("--prefill-budget", type=click.IntRange(min=16), default=128, show_default=True,
                      help="Most prompt tokens one step runs while other sequences of the model are running."),
+        click.option("--batch-decode/--no-batch-decode", default=True, show_default=True,
+                     help="Run the next token of the sequences decoding at once in one session run (continuous "
+                          "batching); off: each takes a step of its own."),
         click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
                      envvar="LEMONADE_REQUEST_TIMEOUT", show_envvar=True, show_default=True,
                      help="Seconds one generation may run (queue wait and engine load not counted); a longer one ends with "
@@ -86,7 +89,7 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: int | None, max_loaded_models: int,
            plugins: tuple[str, ...], max_queue: int, request_timeout: float, max_body_mb: float,
            plugin_options: dict[str, dict[str, Any]], config_path: Path | None, scheduling: dict[str, Any]) -> None:
-    """``scheduling``: --parallel, --schedule, --prefill-budget and --extra-models-dir as given."""
+    """``scheduling``: --parallel, --schedule, --prefill-budget, --batch-decode and --extra-models-dir as given."""
     from lemonade_inferos.engine import heap
     from lemonade_inferos.host.app import create_app
     from lemonade_inferos.host.registry import ModelRegistry
@@ -104,6 +107,7 @@ def _serve(model: str | None, host: str, port: int, log_level: str, ctx_size: in
                             max_body_mb=max_body_mb, plugin_options=plugin_options, config_path=config_path,
                             parallel=scheduling["parallel"], schedule=scheduling["schedule"],
                             prefill_chunk_budget=scheduling["prefill_budget"],
+                            batch_decode=scheduling["batch_decode"],
                             extra_models_dir=scheduling.get("extra_models_dir"))
     if model:
         settings.default_model = model

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
+from lemonade_inferos.engine.decode_batch import DecodeStep
 from lemonade_inferos.engine.dual_attention import INT8_ATTENTION
 from lemonade_inferos.engine.graph import LOGITS_POSITIONS, POSITION_IDS
 from lemonade_inferos.engine.probe_switch import PROBE_SWITCH
@@ -49,10 +50,12 @@ class _PhaseIO:
 class StepBinding:
     """One request's steps; each phase's IOBinding rebinds K/V only when the cache reallocates its buffers."""
 
-    def __init__(self, engine: "OrtEngine", cache: KVCache, run_options: ort.RunOptions | None = None) -> None:
+    def __init__(self, engine: "OrtEngine", cache: KVCache, run_options: ort.RunOptions | None = None,
+                 sequence: object = None) -> None:
         self.engine = engine
         self.run_options = run_options
         self.cache = cache
+        self.sequence = sequence   # the model's handle of the generation these steps are (None: scoring)
         io_binding = engine.policy.enable_iobinding
         # the graph that reads this cache's live form, per phase (one object unless the scheduler is hybrid)
         prefill_form = engine.form_for(cache.layout, "prefill")
@@ -148,8 +151,14 @@ class StepBinding:
                        logits.ctypes.data)
         chunk = self._bind_chunk_codes(io, num_new) if phase.float_attention else None
         probes = self._bind_probes(io, num_new, cache.num_tokens + num_new, probe)  # last: see below
-        with engine.turns.turn():   # the model's other sequences run their steps between this one's
-            phase.form.session.run_with_iobinding(io, self.run_options)
+        run = lambda: phase.form.session.run_with_iobinding(io, self.run_options)  # noqa: E731
+        if num_new == 1 and chunk is None and self.sequence is not None:   # a decode step: it may batch
+            engine.turns.decode_turn(DecodeStep(engine.decode_batch(phase.form), self.sequence, cache,
+                                                int(token_ids[0, 0]), logits, probes if probe else None,
+                                                self.run_options, run))
+        else:
+            with engine.turns.turn(self.sequence):   # the model's other sequences run their steps between this one's
+                run()
         if chunk is not None:
             start = cache.num_tokens
             for (key, value), (key_codes, value_codes) in zip(cache.arrays(), chunk):

@@ -176,6 +176,15 @@ class KVCache(ABC):
         """Measured bytes and tokens by tier (``kvcache.stats.KVStats``), or None for a cache without tiers."""
         return None
 
+    def mirror_start(self) -> int:
+        """The first held token whose K/V may differ from the copy a decode batch last took of this cache
+        (``decode_batch.py``): edits in place lower it, appends do not. 0 (copy everything) unless the cache
+        tracks its edits."""
+        return 0
+
+    def mirror_synced(self, num_tokens: int) -> None:
+        """A decode batch's copy of this cache now equals its first ``num_tokens`` tokens."""
+
     def take_splices(self) -> list[SegmentSplice]:
         """The segments this cache was given to place during its next prefill (segment reuse), handed over
         once: the engine places each (``splice.place(cache)``) when its prefill reaches it."""
@@ -209,6 +218,7 @@ class DenseKVCache(KVCache):
         self._token_ids: list[int] = []
         self._positions = np.zeros(0, dtype=np.int64)
         self._num_tokens = 0
+        self._synced = 0   # tokens a decode batch's copy of this cache holds unchanged (mirror_start)
         self._on_grow: Callable[[int], None] | None = None
         self._grow_to(min(max(initial_tokens, layout.min_tokens), layout.max_tokens))
         self._on_grow = on_grow  # told of every later reallocation (a cache built on this one grows its own arrays)
@@ -262,10 +272,21 @@ class DenseKVCache(KVCache):
 
     def truncate(self, num_tokens: int) -> None:
         assert num_tokens <= self._num_tokens, "truncate beyond length: this indicates a bug in the caller"
+        self.edited(num_tokens)
         self._num_tokens = num_tokens
         del self._token_ids[num_tokens:]
 
+    def mirror_start(self) -> int:
+        return min(self._synced, self._num_tokens)
+
+    def mirror_synced(self, num_tokens: int) -> None:
+        self._synced = num_tokens
+
     # -- dense specifics: what a cache built on this buffer (kvcache/manager.py) works with ---------
+    def edited(self, start: int) -> None:
+        """Held tokens from ``start`` on were changed in place (a copy taken before no longer equals them)."""
+        self._synced = min(self._synced, start)
+
     @property
     def keys(self) -> list[np.ndarray]:
         """Per layer, the key buffer ``[1, kv_heads, capacity, head_size]`` (the first ``num_tokens`` are held)."""
@@ -284,6 +305,7 @@ class DenseKVCache(KVCache):
         """Drop held tokens ``[start, end)`` from the buffers, moving later ones down (eviction); their ids stay
         committed, so ``token_ids`` then holds more ids than ``num_tokens``."""
         n, removed = self._num_tokens, end - start
+        self.edited(start)
         for buffer in (*self._keys, *self._values):
             buffer[0, :, start:n - removed] = buffer[0, :, end:n]
         self._positions[start:n - removed] = self._positions[end:n]
@@ -292,6 +314,7 @@ class DenseKVCache(KVCache):
     def hold_prefix(self, token_ids: Sequence[int]) -> None:
         """The first ``len(token_ids)`` slots (written by the caller) now hold these tokens at positions 0..n-1."""
         total = len(token_ids)
+        self.edited(0)
         self._positions[:total] = np.arange(total)
         self._num_tokens = total
         self._token_ids = [int(t) for t in token_ids]

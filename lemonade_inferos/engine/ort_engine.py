@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lemonade_inferos.engine.binding import StepBinding
+from lemonade_inferos.engine.decode_batch import DecodeBatch, batch_for
 from lemonade_inferos.engine.emit import TokenEmitter
 from lemonade_inferos.engine.guidance import Guidance, TokenConstraint, guidance_tokenizer
 from lemonade_inferos.engine.graph import default_probe_layers, prepare_graph
@@ -90,6 +91,7 @@ class OrtEngine:
         self.probe_outputs = graph.probe_outputs
         self._forms = LiveForms(self, graph, background=background_calibration)
         self._draft_engines: dict[str, OrtEngine] = {}
+        self._decode_batches: dict[int, DecodeBatch] = {}   # per graph, the rows its sequences decode in
         self._guidance_tokenizer: object | None = None   # llguidance's tokenizer, built on the first constraint
         log.info("loaded %s on %s (true positions: %s; live KV: %s)", self.folder.path,
                  self.session.get_providers(), self.has_position_ids, self._forms.describe()["live_kv"])
@@ -121,6 +123,10 @@ class OrtEngine:
     def form_for(self, layout: KVLayout, phase: str = "prefill") -> "LoadedForm":
         """The loaded graph that reads caches of ``layout`` in ``phase`` (loaded on first use)."""
         return self._forms.form(layout, phase)
+
+    def decode_batch(self, form: LoadedForm) -> DecodeBatch:
+        """The batch the decode steps on ``form`` run in together (``decode_batch.py``)."""
+        return batch_for(self, form, self._decode_batches)
 
     def layout_for(self, plan: object) -> KVLayout:
         """The layout a cache under ``plan`` gets: INT8 live when the plan asks for it (``plan.live_kv``) and the
@@ -186,12 +192,12 @@ class OrtEngine:
         Raises:
             GenerationError: empty prompt, or a prompt longer than the cache can hold.
         """
-        with self.turns.sequence():
-            yield from self._generate(prompt_ids, params, stats, cache, run_options, speculation)
+        with self.turns.sequence() as sequence:
+            yield from self._generate(prompt_ids, params, stats, cache, run_options, speculation, sequence)
 
     def _generate(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None,
                   cache: KVCache | None, run_options: "dict[str, str] | ort.RunOptions | None",
-                  speculation: SpeculationConfig | None) -> Iterator[GenerationChunk]:
+                  speculation: SpeculationConfig | None, sequence: object) -> Iterator[GenerationChunk]:
         stats = stats if stats is not None else GenerationStats()
         cache = cache if cache is not None else self.new_cache()
         prompt = [int(t) for t in prompt_ids]
@@ -200,7 +206,7 @@ class OrtEngine:
         reused = cache_prefix_reuse(cache, prompt)
         cache.plan_capacity(len(prompt) + params.max_tokens)
         stats.prompt_n, stats.cache_n = len(prompt), reused
-        binding = StepBinding(self, cache, make_run_options(run_options))
+        binding = StepBinding(self, cache, make_run_options(run_options), sequence)
         try:
             splices = take_splices(cache, prompt, reused)
             logits = self.prefill(binding, prompt[reused:], splices, reused)

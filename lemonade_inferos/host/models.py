@@ -254,7 +254,7 @@ class ModelManager:
         model = LoadedModel(name, info, folder, ctx, devices, reason,
                             RequestGate(settings.max_queue, settings.parallel, settings.schedule),
                             model_ctx=spec.context_length, pinned=bool(pinned), spec=spec,
-                            turns=StepTurns(settings.prefill_chunk_budget))
+                            turns=StepTurns(settings.prefill_chunk_budget, settings.batch_decode))
         if self.session_for is not None:
             await asyncio.to_thread(self._build_engine, model)
         return model

@@ -24,6 +24,8 @@ class HostSettings(BaseModel):
                                                          "first come first served, or the shortest prompt")
     prefill_chunk_budget: int = Field(128, ge=16, description="most prompt tokens one step runs while other "
                                       "sequences of the model are running (their next token waits for it)")
+    batch_decode: bool = Field(True, description="the next token of the sequences decoding at once runs in one "
+                               "session run (continuous batching); off: each takes a step of its own")
     request_timeout_s: float = Field(600.0, gt=0)
     max_body_mb: float = Field(8.0, gt=0, description="largest request body, MiB: a full 128K-token context of "
                                "JSON-escaped text fits (413 request_too_large above it, refused before parsing)")

@@ -101,6 +101,12 @@ class TieredKVCache(KVCache):
     def plan_capacity(self, num_tokens: int) -> None:
         self.buffer.plan_capacity(num_tokens)
 
+    def mirror_start(self) -> int:
+        return self.buffer.mirror_start()
+
+    def mirror_synced(self, num_tokens: int) -> None:
+        self.buffer.mirror_synced(num_tokens)
+
     def new_positions(self, num_new: int) -> np.ndarray:
         return self.buffer.new_positions(num_new)
 

@@ -29,6 +29,7 @@ class WorkingBuffer(DenseKVCache):
     def write(self, layer: int, slot: int, start: int, values: np.ndarray) -> None:
         """Write float ``values`` ``[H, T, D]`` from token ``start``."""
         view = self._half(layer, slot)[0, :, start:start + values.shape[1]]
+        self.edited(start)
         if self.layout.scales is not None:
             self.layout.scales.quantize(values, layer, slot, out=view)
         else:
@@ -36,6 +37,7 @@ class WorkingBuffer(DenseKVCache):
 
     def put_codes(self, layer: int, slot: int, start: int, codes: np.ndarray) -> None:
         """Copy stored INT8 live codes ``[H, T, D]`` in as they are."""
+        self.edited(start)
         self._half(layer, slot)[0, :, start:start + codes.shape[1]] = codes
 
     def stacked(self, start: int, end: int, codes: bool = False) -> tuple[np.ndarray, np.ndarray]:

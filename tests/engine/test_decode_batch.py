@@ -1,0 +1,135 @@
+"""Batched decode: one session run for the next token of several sequences gives each exactly what its own step
+would (logits and the K/V row it writes; attention probes within a float's rounding), on the model's float form and on the INT8 live form with
+a tiered cache that quantizes between steps; sequences decoding at once from their own threads batch and reply
+as they do alone."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from lemonade_inferos.engine.binding import StepBinding
+from lemonade_inferos.engine.decode_batch import DecodeStep
+from lemonade_inferos.engine.ort_engine import OrtEngine
+from lemonade_inferos.engine.sampling import SamplingParams
+from lemonade_inferos.engine.session import SessionPolicy
+from lemonade_inferos.kvcache.manager import TieredKVCache
+from lemonade_inferos.kvcache.plan import make_plan
+from lemonade_inferos.kvcache.rope import RopeTables
+
+LENGTHS = (37, 120, 75)   # prompts of other lengths: the batch's rows are right-padded
+
+
+@pytest.fixture(scope="module")
+def probe_engine(model_dir):
+    return OrtEngine(model_dir, SessionPolicy(devices=["cpu"], kv_cache="int8", attention_probe=True))
+
+
+def _tiered(engine):
+    plan = make_plan("live8:dynamic", 32, 0.9, "attention")   # blocks sealed and demoted as tokens arrive
+    return TieredKVCache(engine.layout_for(plan), plan, RopeTables.from_onnx(engine.folder.onnx_path))
+
+
+def _prefilled(engine, make_cache, corpus_ids):
+    caches = []
+    for index, length in enumerate(LENGTHS):
+        cache = make_cache()
+        StepBinding(engine, cache).run(np.asarray(corpus_ids[index * 200:index * 200 + length])[None, :],
+                                       all_logits=False)
+        caches.append(cache)
+    return caches
+
+
+def _batched_step(engine, caches, tokens, probing):
+    """One batched run of ``tokens`` after ``caches``, committed as the engine commits a step; logits and probes."""
+    form = engine.form_for(caches[0].layout, "decode")
+    steps = []
+    for cache, token in zip(caches, tokens):
+        cache.reserve(1)
+        probes = ([np.empty((1, 1, 1, cache.num_tokens + 1), dtype=np.float32) for _ in engine.probe_outputs]
+                  if probing else None)
+        steps.append(DecodeStep(engine.decode_batch(form), object(), cache, token,
+                                np.empty((1, 1, engine.folder.vocab_size), dtype=np.float32), probes, None,
+                                lambda: None))
+    steps[0].batch.run(steps)
+    for step in steps:
+        engine.observe(step.cache, step.probes, 1)
+        step.cache.commit([step.token])
+    return [step.logits[0, 0].copy() for step in steps], [step.probes for step in steps]
+
+
+def _single_step(engine, cache, token):
+    binding = StepBinding(engine, cache)
+    logits, probes = binding._forward(np.asarray([[token]]), all_logits=False)
+    engine.observe(cache, probes, 1)
+    cache.commit([token])
+    return logits[0, -1].copy(), probes
+
+
+def _held(cache):
+    return [(key[0, :, :cache.num_tokens].copy(), value[0, :, :cache.num_tokens].copy())
+            for key, value in cache.arrays()]
+
+
+@pytest.mark.parametrize("form", ["float", "int8-tiered"])
+def test_a_batch_gives_each_sequence_what_its_own_step_would(form, ort_engine, probe_engine, corpus_ids):
+    engine = ort_engine if form == "float" else probe_engine
+    make_cache = engine.new_cache if form == "float" else lambda: _tiered(probe_engine)
+    probing = form != "float"
+    batched, alone = _prefilled(engine, make_cache, corpus_ids), _prefilled(engine, make_cache, corpus_ids)
+    tokens = [11, 12, 13]
+    for step in range(40):   # the mirror follows appends, then the tiered cache's in-place edits (seals, demotions)
+        rows, row_probes = _batched_step(engine, batched, tokens, probing)
+        for index, (cache, token) in enumerate(zip(alone, tokens)):
+            logits, probes = _single_step(engine, cache, token)
+            assert np.array_equal(rows[index], logits), f"step {step}, sequence {index}: logits differ"
+            if probing:
+                for got, want in zip(row_probes[index], probes):
+                    # the mean over heads sums in another order beside other rows: within a float's rounding
+                    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6,
+                                               err_msg=f"step {step}, sequence {index}: probes differ")
+        tokens = [int(row.argmax()) for row in rows]
+    for one, other in zip(batched, alone):
+        assert one.num_tokens == other.num_tokens
+        for (key, value), (want_key, want_value) in zip(_held(one), _held(other)):
+            assert np.array_equal(key, want_key) and np.array_equal(value, want_value)
+
+
+def test_a_cache_edited_between_batches_is_copied_again_from_the_edit(ort_engine, corpus_ids):
+    batched, alone = _prefilled(ort_engine, ort_engine.new_cache, corpus_ids), \
+        _prefilled(ort_engine, ort_engine.new_cache, corpus_ids)
+    _batched_step(ort_engine, batched, [5, 6, 7], False)
+    for cache, token in zip(alone, [5, 6, 7]):
+        _single_step(ort_engine, cache, token)
+    for caches in (batched, alone):   # the first sequence drops its last 20 tokens and runs other ones
+        caches[0].truncate(caches[0].num_tokens - 20)
+        StepBinding(ort_engine, caches[0]).run(np.asarray(corpus_ids[900:920])[None, :], all_logits=False)
+    rows, _ = _batched_step(ort_engine, batched, [8, 9, 10], False)
+    for index, (cache, token) in enumerate(zip(alone, [8, 9, 10])):
+        logits, _ = _single_step(ort_engine, cache, token)
+        assert np.array_equal(rows[index], logits), f"sequence {index}"
+
+
+def test_sequences_decoding_at_once_batch_and_reply_as_they_do_alone(probe_engine, corpus_ids):
+    engine = probe_engine
+    prompts = [corpus_ids[index * 300:index * 300 + length] for index, length in enumerate((40, 90, 60, 120))]   # one chunk each
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+    def reply(prompt):
+        return [token for chunk in engine.generate(prompt, params, cache=_tiered(engine))
+                for token in chunk.token_ids]
+
+    alone = [reply(prompt) for prompt in prompts]
+    before = engine.turns.batched_runs
+    together: list = [None] * len(prompts)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, reply(prompts[i])))
+               for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert together == alone
+    assert engine.turns.batched_runs > before, "the sequences' decode steps never ran together"
+    assert engine.turns.sequences == 0 and not engine.turns._batches, "the mirror outlived the sequences"
