@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from lemonade_inferos.engine.live_forms import LoadedForm
     from lemonade_inferos.engine.ort_engine import OrtEngine
 
+GROW_TOKENS = 256   # the mirror's rows grow by this many tokens (a copy of every row per 256 tokens of the longest)
+
 
 @dataclass(eq=False)
 class DecodeStep:
@@ -141,8 +143,9 @@ class DecodeBatch:
         if rows <= have_rows and tokens <= capacity:
             return
         new_rows = max(rows, have_rows)
-        if tokens > capacity:
-            capacity = max(tokens, min(layout.max_tokens, max(2 * capacity, layout.min_tokens, 256)))
+        if tokens > capacity:   # in steps of GROW_TOKENS, not doubling: the mirror is memory the caches hold too
+            capacity = max(tokens, min(layout.max_tokens, max(-(-tokens // GROW_TOKENS) * GROW_TOKENS,
+                                                               layout.min_tokens)))
         shape = (new_rows, layout.num_kv_heads, capacity, layout.head_size)
         for arrays in (self._keys, self._values):
             for layer in range(layout.num_layers):

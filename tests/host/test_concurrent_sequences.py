@@ -1,6 +1,7 @@
-"""Many clients at once: a model serves several sequences together, their steps taking turns at ONNX Runtime, so a
-new request's first token does not wait for other replies to end. Greedy replies are exactly what each request gets
-alone; a client that goes away frees its place within a token; a request that fails fails alone."""
+"""Many clients at once: a model serves several sequences together, their steps taking turns at ONNX Runtime and
+their decode steps running as batches, so a new request's first token does not wait for other replies to end.
+Greedy replies are exactly what each request gets alone; a client that goes away frees its place within a token; a
+request that fails fails alone."""
 
 from __future__ import annotations
 
@@ -79,6 +80,10 @@ def test_concurrent_chats_interleave_and_each_reply_is_exactly_its_reply_alone(s
     health = httpx.get(f"{server}/api/v1/health", timeout=30).json()
     scheduler = health["all_models_loaded"][0]["inferos"]["scheduler"]
     assert scheduler["parallel"] == 4 and scheduler["contended_steps"] > 0
+    assert scheduler["batched_runs"] > 0 and scheduler["failed_batches"] == 0, \
+        "the sequences' tokens ran as batches (continuous batching), none of which failed"
+    assert scheduler["session_runs"] < scheduler["steps"] and scheduler["batch_rows_bytes"] == 0, \
+        "fewer runs than steps, and the batch's rows freed once the sequences ended"
 
 
 def test_a_client_that_goes_away_frees_its_place_for_the_next(server):
