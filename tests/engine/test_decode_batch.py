@@ -1,7 +1,7 @@
 """Batched decode: one session run for the next token of several sequences gives each exactly what its own step
-would (logits and the K/V row it writes; attention probes within a float's rounding), on the model's float form and on the INT8 live form with
-a tiered cache that quantizes between steps; sequences decoding at once from their own threads batch and reply
-as they do alone."""
+would (logits and the K/V row it writes; attention probes within a float's rounding), on the model's float form, on
+the INT8 live form with a tiered cache that quantizes between steps, and on sliding-window layers past their window;
+sequences decoding at once from their own threads batch and reply as they do alone."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lemonade_inferos.engine.binding import StepBinding
+from lemonade_inferos.engine.build import BuildSpec, build_model
 from lemonade_inferos.engine.decode_batch import DecodeStep
 from lemonade_inferos.engine.ort_engine import OrtEngine
 from lemonade_inferos.engine.sampling import SamplingParams
@@ -110,6 +111,25 @@ def test_a_cache_edited_between_batches_is_copied_again_from_the_edit(ort_engine
     for index, (cache, token) in enumerate(zip(alone, [8, 9, 10])):
         logits, _ = _single_step(ort_engine, cache, token)
         assert np.array_equal(rows[index], logits), f"sequence {index}"
+
+
+def test_sliding_window_layers_batch_exactly_past_their_window(corpus_ids):
+    """Gemma 3 270M (a 512-token window on five layers of every six), INT8 live: rows longer and shorter than the window
+    in one batch, each row's window its own."""
+    engine = OrtEngine(build_model(BuildSpec("gemma3-270m", "int4")), SessionPolicy(devices=["cpu"], kv_cache="int8"))
+    assert engine.folder.sliding_window == 512 and engine.layout.min_tokens >= 512
+    batched, alone = [], []
+    for length in (600, 300, 700):
+        for caches in (batched, alone):
+            caches.append(engine.new_cache())
+            StepBinding(engine, caches[-1]).run(np.asarray(corpus_ids[:length])[None, :], all_logits=False)
+    tokens = [11, 12, 13]
+    for step in range(8):
+        rows, _ = _batched_step(engine, batched, tokens, False)
+        for index, (cache, token) in enumerate(zip(alone, tokens)):
+            logits, _ = _single_step(engine, cache, token)
+            assert np.array_equal(rows[index], logits), f"step {step}, sequence {index}"
+        tokens = [int(row.argmax()) for row in rows]
 
 
 def test_sequences_decoding_at_once_batch_and_reply_as_they_do_alone(probe_engine, corpus_ids):
