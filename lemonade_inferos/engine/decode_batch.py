@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -76,7 +76,7 @@ class DecodeBatch:
 
     def release(self) -> None:
         """Free the mirror and let go of the graph (the model has one sequence left: nothing to batch with; the
-        next batch of this graph starts anew, see :func:`batch_for`)."""
+        next batch of this graph starts anew: ``OrtEngine.decode_batch``)."""
         self.form = None  # type: ignore[assignment]
         self._keys, self._values, self._owners = [], [], []
         self._views.clear()
@@ -91,9 +91,7 @@ class DecodeBatch:
             raise
 
     def _run(self, steps: list[DecodeStep]) -> None:
-        rows = self._place([step.cache for step in steps])
-        order = sorted(range(len(steps)), key=lambda index: rows[index])
-        steps = [steps[index] for index in order]   # row r is steps[r] from here on
+        steps = self._place(steps)   # row r is steps[r] from here on
         io = self.form.session.io_binding()
         logits = self._bind(io, steps)
         probing = any(step.probes is not None for step in steps)
@@ -106,11 +104,11 @@ class DecodeBatch:
             self._hand_out(row, step, logits, probes)
 
     # -- the mirror ----------------------------------------------------------------------------
-    def _place(self, caches: list[KVCache]) -> list[int]:
-        """Rows ``0..n-1`` for the caches: each keeps the row that mirrors it where that row is among them, the
-        others take the rest and are copied in whole; then every row is brought up to date."""
-        count = len(caches)
-        self._reserve(count, max(cache.num_tokens for cache in caches) + 1)
+    def _place(self, steps: list[DecodeStep]) -> list[DecodeStep]:
+        """The steps in row order (rows ``0..n-1``): each cache keeps the row that mirrors it where that row is
+        among them, the others take the rest and are copied in whole; every row is brought up to date."""
+        count = len(steps)
+        self._reserve(count, max(step.cache.num_tokens for step in steps) + 1)
         held = {}
         for row, owner in enumerate(self._owners):
             cache = owner() if owner is not None else None
@@ -118,15 +116,17 @@ class DecodeBatch:
                 held[id(cache)] = row
             else:
                 self._owners[row] = None   # a row beyond this batch's is copied in whole when used again
-        rows = [held.get(id(cache)) for cache in caches]
+        rows = [held.get(id(step.cache)) for step in steps]
         free = iter(row for row in range(count) if row not in rows)
-        for index, cache in enumerate(caches):
-            fresh = rows[index] is None
+        ordered: list[DecodeStep] = [None] * count  # type: ignore[list-item]
+        for step, row in zip(steps, rows):
+            fresh = row is None
             if fresh:
-                rows[index] = next(free)
-                self._owners[rows[index]] = weakref.ref(cache)
-            self._copy_in(rows[index], cache, 0 if fresh else cache.mirror_start())
-        return rows  # type: ignore[return-value]
+                row = next(free)
+                self._owners[row] = weakref.ref(step.cache)
+            self._copy_in(row, step.cache, 0 if fresh else step.cache.mirror_start())
+            ordered[row] = step
+        return ordered
 
     def _copy_in(self, row: int, cache: KVCache, start: int) -> None:
         end = cache.num_tokens
@@ -147,15 +147,16 @@ class DecodeBatch:
             capacity = max(tokens, min(layout.max_tokens, max(-(-tokens // GROW_TOKENS) * GROW_TOKENS,
                                                                layout.min_tokens)))
         shape = (new_rows, layout.num_kv_heads, capacity, layout.head_size)
-        for arrays in (self._keys, self._values):
-            for layer in range(layout.num_layers):
-                grown = np.zeros(shape, dtype=layout.dtype)
-                if layer < len(arrays):
-                    old = arrays[layer]
-                    grown[:old.shape[0], :, :old.shape[2]] = old
-                    arrays[layer] = grown
-                else:
-                    arrays.append(grown)
+
+        def grown(old: np.ndarray | None) -> np.ndarray:
+            array = np.zeros(shape, dtype=layout.dtype)
+            if old is not None:
+                array[:old.shape[0], :, :old.shape[2]] = old
+            return array
+
+        empty = [None] * layout.num_layers
+        self._keys = [grown(old) for old in self._keys or empty]
+        self._values = [grown(old) for old in self._values or empty]
         self._owners.extend([None] * (new_rows - have_rows))
         self._views.clear()
 
@@ -216,11 +217,3 @@ class DecodeBatch:
             value[0, :, position] = self._values[layer][row, :, position]
         cache.mirror_synced(position + 1)
 
-
-def batch_for(engine: "OrtEngine", form: "LoadedForm", batches: dict[int, Any]) -> DecodeBatch:
-    """The model's batch for ``form`` (one per graph: sequences batch only with those reading the same one); a
-    released batch is replaced."""
-    batch = batches.get(id(form))
-    if batch is None or batch.form is not form:
-        batch = batches[id(form)] = DecodeBatch(engine, form)
-    return batch

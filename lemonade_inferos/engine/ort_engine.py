@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lemonade_inferos.engine.binding import StepBinding
-from lemonade_inferos.engine.decode_batch import DecodeBatch, batch_for
+from lemonade_inferos.engine.decode_batch import DecodeBatch
 from lemonade_inferos.engine.emit import TokenEmitter
 from lemonade_inferos.engine.guidance import Guidance, TokenConstraint, guidance_tokenizer
 from lemonade_inferos.engine.graph import default_probe_layers, prepare_graph
@@ -125,8 +125,12 @@ class OrtEngine:
         return self._forms.form(layout, phase)
 
     def decode_batch(self, form: LoadedForm) -> DecodeBatch:
-        """The batch the decode steps on ``form`` run in together (``decode_batch.py``)."""
-        return batch_for(self, form, self._decode_batches)
+        """The batch the decode steps on ``form`` run in together (``decode_batch.py``; one per graph: sequences
+        batch only with those reading the same one); a released one is replaced."""
+        batch = self._decode_batches.get(id(form))
+        if batch is None or batch.form is not form:
+            batch = self._decode_batches[id(form)] = DecodeBatch(self, form)
+        return batch
 
     def layout_for(self, plan: object) -> KVLayout:
         """The layout a cache under ``plan`` gets: INT8 live when the plan asks for it (``plan.live_kv``) and the

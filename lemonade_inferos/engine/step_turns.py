@@ -151,23 +151,26 @@ class StepTurns:
             step.taken = True
             self._pending.remove(step)
             self._waiting.remove(step)
+        if mates:
+            self._batches.add(leader.batch)   # its rows are freed with the others' when one sequence is left
         return mates
 
     def _run_batch(self, steps: list[DecodeStep]) -> None:
         leader = steps[0]
         try:
             leader.batch.run(steps)
+            failed = False
         except Exception:   # each step runs on its own instead (the leader here, in the turn it holds)
             log.exception("a batched decode step failed; its %d sequences step alone", len(steps))
-            self.failed_batches += 1
-            for step in steps[1:]:
-                step.failed = True
-            leader.run_alone()
-            return
+            failed = True
         with self._changed:
-            self._batches.add(leader.batch)
-            self.batched_runs += 1
-            self.batched_rows += len(steps)
+            self.failed_batches += failed
+            self.batched_runs += not failed
+            self.batched_rows += 0 if failed else len(steps)
+            for step in steps[1:]:
+                step.failed = failed
+        if failed:
+            leader.run_alone()
 
     def _end_turn(self, mates: list[DecodeStep]) -> None:
         with self._changed:
@@ -177,9 +180,11 @@ class StepTurns:
             self._changed.notify_all()
 
     def report(self) -> dict[str, Any]:
+        with self._changed:
+            rows_bytes = sum(batch.nbytes for batch in self._batches)
         return {"running_sequences": self.sequences, "prefill_chunk_budget": self.prefill_budget,
                 "batch_decode": self.batch_decode, "steps": self.steps, "session_runs": self.runs,
                 "contended_steps": self.contended_steps,
                 "step_wait_s": round(self.waited_s, 3), "batched_runs": self.batched_runs,
                 "batched_rows": self.batched_rows, "failed_batches": self.failed_batches,
-                "batch_rows_bytes": sum(batch.nbytes for batch in self._batches)}
+                "batch_rows_bytes": rows_bytes}

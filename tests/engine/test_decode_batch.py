@@ -33,14 +33,16 @@ def _tiered(engine):
     return TieredKVCache(engine.layout_for(plan), plan, RopeTables.from_onnx(engine.folder.onnx_path))
 
 
-def _prefilled(engine, make_cache, corpus_ids):
+def _prefilled(engine, make_cache, prompts):
     caches = []
-    for index, length in enumerate(LENGTHS):
-        cache = make_cache()
-        StepBinding(engine, cache).run(np.asarray(corpus_ids[index * 200:index * 200 + length])[None, :],
-                                       all_logits=False)
-        caches.append(cache)
+    for prompt in prompts:
+        caches.append(make_cache())
+        StepBinding(engine, caches[-1]).run(np.asarray(prompt)[None, :], all_logits=False)
     return caches
+
+
+def _prompts(corpus_ids, lengths=LENGTHS):
+    return [corpus_ids[index * 200:index * 200 + length] for index, length in enumerate(lengths)]
 
 
 def _batched_step(engine, caches, tokens, probing):
@@ -74,14 +76,11 @@ def _held(cache):
             for key, value in cache.arrays()]
 
 
-@pytest.mark.parametrize("form", ["float", "int8-tiered"])
-def test_a_batch_gives_each_sequence_what_its_own_step_would(form, ort_engine, probe_engine, corpus_ids):
-    engine = ort_engine if form == "float" else probe_engine
-    make_cache = engine.new_cache if form == "float" else lambda: _tiered(probe_engine)
-    probing = form != "float"
-    batched, alone = _prefilled(engine, make_cache, corpus_ids), _prefilled(engine, make_cache, corpus_ids)
+def _decode_side_by_side(engine, batched, alone, steps, probing=False):
+    """``steps`` greedy tokens: ``batched`` in batches, ``alone`` one sequence at a time; each batch row must be
+    what the sequence's own step gives."""
     tokens = [11, 12, 13]
-    for step in range(40):   # the mirror follows appends, then the tiered cache's in-place edits (seals, demotions)
+    for step in range(steps):
         rows, row_probes = _batched_step(engine, batched, tokens, probing)
         for index, (cache, token) in enumerate(zip(alone, tokens)):
             logits, probes = _single_step(engine, cache, token)
@@ -92,6 +91,15 @@ def test_a_batch_gives_each_sequence_what_its_own_step_would(form, ort_engine, p
                     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6,
                                                err_msg=f"step {step}, sequence {index}: probes differ")
         tokens = [int(row.argmax()) for row in rows]
+
+
+@pytest.mark.parametrize("form", ["float", "int8-tiered"])
+def test_a_batch_gives_each_sequence_what_its_own_step_would(form, ort_engine, probe_engine, corpus_ids):
+    engine = ort_engine if form == "float" else probe_engine
+    make_cache = engine.new_cache if form == "float" else lambda: _tiered(probe_engine)
+    batched, alone = (_prefilled(engine, make_cache, _prompts(corpus_ids)) for _ in range(2))
+    # 40 steps: the mirror follows appends, then the tiered cache's in-place edits (seals, demotions)
+    _decode_side_by_side(engine, batched, alone, 40, probing=form != "float")
     for one, other in zip(batched, alone):
         assert one.num_tokens == other.num_tokens
         for (key, value), (want_key, want_value) in zip(_held(one), _held(other)):
@@ -99,8 +107,7 @@ def test_a_batch_gives_each_sequence_what_its_own_step_would(form, ort_engine, p
 
 
 def test_a_cache_edited_between_batches_is_copied_again_from_the_edit(ort_engine, corpus_ids):
-    batched, alone = _prefilled(ort_engine, ort_engine.new_cache, corpus_ids), \
-        _prefilled(ort_engine, ort_engine.new_cache, corpus_ids)
+    batched, alone = (_prefilled(ort_engine, ort_engine.new_cache, _prompts(corpus_ids)) for _ in range(2))
     _batched_step(ort_engine, batched, [5, 6, 7], False)
     for cache, token in zip(alone, [5, 6, 7]):
         _single_step(ort_engine, cache, token)
@@ -114,22 +121,13 @@ def test_a_cache_edited_between_batches_is_copied_again_from_the_edit(ort_engine
 
 
 def test_sliding_window_layers_batch_exactly_past_their_window(corpus_ids):
-    """Gemma 3 270M (a 512-token window on five layers of every six), INT8 live: rows longer and shorter than the window
-    in one batch, each row's window its own."""
+    """Gemma 3 270M (a 512-token window on five layers of every six), INT8 live: rows longer and shorter than the
+    window in one batch, each row's window its own."""
     engine = OrtEngine(build_model(BuildSpec("gemma3-270m", "int4")), SessionPolicy(devices=["cpu"], kv_cache="int8"))
     assert engine.folder.sliding_window == 512 and engine.layout.min_tokens >= 512
-    batched, alone = [], []
-    for length in (600, 300, 700):
-        for caches in (batched, alone):
-            caches.append(engine.new_cache())
-            StepBinding(engine, caches[-1]).run(np.asarray(corpus_ids[:length])[None, :], all_logits=False)
-    tokens = [11, 12, 13]
-    for step in range(8):
-        rows, _ = _batched_step(engine, batched, tokens, False)
-        for index, (cache, token) in enumerate(zip(alone, tokens)):
-            logits, _ = _single_step(engine, cache, token)
-            assert np.array_equal(rows[index], logits), f"step {step}, sequence {index}"
-        tokens = [int(row.argmax()) for row in rows]
+    prompts = [corpus_ids[:length] for length in (600, 300, 700)]
+    batched, alone = (_prefilled(engine, engine.new_cache, prompts) for _ in range(2))
+    _decode_side_by_side(engine, batched, alone, 8)
 
 
 def test_sequences_decoding_at_once_batch_and_reply_as_they_do_alone(probe_engine, corpus_ids):

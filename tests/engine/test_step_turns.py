@@ -18,8 +18,8 @@ def _wait_for(condition, timeout_s: float = 10) -> None:
         time.sleep(0.001)
 
 
-def test_the_longest_waiting_sequence_steps_next():
-    turns, order = StepTurns(), []
+def _held_turn(turns):
+    """A thread holding the turn until the returned event is set."""
     holding, release = threading.Event(), threading.Event()
 
     def holder():
@@ -27,20 +27,26 @@ def test_the_longest_waiting_sequence_steps_next():
             holding.set()
             release.wait(10)
 
+    threading.Thread(target=holder).start()
+    holding.wait(10)
+    return release
+
+
+def test_the_longest_waiting_sequence_steps_next():
+    turns, order = StepTurns(), []
+    release = _held_turn(turns)
+
     def step(name):
         with turns.turn():
             order.append(name)
 
-    first = threading.Thread(target=holder)
-    first.start()
-    holding.wait(10)
     waiters = []
     for count, name in enumerate("bcd", start=1):   # queued one after another, in this order
         waiters.append(threading.Thread(target=step, args=(name,)))
         waiters[-1].start()
         _wait_for(lambda: len(turns._waiting) == count)
     release.set()
-    for thread in [first, *waiters]:
+    for thread in waiters:
         thread.join(10)
     assert order == ["b", "c", "d"]
     assert turns.steps == 4 and turns.contended_steps == 3 and turns.waited_s > 0
@@ -74,20 +80,6 @@ class _Batch:
 
 def _step(batch, sequence, token, ran_alone):
     return DecodeStep(batch, sequence, None, token, None, None, None, lambda: ran_alone.append(token))
-
-
-def _held_turn(turns):
-    """A thread holding the turn until the returned event is set."""
-    holding, release = threading.Event(), threading.Event()
-
-    def holder():
-        with turns.turn():
-            holding.set()
-            release.wait(10)
-
-    threading.Thread(target=holder).start()
-    holding.wait(10)
-    return release
 
 
 def _queue_decode_steps(turns, steps):
